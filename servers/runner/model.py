@@ -1,0 +1,216 @@
+"""The Llama model a runner computes with: batched prefill/decode steps over a paged KV pool.
+
+Runs inside a runner process. Owns its weights (memory-mapped or in a dequant buffer) and
+scratch; the KV pool belongs to the caller (the scheduler's blocks in the arena, or a test's
+numpy array) and a step only writes the slots of the tokens it computes. It never allocates
+KV blocks and never depends on batch-mates: every row is summed in a fixed order (_kernels).
+
+KV pool layout: float32 ``(num_blocks, n_layers, 2, block_size, kv_dim)``, C-contiguous;
+``[b, l, 0, s]`` is the key and ``[b, l, 1, s]`` the value of slot ``s`` of block ``b`` at layer
+``l``. Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``, slot
+``p % block_size``. One block thus holds every layer of ``block_size`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servers.runner._kernels import Engine
+from servers.runner.loaders import (
+    LoadedModel,
+    ModelConfig,
+    RopeLayout,
+    default_model_path,
+    load_model,
+)
+from servers.runner.sampling import SamplingParams, sample_rows
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(slots=True, frozen=True, eq=False)
+class SeqChunk:
+    """One sequence's share of a step: ``token_ids`` at positions ``start_pos, start_pos+1...``.
+
+    A decode is a chunk of one token; a prefill is one or more chunks of many. The chunk's
+    K/V go to the slots its block table names; positions below ``start_pos`` must have been
+    written by earlier steps. ``sampling`` (with ``wants_logits``) asks for a sampled token
+    at position ``start_pos + len(token_ids)``.
+    """
+
+    block_table: Sequence[int] | np.ndarray
+    start_pos: int
+    token_ids: Sequence[int] | np.ndarray
+    wants_logits: bool = True
+    sampling: SamplingParams | None = None
+
+    @property
+    def end_pos(self) -> int:
+        """One past the last position this chunk writes."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(slots=True, frozen=True, eq=False)
+class StepOutput:
+    """Per chunk, in input order: logits of its last token (NaN rows where not asked for)
+    and the sampled token id (-1 where not asked for)."""
+
+    logits: np.ndarray  # (n_chunks, vocab_size) float32
+    token_ids: np.ndarray  # (n_chunks,) int32
+
+
+def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of ``pos * theta**(-2j/head_size)``, shape (seq_len, head_size // 2),
+    computed in float32 the way llama2.c's run.c does."""
+    half = config.head_size // 2
+    exponent = (np.arange(half, dtype=np.float32) * np.float32(2)) / np.float32(config.head_size)
+    freq = np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)
+    angles = np.arange(config.seq_len, dtype=np.float32)[:, None] * freq[None, :]
+    return (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+
+
+class Model:
+    """A loaded model plus its compiled kernels. ``step`` is the whole compute API."""
+
+    def __init__(self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.loaded = loaded
+        self.config: ModelConfig = loaded.config
+        self.block_size = block_size
+        cos, sin = rope_tables(self.config)
+        self._engine = Engine(self.config, loaded.weights, cos, sin)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
+             buffer: Any = None, fill: bool = True, rope_layout: RopeLayout | None = None) -> Model:
+        """Load ``path`` (default: the shipped stories260K); see loaders.load_model."""
+        loaded = load_model(path or default_model_path(), buffer=buffer, fill=fill,
+                            rope_layout=rope_layout)
+        return cls(loaded, block_size=block_size)
+
+    def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
+        c = self.config
+        return (num_blocks, c.n_layers, 2, self.block_size, c.kv_dim)
+
+    def new_kv_pool(self, num_blocks: int) -> np.ndarray:
+        """A zeroed pool for tests and benchmarks (the runner's lives in the arena)."""
+        return np.zeros(self.kv_pool_shape(num_blocks), dtype=np.float32)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def step(self, chunks: Sequence[SeqChunk], kv: np.ndarray) -> StepOutput:
+        """Compute one batched step.
+
+        Args:
+            chunks: the sequences in this step; a sequence appears at most once.
+            kv: the KV pool (see the module docstring), written in place.
+
+        Returns:
+            StepOutput with a row per chunk.
+
+        Raises:
+            ValueError: a malformed chunk (token or block out of range, a block table too
+                short, a position beyond the context, two rows writing one KV slot) or pool.
+        """
+        c = self.config
+        bs = self.block_size
+        n_chunks = len(chunks)
+        if kv.dtype != np.float32 or not kv.flags.c_contiguous or not kv.flags.writeable:
+            raise ValueError("kv pool must be a writable C-contiguous float32 array")
+        if kv.ndim != 5 or kv.shape[1:] != self.kv_pool_shape(0)[1:]:
+            raise ValueError(f"kv pool shape {kv.shape} does not match (N, *{self.kv_pool_shape(0)[1:]})")
+        num_blocks = kv.shape[0]
+        if n_chunks == 0:
+            return StepOutput(np.empty((0, c.vocab_size), np.float32), np.empty(0, np.int32))
+
+        lengths = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, n_chunks)
+        starts = np.fromiter((ch.start_pos for ch in chunks), np.int64, n_chunks)
+        if lengths.min() <= 0:
+            raise ValueError("every chunk needs at least one token")
+        if starts.min() < 0 or (starts + lengths).max() > c.seq_len:
+            raise ValueError(f"positions must lie in [0, {c.seq_len})")
+        tokens = np.concatenate([np.asarray(ch.token_ids, dtype=np.int64).reshape(-1) for ch in chunks])
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size})")
+        ends = np.cumsum(lengths)
+        n_rows = int(ends[-1])
+        row_seq = np.repeat(np.arange(n_chunks, dtype=np.int32), lengths)
+        positions = np.arange(n_rows, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
+
+        widths = [len(ch.block_table) for ch in chunks]
+        tables = np.zeros((n_chunks, max(max(widths), 1)), dtype=np.int32)
+        for i, ch in enumerate(chunks):
+            tables[i, : widths[i]] = ch.block_table
+        if np.any(self.blocks_needed_array(starts + lengths) > np.asarray(widths)):
+            raise ValueError("a block table is too short for its chunk's positions")
+        if tables.min() < 0 or tables.max() >= num_blocks:
+            raise ValueError(f"block ids must lie in [0, {num_blocks})")
+        slots = tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
+        if np.unique(slots).size != n_rows:
+            raise ValueError("two rows of the step write the same KV slot")
+
+        wants = [i for i, ch in enumerate(chunks) if ch.wants_logits]
+        logit_rows = (ends[wants] - 1).astype(np.int32)
+        logits = np.empty((n_chunks, c.vocab_size), dtype=np.float32)
+        out = logits if len(wants) == n_chunks else np.empty((len(wants), c.vocab_size), np.float32)
+        self._engine.forward(tokens.astype(np.int32), positions.astype(np.int32), row_seq, tables,
+                             kv.reshape(-1), bs, logit_rows, out)
+        if out is not logits:
+            logits.fill(np.nan)
+            logits[wants] = out
+
+        token_ids = np.full(n_chunks, -1, dtype=np.int32)
+        to_sample = [i for i in wants if chunks[i].sampling is not None]
+        if to_sample:
+            params = [chunks[i].sampling for i in to_sample]
+            token_ids[to_sample] = sample_rows(
+                logits[to_sample], params,  # type: ignore[arg-type]
+                [chunks[i].end_pos for i in to_sample])
+        return StepOutput(logits=logits, token_ids=token_ids)
+
+    def blocks_needed_array(self, num_tokens: np.ndarray) -> np.ndarray:
+        return -(-num_tokens // self.block_size)
+
+
+def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int,
+             sampling: SamplingParams | None = None, *, stop_ids: Sequence[int] = (),
+             chunk_size: int | None = None, kv: np.ndarray | None = None) -> list[int]:
+    """Generate for one sequence alone (tests, benchmarks, a local `generate`).
+
+    The prompt is prefilled in chunks of ``chunk_size`` tokens (all at once by default),
+    then decoded one token per step. Returns the new ids, ending at the first stop id.
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt needs at least one token (e.g. BOS)")
+    params = sampling or SamplingParams()
+    total = min(len(prompt_ids) + max_new_tokens, model.config.seq_len)
+    if kv is None:
+        kv = model.new_kv_pool(model.blocks_needed(total))
+    table = list(range(model.blocks_needed(total)))
+    step = chunk_size or len(prompt_ids)
+    out: list[int] = []
+    pos = 0
+    last = None
+    while pos < len(prompt_ids):
+        chunk = list(prompt_ids[pos : pos + step])
+        is_last = pos + len(chunk) == len(prompt_ids)
+        last = model.step([SeqChunk(table, pos, chunk, wants_logits=is_last,
+                                    sampling=params if is_last else None)], kv)
+        pos += len(chunk)
+    assert last is not None
+    token = int(last.token_ids[0])
+    stops = set(stop_ids)
+    while len(out) < max_new_tokens and token not in stops:
+        out.append(token)
+        if len(out) >= max_new_tokens or pos >= total:
+            break  # never step for a token nobody will read
+        token = int(model.step([SeqChunk(table, pos, [token], sampling=params)], kv).token_ids[0])
+        pos += 1
+    return out
