@@ -39,9 +39,16 @@ class Tokenizer:
         special_ids: ids that decode to nothing (control and unknown tokens).
     """
 
-    def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], *, bos_id: int = 1,
-                 eos_id: int = 2, stop_ids: Iterable[int] = (1, 2),
-                 special_ids: Iterable[int] = (0, 1, 2)) -> None:
+    def __init__(
+        self,
+        pieces: Sequence[bytes],
+        scores: Sequence[float],
+        *,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        stop_ids: Iterable[int] = (1, 2),
+        special_ids: Iterable[int] = (0, 1, 2),
+    ) -> None:
         if len(pieces) != len(scores) or not pieces:
             raise ValueError("pieces and scores must be non-empty and of equal length")
         self.pieces: tuple[bytes, ...] = tuple(pieces)
@@ -197,7 +204,7 @@ class Tokenizer:
             if prev[i] >= 0:
                 push(prev[i])
             push(i)
-        return [t for t, a in zip(ids, alive) if a]
+        return [t for t, a in zip(ids, alive, strict=True) if a]
 
     # ------------------------------------------------------------------ decoding
     def piece_bytes(self, token_id: int, *, at_start: bool = False) -> bytes:

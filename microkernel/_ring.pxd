@@ -92,6 +92,15 @@ cdef class Ring:
     cdef uint64_t max_record
     cdef uint64_t cached_head      # producer's last view of head (refreshed when short of space)
     cdef uint64_t cached_tail      # consumer's last view of tail (refreshed when empty)
+    # Producer-private: records written past the published tail, published once per call.
+    cdef uint64_t wtail
+    cdef uint64_t pending_records
+    cdef uint64_t pending_bytes
+    cdef uint32_t pending_wake
+    # Consumer-private: records read past the committed head, committed once per call.
+    cdef uint64_t rhead
+    cdef uint64_t consumed_records
+    cdef uint64_t consumed_bytes
     cdef Py_buffer _view
     cdef bint _has_view
     cdef bint _closed
@@ -102,8 +111,11 @@ cdef class Ring:
     cdef object _arena_buf
 
     cdef int _push(self, const uint8_t *src, uint64_t length, uint32_t flags) noexcept nogil
+    cdef void _publish(self) noexcept nogil
+    cdef int _push_buffer(self, object data) except -1
     cdef int _peek(self, uint64_t *pos, uint64_t *length) noexcept nogil
-    cdef void _release(self, uint64_t pos, uint64_t length) noexcept nogil
+    cdef void _consume(self, uint64_t length) noexcept nogil
+    cdef void _commit(self) noexcept nogil
     cdef int _check_open(self, int side) except -1
     cdef int _map(self, object buf, uint64_t offset) except -1
     cdef int _bind(self, object generation, object side, uint64_t spin_ns) except -1

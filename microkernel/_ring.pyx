@@ -111,7 +111,8 @@ cdef int _wait(Bell *bell, RingHeader **rings, Py_ssize_t n, uint64_t need, bint
     """Block until a ring is ready (1) or the deadline passes (0).
 
     Spin up to spin_ns, yield a few times, then park on `bell` in slices of at most
-    100 ms, checking signals between slices so Ctrl-C interrupts promptly.
+    100 ms, checking signals between slices so Ctrl-C interrupts promptly. spin_ns == 0
+    parks at once (after one check), which is the "parked mode" of the benchmark.
     """
     cdef uint64_t now, until, slice_ns
     cdef uint32_t word0, w
@@ -129,7 +130,7 @@ cdef int _wait(Bell *bell, RingHeader **rings, Py_ssize_t n, uint64_t need, bint
                 break
             for k in range(16):
                 mk_cpu_relax()
-        if not ready and mk_now_ns() < deadline:
+        if not ready and spin_ns and mk_now_ns() < deadline:
             for k in range(YIELDS):
                 mk_yield()
                 if _any_ready(rings, n, need, writable, bell, word0, bell_counts):
@@ -351,7 +352,8 @@ cdef class RecvView:
         self.mv = None
         ring._view_open = False
         if ring.h != NULL:
-            ring._release(self.pos, self.length)
+            ring._consume(self.length)
+            ring._commit()
         if ring._closed:
             ring._drop_mapping()
         return False
@@ -455,6 +457,8 @@ cdef class Ring:
         self.pbell = <Bell *>(<char *>self._view.buf + h.producer_bell)
         self.cached_head = mk_load_acquire_u64(&h.head)
         self.cached_tail = mk_load_acquire_u64(&h.tail)
+        self.wtail = self.cached_tail
+        self.rhead = self.cached_head
         self._sides = 0 if side is None else (SIDE_PRODUCER if side == "producer" else SIDE_CONSUMER)
         self.spin_ns = spin_ns
         return 0
@@ -462,9 +466,10 @@ cdef class Ring:
     # -- the nogil core ---------------------------------------------------------------
 
     cdef int _push(self, const uint8_t *src, uint64_t length, uint32_t flags) noexcept nogil:
+        """Write one record past the published tail; `_publish` makes it visible."""
         cdef RingHeader *h = self.h
-        cdef uint64_t tail = h.tail, pos = tail & self.mask
-        cdef uint64_t total = HDR + _align8(length), pad = 0, need, used, half
+        cdef uint64_t tail = self.wtail, pos = tail & self.mask
+        cdef uint64_t total = HDR + _align8(length), pad = 0, need, used
         cdef uint32_t *rec
         if length > self.max_record:
             return ST_TOO_BIG
@@ -490,21 +495,38 @@ cdef class Ring:
         rec = <uint32_t *>(self.data + pos)
         rec[0] = <uint32_t>length
         rec[1] = flags
-        mk_store_release_u64(&h.tail, tail + need)  # pairs with the consumer's acquire of tail
-        h.sent_records += 1
-        h.sent_bytes += length
-        half = self.cap >> 1
-        if used + need >= half and used < half:
-            # Possibly crossing half full: decide on a fresh head, not a stale one.
-            self.cached_head = mk_load_acquire_u64(&h.head)
-            used = tail - self.cached_head
-        if (flags & REC_WAKE) or (used < half and used + need >= half):
-            _ring_bell(self.cbell)
+        self.wtail = tail + need
+        self.pending_records += 1
+        self.pending_bytes += length
+        self.pending_wake |= flags & REC_WAKE
         return ST_OK
 
-    cdef int _peek(self, uint64_t *pos, uint64_t *length) noexcept nogil:
+    cdef void _publish(self) noexcept nogil:
+        """Make written records visible, then apply the wake rules once for all of them."""
         cdef RingHeader *h = self.h
-        cdef uint64_t head = h.head, avail, p, total
+        cdef uint64_t old_tail = h.tail, used_before, used_after, half = self.cap >> 1
+        if self.wtail == old_tail:
+            return
+        mk_store_release_u64(&h.tail, self.wtail)  # pairs with the consumer's acquire of tail
+        h.sent_records += self.pending_records
+        h.sent_bytes += self.pending_bytes
+        used_before = old_tail - self.cached_head
+        used_after = self.wtail - self.cached_head
+        if used_after >= half and used_before < half:
+            # Possibly crossing half full: decide on a fresh head, not a stale one.
+            self.cached_head = mk_load_acquire_u64(&h.head)
+            used_before = old_tail - self.cached_head
+            used_after = self.wtail - self.cached_head
+        if self.pending_wake or (used_before < half and used_after >= half):
+            _ring_bell(self.cbell)
+        self.pending_records = 0
+        self.pending_bytes = 0
+        self.pending_wake = 0
+
+    cdef int _peek(self, uint64_t *pos, uint64_t *length) noexcept nogil:
+        """Find the next record past the consumer's private read position."""
+        cdef RingHeader *h = self.h
+        cdef uint64_t head = self.rhead, avail, p, total
         cdef uint32_t *rec
         cdef uint32_t rlen
         while True:
@@ -512,6 +534,8 @@ cdef class Ring:
                 self.cached_tail = mk_load_acquire_u64(&h.tail)  # pairs with the producer's release
                 if head == self.cached_tail:
                     if not mk_load_acquire_u32(&h.producer_closed):
+                        if self.rhead != h.head:
+                            self._commit()  # a skipped PAD must not look like unread data
                         return ST_EMPTY
                     # The producer publishes before it closes: look once more.
                     self.cached_tail = mk_load_acquire_u64(&h.tail)
@@ -527,7 +551,7 @@ cdef class Ring:
                 if p + HDR + rlen != self.cap or avail < self.cap - p:
                     return ST_CORRUPT
                 head += self.cap - p
-                mk_store_release_u64(&h.head, head)
+                self.rhead = head
                 continue
             total = HDR + _align8(rlen)
             if rlen > self.max_record or p + total > self.cap or total > avail:
@@ -536,11 +560,21 @@ cdef class Ring:
             length[0] = rlen
             return ST_OK
 
-    cdef void _release(self, uint64_t pos, uint64_t length) noexcept nogil:
+    cdef void _consume(self, uint64_t length) noexcept nogil:
+        self.rhead += HDR + _align8(length)
+        self.consumed_records += 1
+        self.consumed_bytes += length
+
+    cdef void _commit(self) noexcept nogil:
+        """Hand consumed space back to the producer, waking it if it asked for space."""
         cdef RingHeader *h = self.h
-        mk_store_release_u64(&h.head, h.head + HDR + _align8(length))  # pairs with the producer's acquire
-        h.recv_records += 1
-        h.recv_bytes += length
+        if self.rhead == h.head:
+            return
+        mk_store_release_u64(&h.head, self.rhead)  # pairs with the producer's acquire of head
+        h.recv_records += self.consumed_records
+        h.recv_bytes += self.consumed_bytes
+        self.consumed_records = 0
+        self.consumed_bytes = 0
         # Pairs with the producer's "want_space = 1 (seq_cst); re-check head" in _wait.
         mk_fence_seq_cst()
         if mk_load_seq_cst_u32(&h.want_space):
@@ -555,7 +589,7 @@ cdef class Ring:
         return 0
 
     cdef int _wait_writable(self, uint64_t length, uint64_t deadline) except -1:
-        cdef uint64_t pos = self.h.tail & self.mask, total = HDR + _align8(length)
+        cdef uint64_t pos = self.wtail & self.mask, total = HDR + _align8(length)
         cdef uint64_t need = total + (self.cap - pos if pos + total > self.cap else 0)
         return _wait(self.pbell, &self.h, 1, need, True, deadline, self.spin_ns, False)
 
@@ -563,6 +597,14 @@ cdef class Ring:
         return _wait(self.cbell, &self.h, 1, 0, False, deadline, self.spin_ns, False)
 
     # -- producer -----------------------------------------------------------------------
+
+    cdef int _push_buffer(self, object data) except -1:
+        cdef Py_buffer view
+        _get_buffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._push(<const uint8_t *>view.buf, <uint64_t>view.len, 0)
+        finally:
+            PyBuffer_Release(&view)
 
     def try_send(self, data, bint wake=True):
         """Append one record if it fits now. Returns False when the ring is full.
@@ -583,6 +625,7 @@ cdef class Ring:
             finally:
                 PyBuffer_Release(&view)
         if st == ST_OK:
+            self._publish()
             return True
         if st == ST_FULL:
             return False
@@ -612,28 +655,34 @@ cdef class Ring:
         cdef int st
         cdef bint have_deadline = False
         self._check_open(SIDE_PRODUCER)
-        for item in items:
-            while True:
-                if type(item) is bytes:
-                    st = self._push(<const uint8_t *>PyBytes_AS_STRING(item), <uint64_t>PyBytes_GET_SIZE(item), 0)
+        try:
+            for item in items:
+                while True:
+                    if type(item) is bytes:
+                        st = self._push(<const uint8_t *>PyBytes_AS_STRING(item), <uint64_t>PyBytes_GET_SIZE(item), 0)
+                    else:
+                        st = self._push_buffer(item)
                     if st == ST_OK:
+                        if self.wtail - self.h.tail >= self.cap >> 2:
+                            self._publish()  # let the consumer start on a long batch
                         break
                     if st != ST_FULL:
                         _raise_for(st, self, "send")
-                elif self.try_send(item, False):
-                    break
-                # Full: make sure the consumer is draining, then wait for space.
-                with nogil:
-                    _ring_bell(self.cbell)
-                if not have_deadline:
-                    deadline = _deadline(timeout)
-                    have_deadline = True
-                if not self._wait_writable(len(memoryview(item)), deadline):
-                    raise Timeout(f"ring @{self.offset}: full for {timeout} s after {sent} records")
-            sent += 1
-        if wake and sent:
+                    # Full: publish what we have, make sure the consumer drains, wait for space.
+                    with nogil:
+                        self._publish()
+                        _ring_bell(self.cbell)
+                    if not have_deadline:
+                        deadline = _deadline(timeout)
+                        have_deadline = True
+                    if not self._wait_writable(len(memoryview(item)), deadline):
+                        raise Timeout(f"ring @{self.offset}: full for {timeout} s after {sent} records")
+                sent += 1
+        finally:
+            if wake and sent:
+                self.pending_wake = REC_WAKE
             with nogil:
-                _ring_bell(self.cbell)
+                self._publish()
         return sent
 
     # -- consumer -----------------------------------------------------------------------
@@ -652,7 +701,8 @@ cdef class Ring:
         st = self._peek(&pos, &length)
         if st == ST_OK:
             out = PyBytes_FromStringAndSize(<char *>self.data + pos + HDR, <Py_ssize_t>length)
-            self._release(pos, length)
+            self._consume(length)
+            self._commit()
             return out
         if st == ST_EMPTY:
             return None
@@ -688,8 +738,11 @@ cdef class Ring:
             if st != ST_OK:
                 break
             out.append(PyBytes_FromStringAndSize(<char *>self.data + pos + HDR, <Py_ssize_t>length))
-            self._release(pos, length)
-        if st == ST_EMPTY or st == ST_OK or (st == ST_PEER_GONE and out):
+            self._consume(length)
+            if self.rhead - self.h.head >= self.cap >> 2:
+                self._commit()  # give the producer room during a long batch
+        self._commit()  # one release of head (and one fence) for the whole batch
+        if st == ST_EMPTY or st == ST_OK or out:  # an error waits for the next call
             return out
         _raise_for(st, self, "recv")
 

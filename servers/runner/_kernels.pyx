@@ -11,29 +11,70 @@ the batch, the chunking or prefill vs decode, so its results are bit-identical i
 
 import numpy as np
 
-from libc.math cimport expf, sqrtf
-from libc.string cimport memcpy, memset
+from libc.math cimport sqrtf
+from libc.string cimport memcpy
 
 cdef extern from *:
     """
-    /* Contraction of a*b+c into an FMA would let the compiler round one code path
-       differently from another; keep every multiply and add separately rounded. */
-    #if defined(__clang__)
-    #pragma STDC FP_CONTRACT OFF
-    #elif defined(__GNUC__)
-    #pragma GCC push_options
-    #pragma GCC optimize ("fp-contract=off")
-    #endif
+    /* Batch invariance: a row's sums never depend on how many rows share the step or
+       where in the step it sits. Each dot product, softmax and weighted sum has one fixed
+       order (documented at each function). Where code comes in several widths (SSE, AVX,
+       AVX2; 8, 4 or 1 slot at a time), each lane performs the same IEEE operations in
+       the same order as the narrow code, and no path fuses a multiply-add (no FMA target,
+       no fast-math), so every path gives the same bits; tests check this. exp is our own
+       polynomial, not a libm variant picked at run time, so an x86-64 machine with or
+       without AVX computes the same logits. */
 
     typedef float llm_v4 __attribute__((vector_size(16)));
     typedef float llm_v4u __attribute__((vector_size(16), aligned(4)));
+    typedef int llm_v4i __attribute__((vector_size(16)));
 
     static inline llm_v4 llm_ld(const float *p) { return *(const llm_v4u *)p; }
+    static inline void llm_st(float *p, llm_v4 v) { *(llm_v4u *)p = v; }
+    static inline llm_v4 llm_splat(float x) { llm_v4 v = {x, x, x, x}; return v; }
 
-    /* The fixed reduction every dot product ends with: 8 lanes -> 4 -> a pairwise tree. */
+    /* The fixed reduction every long dot product ends with: 8 lanes -> 4 -> a pairwise tree. */
     static inline float llm_hsum(llm_v4 a, llm_v4 b) {
         llm_v4 s = a + b;
         return (s[0] + s[1]) + (s[2] + s[3]);
+    }
+
+    /* Lanes of a where mask is set (all ones), else lanes of b. */
+    static inline llm_v4 llm_select(llm_v4i mask, llm_v4 a, llm_v4 b) {
+        llm_v4i ai, bi, ri;
+        llm_v4 r;
+        __builtin_memcpy(&ai, &a, sizeof a);
+        __builtin_memcpy(&bi, &b, sizeof b);
+        ri = (ai & mask) | (bi & ~mask);
+        __builtin_memcpy(&r, &ri, sizeof r);
+        return r;
+    }
+
+    /* exp of 4 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5
+       polynomial, 2**n through the exponent bits); within 2 ulp of exp on [-87, 88], and a
+       pure function of its input on every machine (no libm variant chosen at run time). */
+    static inline llm_v4 llm_exp4(llm_v4 x) {
+        const llm_v4 hi = llm_splat(88.0f), lo = llm_splat(-87.0f);
+        x = llm_select(x > hi, hi, x);
+        x = llm_select(x < lo, lo, x);
+        llm_v4 fx = x * llm_splat(1.44269504088896341f) + llm_splat(0.5f);
+        llm_v4i n = __builtin_convertvector(fx, llm_v4i);   /* truncates toward zero */
+        llm_v4 nf = __builtin_convertvector(n, llm_v4);
+        llm_v4i too_big = nf > fx;                            /* -1 where trunc > floor */
+        n = n + too_big;
+        nf = __builtin_convertvector(n, llm_v4);
+        llm_v4 r = x - nf * llm_splat(0.693359375f) - nf * llm_splat(-2.12194440e-4f);
+        llm_v4 p = llm_splat(1.9875691500e-4f);
+        p = p * r + llm_splat(1.3981999507e-3f);
+        p = p * r + llm_splat(8.3334519073e-3f);
+        p = p * r + llm_splat(4.1665795894e-2f);
+        p = p * r + llm_splat(1.6666665459e-1f);
+        p = p * r + llm_splat(5.0000001201e-1f);
+        llm_v4 y = p * (r * r) + r + llm_splat(1.0f);
+        llm_v4i bits = (n + 127) << 23;
+        llm_v4 scale;
+        __builtin_memcpy(&scale, &bits, sizeof scale);
+        return y * scale;
     }
 
     /* out[r*os + j] = dot(x[r*xs ...], w[j*n_in ...]) for r < n_rows (a multiple of 4).
@@ -41,8 +82,8 @@ cdef extern from *:
        adds into the low accumulator; a scalar tail sums in order; then llm_hsum. Rows are
        blocked by four only to share the weight loads: no row ever reads another's sums,
        so the bits of a row do not depend on its block-mates. */
-    static void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                           const float *w, int n_rows, int n_in, int n_out)
+    static void llm_matmul_sse(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                               const float *w, int n_rows, int n_in, int n_out)
     {
         const int n8 = n_in & ~7;
         const int n4 = (n_in - n8) >= 4 ? n8 + 4 : n8;
@@ -77,6 +118,97 @@ cdef extern from *:
         }
     }
 
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    #define LLM_HAVE_AVX 1
+    typedef float llm_v8 __attribute__((vector_size(32)));
+    typedef float llm_v8u __attribute__((vector_size(32), aligned(4)));
+
+    /* The same sums as llm_matmul_sse, bit for bit: 8-lane accumulators are the SSE
+       version's two 4-lane ones side by side, the 4-wide tail still adds into lanes 0-3,
+       and the reduction is llm_hsum. AVX (not FMA: no fused rounding) only does the work
+       of two SSE instructions in one, and two outputs share each x load. */
+    __attribute__((target("avx")))
+    static void llm_dot_tail_avx(float *o, llm_v8 acc, const float *wj, const float *xr,
+                                 int n8, int n4, int n_in) {
+        llm_v4 a, b;
+        __builtin_memcpy(&a, &acc, sizeof a);
+        __builtin_memcpy(&b, (const char *)&acc + sizeof a, sizeof b);
+        if (n4 > n8) a += llm_ld(wj + n8) * llm_ld(xr + n8);
+        float t = 0.0f;
+        for (int i = n4; i < n_in; i++) t += wj[i] * xr[i];
+        *o = llm_hsum(a, b) + t;
+    }
+
+    __attribute__((target("avx")))
+    static void llm_matmul_avx(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                               const float *w, int n_rows, int n_in, int n_out)
+    {
+        const int n8 = n_in & ~7;
+        const int n4 = (n_in - n8) >= 4 ? n8 + 4 : n8;
+        for (int r = 0; r < n_rows; r += 4) {
+            const float *xr[4] = {x + (Py_ssize_t)r * xs, x + (Py_ssize_t)(r + 1) * xs,
+                                  x + (Py_ssize_t)(r + 2) * xs, x + (Py_ssize_t)(r + 3) * xs};
+            float *o = out + (Py_ssize_t)r * os;
+            int j = 0;
+            for (; j + 2 <= n_out; j += 2) {
+                const float *w0 = w + (Py_ssize_t)j * n_in, *w1 = w0 + n_in;
+                llm_v8 z = {0, 0, 0, 0, 0, 0, 0, 0};
+                llm_v8 a0 = z, a1 = z, a2 = z, a3 = z, c0 = z, c1 = z, c2 = z, c3 = z;
+                for (int i = 0; i < n8; i += 8) {
+                    llm_v8 u = *(const llm_v8u *)(w0 + i), v = *(const llm_v8u *)(w1 + i);
+                    llm_v8 x0 = *(const llm_v8u *)(xr[0] + i), x1 = *(const llm_v8u *)(xr[1] + i);
+                    llm_v8 x2 = *(const llm_v8u *)(xr[2] + i), x3 = *(const llm_v8u *)(xr[3] + i);
+                    a0 += u * x0; a1 += u * x1; a2 += u * x2; a3 += u * x3;
+                    c0 += v * x0; c1 += v * x1; c2 += v * x2; c3 += v * x3;
+                }
+                llm_dot_tail_avx(o + j, a0, w0, xr[0], n8, n4, n_in);
+                llm_dot_tail_avx(o + os + j, a1, w0, xr[1], n8, n4, n_in);
+                llm_dot_tail_avx(o + 2 * os + j, a2, w0, xr[2], n8, n4, n_in);
+                llm_dot_tail_avx(o + 3 * os + j, a3, w0, xr[3], n8, n4, n_in);
+                llm_dot_tail_avx(o + j + 1, c0, w1, xr[0], n8, n4, n_in);
+                llm_dot_tail_avx(o + os + j + 1, c1, w1, xr[1], n8, n4, n_in);
+                llm_dot_tail_avx(o + 2 * os + j + 1, c2, w1, xr[2], n8, n4, n_in);
+                llm_dot_tail_avx(o + 3 * os + j + 1, c3, w1, xr[3], n8, n4, n_in);
+            }
+            for (; j < n_out; j++) {
+                const float *w0 = w + (Py_ssize_t)j * n_in;
+                for (int k = 0; k < 4; k++) {
+                    llm_v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+                    for (int i = 0; i < n8; i += 8)
+                        acc += *(const llm_v8u *)(w0 + i) * *(const llm_v8u *)(xr[k] + i);
+                    llm_dot_tail_avx(o + k * os + j, acc, w0, xr[k], n8, n4, n_in);
+                }
+            }
+        }
+    }
+    #endif
+
+    /* 2: AVX2 (attention 8 lanes wide), 1: AVX (matmul), 0: SSE; chosen once per process.
+       Every level gives the same bits. */
+    static int llm_simd_level = -1;
+
+    static int llm_detect_simd(void) {
+    #ifdef LLM_HAVE_AVX
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) return 2;
+        return __builtin_cpu_supports("avx") ? 1 : 0;
+    #else
+        return 0;
+    #endif
+    }
+
+    static void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                           const float *w, int n_rows, int n_in, int n_out)
+    {
+    #ifdef LLM_HAVE_AVX
+        if (llm_simd_level > 0) {
+            llm_matmul_avx(out, os, x, xs, w, n_rows, n_in, n_out);
+            return;
+        }
+    #endif
+        llm_matmul_sse(out, os, x, xs, w, n_rows, n_in, n_out);
+    }
+
     /* A short dot product (one attention head): 4 lanes over chunks of 4, scalar tail. */
     static inline float llm_dot_head(const float *a, const float *b, int n) {
         const int n4 = n & ~3;
@@ -100,30 +232,378 @@ cdef extern from *:
         return llm_hsum(a, b) + t;
     }
 
-    #if defined(__GNUC__) && !defined(__clang__)
-    #pragma GCC pop_options
+    /* f(x[i]) for i < n in groups of 4 lanes; the last partial group goes through the same
+       lane code with padding (lanes beyond n are computed and dropped). */
+    #define LLM_MAP4(x, n, F)                                                      \
+        do {                                                                       \
+            int i_ = 0;                                                            \
+            for (; i_ + 4 <= (n); i_ += 4) llm_st((x) + i_, F(llm_ld((x) + i_)));  \
+            if (i_ < (n)) {                                                        \
+                float t_[4] = {0.0f, 0.0f, 0.0f, 0.0f};                            \
+                for (int j_ = i_; j_ < (n); j_++) t_[j_ - i_] = (x)[j_];           \
+                llm_v4 r_ = F(llm_ld(t_));                                         \
+                for (int j_ = i_; j_ < (n); j_++) (x)[j_] = r_[j_ - i_];           \
+            }                                                                      \
+        } while (0)
+
+    static inline llm_v4 llm_silu4(llm_v4 v) {
+        return v * (llm_splat(1.0f) / (llm_splat(1.0f) + llm_exp4(-v)));
+    }
+
+    /* hb[i] = silu(hb[i]) * hb2[i], SwiGLU as llama2.c writes it. */
+    static void llm_swiglu(float *hb, const float *hb2, int n) {
+        LLM_MAP4(hb, n, llm_silu4);
+        for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
+    }
+
+    /* Softmax in place. exp by lanes of 4; lane l sums t = 4k + l in order of k (padding
+       lanes add exact zeros); then the fixed tree; then one division per element. */
+    static void llm_softmax(float *x, int n) {
+        /* The maximum is exact in any order: take it four lanes at a time. */
+        llm_v4 vmax = llm_splat(x[0]);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            llm_v4 v = llm_ld(x + i);
+            vmax = llm_select(v > vmax, v, vmax);
+        }
+        float m = vmax[0];
+        for (int l = 1; l < 4; l++) if (vmax[l] > m) m = vmax[l];
+        for (; i < n; i++) if (x[i] > m) m = x[i];
+        const llm_v4 vm = llm_splat(m);
+        llm_v4 acc = {0, 0, 0, 0};
+        i = 0;
+        /* Two independent exps per iteration for the CPU to overlap; acc still adds them
+           in order of t. */
+        for (; i + 8 <= n; i += 8) {
+            llm_v4 e0 = llm_exp4(llm_ld(x + i) - vm);
+            llm_v4 e1 = llm_exp4(llm_ld(x + i + 4) - vm);
+            llm_st(x + i, e0);
+            llm_st(x + i + 4, e1);
+            acc += e0;
+            acc += e1;
+        }
+        for (; i + 4 <= n; i += 4) {
+            llm_v4 e = llm_exp4(llm_ld(x + i) - vm);
+            llm_st(x + i, e);
+            acc += e;
+        }
+        if (i < n) {
+            float t[4] = {m, m, m, m};
+            for (int j = i; j < n; j++) t[j - i] = x[j];
+            llm_v4 e = llm_exp4(llm_ld(t) - vm);
+            for (int j = i; j < 4 + i; j++) {
+                if (j < n) x[j] = e[j - i]; else e[j - i] = 0.0f;
+            }
+            acc += e;
+        }
+        const float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (int j = 0; j < n; j++) x[j] = x[j] / total;
+    }
+
+    /* Page layout, per block and layer: [2][n_kv][head_size * block_size] floats; the K
+       of head g stores dimension d of slot s at d * bs + s (so four slots' scores are four
+       lanes), the V stores it at s * hs + d (so a weighted sum runs along d). */
+    static void llm_write_kv(float *page, const float *k, const float *v, int slot,
+                             int bs, int n_kv, int hs)
+    {
+        const Py_ssize_t head = (Py_ssize_t)hs * bs;
+        float *kp = page, *vp = page + (Py_ssize_t)n_kv * head;
+        for (int g = 0; g < n_kv; g++)
+            for (int d = 0; d < hs; d++) {
+                kp[g * head + (Py_ssize_t)d * bs + slot] = k[g * hs + d];
+                vp[g * head + (Py_ssize_t)slot * hs + d] = v[g * hs + d];
+            }
+    }
+
+
+    #define LLM_MAX_HEAD 256  /* model.py refuses larger heads */
+
+    static inline __attribute__((always_inline))
+    void llm_attend_impl(float *out, const float *q, const float *layer, const int *bt,
+                         int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                         int group, const int hs, float *att, int att_stride)
+    {
+        const Py_ssize_t head = (Py_ssize_t)hs * bs;
+        const int hs4 = hs & ~3;
+        for (int g = 0; g < n_kv; g++) {
+            for (int h = 0; h < group; h++) {
+                const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
+                float *ah = att + (Py_ssize_t)h * att_stride;
+                for (int b = 0, t = 0; t < n_pos; b++) {
+                    const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
+                    const int m = n_pos - t < bs ? n_pos - t : bs;
+                    int s = 0;
+                    for (; s + 4 <= m; s += 4) {
+                        llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
+                        for (int d = 1; d < hs; d++)
+                            acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
+                        llm_st(ah + t + s, acc);
+                    }
+                    for (; s < m; s++) {
+                        float acc = qh[0] * kt[s];
+                        for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
+                        ah[t + s] = acc;
+                    }
+                    t += m;
+                }
+                llm_softmax(ah, n_pos);
+                /* out[d] = sum over t, in order, of p_t * V[t][d]; accumulators stay in
+                   registers when hs is a compile-time constant (see llm_attend). */
+                llm_v4 acc[LLM_MAX_HEAD / 4];
+                float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int d = 0; d < hs4; d += 4) acc[d / 4] = llm_splat(0.0f);
+                for (int b = 0, t = 0; t < n_pos; b++) {
+                    const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
+                                      + (Py_ssize_t)n_kv * head + g * head;
+                    const int m = n_pos - t < bs ? n_pos - t : bs;
+                    for (int s = 0; s < m; s++, t++) {
+                        const float *vp = vb + (Py_ssize_t)s * hs;
+                        const float a = ah[t];
+                        const llm_v4 va = llm_splat(a);
+                        for (int d = 0; d < hs4; d += 4) acc[d / 4] += va * llm_ld(vp + d);
+                        for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
+                    }
+                }
+                float *o = out + (Py_ssize_t)(g * group + h) * hs;
+                for (int d = 0; d < hs4; d += 4) llm_st(o + d, acc[d / 4]);
+                for (int d = hs4; d < hs; d++) o[d] = tail[d - hs4];
+            }
+        }
+    }
+
+    #ifdef LLM_HAVE_AVX
+    /* The attention above with 8 lanes where it had 4 (AVX2): each lane performs the same
+       operations in the same order as before, so the bits are those of the SSE code. */
+    typedef int llm_v8i __attribute__((vector_size(32)));
+    #define LLM_AVX2 __attribute__((target("avx2"), always_inline)) static inline
+
+    LLM_AVX2 llm_v8 llm_ld8(const float *p) { return *(const llm_v8u *)p; }
+    LLM_AVX2 void llm_st8(float *p, llm_v8 v) { *(llm_v8u *)p = v; }
+    LLM_AVX2 llm_v8 llm_splat8(float x) { llm_v8 v = {x, x, x, x, x, x, x, x}; return v; }
+    LLM_AVX2 llm_v4 llm_lo4(llm_v8 v) { llm_v4 r; __builtin_memcpy(&r, &v, sizeof r); return r; }
+    LLM_AVX2 llm_v4 llm_hi4(llm_v8 v) {
+        llm_v4 r; __builtin_memcpy(&r, (const char *)&v + sizeof r, sizeof r); return r;
+    }
+    LLM_AVX2 llm_v8 llm_select8(llm_v8i mask, llm_v8 a, llm_v8 b) {
+        llm_v8i ai, bi, ri;
+        llm_v8 r;
+        __builtin_memcpy(&ai, &a, sizeof a);
+        __builtin_memcpy(&bi, &b, sizeof b);
+        ri = (ai & mask) | (bi & ~mask);
+        __builtin_memcpy(&r, &ri, sizeof r);
+        return r;
+    }
+
+    /* llm_exp4 on 8 lanes, operation for operation. */
+    LLM_AVX2 llm_v8 llm_exp8(llm_v8 x) {
+        const llm_v8 hi = llm_splat8(88.0f), lo = llm_splat8(-87.0f);
+        x = llm_select8(x > hi, hi, x);
+        x = llm_select8(x < lo, lo, x);
+        llm_v8 fx = x * llm_splat8(1.44269504088896341f) + llm_splat8(0.5f);
+        llm_v8i n = __builtin_convertvector(fx, llm_v8i);
+        llm_v8 nf = __builtin_convertvector(n, llm_v8);
+        llm_v8i too_big = nf > fx;
+        n = n + too_big;
+        nf = __builtin_convertvector(n, llm_v8);
+        llm_v8 r = x - nf * llm_splat8(0.693359375f) - nf * llm_splat8(-2.12194440e-4f);
+        llm_v8 p = llm_splat8(1.9875691500e-4f);
+        p = p * r + llm_splat8(1.3981999507e-3f);
+        p = p * r + llm_splat8(8.3334519073e-3f);
+        p = p * r + llm_splat8(4.1665795894e-2f);
+        p = p * r + llm_splat8(1.6666665459e-1f);
+        p = p * r + llm_splat8(5.0000001201e-1f);
+        llm_v8 y = p * (r * r) + r + llm_splat8(1.0f);
+        llm_v8i bits = (n + 127) << 23;
+        llm_v8 scale;
+        __builtin_memcpy(&scale, &bits, sizeof scale);
+        return y * scale;
+    }
+
+    /* llm_softmax: the 8-element steps add their low then high half into the 4-lane sum,
+       as the SSE code adds e0 then e1. */
+    LLM_AVX2 void llm_softmax_avx2(float *x, int n) {
+        llm_v4 vmax = llm_splat(x[0]);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            llm_v4 v = llm_ld(x + i);
+            vmax = llm_select(v > vmax, v, vmax);
+        }
+        float m = vmax[0];
+        for (int l = 1; l < 4; l++) if (vmax[l] > m) m = vmax[l];
+        for (; i < n; i++) if (x[i] > m) m = x[i];
+        const llm_v4 vm = llm_splat(m);
+        const llm_v8 vm8 = llm_splat8(m);
+        llm_v4 acc = {0, 0, 0, 0};
+        i = 0;
+        for (; i + 8 <= n; i += 8) {
+            llm_v8 e = llm_exp8(llm_ld8(x + i) - vm8);
+            llm_st8(x + i, e);
+            acc += llm_lo4(e);
+            acc += llm_hi4(e);
+        }
+        for (; i + 4 <= n; i += 4) {
+            llm_v4 e = llm_exp4(llm_ld(x + i) - vm);
+            llm_st(x + i, e);
+            acc += e;
+        }
+        if (i < n) {
+            float t[4] = {m, m, m, m};
+            for (int j = i; j < n; j++) t[j - i] = x[j];
+            llm_v4 e = llm_exp4(llm_ld(t) - vm);
+            for (int j = i; j < 4 + i; j++) {
+                if (j < n) x[j] = e[j - i]; else e[j - i] = 0.0f;
+            }
+            acc += e;
+        }
+        const float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (int j = 0; j < n; j++) x[j] = x[j] / total;
+    }
+
+    LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *layer,
+                                      const int *bt, int n_pos, Py_ssize_t block_stride,
+                                      int bs, int n_kv, int group, const int hs,
+                                      float *att, int att_stride)
+    {
+        const Py_ssize_t head = (Py_ssize_t)hs * bs;
+        const int hs8 = hs & ~7;
+        const int hs4 = hs & ~3;
+        for (int g = 0; g < n_kv; g++) {
+            for (int h = 0; h < group; h++) {
+                const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
+                float *ah = att + (Py_ssize_t)h * att_stride;
+                for (int b = 0, t = 0; t < n_pos; b++) {
+                    const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
+                    const int m = n_pos - t < bs ? n_pos - t : bs;
+                    int s = 0;
+                    for (; s + 8 <= m; s += 8) {
+                        llm_v8 acc = llm_splat8(qh[0]) * llm_ld8(kt + s);
+                        for (int d = 1; d < hs; d++)
+                            acc += llm_splat8(qh[d]) * llm_ld8(kt + (Py_ssize_t)d * bs + s);
+                        llm_st8(ah + t + s, acc);
+                    }
+                    for (; s + 4 <= m; s += 4) {
+                        llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
+                        for (int d = 1; d < hs; d++)
+                            acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
+                        llm_st(ah + t + s, acc);
+                    }
+                    for (; s < m; s++) {
+                        float acc = qh[0] * kt[s];
+                        for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
+                        ah[t + s] = acc;
+                    }
+                    t += m;
+                }
+                llm_softmax_avx2(ah, n_pos);
+                llm_v8 acc8[LLM_MAX_HEAD / 8];
+                llm_v4 acc4 = llm_splat(0.0f);
+                float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int d = 0; d < hs8; d += 8) acc8[d / 8] = llm_splat8(0.0f);
+                for (int b = 0, t = 0; t < n_pos; b++) {
+                    const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
+                                      + (Py_ssize_t)n_kv * head + g * head;
+                    const int m = n_pos - t < bs ? n_pos - t : bs;
+                    for (int s = 0; s < m; s++, t++) {
+                        const float *vp = vb + (Py_ssize_t)s * hs;
+                        const float a = ah[t];
+                        const llm_v8 va = llm_splat8(a);
+                        for (int d = 0; d < hs8; d += 8) acc8[d / 8] += va * llm_ld8(vp + d);
+                        if (hs4 > hs8) acc4 += llm_splat(a) * llm_ld(vp + hs8);
+                        for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
+                    }
+                }
+                float *o = out + (Py_ssize_t)(g * group + h) * hs;
+                for (int d = 0; d < hs8; d += 8) llm_st8(o + d, acc8[d / 8]);
+                if (hs4 > hs8) llm_st(o + hs8, acc4);
+                for (int d = hs4; d < hs; d++) o[d] = tail[d - hs4];
+            }
+        }
+    }
+
+    __attribute__((target("avx2")))
+    static void llm_attend_avx2(float *out, const float *q, const float *layer, const int *bt,
+                                int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                                int group, int hs, float *att, int att_stride)
+    {
+        switch (hs) {
+        case 8:
+            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
+            break;
+        case 64:
+            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
+            break;
+        case 128:
+            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            break;
+        default:
+            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+        }
+    }
     #endif
+
+    /* One row's attention at one layer. q holds the row's query heads, already scaled by
+       1/sqrt(head_size); layer points at this layer's page in block 0, and block b's page
+       is bt[b] * block_stride floats further. Per query head: scores for t = 0..n_pos-1
+       (score t sums d = 0..hs-1 in order; slots go 8 (AVX2) or 4 to a vector and the rest
+       through a scalar loop, all performing the same operations per score), a softmax,
+       then V weighted and summed in order of t. Common head sizes get their own copy
+       with hs constant, which changes the speed only. */
+    static void llm_attend(float *out, const float *q, const float *layer, const int *bt,
+                           int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                           int group, int hs, float *att, int att_stride)
+    {
+    #ifdef LLM_HAVE_AVX
+        if (llm_simd_level > 1) {
+            llm_attend_avx2(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+            return;
+        }
+    #endif
+        switch (hs) {
+        case 8:
+            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
+            break;
+        case 64:
+            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
+            break;
+        case 128:
+            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            break;
+        default:
+            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+        }
+    }
     """
     void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
-    float llm_dot_head(const float *a, const float *b, int n) noexcept nogil
+    int llm_simd_level
+    int llm_detect_simd() noexcept nogil
     float llm_sumsq(const float *x, int n) noexcept nogil
+    void llm_swiglu(float *hb, const float *hb2, int n) noexcept nogil
+    void llm_attend(float *out, const float *q, const float *layer, const int *bt, int n_pos,
+                    Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
+                    float *att, int att_stride) noexcept nogil
+    void llm_write_kv(float *page, const float *k, const float *v, int slot, int bs,
+                      int n_kv, int hs) noexcept nogil
 
-# Slots of one layer's weight pointers in Engine.layer_ptrs (order of LAYER_FIELDS).
-cdef enum:
-    W_RMS_ATT = 0
-    W_Q = 1
-    W_K = 2
-    W_V = 3
-    W_O = 4
-    W_RMS_FFN = 5
-    W_1 = 6
-    W_2 = 7
-    W_3 = 8
-    W_PER_LAYER = 9
-    MAX_LAYERS = 256
 
 LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
+
+SIMD_LEVELS = ("sse", "avx", "avx2")
+llm_simd_level = llm_detect_simd()
+
+
+def simd_level() -> str:
+    """The widest instruction set the kernels use in this process ("sse", "avx", "avx2")."""
+    return SIMD_LEVELS[llm_simd_level]
+
+
+def set_simd_level(level: str) -> None:
+    """Force a matmul instruction set (tests: both must give the same bits)."""
+    global llm_simd_level
+    wanted = SIMD_LEVELS.index(level)
+    if wanted > llm_detect_simd():
+        raise ValueError(f"this CPU has no {level}")
+    llm_simd_level = wanted
 
 
 cdef const float *_ptr(object array, list keep) except NULL:
@@ -164,39 +644,16 @@ cdef inline void _rope(float *vec, int n_heads, int head_size, int halves,
             hv[i1] = v0 * s + v1 * c
 
 
-cdef inline void _softmax(float *x, int n) noexcept nogil:
-    cdef int i
-    cdef float m = x[0]
-    for i in range(1, n):
-        if x[i] > m:
-            m = x[i]
-    cdef float total = 0.0
-    for i in range(n):
-        x[i] = expf(x[i] - m)
-        total += x[i]
-    for i in range(n):
-        x[i] = x[i] / total
-
-
 cdef class Engine:
     """Weight pointers and scratch for one model; ``forward`` runs one batched step."""
 
-    cdef int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, vocab_size, seq_len
-    cdef int q_dim, kv_dim, halves
-    cdef float eps
-    cdef const float *emb
-    cdef const float *rms_final
-    cdef const float *wcls
-    cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]
-    cdef float[:, ::1] rope_cos
-    cdef float[:, ::1] rope_sin
-    cdef list keep  # the memoryviews behind every pointer above, kept alive with the engine
-    cdef object scratch_rows  # capacity of the scratch arrays, in rows
-    cdef float[:, ::1] x, xb, xb2, q, k, v, hb, hb2, att, logits
+    # Fields are declared in _kernels.pxd.
 
     def __init__(self, config, weights, rope_cos, rope_sin):
         if config.n_layers > MAX_LAYERS:
-            raise ValueError("at most 256 layers")
+            raise ValueError(f"at most {MAX_LAYERS} layers")
+        if config.head_size > MAX_HEAD:
+            raise ValueError(f"head_size at most {MAX_HEAD}")
         self.dim = config.dim
         self.hidden_dim = config.hidden_dim
         self.n_layers = config.n_layers
@@ -249,7 +706,7 @@ cdef class Engine:
 
         Row r is token ``tokens[r]`` at position ``positions[r]`` of the sequence whose
         block table is ``block_tables[row_seq[r]]``. ``kv`` is the flattened pool of shape
-        (num_blocks, n_layers, 2, block_size, kv_dim). The final-norm logits of row
+        (num_blocks, n_layers, 2, n_kv_heads, head_size * block_size). The final-norm logits of row
         ``logit_rows[m]`` go to ``logits_out[m]``. All of it is validated by the caller.
         """
         cdef int n = tokens.shape[0]
@@ -276,8 +733,11 @@ cdef class Engine:
         cdef const int *bt = &block_tables[0, 0]
         cdef const float **w
         cdef int r, l, i, pos, blk
-        cdef Py_ssize_t off
-        cdef float val
+        cdef float inv_scale = <float>1.0 / sqrtf(<float>hs)
+        cdef float *att = &self.att[0, 0]
+        # Floats between one block and the next, and between one layer and the next.
+        cdef Py_ssize_t block_stride = <Py_ssize_t>n_layers * 2 * block_size * kvd
+        cdef Py_ssize_t layer_off = <Py_ssize_t>2 * block_size * kvd
         with nogil:
             for r in range(n):
                 memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
@@ -296,13 +756,16 @@ cdef class Engine:
                           &self.rope_cos[pos, 0], &self.rope_sin[pos, 0])
                     _rope(k + r * kvd, n_kv, hs, self.halves,
                           &self.rope_cos[pos, 0], &self.rope_sin[pos, 0])
+                    # Fold the 1/sqrt(head_size) score scale into the query once.
+                    for i in range(qd):
+                        q[r * qd + i] = q[r * qd + i] * inv_scale
                     blk = bt[row_seq[r] * bt_width + pos // block_size]
-                    off = ((<Py_ssize_t>blk * n_layers + l) * 2 * block_size + pos % block_size) * kvd
-                    memcpy(kvp + off, k + r * kvd, kvd * sizeof(float))
-                    memcpy(kvp + off + block_size * kvd, v + r * kvd, kvd * sizeof(float))
+                    llm_write_kv(kvp + blk * block_stride + l * layer_off, k + r * kvd,
+                                 v + r * kvd, pos % block_size, block_size, n_kv, hs)
                 for r in range(n):
-                    self._attend(xb + r * xbs, q + r * qd, kvp, bt + row_seq[r] * bt_width,
-                                 positions[r], l, block_size, group)
+                    llm_attend(xb + r * xbs, q + r * qd, kvp + layer_off * l,
+                               bt + row_seq[r] * bt_width, positions[r] + 1, block_stride,
+                               block_size, n_kv, group, hs, att, self.seq_len)
                 llm_matmul(xb2, dim, xb, xbs, w[W_O], n4, qd, dim)
                 for r in range(n):
                     for i in range(dim):
@@ -311,11 +774,7 @@ cdef class Engine:
                 llm_matmul(hb, hidden, xb, xbs, w[W_1], n4, dim, hidden)
                 llm_matmul(hb2, hidden, xb, xbs, w[W_3], n4, dim, hidden)
                 for r in range(n):
-                    for i in range(hidden):
-                        # SwiGLU as llama2.c writes it: silu(w1 x) * (w3 x)
-                        val = hb[r * hidden + i]
-                        val = val * (<float>1.0 / (<float>1.0 + expf(-val)))
-                        hb[r * hidden + i] = val * hb2[r * hidden + i]
+                    llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
                 llm_matmul(xb2, dim, hb, hidden, w[W_2], n4, hidden, dim)
                 for r in range(n):
                     for i in range(dim):
@@ -328,36 +787,96 @@ cdef class Engine:
             for i in range(m_rows):
                 memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
 
-    cdef void _attend(self, float *out, const float *q, const float *kvp, const int *bt,
-                      int pos, int layer, int block_size, int group) noexcept nogil:
-        # Per KV head: scores for its `group` query heads in order t = 0..pos, a softmax
-        # per head, then the weighted sum of V in the same order.
-        cdef int hs = self.head_size, kvd = self.kv_dim, n_layers = self.n_layers
-        cdef int S = self.seq_len
-        cdef float *att = &self.att[0, 0]
-        cdef float scale = sqrtf(<float>hs)
-        cdef int g, h, t, i
-        cdef Py_ssize_t off
-        cdef const float *kp
-        cdef const float *vp
-        cdef float *o
-        cdef float a
-        for g in range(self.n_kv_heads):
-            for t in range(pos + 1):
-                off = ((<Py_ssize_t>bt[t // block_size] * n_layers + layer) * 2 * block_size
-                       + t % block_size) * kvd + g * hs
-                kp = kvp + off
-                for h in range(group):
-                    att[h * S + t] = llm_dot_head(q + (g * group + h) * hs, kp, hs) / scale
-            for h in range(group):
-                _softmax(att + h * S, pos + 1)
-            memset(out + g * group * hs, 0, group * hs * sizeof(float))
-            for t in range(pos + 1):
-                off = ((<Py_ssize_t>bt[t // block_size] * n_layers + layer) * 2 * block_size
-                       + block_size + t % block_size) * kvd + g * hs
-                vp = kvp + off
-                for h in range(group):
-                    a = att[h * S + t]
-                    o = out + (g * group + h) * hs
-                    for i in range(hs):
-                        o[i] += a * vp[i]
+
+cdef int _copy_ints(object values, long long *out, Py_ssize_t n) except -1:
+    # ndarrays through a typed view (no per-element Python objects); sequences item by item.
+    cdef const long long[::1] view
+    cdef Py_ssize_t j
+    if isinstance(values, np.ndarray):
+        view = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        if view.shape[0] < n:
+            raise ValueError("sequence shorter than its length")
+        for j in range(n):
+            out[j] = view[j]
+    else:
+        for j in range(n):
+            out[j] = values[j]
+    return 0
+
+
+def pack_chunks(list chunks, int block_size, int num_blocks, int vocab_size, int seq_len):
+    """Flatten a step's chunks into the arrays ``Engine.forward`` takes, validating them.
+
+    Returns (tokens, positions, row_seq, tables, logit_rows, wants): int32 arrays, where
+    ``tables`` holds, per chunk, the block-table entries its positions need (the only ones
+    the kernel reads) and ``wants`` the indices of the chunks that asked for logits.
+
+    Raises:
+        ValueError: an empty chunk, a token or block id out of range, a position outside
+            the context, a block table too short, or two rows writing the same KV slot.
+    """
+    cdef Py_ssize_t n_chunks = len(chunks), i, j, r, n, start, need, n_rows = 0, width = 1
+    cdef Py_ssize_t n_wants = 0
+    cdef object ch
+    for i in range(n_chunks):
+        ch = chunks[i]
+        n = len(ch.token_ids)
+        start = ch.start_pos
+        if n <= 0:
+            raise ValueError("every chunk needs at least one token")
+        if start < 0 or start + n > seq_len:
+            raise ValueError(f"positions must lie in [0, {seq_len}): chunk {i} covers "
+                             f"[{start}, {start + n})")
+        need = (start + n - 1) // block_size + 1
+        if len(ch.block_table) < need:
+            raise ValueError(f"a block table is too short for its chunk's positions (chunk {i})")
+        n_rows += n
+        width = max(width, need)
+        if ch.wants_logits:
+            n_wants += 1
+    tokens_a = np.empty(n_rows, np.int32)
+    positions_a = np.empty(n_rows, np.int32)
+    row_seq_a = np.empty(n_rows, np.int32)
+    tables_a = np.zeros((n_chunks, width), np.int32)
+    logit_rows_a = np.empty(n_wants, np.int32)
+    wants_a = np.empty(n_wants, np.intp)
+    slots_a = np.empty(n_rows, np.int64)
+    scratch_a = np.empty(max(n_rows, width), np.int64)
+    cdef int[::1] tokens = tokens_a, positions = positions_a, row_seq = row_seq_a
+    cdef int[::1] logit_rows = logit_rows_a
+    cdef Py_ssize_t[::1] wants = wants_a
+    cdef int[:, ::1] tables = tables_a
+    cdef long long[::1] slots = slots_a, scratch = scratch_a
+    cdef long long value
+    r = 0
+    n_wants = 0
+    for i in range(n_chunks):
+        ch = chunks[i]
+        n = len(ch.token_ids)
+        start = ch.start_pos
+        need = (start + n - 1) // block_size + 1
+        _copy_ints(ch.block_table, &scratch[0], need)
+        for j in range(need):
+            value = scratch[j]
+            if value < 0 or value >= num_blocks:
+                raise ValueError(f"block ids must lie in [0, {num_blocks}), got {value}")
+            tables[i, j] = <int>value
+        _copy_ints(ch.token_ids, &scratch[0], n)
+        for j in range(n):
+            value = scratch[j]
+            if value < 0 or value >= vocab_size:
+                raise ValueError(f"token ids must lie in [0, {vocab_size}), got {value}")
+            tokens[r] = <int>value
+            positions[r] = <int>(start + j)
+            row_seq[r] = <int>i
+            slots[r] = <long long>tables[i, (start + j) // block_size] * block_size + (start + j) % block_size
+            r += 1
+        if ch.wants_logits:
+            logit_rows[n_wants] = <int>(r - 1)
+            wants[n_wants] = i
+            n_wants += 1
+    slots_a.sort()
+    for r in range(1, n_rows):
+        if slots[r] == slots[r - 1]:
+            raise ValueError("two rows of the step write the same KV slot")
+    return tokens_a, positions_a, row_seq_a, tables_a, logit_rows_a, wants_a

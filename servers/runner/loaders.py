@@ -26,14 +26,11 @@ LLAMA2C_HEADER_BYTES = 256  # versioned headers are zero-padded to this size
 # loads of one row never straddle two tensors' lines and a shared segment maps cleanly.
 BUFFER_ALIGN = 64
 
-# GGUF architectures whose q/k rows follow each RoPE layout (llama.cpp's ROPE_TYPE_NORM is
-# llama2.c's adjacent pairs; ROPE_TYPE_NEOX rotates the two halves of each head).
-GGUF_ROPE_LAYOUTS: dict[str, RopeLayout] = {
-    "llama": "adjacent",
-    "mistral": "adjacent",
-    "qwen2": "halves",
-    "stablelm": "halves",
-}
+# GGUF architectures we run and the RoPE layout of their q/k rows. llama.cpp's converter
+# permutes HF's q/k rows for `llama`, so GGUF llama files use llama2.c's adjacent pairs
+# (ROPE_TYPE_NORM). A llama-shaped file whose rows were not permuted (HF "halves", GGML
+# ROPE_TYPE_NEOX) loads with load_model(..., rope_layout="halves").
+GGUF_ROPE_LAYOUTS: dict[str, RopeLayout] = {"llama": "adjacent"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,12 +56,22 @@ class ModelConfig:
     shared_classifier: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                     "seq_len", "head_size"):
+        for name in (
+            "dim",
+            "hidden_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "seq_len",
+            "head_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ValueError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
         if self.head_size % 2:
             raise ValueError(f"head_size {self.head_size} must be even for RoPE")
         if self.rope_layout not in ("adjacent", "halves"):
@@ -118,12 +125,32 @@ class LoadedModel:
 
 def default_model_path() -> Path:
     """The shipped stories260K checkpoint (llama2.c legacy format)."""
-    return Path(str(resources.files("servers.runner").joinpath("models", "stories260K.bin")))
+    return Path(str(resources.files("servers.runner") / "models" / "stories260K.bin"))
 
 
 def default_tokenizer_path() -> Path:
     """The shipped tok512 vocabulary (llama2.c ``tokenizer.bin`` format) for the default model."""
-    return Path(str(resources.files("servers.runner").joinpath("models", "tok512.bin")))
+    return Path(str(resources.files("servers.runner") / "models" / "tok512.bin"))
+
+
+def tokenizer_path_for(model_path: str | Path) -> Path:
+    """Where the vocabulary of a model file lives: inside a GGUF file; the shipped tok512
+    for the shipped model; otherwise a ``tokenizer.bin`` beside a llama2.c checkpoint.
+
+    Raises:
+        FileNotFoundError: a llama2.c checkpoint with no tokenizer.bin beside it.
+    """
+    p = Path(model_path)
+    if is_gguf(p):
+        return p
+    if p.resolve() == default_model_path().resolve():
+        return default_tokenizer_path()
+    sibling = p.with_name("tokenizer.bin")
+    if sibling.is_file():
+        return sibling
+    raise FileNotFoundError(
+        f"{p} is a llama2.c checkpoint; its vocabulary is expected in {sibling}"
+    )
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -181,7 +208,9 @@ class _Plan:
         return arrays, flat
 
 
-def _assemble(config: ModelConfig, arrays: dict[str, np.ndarray], buffer: np.ndarray | None) -> Weights:
+def _assemble(
+    config: ModelConfig, arrays: dict[str, np.ndarray], buffer: np.ndarray | None
+) -> Weights:
     c = config
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -206,34 +235,53 @@ def _assemble(config: ModelConfig, arrays: dict[str, np.ndarray], buffer: np.nda
     )
     emb = get("tok_embeddings", (c.vocab_size, c.dim))
     wcls = emb if c.shared_classifier else get("wcls", (c.vocab_size, c.dim))
-    return Weights(tok_embeddings=emb, layers=layers, rms_final=get("rms_final", (c.dim,)),
-                   wcls=wcls, buffer=buffer)
+    return Weights(
+        tok_embeddings=emb,
+        layers=layers,
+        rms_final=get("rms_final", (c.dim,)),
+        wcls=wcls,
+        buffer=buffer,
+    )
 
 
 # --------------------------------------------------------------------------- llama2.c
 def _llama2c_plan(path: Path) -> tuple[ModelConfig, _Plan]:
+    with open(path, "rb") as f:
+        head = f.read(LLAMA2C_HEADER_BYTES)
+    if len(head) < 28:
+        raise ValueError(f"{path}: model file is truncated")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    (magic,) = struct.unpack_from("<I", mm, 0)
+    (magic,) = struct.unpack_from("<I", head, 0)
     if magic == LLAMA2C_MAGIC:
-        (version,) = struct.unpack_from("<i", mm, 4)
-        dims = struct.unpack_from("<7i", mm, 8)
-        shared = bool(mm[36])
+        if len(head) < LLAMA2C_HEADER_BYTES:
+            raise ValueError(f"{path}: model file is truncated")
+        (version,) = struct.unpack_from("<i", head, 4)
+        dims = struct.unpack_from("<7i", head, 8)
+        shared = bool(head[36])
         if version == 1:
             return _llama2c_v1(mm, dims, shared)
         if version == 2:
-            (group_size,) = struct.unpack_from("<i", mm, 37)
+            (group_size,) = struct.unpack_from("<i", head, 37)
             return _llama2c_v2(mm, dims, shared, group_size)
         raise ValueError(f"{path}: unsupported llama2.c checkpoint version {version}")
-    return _llama2c_legacy(mm, struct.unpack_from("<7i", mm, 0))
+    return _llama2c_legacy(mm, struct.unpack_from("<7i", head, 0))
 
 
 def _llama2c_config(dims: tuple[int, ...], shared: bool) -> ModelConfig:
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
         raise ValueError(f"not a llama2.c checkpoint: header {dims}")
-    return ModelConfig(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
-                       n_kv_heads=n_kv, vocab_size=vocab, seq_len=seq_len,
-                       head_size=dim // n_heads, shared_classifier=shared)
+    return ModelConfig(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        seq_len=seq_len,
+        head_size=dim // n_heads,
+        shared_classifier=shared,
+    )
 
 
 class _Cursor:
@@ -248,7 +296,7 @@ class _Cursor:
         n = int(np.prod(shape)) * itemsize
         if self.offset + n > self.mm.size:
             raise ValueError("model file is truncated")
-        a = self.mm[self.offset : self.offset + n].view(dtype).reshape(shape)
+        a: np.ndarray = self.mm[self.offset : self.offset + n].view(dtype).reshape(shape)
         self.offset += n
         return a
 
@@ -298,9 +346,15 @@ def _llama2c_v1(mm: np.ndarray, dims: tuple[int, ...], shared: bool) -> tuple[Mo
 
 
 def _llama2c_matrices(c: ModelConfig) -> list[tuple[str, tuple[int, int]]]:
-    return [("wq", (c.q_dim, c.dim)), ("wk", (c.kv_dim, c.dim)), ("wv", (c.kv_dim, c.dim)),
-            ("wo", (c.dim, c.q_dim)), ("w1", (c.hidden_dim, c.dim)),
-            ("w2", (c.dim, c.hidden_dim)), ("w3", (c.hidden_dim, c.dim))]
+    return [
+        ("wq", (c.q_dim, c.dim)),
+        ("wk", (c.kv_dim, c.dim)),
+        ("wv", (c.kv_dim, c.dim)),
+        ("wo", (c.dim, c.q_dim)),
+        ("w1", (c.hidden_dim, c.dim)),
+        ("w2", (c.dim, c.hidden_dim)),
+        ("w3", (c.hidden_dim, c.dim)),
+    ]
 
 
 def _q8_filler(q: np.ndarray, scales: np.ndarray, group_size: int) -> Fill:
@@ -311,8 +365,9 @@ def _q8_filler(q: np.ndarray, scales: np.ndarray, group_size: int) -> Fill:
     return fill
 
 
-def _llama2c_v2(mm: np.ndarray, dims: tuple[int, ...], shared: bool,
-                group_size: int) -> tuple[ModelConfig, _Plan]:
+def _llama2c_v2(
+    mm: np.ndarray, dims: tuple[int, ...], shared: bool, group_size: int
+) -> tuple[ModelConfig, _Plan]:
     # export.py version2_export: float32 norms, then each matrix as int8 values followed by
     # one float32 scale per group (llama2.c's "Q8_0" with a per-file group size).
     config = _llama2c_config(dims, shared)
@@ -343,8 +398,14 @@ def _llama2c_v2(mm: np.ndarray, dims: tuple[int, ...], shared: bool,
 
 # --------------------------------------------------------------------------- GGUF
 _GGUF_NAMES = {
-    "attn_norm": "rms_att", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
-    "attn_output": "wo", "ffn_norm": "rms_ffn", "ffn_gate": "w1", "ffn_down": "w2",
+    "attn_norm": "rms_att",
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "ffn_norm": "rms_ffn",
+    "ffn_gate": "w1",
+    "ffn_down": "w2",
     "ffn_up": "w3",
 }
 
@@ -366,8 +427,10 @@ def _gguf_plan(path: Path, rope_layout: RopeLayout | None) -> tuple[ModelConfig,
     reader = gguf.GGUFReader(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in GGUF_ROPE_LAYOUTS and rope_layout is None:
-        raise ValueError(f"{path}: architecture {arch!r} is not supported "
-                         f"(known: {sorted(GGUF_ROPE_LAYOUTS)}; pass rope_layout to force one)")
+        raise ValueError(
+            f"{path}: architecture {arch!r} is not supported "
+            f"(known: {sorted(GGUF_ROPE_LAYOUTS)}; pass rope_layout to force one)"
+        )
     tensors = {t.name: t for t in reader.tensors}
     for t in tensors:
         if t.endswith(".bias"):
@@ -384,9 +447,13 @@ def _gguf_plan(path: Path, rope_layout: RopeLayout | None) -> tuple[ModelConfig,
     emb = tensors["token_embd.weight"]
     vocab = int(emb.shape[1]) if len(emb.shape) > 1 else 0
     config = ModelConfig(
-        dim=dim, hidden_dim=int(key("feed_forward_length")), n_layers=int(key("block_count")),
-        n_heads=n_heads, n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        vocab_size=vocab, seq_len=int(key("context_length")),
+        dim=dim,
+        hidden_dim=int(key("feed_forward_length")),
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        vocab_size=vocab,
+        seq_len=int(key("context_length")),
         head_size=int(key("attention.key_length", dim // n_heads)),
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
@@ -450,8 +517,13 @@ def dequantised_nbytes(path: str | Path) -> int:
     return _plan(Path(path), None)[2].nbytes
 
 
-def load_model(path: str | Path, *, buffer: Any = None, fill: bool = True,
-               rope_layout: RopeLayout | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path,
+    *,
+    buffer: Any = None,
+    fill: bool = True,
+    rope_layout: RopeLayout | None = None,
+) -> LoadedModel:
     """Load a llama2.c ``.bin`` (legacy, v1 or v2 header) or a ``.gguf`` file.
 
     Args:
@@ -472,5 +544,10 @@ def load_model(path: str | Path, *, buffer: Any = None, fill: bool = True,
     fmt, config, plan = _plan(p, rope_layout)
     arrays, flat = plan.realise(buffer, fill)
     weights = _assemble(config, arrays, flat)
-    return LoadedModel(path=p, format=fmt,  # type: ignore[arg-type]
-                       config=config, weights=weights, dequantised_nbytes=plan.nbytes)
+    return LoadedModel(
+        path=p,
+        format=fmt,  # type: ignore[arg-type]
+        config=config,
+        weights=weights,
+        dequantised_nbytes=plan.nbytes,
+    )

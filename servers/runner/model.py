@@ -5,10 +5,12 @@ scratch; the KV pool belongs to the caller (the scheduler's blocks in the arena,
 numpy array) and a step only writes the slots of the tokens it computes. It never allocates
 KV blocks and never depends on batch-mates: every row is summed in a fixed order (_kernels).
 
-KV pool layout: float32 ``(num_blocks, n_layers, 2, block_size, kv_dim)``, C-contiguous;
-``[b, l, 0, s]`` is the key and ``[b, l, 1, s]`` the value of slot ``s`` of block ``b`` at layer
-``l``. Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``, slot
-``p % block_size``. One block thus holds every layer of ``block_size`` tokens.
+KV pool layout: float32 ``(num_blocks, n_layers, 2, n_kv_heads, head_size * block_size)``,
+C-contiguous. Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
+slot ``s = p % block_size``. ``[b, l, 0, h]`` holds KV head ``h``'s keys dimension-major
+(dimension ``d`` of slot ``s`` at ``d * block_size + s``: four slots' scores are one vector
+op); ``[b, l, 1, h]`` its values slot-major (at ``s * head_size + d``). One block thus holds
+every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K, V).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from servers.runner._kernels import Engine
+from servers.runner._kernels import Engine, pack_chunks
 from servers.runner.loaders import (
     LoadedModel,
     ModelConfig,
@@ -39,8 +41,9 @@ class SeqChunk:
 
     A decode is a chunk of one token; a prefill is one or more chunks of many. The chunk's
     K/V go to the slots its block table names; positions below ``start_pos`` must have been
-    written by earlier steps. ``sampling`` (with ``wants_logits``) asks for a sampled token
-    at position ``start_pos + len(token_ids)``.
+    written by earlier steps. Only the table entries for positions below ``end_pos`` are
+    read (later ones may be anything, e.g. -1 padding). ``sampling`` (with ``wants_logits``)
+    asks for a sampled token at position ``end_pos``, drawn with (seed, ``end_pos``).
     """
 
     block_table: Sequence[int] | np.ndarray
@@ -65,13 +68,18 @@ class StepOutput:
 
 
 def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of ``pos * theta**(-2j/head_size)``, shape (seq_len, head_size // 2),
-    computed in float32 the way llama2.c's run.c does."""
+    """cos and sin of ``pos * theta**(-2j/head_size)``, shape (seq_len, head_size // 2).
+
+    As llama2.c's run.c: a float32 frequency times a float32 position, then cos/sin. The
+    transcendentals run in float64 and round once to float32, so the table does not depend
+    on which SIMD variant of a float32 cos numpy picks on a machine.
+    """
     half = config.head_size // 2
-    exponent = (np.arange(half, dtype=np.float32) * np.float32(2)) / np.float32(config.head_size)
-    freq = np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)
+    exponent = np.arange(half, dtype=np.float64) * 2.0 / config.head_size
+    freq = (1.0 / np.power(float(config.rope_theta), exponent)).astype(np.float32)
     angles = np.arange(config.seq_len, dtype=np.float32)[:, None] * freq[None, :]
-    return (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+    angles64 = angles.astype(np.float64)
+    return np.cos(angles64).astype(np.float32), np.sin(angles64).astype(np.float32)
 
 
 class Model:
@@ -87,16 +95,38 @@ class Model:
         self._engine = Engine(self.config, loaded.weights, cos, sin)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
-             buffer: Any = None, fill: bool = True, rope_layout: RopeLayout | None = None) -> Model:
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        buffer: Any = None,
+        fill: bool = True,
+        rope_layout: RopeLayout | None = None,
+    ) -> Model:
         """Load ``path`` (default: the shipped stories260K); see loaders.load_model."""
-        loaded = load_model(path or default_model_path(), buffer=buffer, fill=fill,
-                            rope_layout=rope_layout)
+        loaded = load_model(
+            path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout
+        )
         return cls(loaded, block_size=block_size)
 
     def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
         c = self.config
-        return (num_blocks, c.n_layers, 2, self.block_size, c.kv_dim)
+        return (num_blocks, c.n_layers, 2, c.n_kv_heads, c.head_size * self.block_size)
+
+    def read_kv(
+        self, kv: np.ndarray, block_table: Sequence[int], num_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of a sequence's first ``num_tokens`` positions, each of shape
+        (n_layers, num_tokens, kv_dim) (RoPE already applied to the keys)."""
+        c, bs = self.config, self.block_size
+        pages = kv[np.asarray(block_table[: self.blocks_needed(num_tokens)], dtype=np.intp)]
+        # pages: (blocks, L, 2, heads, hs*bs) -> per kind (L, blocks, bs, heads, hs)
+        k = pages[:, :, 0].reshape(-1, c.n_layers, c.n_kv_heads, c.head_size, bs)
+        v = pages[:, :, 1].reshape(-1, c.n_layers, c.n_kv_heads, bs, c.head_size)
+        keys = k.transpose(1, 0, 4, 2, 3).reshape(c.n_layers, -1, c.kv_dim)[:, :num_tokens]
+        values = v.transpose(1, 0, 3, 2, 4).reshape(c.n_layers, -1, c.kv_dim)[:, :num_tokens]
+        return keys, values
 
     def new_kv_pool(self, num_blocks: int) -> np.ndarray:
         """A zeroed pool for tests and benchmarks (the runner's lives in the arena)."""
@@ -118,6 +148,9 @@ class Model:
         Raises:
             ValueError: a malformed chunk (token or block out of range, a block table too
                 short, a position beyond the context, two rows writing one KV slot) or pool.
+
+        One step at a time per Model: the kernels' scratch is shared and the GIL is
+        released while they run.
         """
         c = self.config
         bs = self.block_size
@@ -125,63 +158,43 @@ class Model:
         if kv.dtype != np.float32 or not kv.flags.c_contiguous or not kv.flags.writeable:
             raise ValueError("kv pool must be a writable C-contiguous float32 array")
         if kv.ndim != 5 or kv.shape[1:] != self.kv_pool_shape(0)[1:]:
-            raise ValueError(f"kv pool shape {kv.shape} does not match (N, *{self.kv_pool_shape(0)[1:]})")
-        num_blocks = kv.shape[0]
+            raise ValueError(
+                f"kv pool shape {kv.shape} does not match (N, *{self.kv_pool_shape(0)[1:]})"
+            )
         if n_chunks == 0:
             return StepOutput(np.empty((0, c.vocab_size), np.float32), np.empty(0, np.int32))
-
-        lengths = np.fromiter((len(ch.token_ids) for ch in chunks), np.int64, n_chunks)
-        starts = np.fromiter((ch.start_pos for ch in chunks), np.int64, n_chunks)
-        if lengths.min() <= 0:
-            raise ValueError("every chunk needs at least one token")
-        if starts.min() < 0 or (starts + lengths).max() > c.seq_len:
-            raise ValueError(f"positions must lie in [0, {c.seq_len})")
-        tokens = np.concatenate([np.asarray(ch.token_ids, dtype=np.int64).reshape(-1) for ch in chunks])
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size})")
-        ends = np.cumsum(lengths)
-        n_rows = int(ends[-1])
-        row_seq = np.repeat(np.arange(n_chunks, dtype=np.int32), lengths)
-        positions = np.arange(n_rows, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
-
-        widths = [len(ch.block_table) for ch in chunks]
-        tables = np.zeros((n_chunks, max(max(widths), 1)), dtype=np.int32)
-        for i, ch in enumerate(chunks):
-            tables[i, : widths[i]] = ch.block_table
-        if np.any(self.blocks_needed_array(starts + lengths) > np.asarray(widths)):
-            raise ValueError("a block table is too short for its chunk's positions")
-        if tables.min() < 0 or tables.max() >= num_blocks:
-            raise ValueError(f"block ids must lie in [0, {num_blocks})")
-        slots = tables[row_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        if np.unique(slots).size != n_rows:
-            raise ValueError("two rows of the step write the same KV slot")
-
-        wants = [i for i, ch in enumerate(chunks) if ch.wants_logits]
-        logit_rows = (ends[wants] - 1).astype(np.int32)
+        tokens, positions, row_seq, tables, logit_rows, wants = pack_chunks(
+            list(chunks), bs, kv.shape[0], c.vocab_size, c.seq_len
+        )
         logits = np.empty((n_chunks, c.vocab_size), dtype=np.float32)
         out = logits if len(wants) == n_chunks else np.empty((len(wants), c.vocab_size), np.float32)
-        self._engine.forward(tokens.astype(np.int32), positions.astype(np.int32), row_seq, tables,
-                             kv.reshape(-1), bs, logit_rows, out)
+        self._engine.forward(
+            tokens, positions, row_seq, tables, kv.reshape(-1), bs, logit_rows, out
+        )
         if out is not logits:
             logits.fill(np.nan)
             logits[wants] = out
 
         token_ids = np.full(n_chunks, -1, dtype=np.int32)
-        to_sample = [i for i in wants if chunks[i].sampling is not None]
+        to_sample = [i for i in wants.tolist() if chunks[i].sampling is not None]
         if to_sample:
-            params = [chunks[i].sampling for i in to_sample]
+            params = [p for i in to_sample if (p := chunks[i].sampling) is not None]
             token_ids[to_sample] = sample_rows(
-                logits[to_sample], params,  # type: ignore[arg-type]
-                [chunks[i].end_pos for i in to_sample])
+                logits[to_sample], params, [chunks[i].end_pos for i in to_sample]
+            )
         return StepOutput(logits=logits, token_ids=token_ids)
 
-    def blocks_needed_array(self, num_tokens: np.ndarray) -> np.ndarray:
-        return -(-num_tokens // self.block_size)
 
-
-def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int,
-             sampling: SamplingParams | None = None, *, stop_ids: Sequence[int] = (),
-             chunk_size: int | None = None, kv: np.ndarray | None = None) -> list[int]:
+def generate(
+    model: Model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    *,
+    stop_ids: Sequence[int] = (),
+    chunk_size: int | None = None,
+    kv: np.ndarray | None = None,
+) -> list[int]:
     """Generate for one sequence alone (tests, benchmarks, a local `generate`).
 
     The prompt is prefilled in chunks of ``chunk_size`` tokens (all at once by default),
@@ -201,8 +214,14 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int,
     while pos < len(prompt_ids):
         chunk = list(prompt_ids[pos : pos + step])
         is_last = pos + len(chunk) == len(prompt_ids)
-        last = model.step([SeqChunk(table, pos, chunk, wants_logits=is_last,
-                                    sampling=params if is_last else None)], kv)
+        last = model.step(
+            [
+                SeqChunk(
+                    table, pos, chunk, wants_logits=is_last, sampling=params if is_last else None
+                )
+            ],
+            kv,
+        )
         pos += len(chunk)
     assert last is not None
     token = int(last.token_ids[0])

@@ -30,16 +30,21 @@ class NumpyLlama:
         self.v_cache = np.zeros(shape, np.float32)
         # Pre-transposed (in, out) copies so each projection is one x @ W.
         self.layers = [
-            {name: np.ascontiguousarray(getattr(lw, name).T)
-             for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+            {
+                name: np.ascontiguousarray(getattr(lw, name).T)
+                for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+            }
             | {"rms_att": lw.rms_att, "rms_ffn": lw.rms_ffn}
             for lw in self.w.layers
         ]
         self.wcls_t = np.ascontiguousarray(self.w.wcls.T)
 
     def _rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        ss = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32) + np.float32(self.config.norm_eps)
-        return weight * (x / np.sqrt(ss))
+        ss = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32) + np.float32(
+            self.config.norm_eps
+        )
+        out: np.ndarray = weight * (x / np.sqrt(ss))
+        return out
 
     def _rope(self, x: np.ndarray, pos: int) -> np.ndarray:
         # x: (B, heads, head_size)
@@ -83,4 +88,5 @@ class NumpyLlama:
             h1 = xb @ lw["w1"]
             h = (h1 / (np.float32(1.0) + np.exp(-h1))) * (xb @ lw["w3"])
             x = x + h @ lw["w2"]
-        return self._rmsnorm(x, self.w.rms_final) @ self.wcls_t
+        logits: np.ndarray = self._rmsnorm(x, self.w.rms_final) @ self.wcls_t
+        return logits

@@ -87,12 +87,14 @@ def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
     return int(order[min(index, cumulative.size - 1)])
 
 
-def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], positions: Sequence[int]) -> np.ndarray:
+def sample_rows(
+    logits: np.ndarray, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> np.ndarray:
     """Sample one token per row; all-greedy batches take one vectorised argmax."""
     out = np.empty(len(params), dtype=np.int32)
     if all(p.is_greedy for p in params):
         out[:] = np.argmax(logits, axis=1)
         return out
-    for i, (p, pos) in enumerate(zip(params, positions)):
+    for i, (p, pos) in enumerate(zip(params, positions, strict=True)):
         out[i] = sample(logits[i], p, pos)
     return out

@@ -88,10 +88,13 @@ def close_side(arena_name: str, offset: int, side: str, out: Any) -> None:
     out.put(("closed", side))
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll shared state until an event happens (not a sleep: it returns as soon as true)."""
+def wait_until(predicate: Callable[[], bool], what: str, proc: Any = None, timeout: float = WAIT) -> None:
+    """Poll shared state until an event happens (not a sleep: it returns as soon as true).
+    Fails at once if `proc`, the process expected to cause the event, has died."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if proc is not None and not proc.is_alive():
+            raise AssertionError(f"child died (exit code {proc.exitcode}) before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)

@@ -82,7 +82,7 @@ def test_full_ring_is_backpressure_not_loss(pair: tuple[Any, Any]) -> None:
 def test_wrap_at_exactly_the_capacity(pair: tuple[Any, Any]) -> None:
     producer, consumer = pair
     record = b"w" * (CAP // 4 - 8)  # four records fill the ring with no padding
-    for lap in range(3):
+    for _lap in range(3):
         for _ in range(4):
             assert producer.try_send(record)
         assert not producer.try_send(b"")

@@ -53,7 +53,7 @@ def test_two_processes_exchange_1e5_messages_in_order(arena: Arena) -> None:
 def test_parked_consumer_is_woken_by_a_wake_record(arena: Arena) -> None:
     ring = Ring.create(arena, 4096, side="producer")
     proc, out = start(procs.consume_one, arena.name, ring.offset, 0)
-    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park")
+    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park", proc)
     ring.send(b"wake up")
     assert out.get(timeout=WAIT) == ("got", b"wake up")  # type: ignore[attr-defined]
     finish(proc)
@@ -65,7 +65,7 @@ def test_parked_consumer_is_woken_by_a_wake_record(arena: Arena) -> None:
 def test_record_without_wake_does_not_wake_by_itself(arena: Arena) -> None:
     ring = Ring.create(arena, 4096, side="producer")
     proc, out = start(procs.consume_one, arena.name, ring.offset, 0)
-    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park")
+    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park", proc)
     ring.send(b"quiet", wake=False)
     # Delivered at the consumer's next park slice (<= 100 ms), with no futex wake.
     assert out.get(timeout=WAIT) == ("got", b"quiet")  # type: ignore[attr-defined]
@@ -80,7 +80,7 @@ def test_passing_half_full_wakes_even_without_wake_flags(arena: Arena) -> None:
     for _attempt in range(5):
         ring = Ring.create(arena, 1024, side="producer")
         proc, out = start(procs.consume_one, arena.name, ring.offset, 0)
-        wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park")
+        wait_until(lambda ring=ring: ring.stats().consumer_bell.sleepers == 1, "the consumer to park", proc)
         ring.send_many([b"x" * 56] * 8, wake=False)  # 8 x 64 bytes: exactly half of 1024
         assert out.get(timeout=WAIT)[0] == "got"  # type: ignore[attr-defined]
         finish(proc)
@@ -98,7 +98,7 @@ def test_producer_blocked_on_full_ring_is_woken_when_space_frees(arena: Arena) -
     kind, filled = out.get(timeout=WAIT)  # type: ignore[attr-defined]
     assert kind == "full"
     wait_until(lambda: ring.stats().want_space and ring.stats().producer_bell.sleepers == 1,
-               "the producer to park on a full ring")
+               "the producer to park on a full ring", proc)
     assert ring.recv(timeout=WAIT) == b"r" * 100
     assert out.get(timeout=WAIT) == ("sent", filled + 1)  # type: ignore[attr-defined]
     finish(proc)
@@ -111,7 +111,7 @@ def test_consumer_closing_in_another_process_ends_a_blocked_send(arena: Arena) -
     ring = Ring.create(arena, 1024, side="producer", spin_ns=0)
     while ring.try_send(b"f" * 100):
         pass
-    proc, out = start(procs.close_side, arena.name, ring.offset, "consumer")
+    proc, _out = start(procs.close_side, arena.name, ring.offset, "consumer")
     with pytest.raises(PeerGone):
         ring.send(b"f" * 100, timeout=WAIT)
     finish(proc)
@@ -120,7 +120,7 @@ def test_consumer_closing_in_another_process_ends_a_blocked_send(arena: Arena) -
 
 def test_producer_closing_in_another_process_ends_a_blocked_recv(arena: Arena) -> None:
     ring = Ring.create(arena, 1024, side="consumer", spin_ns=0)
-    proc, out = start(procs.close_side, arena.name, ring.offset, "producer")
+    proc, _out = start(procs.close_side, arena.name, ring.offset, "producer")
     with pytest.raises(PeerGone):
         ring.recv(timeout=WAIT)
     finish(proc)
@@ -134,7 +134,7 @@ def test_producer_closing_in_another_process_ends_a_blocked_recv(arena: Arena) -
 def test_signal_interrupts_a_parked_recv(arena: Arena, sig: int, target: object, expected: str) -> None:
     ring = Ring.create(arena, 1024, side="producer")
     proc, out = start(target, arena.name, ring.offset, 0)
-    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park")
+    wait_until(lambda: ring.stats().consumer_bell.sleepers == 1, "the consumer to park", proc)
     os.kill(proc.pid, sig)  # type: ignore[attr-defined]
     assert out.get(timeout=WAIT) == (expected, b"")  # type: ignore[attr-defined]
     finish(proc)

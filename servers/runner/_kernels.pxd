@@ -1,0 +1,35 @@
+# cython: language_level=3
+# Declarations for _kernels.pyx: the weight-slot numbering and the Engine's fields.
+
+# Slots of one layer's weight pointers in Engine.layer_ptrs (order of LAYER_FIELDS).
+cdef enum:
+    W_RMS_ATT = 0
+    W_Q = 1
+    W_K = 2
+    W_V = 3
+    W_O = 4
+    W_RMS_FFN = 5
+    W_1 = 6
+    W_2 = 7
+    W_3 = 8
+    W_PER_LAYER = 9
+    MAX_LAYERS = 256
+    MAX_HEAD = 256  # LLM_MAX_HEAD in the C of _kernels.pyx
+
+
+cdef class Engine:
+    # Set once in __init__ from the ModelConfig.
+    cdef int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, vocab_size, seq_len
+    cdef int q_dim, kv_dim, halves
+    cdef float eps
+    # Weights: raw pointers into arrays the engine keeps alive through `keep`.
+    cdef const float *emb
+    cdef const float *rms_final
+    cdef const float *wcls
+    cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]
+    cdef float[:, ::1] rope_cos
+    cdef float[:, ::1] rope_sin
+    cdef list keep
+    # Scratch, grown by _grow; rows padded to a multiple of 4 for llm_matmul.
+    cdef int scratch_rows
+    cdef float[:, ::1] x, xb, xb2, q, k, v, hb, hb2, att, logits

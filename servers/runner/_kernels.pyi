@@ -1,0 +1,32 @@
+"""Types for the Python-visible API of servers/runner/_kernels.pyx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+LAYER_FIELDS: tuple[str, ...]
+SIMD_LEVELS: tuple[str, ...]
+
+def simd_level() -> str: ...
+def set_simd_level(level: str) -> None: ...
+def pack_chunks(
+    chunks: list[Any], block_size: int, num_blocks: int, vocab_size: int, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+class Engine:
+    def __init__(
+        self, config: Any, weights: Any, rope_cos: np.ndarray, rope_sin: np.ndarray
+    ) -> None: ...
+    def forward(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        row_seq: np.ndarray,
+        block_tables: np.ndarray,
+        kv: np.ndarray,
+        block_size: int,
+        logit_rows: np.ndarray,
+        logits_out: np.ndarray,
+    ) -> None: ...

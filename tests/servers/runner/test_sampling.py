@@ -1,0 +1,131 @@
+"""Sampling: the (seed, position) draw, greedy/temperature/top-k/top-p, and a seeded text
+that is the same alone and inside a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from servers.runner.model import Model, SeqChunk, generate
+from servers.runner.sampling import GREEDY, SamplingParams, sample, sample_rows, splitmix64, uniform
+
+
+def test_splitmix64_known_values() -> None:
+    # The first outputs of Vigna's splitmix64 seeded with 0 (state += golden gamma).
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**20))
+def test_uniform_is_a_pure_function_in_unit_interval(seed: int, position: int) -> None:
+    u = uniform(seed, position)
+    assert 0.0 <= u < 1.0
+    assert u == uniform(seed, position)
+    assert u == uniform(seed + 2**64, position)  # seeds are taken modulo 2**64
+
+
+def test_uniform_looks_uniform() -> None:
+    draws = np.array([uniform(s, p) for s in range(20) for p in range(500)])
+    assert len(set(draws.tolist())) == draws.size
+    hist, _ = np.histogram(draws, bins=10, range=(0, 1))
+    assert abs(draws.mean() - 0.5) < 0.01 and hist.min() > 900
+
+
+def test_params_validate() -> None:
+    for bad in (
+        {"temperature": -1.0},
+        {"temperature": float("nan")},
+        {"top_k": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+
+
+LOGITS = np.array([1.0, 3.0, 2.0, 3.0, -1.0, 0.5], dtype=np.float32)
+
+
+def test_greedy_takes_the_first_maximum() -> None:
+    assert sample(LOGITS, GREEDY, 0) == 1
+    assert sample_rows(np.stack([LOGITS, -LOGITS]), [GREEDY, GREEDY], [0, 0]).tolist() == [1, 4]
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    draws = {
+        k: {sample(LOGITS, SamplingParams(temperature=1.0, top_k=k, seed=3), p) for p in range(400)}
+        for k in (1, 2, 3)
+    }
+    assert draws[1] == {1} and draws[2] == {1, 3} and draws[3] == {1, 2, 3}
+    # top_p: probabilities ~ .40 .40 .15 .05 ...: 0.5 keeps the two best, 0.85 adds id 2.
+    nucleus = {
+        p: {sample(LOGITS, SamplingParams(temperature=1.0, top_p=p, seed=5), q) for q in range(400)}
+        for p in (0.3, 0.5, 0.85)
+    }
+    assert nucleus[0.3] == {1} and nucleus[0.5] == {1, 3} and nucleus[0.85] == {1, 2, 3}
+
+
+def test_temperature_sampling_follows_the_softmax() -> None:
+    params = SamplingParams(temperature=0.7, seed=11)
+    counts = np.bincount([sample(LOGITS, params, p) for p in range(6000)], minlength=LOGITS.size)
+    z = LOGITS.astype(np.float64) / 0.7
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert np.abs(counts / counts.sum() - expected).max() < 0.03
+
+
+def test_a_draw_depends_on_seed_and_position_only() -> None:
+    params = SamplingParams(temperature=1.0, seed=99)
+    rows = np.tile(LOGITS, (5, 1))
+    batch = sample_rows(rows, [params] * 5, [7, 8, 9, 10, 11])
+    assert batch.tolist() == [sample(LOGITS, params, p) for p in range(7, 12)]
+
+
+def test_seeded_text_is_the_same_alone_and_in_a_batch(model: Model) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+    prompt = [1, 403, 407]
+    alone = generate(model, prompt, 50, params)
+    other = SamplingParams(temperature=1.0, seed=5)
+    assert alone != generate(model, prompt, 50, other)  # the seed matters
+
+    # Batched: ours beside 15 other sequences with other seeds, lengths and schedules.
+    rng = np.random.default_rng(1)
+    n = 16
+    blocks = model.blocks_needed(len(prompt) + 50 + 40)
+    kv = model.new_kv_pool(n * blocks)
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(n)]
+    seqs = [list(prompt)] + [
+        [1, *rng.integers(3, 512, size=int(rng.integers(1, 40))).tolist()] for _ in range(n - 1)
+    ]
+    params_of = [params] + [
+        SamplingParams(
+            temperature=1.0, top_k=int(rng.integers(0, 20)), seed=int(rng.integers(0, 2**63))
+        )
+        for _ in range(n - 1)
+    ]
+    fed = [0] * n
+    ours: list[int] = []
+    while len(ours) < 50:
+        chunks, owners = [], []
+        for i in range(n):
+            todo = len(seqs[i]) - fed[i]
+            take = int(min(todo, rng.integers(1, 8)))
+            chunks.append(
+                SeqChunk(
+                    tables[i],
+                    fed[i],
+                    seqs[i][fed[i] : fed[i] + take],
+                    sampling=params_of[i] if take == todo else None,
+                    wants_logits=take == todo,
+                )
+            )
+            owners.append(i)
+        out = model.step(chunks, kv)
+        for c, i in zip(chunks, owners, strict=True):
+            fed[i] += len(c.token_ids)
+            if c.sampling is not None:
+                seqs[i].append(int(out.token_ids[owners.index(i)]))
+                if i == 0:
+                    ours.append(seqs[i][-1])
+    assert ours == alone

@@ -1,0 +1,6 @@
+from typing import Any
+
+import numpy as np
+
+def serve(buf: Any, offset: int, rounds: int, parked: bool) -> None: ...
+def ping(buf: Any, offset: int, rounds: int, parked: bool) -> np.ndarray[Any, Any]: ...
