@@ -19,6 +19,8 @@ class Doorbell:
     @staticmethod
     def create(arena: Any) -> Doorbell: ...
     @staticmethod
+    def format(arena: Any, offset: int, owner_pid: int | None = None) -> Doorbell: ...
+    @staticmethod
     def attach(arena: Any, offset: int) -> Doorbell: ...
     def ring(self) -> None: ...
     def wait(self, rings: list[Ring], timeout: float | None = None, spin_ns: int = ...) -> bool: ...
@@ -30,6 +32,18 @@ class Ring:
     @staticmethod
     def create(
         arena: Any,
+        capacity: int,
+        *,
+        consumer_doorbell: Doorbell | None = None,
+        producer_doorbell: Doorbell | None = None,
+        generation: int = 1,
+        side: str | None = None,
+        spin_ns: int = ...,
+    ) -> Ring: ...
+    @staticmethod
+    def format(
+        arena: Any,
+        offset: int,
         capacity: int,
         *,
         consumer_doorbell: Doorbell | None = None,

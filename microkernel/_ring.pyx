@@ -162,6 +162,12 @@ cdef int _wait(Bell *bell, RingHeader **rings, Py_ssize_t n, uint64_t need, bint
             return 1
 
 
+cdef int _check_capacity(uint64_t capacity) except -1:
+    if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {capacity}")
+    return 0
+
+
 cdef int _get_buffer(object obj, Py_buffer *view, int flags) except -1:
     PyObject_GetBuffer(obj, view, flags)
     return 0
@@ -261,10 +267,14 @@ cdef class Doorbell:
     @staticmethod
     def create(arena):
         """Carve a new doorbell from the arena's ring region."""
-        offset = arena.carve(L.RegionKind.RINGS, L.DOORBELL_SIZE, L.CACHE_LINE)
+        return Doorbell.format(arena, arena.carve(L.RegionKind.RINGS, L.DOORBELL_SIZE, L.CACHE_LINE))
+
+    @staticmethod
+    def format(arena, uint64_t offset, owner_pid=None):
+        """(Re)initialise the doorbell at `offset` for a new owner."""
         cdef Doorbell bell = Doorbell.attach(arena, offset)
         memset(bell.bell, 0, sizeof(Bell))
-        bell.bell.owner_pid = os.getpid()
+        bell.bell.owner_pid = os.getpid() if owner_pid is None else owner_pid
         return bell
 
     @staticmethod
@@ -394,14 +404,29 @@ cdef class Ring:
         Returns:
             The ring; its `.offset` lets another process `attach`.
         """
+        _check_capacity(capacity)
+        offset = arena.carve(L.RegionKind.RINGS, L.RING_HEADER_SIZE + capacity, L.CACHE_LINE)
+        return Ring.format(arena, offset, capacity, consumer_doorbell=consumer_doorbell,
+                           producer_doorbell=producer_doorbell, generation=generation,
+                           side=side, spin_ns=spin_ns)
+
+    @staticmethod
+    def format(arena, uint64_t offset, uint64_t capacity, *, consumer_doorbell=None,
+               producer_doorbell=None, uint64_t generation=1, side=None, spin_ns=DEFAULT_SPIN_NS):
+        """(Re)initialise a ring at `offset`, which must span header + capacity bytes.
+
+        The kernel uses it to recycle a retired ring under a new generation; nobody may
+        still use the old one (both ends closed).
+        """
         cdef Ring self
         cdef RingHeader *h
-        if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
-            raise ValueError(f"ring capacity must be a power of two in [{MIN_CAPACITY}, {MAX_CAPACITY}], got {capacity}")
-        offset = arena.carve(L.RegionKind.RINGS, L.RING_HEADER_SIZE + capacity, L.CACHE_LINE)
+        _check_capacity(capacity)
         self = Ring.__new__(Ring)
         self._map(arena.buf, offset)
+        if offset + L.RING_HEADER_SIZE + capacity > <uint64_t>self._view.len:
+            raise ValueError(f"a ring of capacity {capacity} at offset {offset} does not fit the arena")
         h = self.h
+        mk_store_release_u32(&h.magic, 0)
         memset(h, 0, L.RING_HEADER_SIZE)
         h.version = L.RING_VERSION
         h.capacity = capacity

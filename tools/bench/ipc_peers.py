@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -213,10 +215,52 @@ def _loop(rounds: int, send: Callable[[bytes], Any], recv: Callable[[], Any]) ->
     return samples
 
 
+def _start_ready(args: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(ready):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{args[1]} did not start: {line!r}")
+    return proc
+
+
+def rt_kernel_echo(rounds: int) -> np.ndarray[Any, Any]:
+    """A full message round trip through kernel-made channels to the echo server process:
+    header encode/decode, seq and latency accounting, the server loop's dispatch."""
+    from microkernel.endpoint import Endpoint
+    from microkernel.messages import MsgType
+
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-") as runtime:
+        instance = f"bench-{os.getpid()}-{next(_seq)}"
+        env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
+        kernel = _start_ready(["-m", "microkernel.kernel", "--instance", instance, "--rings", "4M"], env,
+                              "llmos kernel ready")
+        echo = _start_ready(["-m", "servers.echo", "--instance", instance], env, "llmos echo ready")
+        if PIN["enabled"]:
+            os.sched_setaffinity(echo.pid, {_cpus()[1]})
+        try:
+            os.environ["LLMOS_RUNTIME_DIR"] = runtime
+            with Endpoint.connect(instance) as endpoint:
+                channel = endpoint.open_channel("echo")
+                samples = _loop(rounds, lambda p: channel.call(MsgType.TEST_ECHO, p), lambda: None)
+        finally:
+            os.environ.pop("LLMOS_RUNTIME_DIR", None)
+            for proc in (echo, kernel):
+                proc.terminate()
+                proc.wait(WAIT)
+                assert proc.stdout is not None
+                proc.stdout.close()
+    return samples
+
+
 def available_round_trips() -> dict[str, Callable[[int], np.ndarray[Any, Any]]]:
     found: dict[str, Callable[[int], np.ndarray[Any, Any]]] = {
         "ring spin": rt_ring_spin,
         "ring parked": rt_ring_parked,
+        "kernel channel to echo server": rt_kernel_echo,
         "C spin (floor)": rt_c_spin,
         "C futex (floor)": rt_c_futex,
         "mp.Queue": rt_mp_queue,
