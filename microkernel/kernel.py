@@ -33,6 +33,7 @@ from microkernel import layout as L
 from microkernel._ring import Doorbell, Ring
 from microkernel.arena import Arena
 from microkernel.errors import ArenaError, ErrorCode, ProtocolError
+from microkernel.lifeline import exit_with_supervisor
 from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
 
 log = logging.getLogger("llmos.kernel")
@@ -449,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
                        (L.RegionKind.SEGMENTS, ns.segments)):
         if parse_size(text) > 0:
             regions.append((kind, parse_size(text)))
-    kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window)
+    exit_with_supervisor()
+    try:
+        kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window)
+    except (ArenaError, RuntimeError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"llmos kernel error {exc}", flush=True)
+        return 1
 
     def on_signal(signum: int, frame: Any) -> None:
         kernel.stop()

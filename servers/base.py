@@ -19,6 +19,7 @@ from typing import Any
 from microkernel import control as C
 from microkernel.endpoint import Channel, Endpoint, Message
 from microkernel.errors import ErrorCode, PeerGone, ProtocolError, RemoteError
+from microkernel.lifeline import exit_with_supervisor
 from microkernel.messages import HEADER_SIZE, Header, MsgFlag, MsgType, is_known_type
 
 log = logging.getLogger("llmos.server")
@@ -43,6 +44,7 @@ class Server:
         self.handlers: dict[int, Handler] = dict(handlers or {})
         self.heartbeat_s = heartbeat_s
         self.max_backlog = max_backlog
+        exit_with_supervisor()
         self.endpoint = Endpoint.connect(instance, name=self.name)
         self.backlogs: dict[int, deque[bytes]] = {}
         self.num_peers_gone = 0
@@ -76,12 +78,17 @@ class Server:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until stopped (0) or until the kernel goes away (1)."""
         try:
             while not self._stopping:
                 self.run_once(self.heartbeat_s)
+        except PeerGone as exc:
+            log.error("%s: the kernel is gone (%s); exiting", self.name, exc)
+            return 1
         finally:
             self.endpoint.close()
+        return 0
 
     def run_once(self, timeout: float) -> None:
         readable = [self.endpoint.control] + [

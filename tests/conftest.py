@@ -30,7 +30,31 @@ def llmos_shm_entries() -> set[str]:
 
 
 def unique_name(tag: str = "t") -> str:
-    return f"llmos.test-{os.getpid()}-{tag}-{next(_counter)}"
+    """An arena name only this test process uses (the leak check looks for its prefix)."""
+    return f"llmos.{unique_instance(tag)}"
+
+
+def unique_instance(tag: str = "t") -> str:
+    """An instance name only this test process uses; its arena is llmos.<name>."""
+    return f"test-{os.getpid()}-{tag}-{next(_counter)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_at_the_end() -> Iterator[None]:
+    """After the whole suite: no arena and no process of any instance the tests made."""
+    yield
+    marker = f"test-{os.getpid()}-"
+    left = sorted(n for n in os.listdir(SHM_DIR) if marker in n)
+    procs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and int(pid) != os.getpid():
+            procs.append(f"{pid}: {cmd[:120]}")
+    assert not left and not procs, f"left behind by the suite: {left} {procs}"
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import unique_name
+from tests.conftest import unique_instance
 
 WAIT = 60.0
 
@@ -55,7 +55,7 @@ class Instance:
     """A kernel (and optional servers) under a unique instance name and a private run dir."""
 
     runtime: Path
-    name: str = field(default_factory=lambda: unique_name("inst"))
+    name: str = field(default_factory=lambda: unique_instance("k"))
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
 
     @property

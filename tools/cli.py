@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for LLM serving.")
     parser.add_argument("--version", action="version", version=f"llmos {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    up = commands.add_parser("up", help="start an instance: the kernel, then the configured servers")
+    up.add_argument("--config", help="TOML config (defaults built in)")
+    up.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
+    up.add_argument("--detach", action="store_true", help="return once everything is ready")
+    down = commands.add_parser("down", help="stop an instance and remove everything it made")
+    down.add_argument("--instance")
+    status = commands.add_parser("status", help="processes, restarts, CPU, ring fill, arena use")
+    status.add_argument("--instance")
+    status.add_argument("--json", action="store_true", help="machine-readable")
     bench = commands.add_parser("bench", help="run a benchmark (llmos bench NAME --help)")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
@@ -41,8 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(BENCHMARKS[ns.name])  # the only command so far: bench
-    return int(module.main(ns.args))
+    if ns.command == "bench":
+        module = importlib.import_module(BENCHMARKS[ns.name])
+        return int(module.main(ns.args))
+    from tools import lifecycle
+
+    if ns.command == "up":
+        return lifecycle.up(ns.instance, ns.config, ns.detach)
+    if ns.command == "down":
+        return lifecycle.down(ns.instance)
+    return lifecycle.status(ns.instance, ns.json)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     server = EchoServer(ns.instance, name=ns.name)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
-    server.run()
-    return 0
+    return server.run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The instance configuration `llmos up --config FILE` reads: TOML, every key optional,
+defaults built in, unknown keys a clear error. Runs in the supervisor only."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+import msgspec
+
+from microkernel.kernel import parse_size
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or says something we do not accept."""
+
+
+@dataclass(slots=True, frozen=True)
+class ServerSpec:
+    """One server process: `python -m module --instance NAME args...`, registered as `name`."""
+
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.module:
+            raise ConfigError("every [[servers]] entry needs a name and a module")
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    rings: str = "32M"  # arena bytes for rings and doorbells
+    window: int = 8  # requests in flight per channel
+    blas_threads: int = 1  # BLAS threads per server process, set explicitly
+    heartbeat_timeout_s: float = 5.0  # a server silent this long is hung: killed and restarted
+    max_restarts: int = 5  # crashes of one server allowed within restart_window_s ...
+    restart_window_s: float = 30.0  # ... before the whole instance stops
+    restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
+    start_timeout_s: float = 60.0  # how long a process may take to say it is ready
+    servers: tuple[ServerSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_size(self.rings)
+        except ValueError:
+            raise ConfigError(f"rings = {self.rings!r} is not a size (e.g. 32M)") from None
+        if self.window < 1 or self.blas_threads < 1 or self.max_restarts < 0:
+            raise ConfigError("window and blas_threads must be >= 1, max_restarts >= 0")
+        if self.heartbeat_timeout_s < 2.0 or self.restart_window_s <= 0 or self.restart_backoff_s < 0:
+            raise ConfigError("heartbeat_timeout_s must be >= 2 s; restart windows must be positive")
+        names = [s.name for s in self.servers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"server names must be unique: {names}")
+
+    @property
+    def rings_bytes(self) -> int:
+        return parse_size(self.rings)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate keys (unknown ones are an error) and types, then the values."""
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for i, entry in enumerate(data.get("servers", [])):
+        extra = sorted(set(entry) - {f.name for f in fields(ServerSpec)}) if isinstance(entry, dict) else []
+        if extra:
+            raise ConfigError(f"{source}: servers[{i}] has unknown key(s) {', '.join(extra)}")
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(data, str(path))

@@ -1,0 +1,148 @@
+"""`llmos up`, `llmos down` and `llmos status`: thin commands over the supervisor and the
+instance's state file. Run in the user's shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from microkernel import instance as I
+from microkernel.endpoint import Endpoint
+from microkernel.errors import LlmosError
+from tools import supervisor
+from tools.cleanup import (
+    clean_instance,
+    failure_path,
+    is_instance_process,
+    read_state,
+    supervisor_alive,
+)
+from tools.config import ConfigError, load_config
+
+DOWN_TIMEOUT_S = 60.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def up(instance: str | None, config_path: str | None, detach: bool) -> int:
+    name = I.instance_name(instance)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 2
+    if not detach:
+        return supervisor.run(config, name, foreground=True)
+    argv = [sys.executable, "-m", "tools.supervisor", "--instance", name]
+    if config_path:
+        argv += ["--config", config_path]
+    # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
+    # in the run dir; until then its stderr comes to us, to show if it fails.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if line.startswith("llmos up:"):
+        proc.stderr.close()
+        print(line.rstrip())
+        return 0
+    errors = proc.stderr.read()
+    proc.stderr.close()
+    proc.wait()
+    print(line.strip() or errors.strip() or f"llmos: the supervisor exited with code {proc.returncode}",
+          file=sys.stderr)
+    return 1
+
+
+def down(instance: str | None) -> int:
+    name = I.instance_name(instance)
+    state = read_state(name)
+    pid = state.get("supervisor_pid")
+    if supervisor_alive(name) and isinstance(pid, int):
+        os.kill(pid, 15)
+        deadline = time.monotonic() + DOWN_TIMEOUT_S
+        while is_instance_process(pid, name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if is_instance_process(pid, name):
+            print(f"llmos: the supervisor (pid {pid}) did not stop in {DOWN_TIMEOUT_S:g} s; killing the instance",
+                  file=sys.stderr)
+        clean_instance(name)
+        print(f"instance {name!r} stopped")
+        return 0
+    if clean_instance(name):
+        print(f"instance {name!r} was not running; cleaned what it left behind")
+    else:
+        print(f"instance {name!r} is not running")
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def status_report(instance: str | None) -> dict[str, Any]:
+    name = I.instance_name(instance)
+    state = read_state(name)
+    running = supervisor_alive(name)
+    now = time.time()
+    processes = [
+        {
+            "name": p["name"],
+            "pid": p["pid"],
+            "alive": is_instance_process(p["pid"], name),
+            "uptime_s": round(now - p["started_at"], 1) if p.get("started_at") else 0.0,
+            "restarts": p["restarts"],
+            "cpu_s": round(_cpu_seconds(p["pid"]), 2) if p.get("pid") else 0.0,
+        }
+        for p in state.get("processes", [])
+    ]
+    report: dict[str, Any] = {"instance": name, "running": running, "supervisor_pid": state.get("supervisor_pid"),
+                              "processes": processes}
+    if failure_path(name).exists():
+        report["last_failure"] = failure_path(name).read_text().strip()
+    if running:
+        try:
+            with Endpoint.connect(name, timeout=5.0) as ep:
+                stats = ep.kernel_stats(timeout=5.0)
+            report["arena"] = {"size": stats.arena_size, "rings_bytes_used": stats.rings_bytes_used,
+                               "rings_bytes_total": stats.rings_bytes_total}
+            report["rings"] = [
+                {"channel": r.channel_id, "direction": r.direction, "fill": round(r.used_bytes / r.capacity, 4),
+                 "records": r.recv_records, "bytes": r.recv_bytes}
+                for r in stats.rings
+            ]
+        except LlmosError as exc:
+            report["kernel_error"] = str(exc)
+    return report
+
+
+def status(instance: str | None, as_json: bool) -> int:
+    report = status_report(instance)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0 if report["running"] else 1
+    if not report["running"]:
+        print(f"instance {report['instance']!r} is not running (`llmos up` starts it)")
+        if "last_failure" in report:
+            print(f"it stopped on its own: {report['last_failure']}")
+        return 1
+    print(f"instance {report['instance']!r}, supervisor pid {report['supervisor_pid']}")
+    print(f"{'process':<16}{'pid':>8}{'uptime s':>10}{'restarts':>10}{'cpu s':>8}")
+    for p in report["processes"]:
+        print(f"{p['name']:<16}{p['pid'] or '-':>8}{p['uptime_s']:>10}{p['restarts']:>10}{p['cpu_s']:>8}")
+    if "arena" in report:
+        arena = report["arena"]
+        print(f"arena {arena['size'] / 2**20:.1f} MiB; rings region {arena['rings_bytes_used'] / 2**20:.2f} of "
+              f"{arena['rings_bytes_total'] / 2**20:.1f} MiB used; {len(report['rings'])} rings")
+        for r in report["rings"]:
+            print(f"  channel {r['channel']:>4} {r['direction']:<8} fill {r['fill']:.1%}  {r['records']} records")
+    return 0

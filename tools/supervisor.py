@@ -1,0 +1,350 @@
+"""The supervisor: starts the kernel, then the servers the config names; watches them;
+restarts what dies (with backoff and a restart-intensity limit, as an OTP supervisor
+does); kills what hangs; stops everything in order. Owns process lifetimes, nothing in
+the arena. Run by `llmos up` (in the foreground, or detached as `python -m tools.supervisor`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microkernel import instance as I
+from microkernel import layout as L
+from microkernel.arena import free_shm_bytes
+from microkernel.endpoint import Endpoint
+from microkernel.errors import LlmosError
+from microkernel.lifeline import ENV as SUPERVISOR_ENV
+from tools.cleanup import STATE_FILE, clean_instance, failure_path, read_state, supervisor_alive
+from tools.config import Config, ServerSpec
+
+log = logging.getLogger("llmos.supervisor")
+TICK_S = 0.2
+MAX_BACKOFF_S = 8.0
+
+
+class InstanceFailed(RuntimeError):
+    """The instance cannot be (kept) up; the message says why."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    ready_line: str
+    log_path: Path
+    proc: subprocess.Popen[str] | None = None
+    started: float = 0.0
+    started_wall: float = 0.0
+    restarts: int = 0
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None  # when a crashed child is due to start again
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Supervisor:
+    def __init__(self, config: Config, instance: str, *, foreground: bool) -> None:
+        self.config = config
+        self.instance = I.instance_name(instance)
+        self.foreground = foreground
+        self.run_dir = I.run_dir(self.instance)
+        self.children: list[Child] = []
+        self.endpoint: Endpoint | None = None
+        self._stopping = False
+        self._log_offsets: dict[Path, int] = {}
+        self.owns_instance = False  # set once we know no other supervisor runs it
+
+    # -- start ----------------------------------------------------------------------------
+
+    def check_resources(self) -> None:
+        need = L.ARENA_HEADER_SIZE + self.config.rings_bytes
+        free = free_shm_bytes()
+        if need > free:
+            raise InstanceFailed(
+                f"the arena needs {need / 2**20:.1f} MiB but /dev/shm has only {free / 2**20:.1f} MiB free: "
+                "free space there, enlarge it (mount -o remount,size=... /dev/shm) or lower `rings` in the config")
+
+    def up(self) -> None:
+        if supervisor_alive(self.instance):
+            state = read_state(self.instance)
+            raise InstanceFailed(f"instance {self.instance!r} is already up (supervisor pid "
+                                 f"{state.get('supervisor_pid')}); `llmos down` stops it")
+        self.owns_instance = True
+        if clean_instance(self.instance):
+            log.warning("cleaned what a crashed instance %r left behind", self.instance)
+        self.check_resources()
+        I.make_run_dir(self.instance)
+        if not self.foreground:
+            # Detached: from here on our own log lives in the run dir with the others'.
+            log_fd = os.open(self.run_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+        self.children = [self._kernel_child()] + [self._server_child(s) for s in self.config.servers]
+        self._start_all()
+
+    def _kernel_child(self) -> Child:
+        argv = ["-m", "microkernel.kernel", "--instance", self.instance, "--rings", str(self.config.rings_bytes),
+                "--window", str(self.config.window)]
+        return Child("kernel", argv, "llmos kernel ready", self.run_dir / "kernel.log")
+
+    def _server_child(self, spec: ServerSpec) -> Child:
+        argv = ["-m", spec.module, "--instance", self.instance, "--name", spec.name, *spec.args]
+        return Child(spec.name, argv, f"llmos {spec.name} ready", self.run_dir / f"{spec.name}.log")
+
+    def _env(self) -> dict[str, str]:
+        threads = str(self.config.blas_threads)
+        return {
+            **os.environ,
+            "LLMOS_INSTANCE": self.instance,
+            SUPERVISOR_ENV: str(os.getpid()),
+            # BLAS threads per process, explicitly: parallelism comes from processes.
+            "OMP_NUM_THREADS": threads,
+            "OPENBLAS_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        }
+
+    def _start_all(self) -> None:
+        for child in self.children:
+            self._start(child)
+        self.endpoint = Endpoint.connect(self.instance)
+        self.write_state()
+
+    def _start(self, child: Child) -> None:
+        """Start one process and wait for its ready line (an event, with a timeout)."""
+        with open(child.log_path, "a") as log_file:
+            proc = subprocess.Popen([sys.executable, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
+                                    stdin=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.config.start_timeout_s
+        line = ""
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                break
+            line = proc.stdout.readline()
+            if not line or line.startswith(child.ready_line) or line.startswith("llmos"):
+                break
+        proc.stdout.close()
+        if not line.startswith(child.ready_line):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            detail = line.strip() or _tail(child.log_path)
+            raise InstanceFailed(f"{child.name} did not start: {detail}")
+        child.proc = proc
+        child.started = time.monotonic()
+        child.started_wall = time.time()
+        child.restart_at = None
+        log.info("%s started (pid %d)", child.name, proc.pid)
+
+    # -- watch ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def monitor(self) -> None:
+        last_heartbeat_check = 0.0
+        while not self._stopping:
+            time.sleep(TICK_S)
+            self._echo_logs()
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    self._crashed(child, f"exited with code {child.proc.returncode}")
+                    if child.name == "kernel":
+                        break
+                elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                    self._restart(child)
+            if now - last_heartbeat_check >= 1.0:
+                last_heartbeat_check = now
+                self._check_heartbeats()
+
+    def _crashed(self, child: Child, why: str) -> None:
+        now = time.monotonic()
+        child.proc = None
+        child.crashes.append(now)
+        while child.crashes and now - child.crashes[0] > self.config.restart_window_s:
+            child.crashes.popleft()
+        if len(child.crashes) > self.config.max_restarts:
+            raise InstanceFailed(
+                f"{child.name} crashed {len(child.crashes)} times within {self.config.restart_window_s:g} s "
+                f"(limit {self.config.max_restarts}); stopping instance {self.instance!r}. "
+                f"Last log lines:\n{_tail(child.log_path)}")
+        delay = min(MAX_BACKOFF_S, self.config.restart_backoff_s * 2 ** (len(child.crashes) - 1))
+        log.warning("%s %s; restarting in %.1f s", child.name, why, delay)
+        if child.name == "kernel":
+            # Every channel died with the kernel: restart the whole instance.
+            self._stop_servers()
+            for other in self.children:
+                other.restart_at = None
+        child.restart_at = now + delay
+
+    def _restart(self, child: Child) -> None:
+        child.restarts += 1
+        if child.name == "kernel":
+            if self.endpoint is not None:
+                self.endpoint.close()
+                self.endpoint = None
+            self._start(child)
+            self.endpoint = Endpoint.connect(self.instance)
+            for server in self.children[1:]:
+                server.restarts += 1
+                self._start(server)
+        else:
+            self._start(child)
+        self.write_state()
+
+    def _check_heartbeats(self) -> None:
+        if self.endpoint is None or self.children[0].proc is None:
+            return
+        try:
+            stats = self.endpoint.kernel_stats(timeout=10.0)
+        except LlmosError as exc:
+            log.warning("kernel stats failed: %s", exc)
+            return
+        ages = {e.name: e.heartbeat_age_s for e in stats.endpoints if e.name}
+        for child in self.children[1:]:
+            age = ages.get(child.name)
+            if child.proc is not None and age is not None and age > self.config.heartbeat_timeout_s:
+                log.warning("%s missed heartbeats for %.1f s: killing it", child.name, age)
+                child.proc.kill()
+                child.proc.wait()
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def _stop_servers(self) -> None:
+        for child in reversed(self.children[1:]):
+            _terminate(child)
+
+    def shutdown(self) -> None:
+        """Ordered stop: servers in reverse start order, then the kernel, then the run dir."""
+        if not self.owns_instance:
+            return  # another supervisor runs this instance: touch nothing
+        self._stop_servers()
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        if self.children:
+            _terminate(self.children[0])
+        self._echo_logs()
+        clean_instance(self.instance, include_self=True)
+        log.info("instance %r stopped", self.instance)
+
+    def write_state(self) -> None:
+        state = {
+            "instance": self.instance,
+            "supervisor_pid": os.getpid(),
+            "processes": [
+                {"name": c.name, "pid": c.pid, "started_at": c.started_wall, "restarts": c.restarts}
+                for c in self.children
+            ],
+        }
+        tmp = self.run_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.run_dir / STATE_FILE)
+
+    def _echo_logs(self) -> None:
+        """In the foreground, show what the processes log, prefixed with their name."""
+        if not self.foreground:
+            return
+        for child in self.children:
+            try:
+                with open(child.log_path, "rb") as f:
+                    f.seek(self._log_offsets.get(child.log_path, 0))
+                    data = f.read()
+                    self._log_offsets[child.log_path] = f.tell()
+            except FileNotFoundError:
+                continue
+            for line in data.decode(errors="replace").splitlines():
+                sys.stderr.write(f"{child.name:>10} | {line}\n")
+
+
+def _terminate(child: Child, timeout: float = 10.0) -> None:
+    if child.proc is None:
+        return
+    if child.proc.poll() is None:
+        child.proc.terminate()
+        try:
+            child.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+    child.proc = None
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.stdout) -> int:
+    """Bring the instance up, print one ready line, watch it until a signal or a failure."""
+    supervisor = Supervisor(config, instance, foreground=foreground)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    failure = ""
+    try:
+        supervisor.up()
+        servers = ", ".join(c.name for c in supervisor.children[1:]) or "no servers"
+        ready.write(f"llmos up: instance {supervisor.instance!r} ready; kernel socket "
+                    f"{I.socket_path(supervisor.instance)}; {servers}\n")
+        ready.flush()
+        supervisor.monitor()
+    except InstanceFailed as exc:
+        log.error("%s", exc)
+        failure = str(exc)
+        code = 1
+    finally:
+        supervisor.shutdown()
+    if failure:
+        if supervisor.owns_instance:
+            failure_path(supervisor.instance).write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {failure}\n")
+        try:
+            ready.write(f"llmos error: {failure}\n")
+            ready.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # `llmos up --detach` has gone; the failure file keeps the reason
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m tools.supervisor")
+    parser.add_argument("--instance", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--foreground", action="store_true")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
+    try:
+        config = load_config(ns.config)
+    except ConfigError as exc:
+        print(f"llmos error: {exc}", flush=True)
+        return 2
+    return run(config, I.instance_name(ns.instance), foreground=ns.foreground)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
