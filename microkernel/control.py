@@ -54,6 +54,12 @@ class ChannelInfo(msgspec.Struct, frozen=True):
     window: int  # requests a client may have in flight on this channel
 
 
+class CloseChannel(msgspec.Struct, frozen=True):
+    """KERNEL_CLOSE: this endpoint is done with `channel_id` (no reply)."""
+
+    channel_id: int
+
+
 class PeerGone(msgspec.Struct, frozen=True):
     """KERNEL_PEER_GONE on a control ring: the other end of `channel_id` died or left."""
 

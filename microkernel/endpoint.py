@@ -117,6 +117,10 @@ class Channel:
         flags = MsgFlag.REPLY | (MsgFlag.MORE if more else 0) | (MsgFlag.WAKE if wake else 0)
         self.send(request.type, payload, flags=flags, txid=request.txid, timeout=timeout)
 
+    def reply_error(self, request: Header, code: ErrorCode, message: str, *, timeout: float | None = None) -> None:
+        """Answer `request` with an error status (QNX MsgError); the client raises it."""
+        self.outgoing.send(self.encode_error(request, code, message), timeout, True)
+
     def encode_reply(self, request: Header, payload: bytes | memoryview = b"", *, status: int = 0) -> bytes:
         """A reply as bytes, for a server that queues it when the ring is full."""
         return self._encode(request.type, payload, MsgFlag.REPLY | MsgFlag.WAKE, request.txid, status, 0, 0)
@@ -296,9 +300,16 @@ class Endpoint:
         return events
 
     def drop_channel(self, channel_id: int) -> None:
+        """Close our ends of a channel and tell the kernel, which tells the other end."""
         channel = self.channels.pop(channel_id, None)
-        if channel is not None:
-            channel.close()
+        if channel is None:
+            return
+        channel.close()
+        with self._lock:
+            try:
+                self._sock.send(encode(MsgType.KERNEL_CLOSE, C.pack(C.CloseChannel(channel_id))))
+            except OSError:
+                pass  # the kernel is gone; so is the channel
 
     def close(self) -> None:
         if self.closed:

@@ -207,6 +207,8 @@ class Kernel:
             self._hello(record, header, C.unpack(payload, C.Hello))
         elif header.type == MsgType.KERNEL_CONNECT:
             self._connect(record, header, C.unpack(payload, C.Connect))
+        elif header.type == MsgType.KERNEL_CLOSE:
+            self._close_channel(record, header, C.unpack(payload, C.CloseChannel))
         elif header.type == MsgType.KERNEL_STATS:
             self._reply(record.sock, header, C.pack(self.stats()))
         else:
@@ -302,25 +304,34 @@ class Kernel:
             del self.by_name[record.name]
         log.info("endpoint %d (%s, pid %d) gone", record.endpoint_id, record.name or "client", record.pid)
         for channel_id in sorted(record.channels):
-            channel = self.channels.pop(channel_id, None)
-            if channel is None:
-                continue
-            info = channel.info
-            is_client = info.client_id == record.endpoint_id
-            # Close the dead end's sides so the survivor's blocked calls end in PeerGone.
-            dead_sends, dead_reads = (channel.request, channel.reply) if is_client else (channel.reply, channel.request)
-            _close_side(self.arena, dead_sends, "producer")
-            _close_side(self.arena, dead_reads, "consumer")
-            survivor = self.endpoints.get(info.server_id if is_client else info.client_id)
-            if survivor is not None:
-                survivor.channels.discard(channel_id)
-                self._notify(survivor, encode(MsgType.KERNEL_PEER_GONE, C.pack(
-                    C.PeerGone(channel_id, record.endpoint_id, record.name))))
-            self._retired.append(channel)
+            self._retire_channel(channel_id, record)
         if record.control is not None:
             record.control.close()
             self._free_control.append(record.control.offset)
             self._free_doorbells.append(record.doorbell)
+
+    def _retire_channel(self, channel_id: int, leaver: EndpointRecord) -> None:
+        """`leaver` closed the channel or died: close its sides, tell the other end."""
+        channel = self.channels.pop(channel_id, None)
+        if channel is None:
+            return
+        info = channel.info
+        is_client = info.client_id == leaver.endpoint_id
+        # Close the leaver's sides so the survivor's blocked calls end in PeerGone.
+        leaver_sends, leaver_reads = (channel.request, channel.reply) if is_client else (channel.reply, channel.request)
+        _close_side(self.arena, leaver_sends, "producer")
+        _close_side(self.arena, leaver_reads, "consumer")
+        leaver.channels.discard(channel_id)
+        survivor = self.endpoints.get(info.server_id if is_client else info.client_id)
+        if survivor is not None:
+            survivor.channels.discard(channel_id)
+            self._notify(survivor, encode(MsgType.KERNEL_PEER_GONE, C.pack(
+                C.PeerGone(channel_id, leaver.endpoint_id, leaver.name))))
+        self._retired.append(channel)
+
+    def _close_channel(self, record: EndpointRecord, header: Header, request: C.CloseChannel) -> None:
+        if request.channel_id in record.channels:
+            self._retire_channel(request.channel_id, record)
 
     # -- resources ----------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class MsgType(IntEnum):
     KERNEL_PEER_GONE = 0x0105
     KERNEL_HEARTBEAT = 0x0106
     KERNEL_STATS = 0x0107
+    KERNEL_CLOSE = 0x0108
     # scheduler 0x02xx
     SCHED_SUBMIT = 0x0201
     SCHED_CANCEL = 0x0202

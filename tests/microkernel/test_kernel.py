@@ -189,7 +189,7 @@ def test_a_client_that_never_reads_does_not_stall_another(inst: Instance, endpoi
 
 
 def _connect_as(uid: int, path: Path, packet: bytes) -> bytes:
-    """Fork, drop to `uid`, send one packet to the kernel and return its answer."""
+    """Fork, drop to `uid`, connect to the kernel, send `packet` (if any), return its answer."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: no pytest machinery from here on, only os._exit
@@ -202,10 +202,8 @@ def _connect_as(uid: int, path: Path, packet: bytes) -> bytes:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             sock.settimeout(WAIT)
             sock.connect(str(path))
-            try:
+            if packet:
                 sock.send(packet)
-            except BrokenPipeError:
-                pass  # a refusing kernel answers and hangs up before reading
             os.write(write_fd, sock.recv(65536))
             status = 0
         except BaseException as exc:
@@ -233,8 +231,8 @@ def test_another_uid_is_refused_by_the_kernel_itself() -> None:
         # Open the way (run dirs and socket) so the connect reaches the kernel's own check.
         for path, mode in ((runtime, 0o711), (inst.run_dir, 0o711), (sock_path, 0o666)):
             os.chmod(path, mode)
-        hello = encode(MsgType.KERNEL_HELLO, C.pack(C.Hello(protocol=C.PROTOCOL_VERSION, pid=0)))
-        header, body = decode(_connect_as(nobody, sock_path, hello))
+        # The kernel checks SO_PEERCRED when it accepts, before any message: just listen.
+        header, body = decode(_connect_as(nobody, sock_path, b""))
         assert header.status != 0
         assert "refused: uid 65534" in C.unpack(body, C.ErrorReply).message
         wait_until(lambda: "refused connection from uid 65534" in inst.log("kernel").read_text(),
@@ -262,3 +260,23 @@ def test_a_hung_server_shows_in_its_heartbeat_age(inst: Instance, endpoint: Endp
         os.kill(server.pid, signal.SIGCONT)
     wait_until(lambda: age() < 2.0, "the resumed server to heartbeat again")
     stop(inst.procs.pop("echo-hung"))
+
+
+def test_retired_rings_are_reused_under_a_new_generation(inst: Instance, endpoint: Endpoint) -> None:
+    def cycle() -> tuple[int, int]:
+        gone_before = echo_info(endpoint).num_peers_gone
+        with Endpoint.connect(inst.name) as client:
+            channel = client.open_channel("echo")
+            assert channel.call(MsgType.TEST_ECHO, b"x").payload == b"x"
+            ring, generation = channel.info.request_ring, channel.info.request_generation
+        # The echo server closes its ends when it hears PEER_GONE; then the rings are free.
+        wait_until(lambda: echo_info(endpoint).num_peers_gone > gone_before, "the server to drop the channel")
+        return ring, generation
+
+    cycle()
+    used = endpoint.kernel_stats().rings_bytes_used
+    seen = [cycle() for _ in range(20)]
+    assert endpoint.kernel_stats().rings_bytes_used == used  # no ring space leaked
+    generations = [g for _, g in seen]
+    assert len(set(generations)) == len(generations)  # a reused ring is never the old one
+    assert len({r for r, _ in seen}) < len(seen)  # and rings were indeed reused
