@@ -245,9 +245,12 @@ class Arena:
             )
         return L.align_up(region.offset + start, align)
 
-    def header_field(self, offset: int, fmt: str) -> int:
-        value: int = struct.unpack_from("<" + fmt, self.buf, offset)[0]
-        return value
+    def carved_bytes(self, kind: L.RegionKind) -> int:
+        """Bytes `carve` has handed out of a region so far."""
+        self.region(kind)
+        offset = _region_entry_offset(self._region_index[kind]) + L.RE_USED
+        used: int = struct.unpack_from("<Q", self.buf, offset)[0]
+        return used
 
     def _check_range(self, offset: int, length: int) -> None:
         if self._mm is None:

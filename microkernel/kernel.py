@@ -407,8 +407,7 @@ class Kernel:
                     s.recv_records, s.recv_bytes, s.used_bytes, s.seq_gaps, s.latency_count,
                     s.latency_percentile_ns(0.5), s.latency_percentile_ns(0.99)))
         region = self.arena.region(L.RegionKind.RINGS)
-        used = self.arena.header_field(
-            L.AH_REGION_TABLE + list(self.arena.regions).index(L.RegionKind.RINGS) * L.REGION_ENTRY_SIZE + L.RE_USED, "Q")
+        used = self.arena.carved_bytes(L.RegionKind.RINGS)
         return C.KernelStats(
             instance=self.instance, pid=os.getpid(), uptime_s=now - self.started, arena_size=self.arena.size,
             rings_bytes_used=used, rings_bytes_total=region.size,
