@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 BENCHMARKS = {
     "ipc": "tools.bench.ipc",
     "model": "tools.bench.model",
+    "memory": "tools.bench.memory",
 }
 
 
