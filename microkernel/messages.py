@@ -67,6 +67,7 @@ class MsgType(IntEnum):
     MEM_ALLOC_SEGMENT = 0x0303
     MEM_FREE_SEGMENT = 0x0304
     MEM_STATS = 0x0305
+    MEM_CLAIM_BLOCKS = 0x0306
     # runner 0x04xx
     RUNNER_STEP = 0x0401
     RUNNER_FENCE = 0x0402

@@ -36,6 +36,50 @@ class ServerSpec:
 
 
 @dataclass(slots=True, frozen=True)
+class MemorySection:
+    """[memory]: the arena's KV pages and segments, and the memory server's settings."""
+
+    pages: str = "16M"  # bytes of KV blocks
+    segments: str = "16M"  # bytes for client tensors and shared weights
+    block_tokens: int = 16  # token slots per KV block
+    block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header
+    model: str = ""  # model file whose header sizes a block ("" = the built-in model)
+    weights_bytes: int = -1  # shared dequantised weights (owner 0); -1: what the model needs
+    quota_blocks: int = 0  # per client; 0 = unlimited
+    quota_segment_bytes: int = 0
+    sweep_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("pages", "segments"):
+            try:
+                parse_size(getattr(self, name))
+            except ValueError:
+                raise ConfigError(f"memory.{name} = {getattr(self, name)!r} is not a size (e.g. 16M)") from None
+        if self.block_tokens < 1 or self.block_bytes < 0 or self.quota_blocks < 0 or self.quota_segment_bytes < 0:
+            raise ConfigError("memory: block_tokens must be >= 1; block_bytes and quotas >= 0")
+        if self.sweep_interval_s <= 0:
+            raise ConfigError("memory.sweep_interval_s must be positive")
+
+    def resolved_weights_bytes(self) -> int:
+        """Bytes of dequantised weights the runners share (0 when all float32, memory-mapped)."""
+        if self.weights_bytes >= 0:
+            return self.weights_bytes
+        from servers.runner.loaders import default_model_path, dequantised_nbytes
+
+        return dequantised_nbytes(self.model or default_model_path())
+
+    def resolved_block_bytes(self) -> int:
+        """A block holds K and V of every layer for `block_tokens` tokens, in float32."""
+        if self.block_bytes:
+            return self.block_bytes
+        from servers.runner.loaders import default_model_path, read_config
+
+        model = read_config(self.model or default_model_path())
+        kv_dim = model.n_kv_heads * model.head_size
+        return model.n_layers * 2 * kv_dim * self.block_tokens * 4
+
+
+@dataclass(slots=True, frozen=True)
 class Config:
     rings: str = "32M"  # arena bytes for rings and doorbells
     window: int = 8  # requests in flight per channel
@@ -45,6 +89,7 @@ class Config:
     restart_window_s: float = 30.0  # ... before the whole instance stops
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
+    memory: MemorySection = field(default_factory=MemorySection)
     servers: tuple[ServerSpec, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -71,6 +116,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    memory = data.get("memory", {})
+    if isinstance(memory, dict):
+        extra = sorted(set(memory) - {f.name for f in fields(MemorySection)})
+        if extra:
+            raise ConfigError(f"{source}: [memory] has unknown key(s) {', '.join(extra)}")
     for i, entry in enumerate(data.get("servers", [])):
         extra = sorted(set(entry) - {f.name for f in fields(ServerSpec)}) if isinstance(entry, dict) else []
         if extra:

@@ -25,7 +25,9 @@ from microkernel import layout as L
 from microkernel.arena import free_shm_bytes
 from microkernel.endpoint import Endpoint
 from microkernel.errors import LlmosError
+from microkernel.kernel import parse_size
 from microkernel.lifeline import ENV as SUPERVISOR_ENV
+from servers.memory.tables import tables_size
 from tools.cleanup import STATE_FILE, clean_instance, failure_path, read_state, supervisor_alive
 from tools.config import Config, ServerSpec
 
@@ -71,12 +73,13 @@ class Supervisor:
     # -- start ----------------------------------------------------------------------------
 
     def check_resources(self) -> None:
-        need = L.ARENA_HEADER_SIZE + self.config.rings_bytes
+        need = L.ARENA_HEADER_SIZE + sum(L.align_up(size, L.PAGE_SIZE) for size in self.region_sizes().values())
         free = free_shm_bytes()
         if need > free:
             raise InstanceFailed(
                 f"the arena needs {need / 2**20:.1f} MiB but /dev/shm has only {free / 2**20:.1f} MiB free: "
-                "free space there, enlarge it (mount -o remount,size=... /dev/shm) or lower `rings` in the config")
+                "free space there, enlarge it (mount -o remount,size=... /dev/shm) or lower `rings` or `memory.pages` "
+                "in the config")
 
     def up(self) -> None:
         if supervisor_alive(self.instance):
@@ -96,14 +99,40 @@ class Supervisor:
         self.children = [self._kernel_child()] + [self._server_child(s) for s in self.config.servers]
         self._start_all()
 
+    def has_memory_server(self) -> bool:
+        return any(s.module == "servers.memory" for s in self.config.servers)
+
+    def region_sizes(self) -> dict[str, int]:
+        """The arena's regions: rings always; KV pages, their tables and segments when a
+        memory server runs (sized from the config and the model's header)."""
+        sizes = {"rings": self.config.rings_bytes}
+        if self.has_memory_server():
+            memory = self.config.memory
+            pages, segments = parse_size(memory.pages), parse_size(memory.segments)
+            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(), segments)
+            sizes["pages"] = pages
+            sizes["segments"] = segments
+        return sizes
+
     def _kernel_child(self) -> Child:
-        argv = ["-m", "microkernel.kernel", "--instance", self.instance, "--rings", str(self.config.rings_bytes),
-                "--window", str(self.config.window)]
+        regions = [f"--{name}={size}" for name, size in self.region_sizes().items()]
+        argv = ["-m", "microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window)]
         return Child("kernel", argv, "llmos kernel ready", self.run_dir / "kernel.log")
 
     def _server_child(self, spec: ServerSpec) -> Child:
-        argv = ["-m", spec.module, "--instance", self.instance, "--name", spec.name, *spec.args]
+        argv = ["-m", spec.module, "--instance", self.instance, "--name", spec.name, *self._builtin_args(spec),
+                *spec.args]
         return Child(spec.name, argv, f"llmos {spec.name} ready", self.run_dir / f"{spec.name}.log")
+
+    def _builtin_args(self, spec: ServerSpec) -> list[str]:
+        """What the built-in servers need from the instance's config."""
+        if spec.module == "servers.memory":
+            memory = self.config.memory
+            return [f"--block-bytes={memory.resolved_block_bytes()}", f"--block-tokens={memory.block_tokens}",
+                    f"--quota-blocks={memory.quota_blocks}", f"--quota-segment-bytes={memory.quota_segment_bytes}",
+                    f"--sweep-interval={memory.sweep_interval_s}",
+                    f"--weights-bytes={memory.resolved_weights_bytes()}"]
+        return []
 
     def _env(self) -> dict[str, str]:
         threads = str(self.config.blas_threads)

@@ -1,0 +1,93 @@
+"""Payloads of the servers' messages, as msgspec Structs: the one definition both ends use.
+
+Pure (no I/O); shared by libllm and the servers (DESIGN.md: servers share libllm's pure
+modules). Each Struct names the message type it travels with; replies that carry an
+error use `microkernel.control.ErrorReply` and a non-zero status instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# --- memory server (0x03xx) -------------------------------------------------------------
+
+
+class AllocBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """MEM_ALLOC_BLOCKS: `num_blocks` KV blocks for the sender. With `lease`, they are held
+    uncharged until claimed (the scheduler's lease); else charged to `client_id` now."""
+
+    num_blocks: int
+    client_id: int = 0
+    lease: bool = False
+
+
+class ClaimBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """MEM_CLAIM_BLOCKS: leased blocks now hold KV for `client_id` (charged to its quota)."""
+
+    block_ids: list[int]
+    client_id: int = 0
+
+
+class BlockIds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Reply to MEM_ALLOC_BLOCKS / MEM_CLAIM_BLOCKS; payload of MEM_FREE_BLOCKS."""
+
+    block_ids: list[int]
+
+
+class AllocSegment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """MEM_ALLOC_SEGMENT: `size` bytes in the segment region for the sender."""
+
+    size: int
+    client_id: int = 0
+
+
+class Segment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A segment: the handle servers take, and where it lies for its owner to map it."""
+
+    segment_id: int
+    generation: int
+    offset: int
+    size: int
+
+
+class SegmentRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """MEM_FREE_SEGMENT: a handle, never an offset."""
+
+    segment_id: int
+    generation: int
+
+
+class MemoryStatsReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """MEM_STATS: the memory server's figures (F, H, usage) and its reclamation counts."""
+
+    num_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_leased_blocks: int
+    internal_fragmentation: float
+    segment_bytes_total: int
+    segment_bytes_used: int
+    external_fragmentation: float
+    hit_rate: float
+    num_evictions: int
+    owners: dict[int, int]  # endpoint id -> blocks + segments it holds
+    num_reclaimed_blocks: int  # freed because their owner left (PEER_GONE or sweep)
+    num_reclaimed_segments: int
+    num_swept_blocks: int  # of those, found by the periodic sweep (should stay 0)
+    num_swept_segments: int
+    num_repairs: int  # table entries fixed when this server rebuilt its view
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def pack(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def unpack(data: bytes | memoryview, cls: type[Any]) -> Any:
+    """Decode and validate; msgspec raises ValidationError/DecodeError on bad input."""
+    return msgspec.msgpack.decode(data, type=cls)

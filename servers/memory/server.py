@@ -1,0 +1,168 @@
+"""The memory server process: a thin loop around `MemoryManager`.
+
+Registers as "memory". Formats the arena's allocator tables on an instance's first start
+and rebuilds its view from them after a restart; frees everything a gone endpoint owned
+(PEER_GONE), and sweeps periodically (and once at start) for owners no live endpoint
+matches. Owner 0, the instance, is never reclaimed. Never blocks on a peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TypeVar
+
+import msgspec
+import numpy as np
+
+from libllm import protocol as P
+from microkernel import control as C
+from microkernel.endpoint import Channel, Message
+from microkernel.errors import ArenaError, InvalidRequest, LlmosError
+from microkernel.messages import MsgType
+from servers.base import Server
+from servers.memory.manager import MemoryConfig, MemoryManager, Reclaimed
+from servers.memory.quotas import INSTANCE_ID, ClientQuota, QuotaConfig
+from servers.memory.segments import SegmentHandle
+from servers.memory.tables import BlockState, SegmentState
+
+log = logging.getLogger("llmos.memory")
+# Peers whose `client_id` field is believed: they act on behalf of other clients. Anyone
+# else is charged as itself (its endpoint id), whatever it claims.
+TRUSTED_PEERS = frozenset({"scheduler", "gateway"})
+
+
+def charged_client(channel: Channel, claimed: int) -> int:
+    return claimed if channel.info.client_name in TRUSTED_PEERS else channel.info.client_id
+
+
+class MemoryServer(Server):
+    name = "memory"
+
+    def __init__(self, instance: str | None, config: MemoryConfig, *, sweep_interval_s: float = 5.0,
+                 weights_bytes: int = 0, name: str | None = None) -> None:
+        super().__init__(instance, name=name, handlers={
+            MsgType.MEM_ALLOC_BLOCKS: self.handle_alloc_blocks,
+            MsgType.MEM_CLAIM_BLOCKS: self.handle_claim_blocks,
+            MsgType.MEM_FREE_BLOCKS: self.handle_free_blocks,
+            MsgType.MEM_ALLOC_SEGMENT: self.handle_alloc_segment,
+            MsgType.MEM_FREE_SEGMENT: self.handle_free_segment,
+            MsgType.MEM_STATS: self.handle_stats,
+        })
+        arena = self.endpoint.arena
+        try:
+            self.memory = MemoryManager.attach(arena, config.quotas)
+            log.info("rebuilt the memory tables from the arena (%d repairs)", self.memory.num_repairs)
+        except ArenaError:
+            self.memory = MemoryManager.format(arena, config)
+            log.info("formatted the memory tables: %d blocks of %d bytes", self.memory.tables.geometry.num_blocks,
+                     config.block_bytes)
+            if weights_bytes:
+                # The dequantised weights every runner shares belong to the instance (owner 0):
+                # the first segment of a fresh instance, never reclaimed.
+                handle = self.memory.segments.allocate(weights_bytes, INSTANCE_ID)
+                log.info("reserved %d bytes for the shared weights as segment %d", weights_bytes, handle.segment_id)
+        self.sweep_interval_s = sweep_interval_s
+        self.reclaimed = Reclaimed()
+        self.swept = Reclaimed()
+        self._next_sweep = 0.0  # sweep at once: owners may have died while no memory server ran
+
+    # -- handlers: each validates, acts, and replies; an exception changes nothing -----
+
+    def handle_alloc_blocks(self, channel: Channel, message: Message) -> bytes:
+        request = _decode(message, P.AllocBlocks)
+        owner = channel.info.client_id
+        if request.lease:
+            ids = self.memory.blocks.lease(owner, request.num_blocks)
+        else:
+            ids = self.memory.blocks.allocate(request.num_blocks, owner, charged_client(channel, request.client_id))
+        return P.pack(P.BlockIds(ids))
+
+    def handle_claim_blocks(self, channel: Channel, message: Message) -> bytes:
+        request = _decode(message, P.ClaimBlocks)
+        self.memory.blocks.claim(channel.info.client_id, request.block_ids,
+                                 charged_client(channel, request.client_id))
+        return P.pack(P.BlockIds(request.block_ids))
+
+    def handle_free_blocks(self, channel: Channel, message: Message) -> bytes:
+        request = _decode(message, P.BlockIds)
+        self.memory.blocks.free(channel.info.client_id, request.block_ids)
+        return b""
+
+    def handle_alloc_segment(self, channel: Channel, message: Message) -> bytes:
+        request = _decode(message, P.AllocSegment)
+        owner = channel.info.client_id
+        handle = self.memory.segments.allocate(request.size, owner, charged_client(channel, request.client_id))
+        info = self.memory.segments.resolve(handle, owner)
+        # The owner maps its own segment; it hands servers the handle, never the offset.
+        return P.pack(P.Segment(handle.segment_id, handle.generation, info.offset, info.size))
+
+    def handle_free_segment(self, channel: Channel, message: Message) -> bytes:
+        request = _decode(message, P.SegmentRef)
+        self.memory.segments.free(SegmentHandle(request.segment_id, request.generation), channel.info.client_id)
+        return b""
+
+    def handle_stats(self, channel: Channel, message: Message) -> bytes:
+        s = self.memory.stats()
+        return P.pack(P.MemoryStatsReply(
+            num_blocks=s.blocks.num_blocks, num_free_blocks=s.blocks.num_free, num_used_blocks=s.blocks.num_used,
+            num_cached_blocks=s.blocks.num_cached, num_leased_blocks=s.blocks.num_leased,
+            internal_fragmentation=s.internal_fragmentation, segment_bytes_total=s.segments.total_bytes,
+            segment_bytes_used=s.segments.used_bytes, external_fragmentation=s.external_fragmentation,
+            hit_rate=s.hit_rate, num_evictions=s.blocks.num_evictions, owners=self.owner_counts(),
+            num_reclaimed_blocks=self.reclaimed.num_blocks, num_reclaimed_segments=self.reclaimed.num_segments,
+            num_swept_blocks=self.swept.num_blocks, num_swept_segments=self.swept.num_segments,
+            num_repairs=self.memory.num_repairs,
+        ))
+
+    def owner_counts(self) -> dict[int, int]:
+        """Blocks (used or leased) plus segments held per endpoint, the instance included."""
+        blocks, segments = self.memory.tables.blocks, self.memory.tables.segments
+        held = np.isin(blocks["state"], (BlockState.USED, BlockState.LEASED))
+        owners = np.concatenate([blocks["owner"][held], segments["owner"][segments["state"] == SegmentState.USED]])
+        ids, counts = np.unique(owners, return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+    # -- reclamation --------------------------------------------------------------------
+
+    def on_peer_gone(self, event: C.PeerGone) -> None:
+        super().on_peer_gone(event)
+        endpoint_id = event.endpoint_id
+        if endpoint_id in self.memory.owner_ids():
+            freed = self.memory.free_owner(endpoint_id)
+            self.reclaimed += freed
+            log.info("freed %d blocks and %d segments of gone endpoint %d", freed.num_blocks, freed.num_segments,
+                     endpoint_id)
+
+    def on_idle(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_interval_s
+        try:
+            live = [e.endpoint_id for e in self.endpoint.kernel_stats(timeout=5.0).endpoints]
+        except LlmosError as exc:
+            log.warning("sweep skipped: %s", exc)
+            return
+        freed = self.memory.sweep(live)
+        if freed.owner_ids:
+            self.swept += freed
+            self.reclaimed += freed
+            log.warning("sweep freed %d blocks and %d segments of endpoints %s that no live endpoint matches",
+                        freed.num_blocks, freed.num_segments, list(freed.owner_ids))
+
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _decode(message: Message, cls: type[T]) -> T:
+    try:
+        decoded: T = P.unpack(message.payload, cls)
+        return decoded
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidRequest(f"bad {cls.__name__} payload: {exc}") from None
+
+
+def quota_config(max_blocks: int, max_segment_bytes: int) -> QuotaConfig:
+    """Config's 0 means unlimited."""
+    return QuotaConfig(default=ClientQuota(max_blocks or None, max_segment_bytes or None))
