@@ -91,3 +91,50 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes | memoryview, cls: type[Any]) -> Any:
     """Decode and validate; msgspec raises ValidationError/DecodeError on bad input."""
     return msgspec.msgpack.decode(data, type=cls)
+
+
+# --- runner (0x04xx) and model facts ------------------------------------------------------
+
+
+class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """RUNNER_MODEL_INFO reply, cached by the scheduler and served as SCHED_MODEL_INFO."""
+
+    model_path: str
+    model_sha256: str
+    tokenizer_path: str
+    context_length: int
+    vocab_size: int
+    bos_id: int
+    stop_ids: list[int]
+    block_tokens: int
+    num_kv_blocks: int
+
+
+class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One sequence's share of a step: `token_ids` at positions start_pos, start_pos+1...
+    With `wants_token`, a token is sampled at the chunk's end with (seed, position)."""
+
+    seq_id: int
+    block_table: list[int]
+    start_pos: int
+    token_ids: list[int]
+    wants_token: bool = True
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """RUNNER_STEP: compute these chunks over the KV blocks they name."""
+
+    step_id: int
+    chunks: list[StepChunk]
+
+
+class StepResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """RUNNER_STEP reply: one token per chunk, -1 where none was asked for."""
+
+    step_id: int
+    token_ids: list[int]
+    compute_s: float

@@ -100,7 +100,7 @@ class Supervisor:
         self._start_all()
 
     def has_memory_server(self) -> bool:
-        return any(s.module == "servers.memory" for s in self.config.servers)
+        return any(s.module in ("servers.memory", "servers.runner") for s in self.config.servers)
 
     def region_sizes(self) -> dict[str, int]:
         """The arena's regions: rings always; KV pages, their tables and segments when a
@@ -132,6 +132,9 @@ class Supervisor:
                     f"--quota-blocks={memory.quota_blocks}", f"--quota-segment-bytes={memory.quota_segment_bytes}",
                     f"--sweep-interval={memory.sweep_interval_s}",
                     f"--weights-bytes={memory.resolved_weights_bytes()}"]
+        if spec.module == "servers.runner":
+            memory = self.config.memory
+            return [f"--block-tokens={memory.block_tokens}", *([f"--model={memory.model}"] if memory.model else [])]
         return []
 
     def _env(self) -> dict[str, str]:

@@ -1,0 +1,105 @@
+"""The runner process: loads the model once and computes the steps the scheduler sends.
+
+Registers as "runner.N". KV pages live in the arena's PAGES region (the scheduler's
+blocks); a step names the blocks it reads and writes. The runner never allocates or owns
+arena memory. A step is computed inside its handler, so when FENCE is handled no step of
+this runner is in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from libllm import protocol as P
+from libllm.tokenizer import load_tokenizer
+from microkernel import layout as L
+from microkernel.endpoint import Channel, Message
+from microkernel.errors import InvalidRequest
+from microkernel.messages import MsgType
+from servers.base import Server
+from servers.runner.loaders import tokenizer_path_for
+from servers.runner.model import Model, SeqChunk
+from servers.runner.sampling import SamplingParams
+
+log = logging.getLogger("llmos.runner")
+
+
+class RunnerServer(Server):
+    name = "runner.0"
+
+    def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None) -> None:
+        super().__init__(instance, name=name, handlers={
+            MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
+            MsgType.RUNNER_STEP: self.handle_step,
+            MsgType.RUNNER_FENCE: self.handle_fence,
+        })
+        self.model = Model.load(model_path, block_size=block_tokens)
+        config = self.model.config
+        pages = self.endpoint.arena.region(L.RegionKind.PAGES)
+        shape = self.model.kv_pool_shape(1)
+        block_bytes = int(np.prod(shape)) * 4
+        self.num_blocks = pages.size // block_bytes
+        self.kv: np.ndarray[Any, Any] = self.endpoint.arena.ndarray(
+            pages.offset, self.model.kv_pool_shape(self.num_blocks), np.float32)
+        tokenizer_path = tokenizer_path_for(model_path)
+        tokenizer = load_tokenizer(tokenizer_path)
+        self.info = P.ModelInfo(
+            model_path=str(model_path), model_sha256=_sha256(model_path), tokenizer_path=str(tokenizer_path),
+            context_length=config.seq_len, vocab_size=config.vocab_size, bos_id=tokenizer.bos_id,
+            stop_ids=sorted(tokenizer.stop_ids), block_tokens=block_tokens, num_kv_blocks=self.num_blocks)
+        self.num_steps = 0
+        self.busy_s = 0.0
+        log.info("%s: %s, %d KV blocks of %d tokens", self.name, model_path.name, self.num_blocks, block_tokens)
+
+    def handle_model_info(self, channel: Channel, message: Message) -> bytes:
+        return P.pack(self.info)
+
+    def handle_fence(self, channel: Channel, message: Message) -> bytes:
+        return b""  # steps run inside their handler: none is in flight now
+
+    def handle_step(self, channel: Channel, message: Message) -> bytes:
+        try:
+            step: P.Step = P.unpack(message.payload, P.Step)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidRequest(f"bad Step payload: {exc}") from None
+        chunks = [self._chunk(c) for c in step.chunks]
+        started = time.perf_counter()
+        out = self.model.step(chunks, self.kv)
+        elapsed = time.perf_counter() - started
+        self.num_steps += 1
+        self.busy_s += elapsed
+        return P.pack(P.StepResult(step.step_id, [int(t) for t in out.token_ids], elapsed))
+
+    def _chunk(self, c: P.StepChunk) -> SeqChunk:
+        """Check everything a chunk names before the model touches the KV pool."""
+        if not c.token_ids:
+            raise InvalidRequest(f"sequence {c.seq_id}: a chunk needs at least one token")
+        end = c.start_pos + len(c.token_ids)
+        if c.start_pos < 0 or end > self.info.context_length:
+            raise InvalidRequest(f"sequence {c.seq_id}: positions {c.start_pos}..{end} outside the context "
+                                 f"of {self.info.context_length}")
+        needed = self.model.blocks_needed(end)
+        if len(c.block_table) < needed or any(not 0 <= b < self.num_blocks for b in c.block_table[:needed]):
+            raise InvalidRequest(f"sequence {c.seq_id}: block table must name {needed} blocks in 0..{self.num_blocks - 1}")
+        if any(not 0 <= t < self.info.vocab_size for t in c.token_ids):
+            raise InvalidRequest(f"sequence {c.seq_id}: token id outside the vocabulary of {self.info.vocab_size}")
+        try:
+            sampling = SamplingParams(c.temperature, c.top_k, c.top_p, c.seed)
+        except ValueError as exc:
+            raise InvalidRequest(f"sequence {c.seq_id}: {exc}") from None
+        return SeqChunk(c.block_table[:needed], c.start_pos, c.token_ids, c.wants_token, sampling)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

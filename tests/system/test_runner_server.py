@@ -1,0 +1,99 @@
+"""The runner as a process: model facts, greedy steps over KV blocks in the arena that the
+memory server handed out, and validation of every block, position and token a step names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libllm import protocol as P
+from libllm.tokenizer import load_tokenizer
+from microkernel.endpoint import Channel, Endpoint
+from microkernel.errors import InvalidRequest
+from microkernel.messages import MsgType
+from servers.runner.loaders import default_model_path
+from tests.conftest import unique_instance
+from tests.system.test_supervisor import Cli
+
+pytestmark = pytest.mark.slow
+EXPECTED_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."
+
+CONFIG = """
+rings = "8M"
+[memory]
+pages = "4M"
+segments = "1M"
+[[servers]]
+name = "memory"
+module = "servers.memory"
+[[servers]]
+name = "runner.0"
+module = "servers.runner"
+"""
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    runtime = tmp_path_factory.mktemp("run")
+    runtime.chmod(0o700)
+    cli = Cli(runtime)
+    name = unique_instance("run")
+    cli("up", "--detach", "--instance", name, "--config", cli.config(CONFIG))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLMOS_RUNTIME_DIR", str(runtime))
+    yield name
+    mp.undo()
+    cli("down", "--instance", name)
+
+
+def step(runner: Channel, step_id: int, *chunks: P.StepChunk) -> list[int]:
+    result: P.StepResult = P.unpack(runner.call(MsgType.RUNNER_STEP, P.pack(P.Step(step_id, list(chunks)))).payload,
+                                    P.StepResult)
+    assert result.step_id == step_id
+    return result.token_ids
+
+
+def test_model_info_names_the_built_in_model(instance: str) -> None:
+    with Endpoint.connect(instance) as ep:
+        info: P.ModelInfo = P.unpack(ep.open_channel("runner.0").call(MsgType.RUNNER_MODEL_INFO).payload, P.ModelInfo)
+    assert Path(info.model_path) == default_model_path()
+    assert info.model_sha256 == "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
+    assert (info.context_length, info.vocab_size, info.stop_ids, info.block_tokens) == (512, 512, [1, 2], 16)
+
+
+def test_greedy_steps_through_the_runner_give_the_expected_text(instance: str) -> None:
+    with Endpoint.connect(instance) as ep:
+        memory, runner = ep.open_channel("memory"), ep.open_channel("runner.0")
+        info: P.ModelInfo = P.unpack(runner.call(MsgType.RUNNER_MODEL_INFO).payload, P.ModelInfo)
+        blocks = P.unpack(memory.call(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(4))).payload,
+                          P.BlockIds).block_ids
+        tokenizer = load_tokenizer(info.tokenizer_path)
+        prompt = tokenizer.encode("Zoo")
+        # The prompt in two chunks, then one token per step.
+        assert step(runner, 0, P.StepChunk(1, blocks, 0, prompt[:1], wants_token=False)) == [-1]
+        out, position, pending = [], 1, prompt[1:]
+        while len(out) < 40:
+            (token,) = step(runner, len(out) + 1, P.StepChunk(1, blocks, position, pending))
+            position += len(pending)
+            out.append(token)
+            pending = [token]
+        assert tokenizer.decode(prompt + out).startswith(EXPECTED_ZOO)
+        memory.call(MsgType.MEM_FREE_BLOCKS, P.pack(P.BlockIds(blocks)))
+
+
+@pytest.mark.parametrize("chunk", [
+    P.StepChunk(1, [0], 0, []),                      # no token
+    P.StepChunk(1, [0], 0, [600]),                   # outside the vocabulary
+    P.StepChunk(1, [10**6], 0, [5]),                 # a block that does not exist
+    P.StepChunk(1, [0], 16, [5]),                    # the table is too short for the position
+    P.StepChunk(1, [0] * 40, 510, [5, 5, 5]),        # past the context
+    P.StepChunk(1, [0], 0, [5], temperature=-1.0),   # bad sampling
+])
+def test_a_bad_step_is_refused_and_the_runner_stays_up(instance: str, chunk: P.StepChunk) -> None:
+    with Endpoint.connect(instance) as ep:
+        runner = ep.open_channel("runner.0")
+        with pytest.raises(InvalidRequest):
+            step(runner, 7, chunk)
+        assert runner.call(MsgType.RUNNER_FENCE).header.status == 0
