@@ -1,11 +1,21 @@
 """libllm: the function library client programs use to talk to llmos.
 
-For now it re-exports the exception tree of DESIGN.md; sessions, generate and stream
-arrive with the end-to-end work. `libllm.tokenizer` is pure and shared with servers.
+    with libllm.connect() as session:
+        print(session.generate("Once upon a time", max_tokens=50).text)
+
+`connect()` gives a `Session` (generate, stream, model_info); errors are the tree of
+DESIGN.md. `libllm.tokenizer` and `libllm.protocol` are pure and shared with servers.
 """
 
 from __future__ import annotations
 
+from libllm.client import Completion as Completion
+from libllm.client import DeadlineExceeded as DeadlineExceeded
+from libllm.client import ServerGone as ServerGone
+from libllm.client import Session as Session
+from libllm.client import Timings as Timings
+from libllm.client import Usage as Usage
+from libllm.client import connect as connect
 from microkernel.errors import Cancelled as Cancelled
 from microkernel.errors import Closed as Closed
 from microkernel.errors import InvalidRequest as InvalidRequest
@@ -23,6 +33,8 @@ from microkernel.errors import WouldBlock as WouldBlock
 __all__ = [
     "Cancelled",
     "Closed",
+    "Completion",
+    "DeadlineExceeded",
     "InvalidRequest",
     "KernelUnavailable",
     "LlmosError",
@@ -31,7 +43,12 @@ __all__ = [
     "ProtocolError",
     "QuotaExceeded",
     "RemoteError",
+    "ServerGone",
+    "Session",
     "Timeout",
+    "Timings",
     "Unsupported",
+    "Usage",
     "WouldBlock",
+    "connect",
 ]

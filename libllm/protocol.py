@@ -138,3 +138,43 @@ class StepResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     step_id: int
     token_ids: list[int]
     compute_s: float
+
+
+# --- scheduler (0x02xx) -------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """SCHED_SUBMIT: generate after `prompt_ids`. Replies on the same txid: REPLY|MORE
+    records carry `Tokens` as they are made (WAKE when `stream`), then one final REPLY
+    carries `Finished`. `seed` None: the scheduler picks one and returns it."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    priority: int = 0
+    stream: bool = False
+    timeout_s: float | None = None
+    tenant: str = ""  # honoured only from the gateway
+
+
+class Tokens(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    token_ids: list[int]
+
+
+class Finished(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    finish_reason: str  # "stop", "length", "cancelled", "context", "deadline"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    seed: int
+    queue_s: float  # submit -> first step that included it
+    ttft_s: float  # submit -> first token
+    total_s: float
+
+
+class Cancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """SCHED_CANCEL: stop the request submitted with `txid` on this channel."""
+
+    txid: int

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="processes, restarts, CPU, ring fill, arena use")
     status.add_argument("--instance")
     status.add_argument("--json", action="store_true", help="machine-readable")
+    gen = commands.add_parser("generate", help="print the model's continuation of a prompt")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--priority", type=int, default=0)
+    gen.add_argument("--stream", action="store_true", help="print pieces as they arrive")
+    gen.add_argument("--instance")
     bench = commands.add_parser("bench", help="run a benchmark (llmos bench NAME --help)")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return lifecycle.up(ns.instance, ns.config, ns.detach)
     if ns.command == "down":
         return lifecycle.down(ns.instance)
+    if ns.command == "generate":
+        return lifecycle.generate(ns)
     return lifecycle.status(ns.instance, ns.json)
 
 

@@ -81,6 +81,28 @@ def down(instance: str | None) -> int:
     return 0
 
 
+def generate(ns: Any) -> int:
+    """`llmos generate`: the prompt and its continuation on stdout."""
+    import libllm
+
+    try:
+        with libllm.connect(ns.instance) as session:
+            kwargs = dict(max_tokens=ns.max_tokens, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                          seed=ns.seed, priority=ns.priority)
+            sys.stdout.write(ns.prompt)
+            if ns.stream:
+                for piece in session.stream(ns.prompt, **kwargs):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(session.generate(ns.prompt, **kwargs).text)
+            sys.stdout.write("\n")
+    except LlmosError as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -1,0 +1,315 @@
+"""Sessions: how a client program generates text with llmos.
+
+Runs in the client's process. A session connects to the kernel, opens a channel to the
+scheduler and loads the model's tokenizer (from MODEL_INFO), so only token ids cross the
+rings. Tokenisation, incremental detokenisation and stop strings live here; a stop
+string seen in the text cancels the request. One lock serialises the channel, so a
+session may be shared by threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from libllm import protocol as P
+from libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
+from microkernel.errors import InvalidRequest, PeerGone, Timeout
+from microkernel.messages import MsgFlag, MsgType
+
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+
+class ServerGone(PeerGone):
+    """The scheduler (or the whole instance) went away while a request was open."""
+
+
+class DeadlineExceeded(Timeout):
+    """A request's timeout passed before it finished."""
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class Timings:
+    queue_s: float  # scheduler: submit -> first step that included it
+    ttft_s: float  # scheduler: submit -> first token
+    total_s: float  # scheduler: submit -> finish
+    per_token_s: float  # (total - ttft) / (tokens - 1)
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    seed: int
+    timings: Timings
+
+
+@dataclass(slots=True)
+class _Request:
+    txid: int
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    fresh: deque[int] = field(default_factory=deque)  # received, not yet seen by the caller
+    finished: P.Finished | None = None
+    error: BaseException | None = None
+
+
+class Session:
+    """A connection to one instance's scheduler. Use `libllm.connect()`."""
+
+    def __init__(self, endpoint: Endpoint, channel: Channel) -> None:
+        self._endpoint = endpoint
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._requests: dict[int, _Request] = {}
+        info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
+        self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
+        self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
+        self.closed = False
+
+    # -- public -------------------------------------------------------------------------
+
+    def model_info(self) -> P.ModelInfo:
+        return self.info
+
+    def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
+                 timeout: float | None = None) -> Completion:
+        """Generate a continuation of `prompt` and return it whole.
+
+        Raises:
+            InvalidRequest: a bad parameter (the message names it).  DeadlineExceeded: `timeout`
+            passed.  ServerGone: the instance went away.
+        """
+        pieces = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, stop=stop, priority=priority, timeout=timeout, _stream=False)
+        for _ in pieces:
+            pass
+        return pieces.completion()
+
+    def stream(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
+               timeout: float | None = None, _stream: bool = True) -> _Pieces:
+        """Yield text pieces as tokens arrive (iterate the result; `.completion()` after)."""
+        self._check_open()
+        prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
+        submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
+                          _stream, timeout)
+        with self._lock:
+            txid = self._channel.request(MsgType.SCHED_SUBMIT, P.pack(submit), timeout=timeout)
+            request = _Request(txid, prompt_ids)
+            self._requests[txid] = request
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _Pieces(self, request, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._endpoint.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PeerGone("this session is closed")
+
+    def _validate(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
+                  seed: int | None, stop: list[str] | None, timeout: float | None) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"prompt must be a str, got {type(prompt).__name__}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if not 0.0 <= temperature <= 100.0:
+            raise InvalidRequest(f"temperature must be in [0, 100], got {temperature!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise InvalidRequest(f"top_k must be an int >= 0, got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise InvalidRequest(f"seed must be a non-negative int, got {seed!r}")
+        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+            raise InvalidRequest("stop must be a list of non-empty strings")
+        if timeout is not None and timeout <= 0:
+            raise InvalidRequest(f"timeout must be positive, got {timeout!r}")
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.info.context_length:
+            raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of "
+                                 f"{self.info.context_length} tokens")
+        return ids
+
+    def _call(self, type_: int, payload: bytes, timeout: float) -> Message:
+        with self._lock:
+            return self._channel.call(type_, payload, timeout)
+
+    def _pump(self, request: _Request, deadline: float | None) -> None:
+        """Receive until `request` has news; replies for other requests are filed away."""
+        with self._lock:
+            while not request.fresh and request.finished is None and request.error is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"request {request.txid} did not finish within its timeout")
+                try:
+                    message = self._channel.receive(remaining)
+                except Timeout:
+                    continue
+                except PeerGone as exc:
+                    raise ServerGone(f"the scheduler went away: {exc}") from None
+                self._route(message)
+
+    def _route(self, message: Message) -> None:
+        header = message.header
+        request = self._requests.get(header.txid)
+        self._channel.complete(message)  # releases the window slot on the final reply
+        if request is None:
+            return
+        if header.status:
+            try:
+                raise_for_status(message)
+            except Exception as exc:  # stored: raised in the caller's thread
+                request.error = exc
+            self._requests.pop(header.txid, None)
+        elif header.flags & MsgFlag.MORE:
+            tokens: P.Tokens = P.unpack(message.payload, P.Tokens)
+            request.token_ids.extend(tokens.token_ids)
+            request.fresh.extend(tokens.token_ids)
+        else:
+            request.finished = P.unpack(message.payload, P.Finished)
+            self._requests.pop(header.txid, None)
+
+    def _cancel(self, request: _Request) -> None:
+        if request.finished is not None or request.error is not None:
+            return
+        with self._lock:
+            self._channel.send(MsgType.SCHED_CANCEL, P.pack(P.Cancel(request.txid)), flags=MsgFlag.WAKE)
+
+
+class _Pieces:
+    """The iterator `Session.stream` returns: text pieces, then `completion()`."""
+
+    def __init__(self, session: Session, request: _Request, decoder: IncrementalDecoder, stop: list[str],
+                 deadline: float | None) -> None:
+        self._session = session
+        self._request = request
+        self._decoder = decoder
+        self._stop = stop
+        self._deadline = deadline
+        self._text = ""  # everything decoded so far (cut at a stop string)
+        self._emitted = 0  # how much of it the caller has been given
+        self._stopped_by_string = False
+        self._num_kept = 0
+
+    def __iter__(self) -> Iterator[str]:
+        request = self._request
+        while True:
+            self._session._pump(request, self._deadline)
+            if request.error is not None:
+                raise request.error
+            while request.fresh:
+                piece = self._decoder.push(request.fresh.popleft())
+                self._num_kept += 1
+                if piece:
+                    yield from self._emit(piece)
+                    if self._stopped_by_string:
+                        return
+            if request.finished is not None:
+                tail = self._decoder.flush()
+                if tail:
+                    yield from self._emit(tail)
+                if not self._stopped_by_string:
+                    yield from self._release_held()
+                return
+
+    def _emit(self, piece: str) -> Iterator[str]:
+        """Pass text on, holding back a tail that could still become a stop string."""
+        self._text += piece
+        if not self._stop:
+            self._emitted = len(self._text)
+            yield piece
+            return
+        search_from = max(0, self._emitted - max(len(s) for s in self._stop))
+        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
+        if hits:
+            cut = min(hits)
+            self._stopped_by_string = True
+            self._session._cancel(self._request)
+            self._text = self._text[:cut]
+            safe = cut
+        else:
+            safe = len(self._text) - _longest_stop_prefix(self._text, self._stop)
+        if safe > self._emitted:
+            yield self._text[self._emitted : safe]
+            self._emitted = safe
+
+    def _release_held(self) -> Iterator[str]:
+        if len(self._text) > self._emitted:
+            yield self._text[self._emitted :]
+            self._emitted = len(self._text)
+
+    def completion(self) -> Completion:
+        """The whole result; call after iterating to the end."""
+        request = self._request
+        if self._stopped_by_string:
+            # Wait for the cancelled request to finish so its blocks are freed before we return.
+            while request.finished is None and request.error is None:
+                self._session._pump(request, self._deadline)
+                request.fresh.clear()
+            if request.error is not None:
+                raise request.error
+            reason = "stop"
+            token_ids = request.token_ids[: self._num_kept]
+        else:
+            assert request.finished is not None, "iterate the stream to its end first"
+            reason = request.finished.finish_reason
+            token_ids = list(request.token_ids)
+        finished = request.finished
+        assert finished is not None
+        ttft, total = finished.ttft_s, finished.total_s
+        per_token = (total - ttft) / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0
+        return Completion(self._text, token_ids, reason, Usage(len(request.prompt_ids), len(token_ids)),
+                          finished.seed, Timings(finished.queue_s, ttft, total, per_token))
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Session:
+    """Connect to the instance's scheduler (default instance: $LLMOS_INSTANCE or "default").
+
+    Raises:
+        KernelUnavailable: no instance runs; the message says how to start one.
+    """
+    endpoint = Endpoint.connect(instance, timeout=timeout)
+    try:
+        channel = endpoint.open_channel("scheduler", wait=True, timeout=timeout)
+        return Session(endpoint, channel)
+    except BaseException:
+        endpoint.close()
+        raise

@@ -1,0 +1,50 @@
+"""The scheduler server: requests, sequences, block tables, policies, continuous batching.
+
+Layers, bottom up: `config` (SchedulerConfig), `sequence` (Sequence, Sampling), `blocks`
+(the BlockSource protocol, FreeListBlocks), `plan` (StepPlan, ChunkPlan), `events`
+(TokenEvent, FinishEvent), `policy` (fcfs), `stats` (SchedulerStats), `scheduler`
+(Scheduler). Pure logic: no processes, no messages, no arena; the server loop wraps it.
+Imports no other server.
+"""
+
+from __future__ import annotations
+
+from servers.scheduler.blocks import BlockSource as BlockSource
+from servers.scheduler.blocks import FreeListBlocks as FreeListBlocks
+from servers.scheduler.config import SchedulerConfig as SchedulerConfig
+from servers.scheduler.events import Event as Event
+from servers.scheduler.events import FinishEvent as FinishEvent
+from servers.scheduler.events import TokenEvent as TokenEvent
+from servers.scheduler.plan import ChunkPlan as ChunkPlan
+from servers.scheduler.plan import StepPlan as StepPlan
+from servers.scheduler.policy import Fcfs as Fcfs
+from servers.scheduler.policy import Policy as Policy
+from servers.scheduler.policy import make_policy as make_policy
+from servers.scheduler.scheduler import Scheduler as Scheduler
+from servers.scheduler.sequence import GREEDY as GREEDY
+from servers.scheduler.sequence import FinishReason as FinishReason
+from servers.scheduler.sequence import Sampling as Sampling
+from servers.scheduler.sequence import SeqStatus as SeqStatus
+from servers.scheduler.sequence import Sequence as Sequence
+from servers.scheduler.stats import SchedulerStats as SchedulerStats
+
+__all__ = [
+    "GREEDY",
+    "BlockSource",
+    "ChunkPlan",
+    "Event",
+    "Fcfs",
+    "FinishEvent",
+    "FinishReason",
+    "FreeListBlocks",
+    "Policy",
+    "Sampling",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerStats",
+    "SeqStatus",
+    "Sequence",
+    "StepPlan",
+    "TokenEvent",
+    "make_policy",
+]

@@ -1,0 +1,86 @@
+"""StepPlan and ChunkPlan: one step as the scheduler hands it to a runner.
+
+Made by the scheduler process, read by its server loop (which writes it to the arena for
+a runner). Immutable values holding everything a runner needs, so a plan can be sent,
+kept while in flight, re-sent to another runner, and compared; never a live Sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from servers.scheduler.sequence import Sampling
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkPlan:
+    """One sequence's share of a step: ``token_ids`` at positions ``start_pos...``.
+
+    ``block_table`` covers at least positions below ``end_pos``. When ``wants_token``,
+    the runner samples the token at position ``end_pos`` with ``sampling`` (the draw is a
+    function of (seed, end_pos)); otherwise it computes KV only (a prefill chunk that
+    does not reach the end of the sequence's tokens).
+    """
+
+    seq_id: int
+    block_table: tuple[int, ...]
+    start_pos: int
+    token_ids: tuple[int, ...]
+    wants_token: bool
+    sampling: Sampling
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(slots=True, frozen=True)
+class StepPlan:
+    """A batch for one runner. ``step_id`` is unique per scheduler and increasing; a
+    sequence appears in at most one chunk, and in at most one plan in flight."""
+
+    step_id: int
+    chunks: tuple[ChunkPlan, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def seq_ids(self) -> tuple[int, ...]:
+        return tuple(c.seq_id for c in self.chunks)
+
+
+def sampled_tokens(
+    plan: StepPlan, sampled: Mapping[int, int] | Iterable[int], vocab_size: int
+) -> list[int | None]:
+    """The token a runner's reply gives each chunk of ``plan`` (None where none is wanted).
+
+    Args:
+        sampled: one value per chunk in order (anything where a chunk wants no token), or
+            a mapping seq_id -> token.
+
+    Raises:
+        ValueError: a wanted token is missing or outside ``[0, vocab_size)``.
+    """
+    if isinstance(sampled, Mapping):
+        missing = [c.seq_id for c in plan.chunks if c.wants_token and c.seq_id not in sampled]
+        if missing:
+            raise ValueError(f"step {plan.step_id}: no token for sequences {missing}")
+        raw = [sampled[c.seq_id] if c.wants_token else None for c in plan.chunks]
+    else:
+        values = list(sampled)
+        if len(values) != len(plan.chunks):
+            raise ValueError(
+                f"step {plan.step_id}: {len(values)} tokens for {len(plan.chunks)} chunks"
+            )
+        raw = [v if c.wants_token else None for c, v in zip(plan.chunks, values, strict=True)]
+    tokens = [None if v is None else int(v) for v in raw]
+    if any(t is not None and not 0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"step {plan.step_id}: a sampled token is outside [0, {vocab_size})")
+    return tokens

@@ -1,0 +1,363 @@
+"""Scheduler: continuous batching of sequences into steps, under a token budget and a pool.
+
+Runs in the scheduler process, called by its server loop. Owns the sequences, their block
+tables (blocks come from a BlockSource) and the steps in flight. Pure logic: it never does
+I/O, never waits, and never reads a clock (the caller passes ``now``).
+
+Cycle: ``add`` sequences; ``schedule(now)`` returns a StepPlan for a free runner (several
+may be in flight, one per runner; a sequence is in at most one); when the runner's reply is
+back, ``postprocess(plan, sampled)`` applies it and returns TokenEvents and FinishEvents;
+``requeue(plan)`` if the runner died instead. ``cancel`` and the deadline checks in
+``schedule`` finish sequences outside a reply: their FinishEvents wait in ``pop_events()``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+from servers.scheduler.blocks import BlockSource
+from servers.scheduler.config import SchedulerConfig
+from servers.scheduler.events import Event, FinishEvent, TokenEvent
+from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
+from servers.scheduler.policy import Policy, make_policy
+from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
+from servers.scheduler.stats import Counters, SchedulerStats
+
+
+class Scheduler:
+    """Plans steps for a set of sequences; see the module docstring for the cycle.
+
+    Args:
+        config: limits (budget, batch size, context, block size).
+        blocks: where KV blocks come from and go back to.
+        policy: the order of service; by default the one ``config.policy`` names.
+    """
+
+    def __init__(
+        self, config: SchedulerConfig, blocks: BlockSource, policy: Policy | None = None
+    ) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.policy = policy or make_policy(config.policy)
+        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence
+        self._waiting: list[Sequence] = []  # sorted by policy rank; hold no blocks
+        self._running: list[Sequence] = []  # sorted by policy rank; hold blocks
+        self._in_flight: dict[int, StepPlan] = {}  # step_id -> plan whose reply is not back
+        self._outbox: list[Event] = []
+        self._next_step_id = 0
+        self._num_arrivals = 0
+        self._is_stalled = False
+        self._counters = Counters()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        return tuple(self._running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
+
+    @property
+    def steps_in_flight(self) -> tuple[StepPlan, ...]:
+        return tuple(self._in_flight.values())
+
+    @property
+    def is_stalled(self) -> bool:
+        """The last ``schedule`` planned nothing, no step is in flight, and unpaused
+        sequences are unfinished: only more blocks can unblock them (refill the lease, or
+        cancel one that needs more blocks than the source will ever have)."""
+        return self._is_stalled
+
+    def get(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence ``seq_id`` (finished ones are forgotten)."""
+        return self._seqs.get(seq_id)
+
+    def stats(self) -> SchedulerStats:
+        return self._counters.snapshot(
+            num_steps=self._next_step_id,
+            num_steps_in_flight=len(self._in_flight),
+            num_waiting=len(self._waiting),
+            num_running=len(self._running),
+        )
+
+    # ------------------------------------------------------------------ requests
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence.
+
+        Raises:
+            ValueError: a seq_id in use, a sequence already given to a scheduler, a prompt
+                that leaves no room for a token in the context, or a token id outside the
+                vocabulary.
+        """
+        c = self.config
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq.seq_id} is already in use")
+        if seq.arrival_order != -1 or seq.status is not SeqStatus.WAITING or seq.output_ids:
+            raise ValueError(f"sequence {seq.seq_id} was already given to a scheduler")
+        if seq.num_prompt_tokens >= c.max_context:
+            raise ValueError(
+                f"prompt of {seq.num_prompt_tokens} tokens leaves no room in a context of "
+                f"{c.max_context}"
+            )
+        if not all(0 <= t < c.vocab_size for t in seq.prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {c.vocab_size})")
+        seq.arrival_order = self._num_arrivals
+        seq.arrival_step = self._next_step_id
+        self._num_arrivals += 1
+        self._seqs[seq.seq_id] = seq
+        self._insert(self._waiting, seq)
+
+    def cancel(self, seq_id: int) -> bool:
+        """Cancel a sequence: at once if no step has it in flight (FinishEvent in
+        ``pop_events()``), else when that step's reply or requeue comes (its token is
+        discarded). Returns False when there is nothing to cancel (unknown, finished, or
+        already being cancelled)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.is_cancel_requested:
+            return False
+        if seq.is_in_flight:
+            seq.is_cancel_requested = True
+        else:
+            self._outbox.append(self._finish(seq, "cancelled"))
+        return True
+
+    def pause(self, seq_id: int) -> bool:
+        """Leave ``seq_id`` out of steps (its client is not reading: backpressure). It keeps
+        its blocks and its place. Returns False for an unknown or finished sequence."""
+        return self._set_paused(seq_id, True)
+
+    def resume(self, seq_id: int) -> bool:
+        """Undo ``pause``. Returns False for an unknown or finished sequence."""
+        return self._set_paused(seq_id, False)
+
+    def pop_events(self) -> list[Event]:
+        """FinishEvents made outside ``postprocess`` (cancel, deadlines, requeue), oldest
+        first."""
+        events, self._outbox = self._outbox, []
+        return events
+
+    # ------------------------------------------------------------------ steps
+    def schedule(self, now: float) -> StepPlan | None:
+        """Plan one step from the sequences not in flight, or None if there is nothing to do.
+
+        Sequences whose deadline is at or before ``now`` finish first (FinishEvents in
+        ``pop_events()``). Then running decodes (one token each), then running prefills,
+        then admissions from the waiting queue, each in policy order, while the batch and
+        the token budget allow. Each chunk's blocks are allocated as it is planned.
+        """
+        self._expire(now)
+        c = self.config
+        chunks: list[ChunkPlan] = []
+        planned: set[int] = set()
+        budget = c.token_budget
+        ready = [s for s in self._running if not (s.is_in_flight or s.is_paused)]
+        # Decodes before prefills, so a long prompt never holds up token streams.
+        decodes = [s for s in ready if s.num_remaining == 1]
+        prefills = [s for s in ready if s.num_remaining > 1]
+        for seq in decodes + prefills:
+            if len(chunks) == c.max_batch_size or budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted for a sequence planned earlier in this loop
+            chunk = self._plan_chunk(seq, budget, planned)
+            if chunk is not None:
+                chunks.append(chunk)
+                budget -= chunk.num_tokens
+        # fcfs: the head of the queue waits for room and no later sequence passes it (a
+        # paused one is passed: it waits for its client, not for room).
+        for seq in list(self._waiting):
+            if (
+                len(chunks) == c.max_batch_size
+                or budget == 0
+                or len(self._running) >= c.num_running_limit
+            ):
+                break
+            if seq.is_paused:
+                continue
+            chunk = self._plan_chunk(seq, budget, planned)
+            if chunk is None:
+                break
+            self._waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self._insert(self._running, seq)
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
+        self._is_stalled = (
+            not chunks and not self._in_flight and any(not s.is_paused for s in self._seqs.values())
+        )
+        if not chunks:
+            return None
+        plan = StepPlan(self._next_step_id, tuple(chunks))
+        self._next_step_id += 1
+        self._in_flight[plan.step_id] = plan
+        for chunk in chunks:
+            seq = self._seqs[chunk.seq_id]
+            seq.is_in_flight = True
+            if seq.first_step == -1:
+                seq.first_step = plan.step_id
+                self._counters.record_delay(plan.step_id - seq.arrival_step)
+        return plan
+
+    def postprocess(
+        self, plan: StepPlan, sampled: Mapping[int, int] | Iterable[int]
+    ) -> list[Event]:
+        """Apply the reply of ``plan``: its KV now counts, its sampled tokens join outputs.
+
+        Args:
+            plan: a plan from ``schedule`` that is still in flight.
+            sampled: the token per chunk, aligned with ``plan.chunks`` (any value where a
+                chunk wants none, e.g. -1), or a mapping seq_id -> token.
+
+        Returns:
+            TokenEvents and FinishEvents, in chunk order. Finished sequences' blocks are free.
+
+        Raises:
+            ValueError: the plan is not in flight, or ``sampled`` lacks a token or holds one
+                outside the vocabulary. Nothing is changed then.
+        """
+        if self._in_flight.get(plan.step_id) is not plan:
+            raise ValueError(f"step {plan.step_id} is not in flight")
+        tokens = sampled_tokens(plan, sampled, self.config.vocab_size)
+        del self._in_flight[plan.step_id]
+        events: list[Event] = []
+        for chunk, token in zip(plan.chunks, tokens, strict=True):
+            seq = self._seqs[chunk.seq_id]
+            seq.is_in_flight = False
+            if seq.is_cancel_requested:
+                events.append(self._finish(seq, "cancelled"))
+                continue
+            assert seq.num_computed == chunk.start_pos and seq.status is SeqStatus.RUNNING
+            seq.num_computed = chunk.end_pos
+            self._counters.num_computed_tokens += chunk.num_tokens
+            num_prompt = min(chunk.end_pos, seq.num_prompt_tokens) - chunk.start_pos
+            self._counters.num_prompt_tokens += max(0, num_prompt)
+            if token is None:
+                continue
+            if token in seq.stop_ids:
+                events.append(self._finish(seq, "stop"))
+                continue
+            seq.output_ids.append(token)
+            self._counters.num_generated_tokens += 1
+            events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1))
+            if seq.num_output_tokens >= seq.max_tokens:
+                events.append(self._finish(seq, "length"))
+            elif seq.num_tokens >= self.config.max_context:
+                events.append(self._finish(seq, "context"))
+        return events
+
+    def requeue(self, plan: StepPlan) -> None:
+        """Give back a plan whose runner died: its sequences are schedulable again with
+        their progress unchanged (KV a lost step may have written does not count; the
+        re-run overwrites it in the same blocks). Cancelled ones finish (``pop_events()``).
+
+        Raises:
+            ValueError: the plan is not in flight.
+        """
+        if self._in_flight.get(plan.step_id) is not plan:
+            raise ValueError(f"step {plan.step_id} is not in flight")
+        del self._in_flight[plan.step_id]
+        self._counters.num_steps_requeued += 1
+        for chunk in plan.chunks:
+            seq = self._seqs[chunk.seq_id]
+            seq.is_in_flight = False
+            if seq.is_cancel_requested:
+                self._outbox.append(self._finish(seq, "cancelled"))
+
+    # ------------------------------------------------------------------ internals
+    def _set_paused(self, seq_id: int, is_paused: bool) -> bool:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return False
+        seq.is_paused = is_paused
+        return True
+
+    def _plan_chunk(self, seq: Sequence, budget: int, planned: set[int]) -> ChunkPlan | None:
+        """Size ``seq``'s next chunk and allocate its blocks; None if not one token fits
+        (then only lower-ranked sequences it preempted have changed)."""
+        bs = self.config.block_size
+        start = seq.num_computed
+        num_new = min(seq.num_remaining, budget)
+        assert num_new > 0
+        need = max(0, self.config.blocks_needed(start + num_new) - len(seq.block_table))
+        if need and not self.blocks.can_allocate(need):
+            self._preempt_for(seq, need, planned)
+        # Cut a prefill to the blocks there are. A new sequence is cut only when nothing
+        # runs: otherwise the running ones need those blocks to make progress.
+        if (
+            need
+            and not self.blocks.can_allocate(need)
+            and (seq.status is SeqStatus.RUNNING or not self._running)
+        ):
+            need -= 1
+            while need and not self.blocks.can_allocate(need):
+                need -= 1
+            num_new = min(num_new, (len(seq.block_table) + need) * bs - start)
+        if num_new <= 0 or (need and not self.blocks.can_allocate(need)):
+            return None
+        if need:
+            seq.block_table.extend(self.blocks.allocate(need))
+        planned.add(seq.seq_id)
+        end = start + num_new
+        return ChunkPlan(
+            seq_id=seq.seq_id,
+            block_table=tuple(seq.block_table),
+            start_pos=start,
+            token_ids=seq.token_slice(start, end),
+            wants_token=end == seq.num_tokens,
+            sampling=seq.sampling,
+        )
+
+    def _preempt_for(self, seq: Sequence, need: int, planned: set[int]) -> None:
+        """Preempt running sequences ranked strictly below ``seq``, the lowest first, until
+        ``need`` blocks can be allocated. Never one in flight (a runner is writing its
+        blocks) or already in this step. ``seq`` itself is never preempted: if it cannot
+        get a block it waits, keeping its KV, and whichever higher-ranked sequence needs
+        blocks later preempts it then."""
+        rank = self.policy.rank(seq)
+        for victim in reversed(list(self._running)):
+            if self.blocks.can_allocate(need) or self.policy.rank(victim) <= rank:
+                return
+            if not victim.is_in_flight and victim.seq_id not in planned:
+                self._preempt(victim)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self._counters.num_preemptions += 1
+        self._insert(self._waiting, seq)  # by rank: fcfs puts it ahead of later arrivals
+
+    def _expire(self, now: float) -> None:
+        for seq in [*self._running, *self._waiting]:
+            if seq.deadline is not None and now >= seq.deadline and not seq.is_in_flight:
+                self._outbox.append(self._finish(seq, "deadline"))
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> FinishEvent:
+        assert not seq.is_in_flight
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self._waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        del self._seqs[seq.seq_id]
+        self._counters.num_finished += 1
+        return FinishEvent(seq.seq_id, reason, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks; its KV is gone, so it starts over from position 0."""
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def _insert(self, queue: list[Sequence], seq: Sequence) -> None:
+        bisect.insort(queue, seq, key=self.policy.rank)

@@ -1,0 +1,157 @@
+"""Sequence: one request as the scheduler tracks it, from arrival to finish.
+
+Lives in the scheduler process. Owns a request's token ids, its progress (how many tokens
+have KV written) and its block table; the blocks themselves are held through the
+scheduler's BlockSource. Pure data: no I/O, no reference to a runner or a client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "context", "deadline"]
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"  # holds no blocks; queued for admission (new, or preempted)
+    RUNNING = "running"  # admitted: holds blocks, gets a chunk in steps
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, frozen=True)
+class Sampling:
+    """How a runner picks the sequence's tokens; mirrors the runner's SamplingParams field
+    for field (a server never imports another server). ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = Sampling()
+
+
+class Sequence:
+    """A request's tokens and progress.
+
+    ``token_ids`` is ``prompt_ids + output_ids``; the KV of the first ``num_computed`` of
+    them is written (counted only once a step's reply is back). The next chunk to compute
+    is ``token_ids[num_computed:]``: the prompt (or, after a preemption, prompt and output)
+    in chunks, then the newest token alone, one decode per step.
+    """
+
+    __slots__ = (
+        "arrival_order",
+        "arrival_step",
+        "block_table",
+        "client_key",
+        "deadline",
+        "finish_reason",
+        "first_step",
+        "is_cancel_requested",
+        "is_in_flight",
+        "is_paused",
+        "max_tokens",
+        "num_computed",
+        "num_preemptions",
+        "output_ids",
+        "priority",
+        "prompt_ids",
+        "sampling",
+        "seq_id",
+        "status",
+        "stop_ids",
+    )
+
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_ids: Iterable[int],
+        *,
+        max_tokens: int,
+        client_key: Hashable = None,
+        sampling: Sampling = GREEDY,
+        stop_ids: Iterable[int] = (),
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.client_key = client_key
+        self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
+        self.output_ids: list[int] = []
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop_ids: frozenset[int] = frozenset(stop_ids)
+        self.priority = priority
+        self.deadline = deadline  # absolute, on the clock the caller passes to the scheduler
+        if not self.prompt_ids:
+            raise ValueError("the prompt needs at least one token (e.g. BOS)")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if deadline is not None and math.isnan(deadline):
+            raise ValueError("deadline must be a number or None")
+        # Set by the scheduler.
+        self.status = SeqStatus.WAITING
+        self.arrival_order = -1  # rank among arrivals (fcfs order)
+        self.arrival_step = -1  # steps planned before it arrived
+        self.first_step = -1  # id of the first step that included it
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        self.num_preemptions = 0
+        self.is_in_flight = False  # in a planned step whose reply is not back
+        self.is_cancel_requested = False
+        self.is_paused = False  # left out of steps until resumed (client backpressure)
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens still to compute before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
+        """``token_ids[start:stop]`` without building the whole list."""
+        p = len(self.prompt_ids)
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        head = self.prompt_ids[start:] if start < p else ()
+        return head + tuple(self.output_ids[max(start - p, 0) : stop - p])
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(seq_id={self.seq_id}, status={self.status.name}, "
+            f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
+            f"computed={self.num_computed}, blocks={len(self.block_table)})"
+        )

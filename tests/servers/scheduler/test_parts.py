@@ -1,0 +1,133 @@
+"""The scheduler package's small parts: config and sampling checks, Sequence token views,
+FreeListBlocks ownership, the public names, and the rule that no server imports another."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import servers.scheduler
+from servers.scheduler import (
+    ChunkPlan,
+    FreeListBlocks,
+    Sampling,
+    SchedulerConfig,
+    Sequence,
+    StepPlan,
+    make_policy,
+)
+from servers.scheduler.plan import sampled_tokens
+
+PACKAGE = Path(servers.scheduler.__file__).parent
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_context": 0},
+        {"max_context": 1},
+        {"vocab_size": -1},
+        {"block_size": 0},
+        {"max_batch_size": 0},
+        {"token_budget": 0},
+        {"max_running": 0},
+        {"policy": "lifo"},
+        {"block_size": True},
+    ],
+)
+def test_config_refuses_bad_limits(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(**{"max_context": 64, "vocab_size": 32, **bad})  # type: ignore[arg-type]
+
+
+def test_config_defaults() -> None:
+    c = SchedulerConfig(max_context=64, vocab_size=32)
+    assert (c.block_size, c.max_batch_size, c.token_budget, c.policy) == (16, 64, 512, "fcfs")
+    assert c.max_running == c.num_running_limit == 64
+    assert SchedulerConfig(max_context=64, vocab_size=32, max_running=3).num_running_limit == 3
+    assert [c.blocks_needed(n) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
+    with pytest.raises(ValueError):
+        make_policy("priority")  # not yet
+
+
+@pytest.mark.parametrize(
+    "bad", [{"temperature": -1.0}, {"temperature": float("inf")}, {"top_k": -1}, {"top_p": 0.0}]
+)
+def test_sampling_refuses_bad_values(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Sampling(**bad)  # type: ignore[arg-type]
+
+
+def test_sequence_checks_and_token_views() -> None:
+    with pytest.raises(ValueError):
+        Sequence(0, [], max_tokens=1)
+    with pytest.raises(ValueError):
+        Sequence(0, [1], max_tokens=0)
+    seq = Sequence(0, [1, 2, 3], max_tokens=5)
+    seq.output_ids += [4, 5]
+    tokens = [1, 2, 3, 4, 5]
+    for start in range(6):
+        for stop in range(start, 6):
+            assert seq.token_slice(start, stop) == tuple(tokens[start:stop])
+    assert (seq.num_tokens, seq.num_remaining) == (5, 5)
+
+
+def test_free_list_blocks_checks_ownership() -> None:
+    blocks = FreeListBlocks(range(4))
+    assert blocks.can_allocate(4) and not blocks.can_allocate(5) and not blocks.can_allocate(-1)
+    taken = blocks.allocate(3)
+    assert taken == [0, 1, 2] and blocks.num_used == 3
+    with pytest.raises(ValueError):
+        blocks.allocate(2)
+    blocks.free([1])
+    with pytest.raises(ValueError):
+        blocks.free([1])  # twice
+    with pytest.raises(ValueError):
+        blocks.free([0, 0])
+    with pytest.raises(ValueError):
+        blocks.add([2])  # already known
+    blocks.add([9])
+    assert blocks.num_free == 3 and blocks.num_total == 5
+    assert len(blocks.take_free(2)) == 2 and blocks.num_free == 1
+
+
+def test_sampled_tokens_reads_lists_and_mappings() -> None:
+    g = Sampling()
+    plan = StepPlan(
+        7,
+        (ChunkPlan(1, (0,), 0, (5, 6), False, g), ChunkPlan(2, (1,), 0, (5,), True, g)),
+    )
+    assert sampled_tokens(plan, [-1, 3], 10) == [None, 3]
+    assert sampled_tokens(plan, {2: 4}, 10) == [None, 4]
+    for bad in ([3], [0, 10], {1: 3}):
+        with pytest.raises(ValueError):
+            sampled_tokens(plan, bad, 10)
+    assert plan.num_tokens == 3 and plan.seq_ids == (1, 2) and plan.chunks[0].end_pos == 2
+
+
+def test_public_names() -> None:
+    """Every public name the package holds is exported, and nothing else (no submodule)."""
+    public = {
+        n
+        for n, v in vars(servers.scheduler).items()
+        if not n.startswith("_") and not isinstance(v, ModuleType)
+    }
+    public -= {"annotations"}
+    assert sorted(servers.scheduler.__all__) == sorted(public)
+
+
+def test_the_scheduler_imports_no_other_server() -> None:
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith("servers.") or name.startswith("servers.scheduler"), (
+                    f"{path.name} imports {name}"
+                )

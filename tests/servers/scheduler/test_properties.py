@@ -1,0 +1,151 @@
+"""Random workloads against the scheduler with the fake runner: whatever the arrivals,
+budget, pool size, runners in flight, completion order, cancels, deadlines and lost steps,
+every sequence's output equals (or, when cut short, begins) its output alone, and every
+block comes back."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from servers.scheduler import FreeListBlocks, Sampling, Scheduler, SchedulerConfig
+from tests.servers.scheduler.fakes import (
+    VOCAB,
+    FakeRunner,
+    Outcome,
+    Spec,
+    alone,
+    check_invariants,
+    check_plan,
+    drive,
+)
+
+
+@st.composite
+def specs(draw: st.DrawFn, max_context: int) -> Spec:
+    n = draw(st.integers(1, min(20, max_context - 1)))
+    prompt = tuple(draw(st.lists(st.integers(1, VOCAB - 1), min_size=n, max_size=n)))
+    sampling = draw(
+        st.one_of(
+            st.just(Sampling()),
+            st.builds(Sampling, temperature=st.just(1.0), seed=st.integers(0, 2**64)),
+        )
+    )
+    deadline = draw(st.floats(0, 300)) if draw(st.integers(0, 9)) == 0 else None
+    return Spec(prompt, draw(st.integers(1, 24)), sampling, deadline)
+
+
+def positions_computed(spec: Spec, max_context: int) -> int:
+    return min(len(spec.prompt_ids) + spec.max_tokens - 1, max_context - 1)
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_random_workloads(data: st.DataObject) -> None:
+    max_context = data.draw(st.integers(4, 48), "max_context")
+    block_size = data.draw(st.sampled_from([1, 2, 3, 4, 16]), "block_size")
+    workload = data.draw(st.lists(specs(max_context), min_size=1, max_size=12), "specs")
+    max_need = max(-(-positions_computed(s, max_context) // block_size) for s in workload)
+    num_blocks = data.draw(st.integers(max_need, 2 * max_need + 2), "num_blocks")
+    config = SchedulerConfig(
+        max_context=max_context,
+        vocab_size=VOCAB,
+        block_size=block_size,
+        token_budget=data.draw(st.integers(1, 40), "token_budget"),
+        max_batch_size=data.draw(st.integers(1, 8), "max_batch_size"),
+        max_running=data.draw(st.one_of(st.none(), st.integers(1, 10)), "max_running"),
+    )
+    num_runners = data.draw(st.integers(1, 3), "num_runners")
+    rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
+    blocks = FreeListBlocks(range(num_blocks))
+    sched = Scheduler(config, blocks)
+    runner = FakeRunner(num_blocks, block_size)
+    out = Outcome()
+    cancelled: set[int] = set()
+    now = 0.0
+    next_id = 0
+    for _ in range(400):
+        now += 1.0
+        r = rng.random()
+        if next_id < len(workload) and r < 0.3:
+            sched.add(workload[next_id].make(next_id))
+            next_id += 1
+        elif r < 0.31 and next_id:
+            sid = rng.randrange(next_id)
+            if sched.cancel(sid):
+                cancelled.add(sid)
+        elif r < 0.36 and next_id:
+            sched.pause(rng.randrange(next_id))  # a client not reading
+        elif r < 0.45 and next_id:
+            sched.resume(rng.randrange(next_id))
+        out.apply(sched.pop_events())
+        while len(sched.steps_in_flight) < num_runners:
+            plan = sched.schedule(now)
+            out.apply(sched.pop_events())
+            if plan is None:
+                break
+            check_plan(plan, config)
+        check_invariants(sched, blocks)
+        flying = list(sched.steps_in_flight)
+        if flying and rng.random() < 0.8:
+            plan = rng.choice(flying)
+            if rng.random() < 0.1:
+                runner.scribble(plan)
+                sched.requeue(plan)
+                out.apply(sched.pop_events())
+            else:
+                out.apply(sched.postprocess(plan, runner.step(plan)))
+            check_invariants(sched, blocks)
+    for sid in range(next_id, len(workload)):
+        sched.add(workload[sid].make(sid))
+    for sid in range(len(workload)):
+        sched.resume(sid)
+    drive(sched, blocks, runner, num_runners=num_runners, rng=rng, now=now, outcome=out)
+
+    assert sorted(out.reasons) == list(range(len(workload)))
+    for sid, spec in enumerate(workload):
+        expected, reason = alone(spec, max_context)
+        got = out.outputs.get(sid, [])
+        if out.reasons[sid] in ("cancelled", "deadline"):
+            assert out.reasons[sid] != "cancelled" or sid in cancelled
+            assert got == expected[: len(got)]
+        else:
+            assert (got, out.reasons[sid]) == (expected, reason)
+    assert blocks.num_free == num_blocks
+    st_ = sched.stats()
+    event(f"preempted: {st_.num_preemptions > 0}")
+    event(f"requeued: {st_.num_steps_requeued > 0}")
+    event(f"reasons: {sorted(set(out.reasons.values()))}")
+    assert st_.num_finished == len(workload) and st_.num_steps_in_flight == 0
+
+
+@settings(max_examples=100)
+@given(data=st.data())
+def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
+    max_context = 48
+    block_size = data.draw(st.sampled_from([1, 2, 4]), "block_size")
+    workload = data.draw(st.lists(specs(max_context), min_size=3, max_size=12), "specs")
+    workload = [Spec(s.prompt_ids, s.max_tokens, s.sampling) for s in workload]  # no deadlines
+    max_need = max(-(-positions_computed(s, max_context) // block_size) for s in workload)
+    num_blocks = data.draw(st.integers(max_need, max_need + 3), "num_blocks")
+    config = SchedulerConfig(
+        max_context=max_context,
+        vocab_size=VOCAB,
+        block_size=block_size,
+        token_budget=data.draw(st.integers(1, 32), "token_budget"),
+        max_batch_size=data.draw(st.integers(1, 12), "max_batch_size"),
+        max_running=12,
+    )
+    blocks = FreeListBlocks(range(num_blocks))
+    sched = Scheduler(config, blocks)
+    for sid, spec in enumerate(workload):
+        sched.add(spec.make(sid))
+    rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
+    num_runners = data.draw(st.integers(1, 3), "num_runners")
+    out = drive(sched, blocks, FakeRunner(num_blocks, block_size), num_runners=num_runners, rng=rng)
+    for sid, spec in enumerate(workload):
+        assert (out.outputs.get(sid, []), out.reasons[sid]) == alone(spec, max_context)
+    assert blocks.num_free == num_blocks
+    event(f"preempted: {sched.stats().num_preemptions > 0}")

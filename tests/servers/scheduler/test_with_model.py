@@ -1,0 +1,190 @@
+"""The scheduler driving the real runner model (stories260K): schedule -> Model.step ->
+postprocess gives the expected greedy texts, and every sequence of a mixed concurrent batch
+gets exactly the tokens it gets alone, with and without preemptions, with one or two steps
+in flight."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from libllm.tokenizer import Tokenizer, load_tokenizer
+from servers.runner.loaders import default_tokenizer_path
+from servers.runner.model import Model, SeqChunk, generate
+from servers.runner.sampling import SamplingParams
+from servers.scheduler import (
+    FinishEvent,
+    FreeListBlocks,
+    Sampling,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    StepPlan,
+    TokenEvent,
+)
+from tests.servers.runner.helpers import EXPECTED_FROM_BOS, EXPECTED_ZOO
+
+NUM_SEQS = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.load()  # the shipped stories260K
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_tokenizer(default_tokenizer_path())
+
+
+def runner_params(s: Sampling) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+
+
+def run_step(model: Model, plan: StepPlan, kv: np.ndarray) -> list[int]:
+    chunks = [
+        SeqChunk(
+            c.block_table,
+            c.start_pos,
+            c.token_ids,
+            wants_logits=c.wants_token,
+            sampling=runner_params(c.sampling) if c.wants_token else None,
+        )
+        for c in plan.chunks
+    ]
+    return [int(t) for t in model.step(chunks, kv).token_ids]
+
+
+def serve(
+    model: Model, sched: Scheduler, num_blocks: int, *, num_runners: int = 1
+) -> dict[int, tuple[list[int], str]]:
+    """Run every sequence to its end: up to ``num_runners`` steps planned at once, the oldest
+    computed first. Returns seq_id -> (output ids, finish reason)."""
+    kv = model.new_kv_pool(num_blocks)
+    outputs: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    while sched.num_unfinished:
+        while len(sched.steps_in_flight) < num_runners and sched.schedule(0.0) is not None:
+            pass
+        plan = sched.steps_in_flight[0]
+        for e in sched.postprocess(plan, run_step(model, plan, kv)):
+            if isinstance(e, TokenEvent):
+                assert e.index == len(outputs.setdefault(e.seq_id, []))
+                outputs[e.seq_id].append(e.token_id)
+            elif isinstance(e, FinishEvent):
+                reasons[e.seq_id] = e.reason
+    return {sid: (outputs.get(sid, []), reason) for sid, reason in reasons.items()}
+
+
+def make_scheduler(
+    model: Model, num_blocks: int, **limits: int
+) -> tuple[Scheduler, FreeListBlocks]:
+    config = SchedulerConfig(
+        max_context=model.config.seq_len,
+        vocab_size=model.config.vocab_size,
+        block_size=model.block_size,
+        **limits,  # type: ignore[arg-type]
+    )
+    blocks = FreeListBlocks(range(num_blocks))
+    return Scheduler(config, blocks), blocks
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "token_budget"),
+    [("", EXPECTED_FROM_BOS, 512), ("Zoo", EXPECTED_ZOO, 2)],
+)
+def test_greedy_text_matches_the_readme(
+    model: Model, tokenizer: Tokenizer, text: str, expected: str, token_budget: int
+) -> None:
+    prompt = tokenizer.encode(text)
+    max_tokens = len(tokenizer.encode(expected)) + 4
+    sched, blocks = make_scheduler(model, 64, token_budget=token_budget)
+    sched.add(Sequence(0, prompt, max_tokens=max_tokens, stop_ids=tokenizer.stop_ids))
+    ((output, reason),) = serve(model, sched, 64).values()
+    assert output == generate(model, prompt, max_tokens, stop_ids=sorted(tokenizer.stop_ids))
+    assert tokenizer.decode(prompt + output).startswith(expected)
+    assert reason == "length" and blocks.num_free == 64
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+
+
+def mixed_requests(tokenizer: Tokenizer) -> list[Request]:
+    rng = random.Random(260)
+    texts = ["", "Zoo", "Once upon a time", "The cat sat on the", "Lily and Ben went to"]
+    requests = []
+    for i in range(NUM_SEQS):
+        if i % 3 == 2:
+            prompt = [1] + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))]
+        else:
+            prompt = tokenizer.encode(texts[i % len(texts)])
+        if i % 2:
+            sampling = Sampling(
+                temperature=rng.choice([0.7, 1.0]),
+                top_k=rng.choice([0, 40]),
+                top_p=rng.choice([1.0, 0.9]),
+                seed=rng.randrange(2**63),
+            )
+        else:
+            sampling = Sampling()
+        requests.append(Request(prompt, rng.randrange(1, 61), sampling))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def requests_and_outputs(model: Model, tokenizer: Tokenizer) -> list[tuple[Request, list[int]]]:
+    """Each request's tokens computed alone, by the runner's own generate()."""
+    stops = sorted(tokenizer.stop_ids)
+    return [
+        (r, generate(model, r.prompt_ids, r.max_tokens, runner_params(r.sampling), stop_ids=stops))
+        for r in mixed_requests(tokenizer)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "num_blocks", "token_budget", "num_runners", "preempts"),
+    [
+        (16, 256, 512, 1, False),  # room for everyone
+        (16, 10, 48, 1, True),  # a small pool: preemptions and recomputation
+        (4, 30, 24, 2, True),  # small blocks, two steps in flight
+    ],
+)
+def test_concurrent_sequences_get_the_tokens_they_get_alone(
+    model: Model,
+    tokenizer: Tokenizer,
+    requests_and_outputs: list[tuple[Request, list[int]]],
+    block_size: int,
+    num_blocks: int,
+    token_budget: int,
+    num_runners: int,
+    preempts: bool,
+) -> None:
+    if block_size != model.block_size:
+        model = Model(model.loaded, block_size=block_size)
+    sched, blocks = make_scheduler(
+        model, num_blocks, token_budget=token_budget, max_running=NUM_SEQS, max_batch_size=NUM_SEQS
+    )
+    for sid, (r, _) in enumerate(requests_and_outputs):
+        sched.add(
+            Sequence(
+                sid,
+                r.prompt_ids,
+                max_tokens=r.max_tokens,
+                sampling=r.sampling,
+                stop_ids=tokenizer.stop_ids,
+            )
+        )
+    results = serve(model, sched, num_blocks, num_runners=num_runners)
+    for sid, (r, expected) in enumerate(requests_and_outputs):
+        output, reason = results[sid]
+        assert output == expected, f"sequence {sid} ({r.sampling}) differs"
+        assert reason == ("length" if len(output) == r.max_tokens else "stop")
+    assert (sched.stats().num_preemptions > 0) == preempts
+    assert blocks.num_free == num_blocks
