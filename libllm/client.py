@@ -260,6 +260,17 @@ class _Pieces:
             yield self._text[self._emitted : safe]
             self._emitted = safe
 
+    def cancel(self) -> Completion:
+        """Stop the request now; returns what was made so far (finish reason "cancelled")."""
+        request = self._request
+        self._session._cancel(request)
+        while request.finished is None and request.error is None:
+            self._session._pump(request, self._deadline)
+            request.fresh.clear()
+        if request.error is not None:
+            raise request.error
+        return self.completion()
+
     def _release_held(self) -> Iterator[str]:
         if len(self._text) > self._emitted:
             yield self._text[self._emitted :]

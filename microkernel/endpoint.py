@@ -121,6 +121,11 @@ class Channel:
         """Answer `request` with an error status (QNX MsgError); the client raises it."""
         self.outgoing.send(self.encode_error(request, code, message), timeout, True)
 
+    def encode_message(self, type: int, payload: bytes | memoryview = b"", *, flags: int = 0, txid: int = 0,
+                       status: int = 0) -> bytes:
+        """A message as bytes, stamped for this channel, for a sender that may queue it."""
+        return self._encode(type, payload, flags, txid, status, 0, 0)
+
     def encode_reply(self, request: Header, payload: bytes | memoryview = b"", *, status: int = 0) -> bytes:
         """A reply as bytes, for a server that queues it when the ring is full."""
         return self._encode(request.type, payload, MsgFlag.REPLY | MsgFlag.WAKE, request.txid, status, 0, 0)

@@ -32,7 +32,7 @@ from microkernel import instance as I
 from microkernel import layout as L
 from microkernel._ring import Doorbell, Ring
 from microkernel.arena import Arena
-from microkernel.errors import ArenaError, ErrorCode, ProtocolError
+from microkernel.errors import ArenaError, ErrorCode, PeerGone, ProtocolError
 from microkernel.lifeline import exit_with_supervisor
 from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
 
@@ -197,6 +197,9 @@ class Kernel:
             self._dispatch(record, header, payload)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             self._reply_error(conn, header, ErrorCode.INVALID_REQUEST, f"bad {_type_name(header.type)} payload: {exc}")
+        except Exception as exc:  # the kernel takes the whole instance with it: never die on one request
+            log.exception("kernel: %s from endpoint %d failed", _type_name(header.type), record.endpoint_id)
+            self._reply_error(conn, header, ErrorCode.INTERNAL, f"kernel error: {exc}")
 
     def _dispatch(self, record: EndpointRecord, header: Header, payload: memoryview) -> None:
         if header.type == MsgType.KERNEL_HEARTBEAT:
@@ -378,14 +381,22 @@ class Kernel:
     # -- messages -------------------------------------------------------------------------
 
     def _notify(self, record: EndpointRecord, message: bytes) -> None:
+        """Queue a control message; an endpoint that closed its control ring is leaving
+        (its socket's EOF retires it), so what it would not read is dropped."""
         assert record.control is not None
-        if record.backlog or not record.control.try_send(message):
-            record.backlog.append(message)
+        try:
+            if record.backlog or not record.control.try_send(message):
+                record.backlog.append(message)
+        except PeerGone:
+            record.backlog.clear()
 
     def _flush_backlogs(self) -> None:
         for record in list(self.endpoints.values()):
-            while record.backlog and record.control is not None and record.control.try_send(record.backlog[0]):
-                record.backlog.popleft()
+            try:
+                while record.backlog and record.control is not None and record.control.try_send(record.backlog[0]):
+                    record.backlog.popleft()
+            except PeerGone:
+                record.backlog.clear()
 
     def _reply(self, conn: socket.socket, header: Header, payload: bytes) -> None:
         _send_packet(conn, encode(header.type, payload, flags=MsgFlag.REPLY, txid=header.txid))

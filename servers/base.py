@@ -50,6 +50,7 @@ class Server:
         self.num_peers_gone = 0
         self.num_errors_replied = 0
         self._stopping = False
+        self.kernel_gone = False
         self._last_heartbeat = 0.0
 
     # -- hooks ---------------------------------------------------------------------------
@@ -61,6 +62,9 @@ class Server:
     def on_peer_gone(self, event: C.PeerGone) -> None:
         log.info("%s: peer %d (%s) gone from channel %d", self.name, event.endpoint_id,
                  event.name or "client", event.channel_id)
+
+    def on_name_registered(self, event: C.NameRegistered) -> None:
+        """A server took a name (a restarted peer, for instance)."""
 
     def on_idle(self) -> None:
         """Called once per loop pass, after the rings are drained."""
@@ -83,12 +87,9 @@ class Server:
         try:
             while not self._stopping:
                 self.run_once(self.heartbeat_s)
-        except PeerGone as exc:
-            log.error("%s: the kernel is gone (%s); exiting", self.name, exc)
-            return 1
         finally:
             self.endpoint.close()
-        return 0
+        return 1 if self.kernel_gone else 0
 
     def run_once(self, timeout: float) -> None:
         readable = [self.endpoint.control] + [
@@ -104,18 +105,28 @@ class Server:
                 self.backlogs.pop(event.body.channel_id, None)
                 self.endpoint.drop_channel(event.body.channel_id)
                 self.on_peer_gone(event.body)
+            elif event.type == MsgType.KERNEL_REGISTER:
+                self.on_name_registered(event.body)
         for channel in list(self.endpoint.channels.values()):
             self._serve_channel(channel)
         self.on_idle()
         now = time.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
-            self.endpoint.heartbeat()
+            try:
+                self.endpoint.heartbeat()
+            except PeerGone as exc:  # without a kernel there is no instance to serve
+                log.error("%s: the kernel is gone (%s); exiting", self.name, exc)
+                self.kernel_gone = True
+                self._stopping = True
 
     def _serve_channel(self, channel: Channel) -> None:
         backlog = self.backlogs.setdefault(channel.channel_id, deque())
-        while backlog and channel.outgoing.try_send(backlog[0]):
-            backlog.popleft()
+        try:
+            while backlog and channel.outgoing.try_send(backlog[0]):
+                backlog.popleft()
+        except PeerGone:
+            backlog.clear()  # the client is leaving; PEER_GONE will clean up after it
         if len(backlog) >= self.max_backlog:
             return  # paused until this client reads its replies
         try:
@@ -166,9 +177,13 @@ class Server:
         self._queue(channel, backlog, channel.encode_error(header, code, text))
 
     def _queue(self, channel: Channel, backlog: deque[bytes], raw: bytes) -> None:
-        """Send now if it fits, else keep it for later: never block on one peer."""
-        if backlog or not channel.outgoing.try_send(raw):
-            backlog.append(raw)
+        """Send now if it fits, else keep it for later: never block on one peer. A peer
+        that closed its end is leaving: what it will not read is dropped."""
+        try:
+            if backlog or not channel.outgoing.try_send(raw):
+                backlog.append(raw)
+        except PeerGone:
+            backlog.clear()
 
 
 def configure_logging(name: str) -> None:

@@ -3,6 +3,7 @@ defaults built in, unknown keys a clear error. Runs in the supervisor only."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,12 @@ class ServerSpec:
     def __post_init__(self) -> None:
         if not self.name or not self.module:
             raise ConfigError("every [[servers]] entry needs a name and a module")
+
+
+def default_servers() -> tuple[ServerSpec, ...]:
+    """The whole system: the memory server, one runner per core, the scheduler."""
+    runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(max(1, os.cpu_count() or 1))]
+    return (ServerSpec("memory", "servers.memory"), *runners, ServerSpec("scheduler", "servers.scheduler"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,7 +97,7 @@ class Config:
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     memory: MemorySection = field(default_factory=MemorySection)
-    servers: tuple[ServerSpec, ...] = field(default_factory=tuple)
+    servers: tuple[ServerSpec, ...] = field(default_factory=default_servers)
 
     def __post_init__(self) -> None:
         try:

@@ -132,6 +132,9 @@ class Supervisor:
                     f"--quota-blocks={memory.quota_blocks}", f"--quota-segment-bytes={memory.quota_segment_bytes}",
                     f"--sweep-interval={memory.sweep_interval_s}",
                     f"--weights-bytes={memory.resolved_weights_bytes()}"]
+        if spec.module == "servers.scheduler":
+            runners = [s.name for s in self.config.servers if s.module == "servers.runner"]
+            return [f"--runners={','.join(runners)}"]
         if spec.module == "servers.runner":
             memory = self.config.memory
             return [f"--block-tokens={memory.block_tokens}", *([f"--model={memory.model}"] if memory.model else [])]

@@ -1,10 +1,9 @@
 """The scheduler package's small parts: config and sampling checks, Sequence token views,
-FreeListBlocks ownership, the public names, and the rule that no server imports another."""
+FreeListBlocks ownership and the public names (tests/servers/test_isolation.py checks that
+no server imports another)."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -20,8 +19,6 @@ from servers.scheduler import (
     make_policy,
 )
 from servers.scheduler.plan import sampled_tokens
-
-PACKAGE = Path(servers.scheduler.__file__).parent
 
 
 @pytest.mark.parametrize(
@@ -117,17 +114,3 @@ def test_public_names() -> None:
     }
     public -= {"annotations"}
     assert sorted(servers.scheduler.__all__) == sorted(public)
-
-
-def test_the_scheduler_imports_no_other_server() -> None:
-    for path in PACKAGE.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert not name.startswith("servers.") or name.startswith("servers.scheduler"), (
-                    f"{path.name} imports {name}"
-                )

@@ -1,0 +1,29 @@
+"""`python -m servers.scheduler`: the scheduler process (see servers/scheduler/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from servers.base import configure_logging
+from servers.scheduler.server import SchedulerServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m servers.scheduler")
+    parser.add_argument("--instance", default=None)
+    parser.add_argument("--name", default="scheduler")
+    parser.add_argument("--runners", required=True, help="comma-separated runner names")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--token-budget", type=int, default=512)
+    ns = parser.parse_args(argv)
+    configure_logging(ns.name)
+    server = SchedulerServer(ns.instance, runners=[r for r in ns.runners.split(",") if r],
+                             max_batch_size=ns.max_batch_size, token_budget=ns.token_budget, name=ns.name)
+    server.install_signal_handlers()
+    print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
+    return server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The scheduler process: a thin loop around `Scheduler`.
+
+Registers as "scheduler". Owns requests, sequences and their block tables; holds a lease
+of KV blocks from the memory server; sends each idle runner a step and streams the new
+tokens to their clients (WAKE for streaming clients; others are woken at finish). Never
+blocks: every call to a runner or the memory server is a request with a callback, and a
+client that stops reading only pauses its own sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+
+import msgspec
+
+from libllm import protocol as P
+from microkernel import control as C
+from microkernel.endpoint import Channel, Message, raise_for_status
+from microkernel.errors import InvalidRequest, LlmosError
+from microkernel.messages import Header, MsgFlag, MsgType
+from servers.base import Server
+from servers.scheduler.blocks import FreeListBlocks
+from servers.scheduler.config import SchedulerConfig
+from servers.scheduler.events import Event, FinishEvent, TokenEvent
+from servers.scheduler.plan import StepPlan
+from servers.scheduler.scheduler import Scheduler
+from servers.scheduler.sequence import Sampling, Sequence
+
+log = logging.getLogger("llmos.scheduler")
+LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class Request:
+    """A client's submit: where its replies go and its timings."""
+
+    channel: Channel
+    txid: int
+    stream: bool
+    seed: int
+    submitted: float
+    first_step: float = 0.0
+    first_token: float = 0.0
+
+
+class SchedulerServer(Server):
+    name = "scheduler"
+
+    def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
+                 token_budget: int = 512, name: str | None = None) -> None:
+        super().__init__(instance, name=name, handlers={
+            MsgType.SCHED_SUBMIT: self.handle_submit,
+            MsgType.SCHED_CANCEL: self.handle_cancel,
+            MsgType.SCHED_MODEL_INFO: self.handle_model_info,
+            MsgType.SCHED_STATS: self.handle_stats,
+        })
+        if not runners:
+            raise ValueError("the scheduler needs at least one runner")
+        self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
+        self.runner_names = list(runners)
+        self.runners: dict[str, Channel] = {}
+        self.busy: dict[str, StepPlan] = {}  # runner -> its step in flight (at most one)
+        for runner in runners:
+            self._connect_runner(runner)
+        info = self.runners[runners[0]].call(MsgType.RUNNER_MODEL_INFO, timeout=STARTUP_TIMEOUT_S)
+        self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
+        self.blocks = FreeListBlocks([])
+        self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_context=self.info.context_length, vocab_size=self.info.vocab_size,
+            block_size=self.info.block_tokens, max_batch_size=max_batch_size, token_budget=token_budget,
+            max_running=max_batch_size * len(runners)), self.blocks)
+        self.requests: dict[int, Request] = {}  # seq_id -> request
+        self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
+        self._next_seq_id = 1
+        self._lease_pending = False
+        self._lease_exhausted = False
+
+    # -- startup (blocking calls are allowed before the loop starts) -----------------------
+
+    def _connect_runner(self, runner: str) -> None:
+        channel = self.endpoint.open_channel(runner, wait=True, timeout=STARTUP_TIMEOUT_S)
+        # FENCE: the runner answers once no step of an earlier scheduler is in flight, so no
+        # old step can write KV that a step of ours uses.
+        channel.call(MsgType.RUNNER_FENCE, timeout=STARTUP_TIMEOUT_S)
+        self.runners[runner] = channel
+
+    def _lease_sync(self, num_blocks: int) -> None:
+        while num_blocks > 0:
+            n = min(num_blocks, LEASE_CHUNK)
+            reply = self.memory.call(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(n, lease=True)),
+                                     timeout=STARTUP_TIMEOUT_S)
+            self.blocks.add(P.unpack(reply.payload, P.BlockIds).block_ids)
+            num_blocks -= n
+
+    # -- client messages --------------------------------------------------------------------
+
+    def handle_model_info(self, channel: Channel, message: Message) -> bytes:
+        return P.pack(self.info)
+
+    def handle_stats(self, channel: Channel, message: Message) -> bytes:
+        stats = msgspec.to_builtins(self.scheduler.stats())
+        stats["num_free_blocks"] = self.blocks.num_free
+        stats["num_leased_blocks"] = self.blocks.num_total
+        return msgspec.msgpack.encode(stats)
+
+    def handle_submit(self, channel: Channel, message: Message) -> None:
+        try:
+            submit: P.Submit = P.unpack(message.payload, P.Submit)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidRequest(f"bad Submit payload: {exc}") from None
+        if submit.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {submit.max_tokens}")
+        seed = submit.seed if submit.seed is not None else secrets.randbits(63)
+        try:
+            sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        now = time.monotonic()
+        seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
+                       client_key=(channel.channel_id, message.header.txid), sampling=sampling,
+                       stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
+                       deadline=None if submit.timeout_s is None else now + submit.timeout_s)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._next_seq_id += 1
+        self.requests[seq.seq_id] = Request(channel, message.header.txid, submit.stream, seed, now)
+        self.by_txid[(channel.channel_id, message.header.txid)] = seq.seq_id
+        return None  # answered as tokens come
+
+    def handle_cancel(self, channel: Channel, message: Message) -> bytes | None:
+        try:
+            cancel: P.Cancel = P.unpack(message.payload, P.Cancel)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidRequest(f"bad Cancel payload: {exc}") from None
+        seq_id = self.by_txid.get((channel.channel_id, cancel.txid))
+        if seq_id is not None:
+            self.scheduler.cancel(seq_id)
+            self._deliver(self.scheduler.pop_events())
+        return b"" if message.header.txid else None
+
+    def on_peer_gone(self, event: C.PeerGone) -> None:
+        super().on_peer_gone(event)
+        for runner, channel in list(self.runners.items()):
+            if channel.channel_id == event.channel_id:
+                del self.runners[runner]
+                plan = self.busy.pop(runner, None)
+                if plan is not None:  # its KV does not count; another runner re-runs it
+                    self.scheduler.requeue(plan)
+                    self._deliver(self.scheduler.pop_events())
+                log.warning("%s is gone; its step was requeued", runner)
+                return
+        if event.channel_id == self.memory.channel_id:
+            log.warning("the memory server is gone; the lease stays ours and it rebuilds")
+            return
+        for seq_id, request in list(self.requests.items()):  # a client left: drop its work
+            if request.channel.channel_id == event.channel_id:
+                self.scheduler.cancel(seq_id)
+                self.requests.pop(seq_id)
+                self.by_txid.pop((event.channel_id, request.txid), None)
+        self.scheduler.pop_events()
+
+    def on_name_registered(self, event: C.NameRegistered) -> None:
+        if event.name in self.runner_names and event.name not in self.runners:
+            try:
+                self._connect_runner(event.name)
+                log.info("%s is back", event.name)
+            except LlmosError as exc:
+                log.warning("could not reconnect %s: %s", event.name, exc)
+        elif event.name == "memory":
+            try:
+                self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
+                self._lease_pending = False
+            except LlmosError as exc:
+                log.warning("could not reconnect the memory server: %s", exc)
+
+    # -- the loop's work ----------------------------------------------------------------
+
+    def on_idle(self) -> None:
+        self._deliver(self.scheduler.pop_events())
+        self._apply_backpressure()
+        self._dispatch()
+        self._refill_lease()
+
+    def _dispatch(self) -> None:
+        """Give every idle runner a step (a step never waits on a busy runner)."""
+        for runner, channel in self.runners.items():
+            if runner in self.busy:
+                continue
+            plan = self.scheduler.schedule(time.monotonic())
+            self._deliver(self.scheduler.pop_events())
+            if plan is None:
+                return
+            now = time.monotonic()
+            for chunk in plan.chunks:
+                request = self.requests.get(chunk.seq_id)
+                if request is not None and not request.first_step:
+                    request.first_step = now
+            step = P.Step(plan.step_id, [
+                P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
+                            c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed)
+                for c in plan.chunks])
+            self.busy[runner] = plan
+            channel.request(MsgType.RUNNER_STEP, P.pack(step), on_reply=partial(self._on_step_done, runner, plan))
+
+    def _on_step_done(self, runner: str, plan: StepPlan, header: Header, payload: bytes) -> None:
+        self.busy.pop(runner, None)
+        if header.status:
+            try:
+                raise_for_status(Message(header, payload))
+            except LlmosError as exc:
+                log.error("%s refused step %d: %s", runner, plan.step_id, exc)
+            self.scheduler.requeue(plan)
+            self._deliver(self.scheduler.pop_events())
+            return
+        result: P.StepResult = P.unpack(payload, P.StepResult)
+        self._deliver(self.scheduler.postprocess(plan, result.token_ids))
+        self._dispatch()
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Stream new tokens (one record per request per step) and final replies."""
+        if not events:
+            return
+        fresh: dict[int, list[int]] = {}
+        now = time.monotonic()
+        for event in events:
+            if isinstance(event, TokenEvent):
+                fresh.setdefault(event.seq_id, []).append(event.token_id)
+        for seq_id, tokens in fresh.items():
+            request = self.requests.get(seq_id)
+            if request is None:
+                continue
+            if not request.first_token:
+                request.first_token = now
+            flags = MsgFlag.REPLY | MsgFlag.MORE | (MsgFlag.WAKE if request.stream else 0)
+            self._send(request, P.pack(P.Tokens(tokens)), flags)
+        for event in events:
+            if isinstance(event, FinishEvent):
+                request = self.requests.pop(event.seq_id, None)
+                if request is None:
+                    continue
+                self.by_txid.pop((request.channel.channel_id, request.txid), None)
+                finished = P.Finished(
+                    str(event.reason), event.num_prompt_tokens, event.num_output_tokens, request.seed,
+                    queue_s=(request.first_step or now) - request.submitted,
+                    ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted)
+                self._send(request, P.pack(finished), MsgFlag.REPLY | MsgFlag.WAKE)
+
+    def _send(self, request: Request, payload: bytes, flags: int) -> None:
+        channel = request.channel
+        if channel.closed:
+            return
+        raw = channel.encode_message(MsgType.SCHED_SUBMIT, payload, flags=flags, txid=request.txid)
+        self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()), raw)
+
+    def _apply_backpressure(self) -> None:
+        """A client whose replies pile up pauses its own sequences, nobody else's."""
+        limit = self.max_backlog // 2
+        for seq_id, request in self.requests.items():
+            backlog = len(self.backlogs.get(request.channel.channel_id, ()))
+            if backlog >= limit:
+                self.scheduler.pause(seq_id)
+            elif backlog == 0:
+                self.scheduler.resume(seq_id)
+
+    def _refill_lease(self) -> None:
+        """Keep free blocks on hand; only admission waits for memory, and not on a reply."""
+        if self._lease_pending or self._lease_exhausted or self.blocks.num_total >= self.info.num_kv_blocks:
+            return
+        if self.blocks.num_free >= LEASE_CHUNK // 2 and not self.scheduler.is_stalled:
+            return
+        n = min(LEASE_CHUNK, self.info.num_kv_blocks - self.blocks.num_total)
+        self._lease_pending = True
+        try:
+            self.memory.request(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(n, lease=True)),
+                                on_reply=self._on_lease)
+        except LlmosError:
+            self._lease_pending = False
+
+    def _on_lease(self, header: Header, payload: bytes) -> None:
+        self._lease_pending = False
+        if header.status:
+            self._lease_exhausted = True  # the pool is spent: what we hold is all there is
+            return
+        self.blocks.add(P.unpack(payload, P.BlockIds).block_ids)
+

@@ -1,0 +1,188 @@
+"""A request's whole trip, client -> scheduler -> runner -> client, through real processes
+(`llmos up` with the memory server, two runners and the scheduler) on the built-in model.
+Texts are compared with the model computed in this process, alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import libllm
+from libllm import protocol as P
+from microkernel.endpoint import Endpoint
+from microkernel.messages import MsgType
+from servers.runner.model import Model, generate
+from servers.runner.sampling import SamplingParams
+from tests.conftest import unique_instance
+from tests.microkernel.procs import wait_until
+from tests.system.test_supervisor import Cli
+
+pytestmark = pytest.mark.slow
+WAIT = 120.0
+ONCE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the\n"
+        "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high.").replace("\n", " ")
+ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."
+CONFIG = """
+rings = "16M"
+[memory]
+pages = "8M"
+segments = "1M"
+[[servers]]
+name = "memory"
+module = "servers.memory"
+[[servers]]
+name = "runner.0"
+module = "servers.runner"
+[[servers]]
+name = "runner.1"
+module = "servers.runner"
+[[servers]]
+name = "scheduler"
+module = "servers.scheduler"
+"""
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    runtime = tmp_path_factory.mktemp("run")
+    runtime.chmod(0o700)
+    cli = Cli(runtime)
+    name = unique_instance("e2e")
+    cli("up", "--detach", "--instance", name, "--config", cli.config(CONFIG))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLMOS_RUNTIME_DIR", str(runtime))
+    yield name
+    mp.undo()
+    cli("down", "--instance", name)
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.load()
+
+
+def scheduler_stats(instance: str) -> dict[str, Any]:
+    with Endpoint.connect(instance) as ep:
+        stats: dict[str, Any] = msgspec.msgpack.decode(
+            ep.open_channel("scheduler").call(MsgType.SCHED_STATS, timeout=WAIT).payload)
+    return stats
+
+
+def all_blocks_free(instance: str) -> bool:
+    stats = scheduler_stats(instance)
+    return bool(stats["num_running"] == 0 and stats["num_waiting"] == 0
+                and stats["num_free_blocks"] == stats["num_leased_blocks"])
+
+
+def test_greedy_texts_equal_the_models_own(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        info = session.model_info()
+        assert Path(info.model_path).name == "stories260K.bin"
+        once = session.generate("", max_tokens=200)
+        assert once.text.startswith(ONCE)
+        zoo = session.generate("Zoo", max_tokens=40)
+        assert ("Zoo" + zoo.text).startswith(ZOO)
+        assert zoo.finish_reason == "length" and zoo.usage.completion_tokens == 40
+        assert zoo.timings.ttft_s >= zoo.timings.queue_s >= 0
+
+
+def _prompts() -> list[tuple[str, int, SamplingParams]]:
+    rng = random.Random(7)
+    words = ["the", "cat", "dog", "park", "ball", "sun", "happy", "sad", "big", "little", "tree", "bird", "mom", "said", "played", "ran"]
+    cases = []
+    for i in range(32):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(0, 30))).capitalize()
+        sampling = SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.9, top_p=0.9, seed=1000 + i)
+        cases.append((prompt, rng.randint(1, 120), sampling))
+    return cases
+
+
+def test_32_concurrent_clients_each_get_the_text_they_get_alone(instance: str, model: Model) -> None:
+    cases = _prompts()
+    tokenizer = libllm.connect(instance)
+    tok = tokenizer.tokenizer
+    tokenizer.close()
+    expected = []
+    for prompt, max_tokens, sampling in cases:
+        ids = tok.encode(prompt)
+        out = generate(model, ids, max_tokens, sampling, stop_ids=tok.stop_ids)
+        expected.append(tok.decoder(ids).push_many(out))
+    start = threading.Barrier(len(cases))
+
+    def client(case: tuple[str, int, SamplingParams]) -> str:
+        prompt, max_tokens, sampling = case
+        with libllm.connect(instance) as session:
+            start.wait(WAIT)
+            return session.generate(prompt, max_tokens=max_tokens, temperature=sampling.temperature,
+                                    top_p=sampling.top_p, seed=sampling.seed, timeout=WAIT).text
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(client, cases))
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g.rstrip("\ufffd") == e.rstrip("\ufffd"), f"client {i}"
+    wait_until(lambda: all_blocks_free(instance), "every KV block to be free again")
+
+
+def test_stream_pieces_join_to_the_text_and_cancel_frees_blocks(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        whole = session.generate("Zoo", max_tokens=30).text
+        assert "".join(session.stream("Zoo", max_tokens=30)) == whole
+        pieces = session.stream("Once upon a time", max_tokens=300)
+        it = iter(pieces)
+        first = [next(it) for _ in range(3)]
+        done = pieces.cancel()
+        assert done.finish_reason == "cancelled"
+        assert done.text.startswith("".join(first))
+        assert done.usage.completion_tokens < 300
+    wait_until(lambda: all_blocks_free(instance), "the cancelled request's blocks to be free")
+
+
+def test_stop_strings_end_the_text_before_the_stop(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        out = session.generate("Zoo", max_tokens=60, stop=["Lily"])
+        assert out.text == " was a little girl named "
+        assert out.finish_reason == "stop"
+        assert "".join(session.stream("Zoo", max_tokens=60, stop=["Lily"])) == out.text
+    wait_until(lambda: all_blocks_free(instance), "the stopped request's blocks to be free")
+
+
+def test_a_client_that_never_reads_does_not_stall_one_that_does(instance: str) -> None:
+    with libllm.connect(instance) as idle, libllm.connect(instance) as busy:
+        # Requests whose replies nobody reads: their channel fills, and only they pause.
+        for _ in range(4):
+            idle.stream("Once upon a time", max_tokens=400)
+        for _ in range(3):
+            assert busy.generate("Zoo", max_tokens=40, timeout=WAIT).text.startswith(" was a little girl")
+    wait_until(lambda: all_blocks_free(instance), "the departed client's blocks to be free")
+
+
+def test_bad_requests_are_refused_with_the_field_named(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        for kwargs, field in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
+                              ({"top_p": 0.0}, "top_p"), ({"seed": -5}, "seed"), ({"stop": "x"}, "stop")]:
+            with pytest.raises(libllm.InvalidRequest, match=field):
+                session.generate("Zoo", **kwargs)
+        with pytest.raises(libllm.InvalidRequest, match="context"):
+            session.generate("word " * 600)
+        assert session.generate("Zoo", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_without_an_instance_connect_says_how_to_start_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(libllm.KernelUnavailable, match="llmos up"):
+        libllm.connect("nowhere")
+
+
+def test_model_info_and_stats_through_the_scheduler(instance: str) -> None:
+    with Endpoint.connect(instance) as ep:
+        info = P.unpack(ep.open_channel("scheduler").call(MsgType.SCHED_MODEL_INFO).payload, P.ModelInfo)
+    assert info.context_length == 512
+    stats = scheduler_stats(instance)
+    assert stats["num_generated_tokens"] > 0 and stats["num_steps"] > 0
