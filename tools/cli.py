@@ -16,6 +16,7 @@ BENCHMARKS = {
     "ipc": "tools.bench.ipc",
     "model": "tools.bench.model",
     "memory": "tools.bench.memory",
+    "e2e": "tools.bench.e2e",
 }
 
 

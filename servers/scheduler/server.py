@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
@@ -34,6 +34,17 @@ from servers.scheduler.sequence import Sampling, Sequence
 log = logging.getLogger("llmos.scheduler")
 LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
 STARTUP_TIMEOUT_S = 60.0
+# Steps in flight per runner. With two, the runner computes one half of the batch while
+# this loop handles the other half's reply: the scheduler's work hides behind compute.
+PIPELINE_DEPTH = 2
+# Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
+# its client is not woken for them, and fewer records cost both sides less. They still
+# arrive during generation, so a client knows what it has if the scheduler dies.
+NON_STREAM_BATCH = 16
+# Flags as plain ints: enum arithmetic is measurable per token.
+TOKENS_STREAM = int(MsgFlag.REPLY | MsgFlag.MORE | MsgFlag.WAKE)
+TOKENS_QUIET = int(MsgFlag.REPLY | MsgFlag.MORE)
+FINAL = int(MsgFlag.REPLY | MsgFlag.WAKE)
 
 
 @dataclass(slots=True)
@@ -47,6 +58,7 @@ class Request:
     submitted: float
     first_step: float = 0.0
     first_token: float = 0.0
+    pending: list[int] = field(default_factory=list)  # tokens not yet sent (non-streaming)
 
 
 class SchedulerServer(Server):
@@ -65,7 +77,7 @@ class SchedulerServer(Server):
         self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
         self.runner_names = list(runners)
         self.runners: dict[str, Channel] = {}
-        self.busy: dict[str, StepPlan] = {}  # runner -> its step in flight (at most one)
+        self.busy: dict[str, list[StepPlan]] = {}  # runner -> its steps in flight (at most PIPELINE_DEPTH)
         for runner in runners:
             self._connect_runner(runner)
         info = self.runners[runners[0]].call(MsgType.RUNNER_MODEL_INFO, timeout=STARTUP_TIMEOUT_S)
@@ -74,8 +86,8 @@ class SchedulerServer(Server):
         self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
-            block_size=self.info.block_tokens, max_batch_size=max_batch_size, token_budget=token_budget,
-            max_running=max_batch_size * len(runners)), self.blocks)
+            block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // PIPELINE_DEPTH),
+            token_budget=token_budget, max_running=max_batch_size * len(runners)), self.blocks)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
         self._next_seq_id = 1
@@ -152,11 +164,10 @@ class SchedulerServer(Server):
         for runner, channel in list(self.runners.items()):
             if channel.channel_id == event.channel_id:
                 del self.runners[runner]
-                plan = self.busy.pop(runner, None)
-                if plan is not None:  # its KV does not count; another runner re-runs it
+                for plan in self.busy.pop(runner, []):  # its KV does not count; another runner re-runs it
                     self.scheduler.requeue(plan)
-                    self._deliver(self.scheduler.pop_events())
-                log.warning("%s is gone; its step was requeued", runner)
+                self._deliver(self.scheduler.pop_events())
+                log.warning("%s is gone; its steps were requeued", runner)
                 return
         if event.channel_id == self.memory.channel_id:
             log.warning("the memory server is gone; the lease stays ours and it rebuilds")
@@ -193,7 +204,8 @@ class SchedulerServer(Server):
     def _dispatch(self) -> None:
         """Give every idle runner a step (a step never waits on a busy runner)."""
         for runner, channel in self.runners.items():
-            if runner in self.busy:
+            in_flight = self.busy.setdefault(runner, [])
+            if len(in_flight) >= PIPELINE_DEPTH:
                 continue
             plan = self.scheduler.schedule(time.monotonic())
             self._deliver(self.scheduler.pop_events())
@@ -208,11 +220,13 @@ class SchedulerServer(Server):
                 P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed)
                 for c in plan.chunks])
-            self.busy[runner] = plan
+            in_flight.append(plan)
             channel.request(MsgType.RUNNER_STEP, P.pack(step), on_reply=partial(self._on_step_done, runner, plan))
 
     def _on_step_done(self, runner: str, plan: StepPlan, header: Header, payload: bytes) -> None:
-        self.busy.pop(runner, None)
+        in_flight = self.busy.get(runner, [])
+        if plan in in_flight:
+            in_flight.remove(plan)
         if header.status:
             try:
                 raise_for_status(Message(header, payload))
@@ -226,33 +240,39 @@ class SchedulerServer(Server):
         self._dispatch()
 
     def _deliver(self, events: list[Event]) -> None:
-        """Stream new tokens (one record per request per step) and final replies."""
+        """Send new tokens (per step when streaming, in batches otherwise) and final replies."""
         if not events:
             return
-        fresh: dict[int, list[int]] = {}
         now = time.monotonic()
+        touched: dict[int, Request] = {}
         for event in events:
             if isinstance(event, TokenEvent):
-                fresh.setdefault(event.seq_id, []).append(event.token_id)
-        for seq_id, tokens in fresh.items():
-            request = self.requests.get(seq_id)
-            if request is None:
-                continue
+                request = self.requests.get(event.seq_id)
+                if request is not None:
+                    request.pending.append(event.token_id)
+                    touched[event.seq_id] = request
+        for request in touched.values():
             if not request.first_token:
                 request.first_token = now
-            flags = MsgFlag.REPLY | MsgFlag.MORE | (MsgFlag.WAKE if request.stream else 0)
-            self._send(request, P.pack(P.Tokens(tokens)), flags)
+            if request.stream:
+                self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_STREAM)
+                request.pending = []
+            elif len(request.pending) >= NON_STREAM_BATCH:
+                self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_QUIET)
+                request.pending = []
         for event in events:
             if isinstance(event, FinishEvent):
                 request = self.requests.pop(event.seq_id, None)
                 if request is None:
                     continue
                 self.by_txid.pop((request.channel.channel_id, request.txid), None)
+                if request.pending:
+                    self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_QUIET)
                 finished = P.Finished(
                     str(event.reason), event.num_prompt_tokens, event.num_output_tokens, request.seed,
                     queue_s=(request.first_step or now) - request.submitted,
                     ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted)
-                self._send(request, P.pack(finished), MsgFlag.REPLY | MsgFlag.WAKE)
+                self._send(request, P.pack(finished), FINAL)
 
     def _send(self, request: Request, payload: bytes, flags: int) -> None:
         channel = request.channel

@@ -1,0 +1,104 @@
+"""`llmos bench e2e`: aggregate generated tokens/s through the whole system (clients ->
+scheduler -> runners -> clients) beside the same model in one process at the same batch.
+
+Runs in the user's shell: starts its own instances (one runner with 32 clients, two
+runners with 64 clients) under a private runtime dir, and N client processes using
+libllm. Interleaved repetitions; ratios as median [min-max] (DESIGN.md, Targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from tools.bench.report import ratio, table, write_json
+
+CTX = mp.get_context("fork")
+WAIT = 300.0
+
+
+def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
+    from servers.runner.model import Model
+    from tools.bench.model import run_ours
+
+    seconds, _ = run_ours(Model.load(), batch, max_pos)
+    return batch * max_pos / seconds
+
+
+def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any) -> None:
+    import libllm
+
+    with libllm.connect(instance, timeout=WAIT) as session:
+        barrier.wait(WAIT)
+        start = time.perf_counter()
+        tokens = 0
+        for r in range(requests):
+            done = session.generate("", max_tokens=max_tokens, temperature=1.0, seed=index * 1000 + r, timeout=WAIT)
+            tokens += done.usage.completion_tokens
+        out.put((start, time.perf_counter(), tokens))
+
+
+def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: int, requests: int) -> float:
+    instance = f"bench-e2e-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
+    servers = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
+    config = os.path.join(runtime, f"{instance}.toml")
+    with open(config, "w") as f:
+        f.write(f'[memory]\npages = "32M"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n{servers}\n'
+                f'[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
+    env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
+    cli = [sys.executable, "-m", "tools.cli"]
+    subprocess.run([*cli, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
+                   capture_output=True, timeout=WAIT)
+    try:
+        os.environ["LLMOS_RUNTIME_DIR"] = runtime
+        barrier, out = CTX.Barrier(num_clients), CTX.Queue()
+        workers = [CTX.Process(target=_client, args=(instance, i, max_tokens, requests, barrier, out))
+                   for i in range(num_clients)]
+        for w in workers:
+            w.start()
+        results = [out.get(timeout=WAIT * 2) for _ in workers]
+        for w in workers:
+            w.join(WAIT)
+    finally:
+        os.environ.pop("LLMOS_RUNTIME_DIR", None)
+        subprocess.run([*cli, "down", "--instance", instance], env=env, check=False, capture_output=True,
+                       timeout=WAIT)
+    start = min(r[0] for r in results)
+    end = max(r[1] for r in results)
+    return sum(r[2] for r in results) / (end - start)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmos bench e2e", description=__doc__)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--clients", type=int, default=32, help="clients per runner")
+    p.add_argument("--max-tokens", type=int, default=255, help="tokens per request (positions up to this + 1)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per repetition")
+    p.add_argument("--json", metavar="FILE")
+    ns = p.parse_args(argv)
+    inproc, one, two = [], [], []
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-") as runtime:
+        os.chmod(runtime, 0o700)
+        for _rep in range(ns.reps):
+            inproc.append(in_process_tokens_per_s(ns.clients, ns.max_tokens + 1))
+            one.append(through_llmos(runtime, 1, ns.clients, ns.max_tokens, ns.requests))
+            two.append(through_llmos(runtime, 2, 2 * ns.clients, ns.max_tokens, ns.requests))
+    rows = [
+        [f"in-process, batch {ns.clients}", f"{statistics.median(inproc):,.0f}", "1x"],
+        [f"llmos, 1 runner, {ns.clients} clients", f"{statistics.median(one):,.0f}", str(ratio(one, inproc))],
+        [f"llmos, 2 runners, {2 * ns.clients} clients", f"{statistics.median(two):,.0f}", str(ratio(two, inproc))],
+    ]
+    print(f"llmos bench e2e: {ns.reps} interleaved repetitions, {ns.max_tokens} tokens per request\n")
+    print(table(["configuration", "generated tok/s", "vs in-process"], rows))
+    print(f"\n2 runners over 1 runner: {ratio(two, one)}")
+    write_json(ns.json, {"in_process_tok_s": inproc, "one_runner_tok_s": one, "two_runners_tok_s": two,
+                         "one_runner_over_in_process": ratio(one, inproc).median,
+                         "two_runners_over_one": ratio(two, one).median})
+    return 0
