@@ -29,7 +29,7 @@ def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
     from tools.bench.model import run_ours
 
     seconds, _ = run_ours(Model.load(), batch, max_pos)
-    return batch * max_pos / seconds
+    return float(batch * max_pos / seconds)
 
 
 def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any) -> None:
@@ -72,7 +72,54 @@ def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: 
                        timeout=WAIT)
     start = min(r[0] for r in results)
     end = max(r[1] for r in results)
-    return sum(r[2] for r in results) / (end - start)
+    return float(sum(r[2] for r in results) / (end - start))
+
+
+def _pss_kib(pid: int, path_part: str = "") -> int:
+    """Proportional set size of a process (or of its mappings of files matching `path_part`)."""
+    total, current = 0, ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0]:
+                current = fields[5] if len(fields) > 5 else ""
+            elif fields and fields[0] == "Pss:" and (not path_part or path_part in current):
+                total += int(fields[1])
+    return total
+
+
+def runner_memory(runtime: str, num_runners: int) -> dict[str, float]:
+    """PSS per runner, and of the model's weights within it, with `num_runners` runners:
+    weights are mapped (or dequantised into one shared segment), so they split N ways."""
+    import json as _json
+
+    from servers.runner.loaders import default_model_path
+
+    instance = f"bench-pss-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
+    servers = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
+    config = os.path.join(runtime, f"{instance}.toml")
+    with open(config, "w") as f:
+        f.write(f'[memory]\npages = "8M"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n{servers}\n'
+                f'[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
+    env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
+    cli = [sys.executable, "-m", "tools.cli"]
+    subprocess.run([*cli, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
+                   capture_output=True, timeout=WAIT)
+    try:
+        # Enough concurrent work that every runner computes (and so touches every weight page).
+        generate = ("import libllm, concurrent.futures as f\n"
+                    f"def one(i):\n    with libllm.connect({instance!r}) as s: s.generate('', max_tokens=30, seed=i)\n"
+                    f"list(f.ThreadPoolExecutor(8).map(one, range(8 * {num_runners})))\n")
+        subprocess.run([sys.executable, "-c", generate], env=env, check=True, capture_output=True, timeout=WAIT)
+        status = _json.loads(subprocess.run([*cli, "status", "--instance", instance, "--json"], env=env,
+                                            capture_output=True, text=True, timeout=WAIT).stdout)
+        pids = [p["pid"] for p in status["processes"] if p["name"].startswith("runner.")]
+        model = default_model_path().name
+        return {"pss_kib_per_runner": statistics.mean(_pss_kib(pid) for pid in pids),
+                "weights_pss_kib_per_runner": statistics.mean(_pss_kib(pid, model) for pid in pids)}
+    finally:
+        subprocess.run([*cli, "down", "--instance", instance], env=env, check=False, capture_output=True,
+                       timeout=WAIT)
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +145,13 @@ def main(argv: list[str]) -> int:
     print(f"llmos bench e2e: {ns.reps} interleaved repetitions, {ns.max_tokens} tokens per request\n")
     print(table(["configuration", "generated tok/s", "vs in-process"], rows))
     print(f"\n2 runners over 1 runner: {ratio(two, one)}")
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-") as runtime:
+        os.chmod(runtime, 0o700)
+        memory = {n: runner_memory(runtime, n) for n in (1, 2)}
+    print("\nRunner memory (PSS): " + "; ".join(
+        f"{n} runner(s): {m['pss_kib_per_runner'] / 1024:.1f} MiB each, weights {m['weights_pss_kib_per_runner']:.0f} KiB"
+        for n, m in memory.items()))
     write_json(ns.json, {"in_process_tok_s": inproc, "one_runner_tok_s": one, "two_runners_tok_s": two,
                          "one_runner_over_in_process": ratio(one, inproc).median,
-                         "two_runners_over_one": ratio(two, one).median})
+                         "two_runners_over_one": ratio(two, one).median, "runner_memory": memory})
     return 0
