@@ -106,6 +106,7 @@ cdef class Ring:
     cdef bint _closed
     cdef bint _view_open           # a recv_view slot is held
     cdef int _sides                # SIDE_* bits this handle has acted as
+    cdef int _waiters              # threads inside a blocking wait on this handle
     cdef readonly uint64_t offset
     cdef public uint64_t spin_ns   # bounded spin before yielding and parking
     cdef object _arena_buf
@@ -122,3 +123,4 @@ cdef class Ring:
     cdef void _drop_mapping(self) noexcept
     cdef int _wait_writable(self, uint64_t length, uint64_t deadline) except -1
     cdef int _wait_readable(self, uint64_t deadline) except -1
+    cdef void _waiter_done(self) noexcept

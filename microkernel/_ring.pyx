@@ -74,14 +74,17 @@ cdef inline void _ring_bell(Bell *b) noexcept nogil:
 
 
 cdef inline bint _readable(RingHeader *h) noexcept nogil:
+    # A closed end (the peer's, or our own from another thread) ends the wait too.
     return (mk_load_acquire_u64(&h.tail) != h.head
-            or mk_load_acquire_u32(&h.producer_closed) != 0)
+            or mk_load_acquire_u32(&h.producer_closed) != 0
+            or mk_load_acquire_u32(&h.consumer_closed) != 0)
 
 
 cdef inline bint _writable(RingHeader *h, uint64_t need) noexcept nogil:
     cdef uint64_t used = h.tail - mk_load_acquire_u64(&h.head)
     return (used > h.capacity or h.capacity - used >= need
-            or mk_load_acquire_u32(&h.consumer_closed) != 0)
+            or mk_load_acquire_u32(&h.consumer_closed) != 0
+            or mk_load_acquire_u32(&h.producer_closed) != 0)
 
 
 cdef inline bint _any_ready(RingHeader **rings, Py_ssize_t n, uint64_t need, bint writable,
@@ -121,7 +124,12 @@ cdef int _wait(Bell *bell, RingHeader **rings, Py_ssize_t n, uint64_t need, bint
     with nogil:
         word0 = mk_load_acquire_u32(&bell.word)
         now = mk_now_ns()
-        until = now + spin_ns if spin_ns < deadline - now else deadline
+        if deadline <= now:
+            until = now
+        elif spin_ns < deadline - now:
+            until = now + spin_ns
+        else:
+            until = deadline
         while True:
             if _any_ready(rings, n, need, writable, bell, word0, bell_counts):
                 ready = True
@@ -149,6 +157,8 @@ cdef int _wait(Bell *bell, RingHeader **rings, Py_ssize_t n, uint64_t need, bint
             mk_fetch_add_u32(&bell.sleepers, 1)
             if writable:
                 mk_store_seq_cst_u32(&rings[0].want_space, 1)
+            # The re-check below uses acquire loads: a full fence keeps them after the announce.
+            mk_fence_seq_cst()
             if _any_ready(rings, n, need, writable, bell, word0, bell_counts):
                 ready = True
             else:
@@ -358,14 +368,16 @@ cdef class RecvView:
 
     def __exit__(self, *exc):
         cdef Ring ring = self.ring
-        self.mv.release()
-        self.mv = None
-        ring._view_open = False
-        if ring.h != NULL:
-            ring._consume(self.length)
-            ring._commit()
-        if ring._closed:
-            ring._drop_mapping()
+        try:
+            self.mv.release()  # BufferError if the caller still holds something derived from it
+        finally:
+            self.mv = None
+            ring._view_open = False
+            if ring.h != NULL:
+                ring._consume(self.length)
+                ring._commit()
+            if ring._closed and ring._waiters == 0:
+                ring._drop_mapping()
         return False
 
 
@@ -482,6 +494,9 @@ cdef class Ring:
         self.pbell = <Bell *>(<char *>self._view.buf + h.producer_bell)
         self.cached_head = mk_load_acquire_u64(&h.head)
         self.cached_tail = mk_load_acquire_u64(&h.tail)
+        if self.cached_head & 7 or self.cached_tail & 7 or self.cached_tail - self.cached_head > cap:
+            raise ProtocolError(f"ring at offset {self.offset} has corrupt counters "
+                                f"(head {self.cached_head}, tail {self.cached_tail})")
         self.wtail = self.cached_tail
         self.rhead = self.cached_head
         self._sides = 0 if side is None else (SIDE_PRODUCER if side == "producer" else SIDE_CONSUMER)
@@ -616,10 +631,26 @@ cdef class Ring:
     cdef int _wait_writable(self, uint64_t length, uint64_t deadline) except -1:
         cdef uint64_t pos = self.wtail & self.mask, total = HDR + _align8(length)
         cdef uint64_t need = total + (self.cap - pos if pos + total > self.cap else 0)
-        return _wait(self.pbell, &self.h, 1, need, True, deadline, self.spin_ns, False)
+        cdef RingHeader *h = self.h  # a local: close() in another thread may clear self.h
+        self._waiters += 1
+        try:
+            return _wait(self.pbell, &h, 1, need, True, deadline, self.spin_ns, False)
+        finally:
+            self._waiter_done()
 
     cdef int _wait_readable(self, uint64_t deadline) except -1:
-        return _wait(self.cbell, &self.h, 1, 0, False, deadline, self.spin_ns, False)
+        cdef RingHeader *h = self.h
+        self._waiters += 1
+        try:
+            return _wait(self.cbell, &h, 1, 0, False, deadline, self.spin_ns, False)
+        finally:
+            self._waiter_done()
+
+    cdef void _waiter_done(self) noexcept:
+        # The mapping outlives every wait on it: the last waiter out of a closed ring drops it.
+        self._waiters -= 1
+        if self._closed and self._waiters == 0 and not self._view_open:
+            self._drop_mapping()
 
     # -- producer -----------------------------------------------------------------------
 
@@ -667,7 +698,7 @@ cdef class Ring:
             return
         deadline = _deadline(timeout)
         while True:
-            if not self._wait_writable(len(memoryview(data)) if type(data) is not bytes else PyBytes_GET_SIZE(data), deadline):
+            if not self._wait_writable(memoryview(data).nbytes if type(data) is not bytes else PyBytes_GET_SIZE(data), deadline):
                 raise Timeout(f"ring @{self.offset}: still full after {timeout} s")
             if self.try_send(data, wake):
                 return
@@ -700,7 +731,7 @@ cdef class Ring:
                     if not have_deadline:
                         deadline = _deadline(timeout)
                         have_deadline = True
-                    if not self._wait_writable(len(memoryview(item)), deadline):
+                    if not self._wait_writable(memoryview(item).nbytes, deadline):
                         raise Timeout(f"ring @{self.offset}: full for {timeout} s after {sent} records")
                 sent += 1
         finally:
@@ -829,16 +860,17 @@ cdef class Ring:
             return
         sides = self._sides or (SIDE_PRODUCER | SIDE_CONSUMER)
         with nogil:
+            # Ring both bells: the peer's, and ours, for a thread of ours blocked on this ring.
             if sides & SIDE_PRODUCER:
                 mk_store_seq_cst_u32(&self.h.producer_closed, 1)
-                mk_fetch_add_u32(&self.cbell.word, 1)
-                _ring_bell(self.cbell)
             if sides & SIDE_CONSUMER:
                 mk_store_seq_cst_u32(&self.h.consumer_closed, 1)
-                mk_fetch_add_u32(&self.pbell.word, 1)
-                _ring_bell(self.pbell)
+            mk_fetch_add_u32(&self.cbell.word, 1)
+            _ring_bell(self.cbell)
+            mk_fetch_add_u32(&self.pbell.word, 1)
+            _ring_bell(self.pbell)
         self._closed = True
-        if not self._view_open:
+        if not self._view_open and self._waiters == 0:
             self._drop_mapping()
 
     cdef void _drop_mapping(self) noexcept:
@@ -892,10 +924,12 @@ cdef class Ring:
 
     @property
     def consumer_doorbell_offset(self):
+        self._check_open(0)
         return self.h.consumer_bell
 
     @property
     def producer_doorbell_offset(self):
+        self._check_open(0)
         return self.h.producer_bell
 
     def __enter__(self):

@@ -245,3 +245,32 @@ def test_note_message_counts_gaps_and_latency(pair: tuple[Any, Any]) -> None:
     assert stats.latency_max_ns >= 1000
     assert stats.latency_percentile_ns(0.5) >= 1024
     assert stats.loss_rate == pytest.approx(5 / 11)
+
+
+def test_close_from_another_thread_ends_a_blocked_recv_with_closed(arena: Arena) -> None:
+    import threading
+
+    from microkernel import Ring
+
+    ring = Ring.create(arena, CAP, side="consumer", spin_ns=0)
+    outcome: list[str] = []
+    started = threading.Event()
+
+    def blocked() -> None:
+        started.set()
+        try:
+            ring.recv(timeout=60)
+            outcome.append("got")
+        except Closed:
+            outcome.append("closed")
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    started.wait(60)
+    while ring.stats().consumer_bell.sleepers == 0 and thread.is_alive():
+        pass  # until it parks (an event, not a sleep)
+    ring.close()
+    thread.join(60)
+    assert outcome == ["closed"]
+    with pytest.raises(Closed):
+        ring.consumer_doorbell_offset  # noqa: B018 - reading it must not touch freed memory
