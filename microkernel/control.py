@@ -61,11 +61,13 @@ class CloseChannel(msgspec.Struct, frozen=True):
 
 
 class PeerGone(msgspec.Struct, frozen=True):
-    """KERNEL_PEER_GONE on a control ring: the other end of `channel_id` died or left."""
+    """KERNEL_PEER_GONE on a control ring: the other end of `channel_id` died, or (with
+    `endpoint_alive`) only closed this channel: what it owns is still its own then."""
 
     channel_id: int
     endpoint_id: int
     name: str
+    endpoint_alive: bool = False
 
 
 class NameRegistered(msgspec.Struct, frozen=True):

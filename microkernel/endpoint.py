@@ -222,7 +222,6 @@ class Endpoint:
         self.control = Ring.attach(self.arena, hello.control_ring, generation=hello.control_generation,
                                    side="consumer")
         self.channels: dict[int, Channel] = {}
-        self.pid = os.getpid()
         self.closed = False
 
     @classmethod

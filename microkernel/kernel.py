@@ -161,6 +161,9 @@ class Kernel:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:  # out of descriptors, say: refuse this one, keep the instance
+            log.error("accept failed: %s", exc)
+            return
         pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         if uid != os.getuid():
             log.warning("refused connection from uid %d (pid %d): only uid %d may use this instance",
@@ -313,7 +316,7 @@ class Kernel:
             self._free_control.append(record.control.offset)
             self._free_doorbells.append(record.doorbell)
 
-    def _retire_channel(self, channel_id: int, leaver: EndpointRecord) -> None:
+    def _retire_channel(self, channel_id: int, leaver: EndpointRecord, *, leaver_alive: bool = False) -> None:
         """`leaver` closed the channel or died: close its sides, tell the other end."""
         channel = self.channels.pop(channel_id, None)
         if channel is None:
@@ -329,12 +332,12 @@ class Kernel:
         if survivor is not None:
             survivor.channels.discard(channel_id)
             self._notify(survivor, encode(MsgType.KERNEL_PEER_GONE, C.pack(
-                C.PeerGone(channel_id, leaver.endpoint_id, leaver.name))))
+                C.PeerGone(channel_id, leaver.endpoint_id, leaver.name, endpoint_alive=leaver_alive))))
         self._retired.append(channel)
 
     def _close_channel(self, record: EndpointRecord, header: Header, request: C.CloseChannel) -> None:
         if request.channel_id in record.channels:
-            self._retire_channel(request.channel_id, record)
+            self._retire_channel(request.channel_id, record, leaver_alive=True)
 
     # -- resources ----------------------------------------------------------------------
 

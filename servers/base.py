@@ -26,6 +26,7 @@ log = logging.getLogger("llmos.server")
 
 Handler = Callable[[Channel, Message], bytes | None]
 MAX_BATCH = 64  # records taken from one channel per pass, so one busy client cannot starve others
+BACKLOG_POLL_S = 0.005
 
 
 class Server:
@@ -96,6 +97,9 @@ class Server:
             ch.incoming for ch in self.endpoint.channels.values()
             if len(self.backlogs.get(ch.channel_id, ())) < self.max_backlog
         ]
+        if any(self.backlogs.values()):
+            # Replies wait for a slow client; nothing wakes us when it reads, so look again soon.
+            timeout = min(timeout, BACKLOG_POLL_S)
         self.endpoint.doorbell.wait(readable, timeout)
         for event in self.endpoint.poll_control():
             if event.type == MsgType.KERNEL_PEER_JOINED:

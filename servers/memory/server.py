@@ -128,7 +128,7 @@ class MemoryServer(Server):
     def on_peer_gone(self, event: C.PeerGone) -> None:
         super().on_peer_gone(event)
         endpoint_id = event.endpoint_id
-        if endpoint_id in self.memory.owner_ids():
+        if not event.endpoint_alive and endpoint_id in self.memory.owner_ids():
             freed = self.memory.free_owner(endpoint_id)
             self.reclaimed += freed
             log.info("freed %d blocks and %d segments of gone endpoint %d", freed.num_blocks, freed.num_segments,

@@ -35,12 +35,13 @@ class RunnerServer(Server):
     name = "runner.0"
 
     def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None) -> None:
+        # Load first, register after: once the name is taken, the scheduler may send steps.
+        self.model = Model.load(model_path, block_size=block_tokens)
         super().__init__(instance, name=name, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,
             MsgType.RUNNER_FENCE: self.handle_fence,
         })
-        self.model = Model.load(model_path, block_size=block_tokens)
         config = self.model.config
         pages = self.endpoint.arena.region(L.RegionKind.PAGES)
         shape = self.model.kv_pool_shape(1)

@@ -21,7 +21,7 @@ import msgspec
 from libllm import protocol as P
 from microkernel import control as C
 from microkernel.endpoint import Channel, Message, raise_for_status
-from microkernel.errors import InvalidRequest, LlmosError
+from microkernel.errors import ErrorCode, InvalidRequest, LlmosError
 from microkernel.messages import Header, MsgFlag, MsgType
 from servers.base import Server
 from servers.scheduler.blocks import FreeListBlocks
@@ -135,11 +135,11 @@ class SchedulerServer(Server):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         now = time.monotonic()
-        seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
-                       client_key=(channel.channel_id, message.header.txid), sampling=sampling,
-                       stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
-                       deadline=None if submit.timeout_s is None else now + submit.timeout_s)
         try:
+            seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
+                           client_key=(channel.channel_id, message.header.txid), sampling=sampling,
+                           stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
+                           deadline=None if submit.timeout_s is None else now + submit.timeout_s)
             self.scheduler.add(seq)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
@@ -161,6 +161,7 @@ class SchedulerServer(Server):
 
     def on_peer_gone(self, event: C.PeerGone) -> None:
         super().on_peer_gone(event)
+        self._lease_exhausted = False  # someone left: the pool may have blocks again
         for runner, channel in list(self.runners.items()):
             if channel.channel_id == event.channel_id:
                 del self.runners[runner]
@@ -221,23 +222,48 @@ class SchedulerServer(Server):
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed)
                 for c in plan.chunks])
             in_flight.append(plan)
-            channel.request(MsgType.RUNNER_STEP, P.pack(step), on_reply=partial(self._on_step_done, runner, plan))
+            try:
+                channel.request(MsgType.RUNNER_STEP, P.pack(step),
+                                on_reply=partial(self._on_step_done, runner, plan))
+            except (LlmosError, ValueError) as exc:  # the runner just went, or the step is too big
+                log.error("could not send step %d to %s: %s", plan.step_id, runner, exc)
+                in_flight.remove(plan)
+                self.scheduler.requeue(plan)
+                self._deliver(self.scheduler.pop_events())
+                if isinstance(exc, ValueError):
+                    self._fail(plan, f"step too large for a message: {exc}")
+                return
 
     def _on_step_done(self, runner: str, plan: StepPlan, header: Header, payload: bytes) -> None:
         in_flight = self.busy.get(runner, [])
         if plan in in_flight:
             in_flight.remove(plan)
-        if header.status:
-            try:
-                raise_for_status(Message(header, payload))
-            except LlmosError as exc:
-                log.error("%s refused step %d: %s", runner, plan.step_id, exc)
+        try:
+            raise_for_status(Message(header, payload))
+            result: P.StepResult = P.unpack(payload, P.StepResult)
+            events = self.scheduler.postprocess(plan, result.token_ids)
+        except (LlmosError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.error("%s: step %d failed: %s", runner, plan.step_id, exc)
             self.scheduler.requeue(plan)
             self._deliver(self.scheduler.pop_events())
+            if isinstance(exc, InvalidRequest):  # it would fail again: end those requests
+                self._fail(plan, str(exc))
             return
-        result: P.StepResult = P.unpack(payload, P.StepResult)
-        self._deliver(self.scheduler.postprocess(plan, result.token_ids))
+        self._deliver(events)
         self._dispatch()
+
+    def _fail(self, plan: StepPlan, why: str) -> None:
+        """End the requests of a plan that can never run, with the reason, freeing their blocks."""
+        for chunk in plan.chunks:
+            request = self.requests.get(chunk.seq_id)
+            self.scheduler.cancel(chunk.seq_id)
+            if request is not None:
+                self.requests.pop(chunk.seq_id)
+                self.by_txid.pop((request.channel.channel_id, request.txid), None)
+                raw = request.channel.encode_error(Header(MsgType.SCHED_SUBMIT, txid=request.txid),
+                                                   ErrorCode.INTERNAL, f"the runner cannot compute this request: {why}")
+                self._queue(request.channel, self.backlogs.setdefault(request.channel.channel_id, deque()), raw)
+        self.scheduler.pop_events()
 
     def _deliver(self, events: list[Event]) -> None:
         """Send new tokens (per step when streaming, in batches otherwise) and final replies."""
@@ -308,7 +334,9 @@ class SchedulerServer(Server):
     def _on_lease(self, header: Header, payload: bytes) -> None:
         self._lease_pending = False
         if header.status:
-            self._lease_exhausted = True  # the pool is spent: what we hold is all there is
+            # The pool is spent for now: what we hold is what there is, until a block is
+            # given back (a finished client's, after PEER_GONE) and we ask again.
+            self._lease_exhausted = True
             return
         self.blocks.add(P.unpack(payload, P.BlockIds).block_ids)
 
