@@ -1,6 +1,7 @@
-"""Find and remove what an instance left behind: its processes (checked by command line
-so a reused pid is never killed), its arena in /dev/shm, its socket and run dir.
-Used by `llmos up` (stale instances), `llmos down` and the supervisor's shutdown."""
+"""Find and remove what an instance left behind: its processes, its arena in /dev/shm, its
+socket and run dir. A process is identified by pid *and* start time (from /proc), as the
+supervisor recorded them, so a reused pid is never killed. Used by `llmos up` (stale
+instances), `llmos down` and the supervisor's shutdown."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def failure_path(instance: str) -> Path:
     return I.runtime_base() / f"{I.instance_name(instance)}.failure"
 
 
+def lock_path(instance: str) -> Path:
+    """Held (flock) by the instance's supervisor for its whole life."""
+    return I.runtime_base() / f"{I.instance_name(instance)}.lock"
+
+
 def read_state(instance: str) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads((I.run_dir(instance) / STATE_FILE).read_text())
@@ -30,32 +36,23 @@ def read_state(instance: str) -> dict[str, Any]:
         return {}
 
 
-def _cmdline(pid: int) -> str:
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None if there is no such process."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
-def is_instance_process(pid: int | None, instance: str) -> bool:
-    """True if `pid` is alive and is one of this instance's llmos processes."""
-    if not pid or pid == os.getpid():
-        return False
-    cmd = _cmdline(pid)
-    if not cmd:
-        return False
-    environ = ""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        pass
-    return (f"--instance {instance}" in cmd or f"LLMOS_INSTANCE={instance}\0" in environ) and (
-        "microkernel.kernel" in cmd or "servers." in cmd or "tools.supervisor" in cmd or "llmos" in cmd)
+def is_same_process(pid: Any, ticks: Any) -> bool:
+    """True if `pid` is alive and is the process that started at `ticks`."""
+    return isinstance(pid, int) and isinstance(ticks, int) and pid != os.getpid() and start_ticks(pid) == ticks
 
 
 def supervisor_alive(instance: str) -> bool:
-    pid = read_state(instance).get("supervisor_pid")
-    return isinstance(pid, int) and is_instance_process(pid, instance)
+    state = read_state(instance)
+    return is_same_process(state.get("supervisor_pid"), state.get("supervisor_start"))
 
 
 def kill_and_wait(pids: list[int], timeout: float = 10.0) -> None:
@@ -65,26 +62,23 @@ def kill_and_wait(pids: list[int], timeout: float = 10.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(start_ticks(pid) is not None for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
+def clean_instance(instance: str, *, by_supervisor: bool = False) -> bool:
+    """Kill the instance's recorded processes that still run, remove its arena, socket and
+    run dir. Returns True when something was there. Never touches another instance.
 
-
-def clean_instance(instance: str, *, include_self: bool = False) -> bool:
-    """Kill the instance's leftover processes, remove its arena, socket and run dir.
-    Returns True when something was there. Never touches another instance."""
+    Args:
+        by_supervisor: the caller is the instance's supervisor (it is not killed).
+    """
     found = False
     state = read_state(instance)
-    pids = [p.get("pid") for p in state.get("processes", [])]
-    if not include_self:
-        pids.append(state.get("supervisor_pid"))
-    leftovers = [pid for pid in pids if isinstance(pid, int) and is_instance_process(pid, instance)]
+    recorded = [(p.get("pid"), p.get("start")) for p in state.get("processes", [])]
+    if not by_supervisor:
+        recorded.append((state.get("supervisor_pid"), state.get("supervisor_start")))
+    leftovers = [pid for pid, ticks in recorded if is_same_process(pid, ticks)]
     if leftovers:
         kill_and_wait(leftovers)
         found = True

@@ -18,7 +18,8 @@ from tools import supervisor
 from tools.cleanup import (
     clean_instance,
     failure_path,
-    is_instance_process,
+    is_same_process,
+    lock_path,
     read_state,
     supervisor_alive,
 )
@@ -66,14 +67,17 @@ def down(instance: str | None) -> int:
     if supervisor_alive(name) and isinstance(pid, int):
         os.kill(pid, 15)
         deadline = time.monotonic() + DOWN_TIMEOUT_S
-        while is_instance_process(pid, name) and time.monotonic() < deadline:
+        ticks = state.get("supervisor_start")
+        while is_same_process(pid, ticks) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if is_instance_process(pid, name):
+        if is_same_process(pid, ticks):
             print(f"llmos: the supervisor (pid {pid}) did not stop in {DOWN_TIMEOUT_S:g} s; killing the instance",
                   file=sys.stderr)
         clean_instance(name)
+        lock_path(name).unlink(missing_ok=True)
         print(f"instance {name!r} stopped")
         return 0
+    lock_path(name).unlink(missing_ok=True)
     if clean_instance(name):
         print(f"instance {name!r} was not running; cleaned what it left behind")
     else:
@@ -120,7 +124,7 @@ def status_report(instance: str | None) -> dict[str, Any]:
         {
             "name": p["name"],
             "pid": p["pid"],
-            "alive": is_instance_process(p["pid"], name),
+            "alive": is_same_process(p["pid"], p.get("start")),
             "uptime_s": round(now - p["started_at"], 1) if p.get("started_at") else 0.0,
             "restarts": p["restarts"],
             "cpu_s": round(_cpu_seconds(p["pid"]), 2) if p.get("pid") else 0.0,

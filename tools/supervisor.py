@@ -7,6 +7,7 @@ the arena. Run by `llmos up` (in the foreground, or detached as `python -m tools
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -28,7 +29,14 @@ from microkernel.errors import LlmosError
 from microkernel.kernel import parse_size
 from microkernel.lifeline import ENV as SUPERVISOR_ENV
 from servers.memory.tables import tables_size
-from tools.cleanup import STATE_FILE, clean_instance, failure_path, read_state, supervisor_alive
+from tools.cleanup import (
+    STATE_FILE,
+    clean_instance,
+    failure_path,
+    lock_path,
+    read_state,
+    start_ticks,
+)
 from tools.config import Config, ServerSpec
 
 log = logging.getLogger("llmos.supervisor")
@@ -69,6 +77,7 @@ class Supervisor:
         self._stopping = False
         self._log_offsets: dict[Path, int] = {}
         self.owns_instance = False  # set once we know no other supervisor runs it
+        self._lock_fd = -1
 
     # -- start ----------------------------------------------------------------------------
 
@@ -82,15 +91,24 @@ class Supervisor:
                 "in the config")
 
     def up(self) -> None:
-        if supervisor_alive(self.instance):
+        # One supervisor per instance: the lock is held for our whole life (the kernel
+        # drops it if we die), so two `llmos up` can never both go on.
+        I.runtime_base().mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(lock_path(self.instance), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
             state = read_state(self.instance)
             raise InstanceFailed(f"instance {self.instance!r} is already up (supervisor pid "
-                                 f"{state.get('supervisor_pid')}); `llmos down` stops it")
+                                 f"{state.get('supervisor_pid', '?')}); `llmos down` stops it") from None
         self.owns_instance = True
         if clean_instance(self.instance):
             log.warning("cleaned what a crashed instance %r left behind", self.instance)
         self.check_resources()
         I.make_run_dir(self.instance)
+        self.write_state()  # from now on `llmos status` and `down` know us
         if not self.foreground:
             # Detached: from here on our own log lives in the run dir with the others'.
             log_fd = os.open(self.run_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -276,15 +294,19 @@ class Supervisor:
         if self.children:
             _terminate(self.children[0])
         self._echo_logs()
-        clean_instance(self.instance, include_self=True)
+        clean_instance(self.instance, by_supervisor=True)
+        lock_path(self.instance).unlink(missing_ok=True)
+        os.close(self._lock_fd)
         log.info("instance %r stopped", self.instance)
 
     def write_state(self) -> None:
         state = {
             "instance": self.instance,
             "supervisor_pid": os.getpid(),
+            "supervisor_start": start_ticks(os.getpid()),
             "processes": [
-                {"name": c.name, "pid": c.pid, "started_at": c.started_wall, "restarts": c.restarts}
+                {"name": c.name, "pid": c.pid, "start": start_ticks(c.pid) if c.pid else None,
+                 "started_at": c.started_wall, "restarts": c.restarts}
                 for c in self.children
             ],
         }
