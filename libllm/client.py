@@ -19,10 +19,11 @@ from types import TracebackType
 from libllm import protocol as P
 from libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
 from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
-from microkernel.errors import InvalidRequest, PeerGone, Timeout
+from microkernel.errors import InvalidRequest, PeerGone, Timeout, WouldBlock
 from microkernel.messages import MsgFlag, MsgType
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
+PUMP_SLICE_S = 0.05  # a waiting thread holds the session lock at most this long at a time
 
 
 class ServerGone(PeerGone):
@@ -73,7 +74,9 @@ class Session:
     def __init__(self, endpoint: Endpoint, channel: Channel) -> None:
         self._endpoint = endpoint
         self._channel = channel
-        self._lock = threading.Lock()
+        # Re-entrant: an abandoned stream's cleanup may run (from the garbage collector)
+        # while this very thread holds the lock.
+        self._lock = threading.RLock()
         self._requests: dict[int, _Request] = {}
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
@@ -108,11 +111,18 @@ class Session:
         prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
         submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
                           _stream, timeout)
-        with self._lock:
-            txid = self._channel.request(MsgType.SCHED_SUBMIT, P.pack(submit), timeout=timeout)
-            request = _Request(txid, prompt_ids)
-            self._requests[txid] = request
         deadline = None if timeout is None else time.monotonic() + timeout
+        payload = P.pack(submit)
+        while True:
+            with self._lock:
+                try:
+                    txid = self._channel.request(MsgType.SCHED_SUBMIT, payload, timeout=timeout)
+                except WouldBlock:  # the channel's window is full: take replies until a slot frees
+                    self._receive_slice(deadline)
+                    continue
+                request = _Request(txid, prompt_ids)
+                self._requests[txid] = request
+                break
         return _Pieces(self, request, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
 
     def close(self) -> None:
@@ -162,19 +172,26 @@ class Session:
             return self._channel.call(type_, payload, timeout)
 
     def _pump(self, request: _Request, deadline: float | None) -> None:
-        """Receive until `request` has news; replies for other requests are filed away."""
-        with self._lock:
-            while not request.fresh and request.finished is None and request.error is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"request {request.txid} did not finish within its timeout")
-                try:
-                    message = self._channel.receive(remaining)
-                except Timeout:
-                    continue
-                except PeerGone as exc:
-                    raise ServerGone(f"the scheduler went away: {exc}") from None
-                self._route(message)
+        """Receive until `request` has news; replies for other requests are filed away.
+        The lock is taken per slice, so other threads submit and cancel meanwhile."""
+        while True:
+            with self._lock:
+                if request.fresh or request.finished is not None or request.error is not None:
+                    return
+                self._receive_slice(deadline, request.txid)
+
+    def _receive_slice(self, deadline: float | None, txid: int = 0) -> None:
+        """Route at most one reply, waiting at most one slice (lock held)."""
+        remaining = PUMP_SLICE_S if deadline is None else min(PUMP_SLICE_S, deadline - time.monotonic())
+        if remaining <= 0:
+            raise DeadlineExceeded(f"request {txid or 'submit'} did not finish within its timeout")
+        try:
+            message = self._channel.receive(remaining)
+        except Timeout:
+            return
+        except PeerGone as exc:
+            raise ServerGone(f"the scheduler went away: {exc}") from None
+        self._route(message)
 
     def _route(self, message: Message) -> None:
         header = message.header
@@ -219,6 +236,14 @@ class _Pieces:
         self._num_kept = 0
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._pieces()
+        finally:
+            request = self._request
+            if request.finished is None and request.error is None and not self._stopped_by_string:
+                self._session._cancel(request)  # the caller stopped early: free its blocks
+
+    def _pieces(self) -> Iterator[str]:
         request = self._request
         while True:
             self._session._pump(request, self._deadline)

@@ -186,3 +186,28 @@ def test_model_info_and_stats_through_the_scheduler(instance: str) -> None:
     assert info.context_length == 512
     stats = scheduler_stats(instance)
     assert stats["num_generated_tokens"] > 0 and stats["num_steps"] > 0
+
+
+def test_more_requests_than_the_window_in_one_session(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        streams = [session.stream("Zoo", max_tokens=20 + i) for i in range(12)]  # the window is 7
+        texts = ["".join(s) for s in streams]
+    assert all(t.startswith(" was a little girl") for t in texts)
+    wait_until(lambda: all_blocks_free(instance), "every request's blocks to be free")
+
+
+def test_leaving_a_stream_early_cancels_it(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        for piece in session.stream("Once upon a time", max_tokens=400):
+            if piece.strip():
+                break
+        wait_until(lambda: all_blocks_free(instance), "the abandoned request to be cancelled")
+        assert session.generate("Zoo", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_threads_share_one_session(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        expected = session.generate("Zoo", max_tokens=30).text
+        with ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(lambda _: session.generate("Zoo", max_tokens=30).text, range(16)))
+    assert texts == [expected] * 16
