@@ -63,6 +63,7 @@ class Channel:
         self._next_txid = 1
         self._in_flight: dict[int, ReplyCallback | None] = {}
         self._stash: dict[int, Message] = {}
+        self._abandoned: set[int] = set()  # txids whose caller timed out: late replies are dropped
         self.closed = False
 
     @property
@@ -151,6 +152,10 @@ class Channel:
     def complete(self, message: Message) -> bool:
         """Route a reply to its waiting callback; True if it was one of ours."""
         header = message.header
+        if header.txid in self._abandoned:
+            if not header.flags & MsgFlag.MORE:
+                self._abandoned.discard(header.txid)
+            return True
         if header.txid not in self._in_flight:
             return False
         callback = self._in_flight[header.txid]
@@ -177,6 +182,7 @@ class Channel:
                 message = self.receive(remaining)
             except Timeout:
                 self._in_flight.pop(txid, None)
+                self._abandoned.add(txid)
                 raise Timeout(f"no reply from {self.peer_name!r} to txid {txid} within {timeout} s") from None
             if not self.complete(message):
                 raise ProtocolError(f"{self.peer_name!r} answered txid {message.header.txid}, which nobody asked")

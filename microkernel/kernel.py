@@ -274,7 +274,12 @@ class Kernel:
         try:
             client_bell = Doorbell.attach(self.arena, client.doorbell)
             server_bell = Doorbell.attach(self.arena, server.doorbell)
-            req_off, rep_off = self._alloc_channel_ring(), self._alloc_channel_ring()
+            req_off = self._alloc_channel_ring()
+            try:
+                rep_off = self._alloc_channel_ring()
+            except ArenaError:
+                self._free_channel_rings.append(req_off)
+                raise
         except ArenaError as exc:
             self._reply_error(client.sock, header, ErrorCode.OVERLOADED, f"kernel out of ring space: {exc}")
             return
