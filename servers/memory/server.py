@@ -73,6 +73,10 @@ class MemoryServer(Server):
         request = _decode(message, P.AllocBlocks)
         owner = channel.info.client_id
         if request.lease:
+            if channel.info.client_name not in TRUSTED_PEERS:
+                # A lease is uncharged until claimed: only a peer that claims on behalf of its
+                # clients may hold one, or anyone could sidestep the quotas.
+                raise InvalidRequest("only the scheduler may lease blocks; ask for charged blocks instead")
             ids = self.memory.blocks.lease(owner, request.num_blocks)
         else:
             ids = self.memory.blocks.allocate(request.num_blocks, owner, charged_client(channel, request.client_id))

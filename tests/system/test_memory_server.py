@@ -117,6 +117,8 @@ def test_quota_refuses_one_client_and_spares_the_others(instance: str) -> None:
             ca.call(MsgType.MEM_FREE_SEGMENT, P.pack(P.SegmentRef(segment_id=10**6, generation=1)))
         with pytest.raises(InvalidRequest):
             ca.call(MsgType.MEM_ALLOC_BLOCKS, b"not msgpack at all")
+        with pytest.raises(InvalidRequest, match="only the scheduler may lease"):
+            ca.call(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(100, lease=True)))
 
 
 def test_a_killed_client_gets_everything_back_at_once(instance: str, cli: Cli) -> None:
