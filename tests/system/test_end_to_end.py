@@ -20,9 +20,8 @@ from microkernel.endpoint import Endpoint
 from microkernel.messages import MsgType
 from servers.runner.model import Model, generate
 from servers.runner.sampling import SamplingParams
-from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
-from tests.system.test_supervisor import Cli
+from tests.system.cli import running_instance
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -51,16 +50,8 @@ module = "servers.scheduler"
 
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    runtime = tmp_path_factory.mktemp("run")
-    runtime.chmod(0o700)
-    cli = Cli(runtime)
-    name = unique_instance("e2e")
-    cli("up", "--detach", "--instance", name, "--config", cli.config(CONFIG))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLMOS_RUNTIME_DIR", str(runtime))
-    yield name
-    mp.undo()
-    cli("down", "--instance", name)
+    with running_instance(tmp_path_factory, CONFIG, "e2e") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

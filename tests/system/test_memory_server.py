@@ -19,7 +19,7 @@ from microkernel.errors import InvalidRequest, QuotaExceeded
 from microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
-from tests.system.test_supervisor import Cli
+from tests.system.cli import Cli
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0

@@ -14,8 +14,7 @@ from microkernel.endpoint import Channel, Endpoint
 from microkernel.errors import InvalidRequest
 from microkernel.messages import MsgType
 from servers.runner.loaders import default_model_path
-from tests.conftest import unique_instance
-from tests.system.test_supervisor import Cli
+from tests.system.cli import running_instance
 
 pytestmark = pytest.mark.slow
 EXPECTED_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."
@@ -36,16 +35,8 @@ module = "servers.runner"
 
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    runtime = tmp_path_factory.mktemp("run")
-    runtime.chmod(0o700)
-    cli = Cli(runtime)
-    name = unique_instance("run")
-    cli("up", "--detach", "--instance", name, "--config", cli.config(CONFIG))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLMOS_RUNTIME_DIR", str(runtime))
-    yield name
-    mp.undo()
-    cli("down", "--instance", name)
+    with running_instance(tmp_path_factory, CONFIG, "run") as name:
+        yield name
 
 
 def step(runner: Channel, step_id: int, *chunks: P.StepChunk) -> list[int]:

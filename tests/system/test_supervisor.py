@@ -4,14 +4,12 @@ two instances side by side. Every wait is on an observable event, with a long ti
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,36 +17,10 @@ from microkernel.endpoint import Endpoint
 from microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
+from tests.system.cli import Cli
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0
-
-
-class Cli:
-    """Runs the `llmos` command as a user would, against a private runtime dir."""
-
-    def __init__(self, runtime: Path) -> None:
-        self.runtime = runtime
-        self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(runtime)}
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "tools.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=WAIT * 2, check=False)
-        if check:
-            assert proc.returncode == 0, f"llmos {' '.join(args)}: {proc.stdout}{proc.stderr}"
-        return proc
-
-    def status(self, instance: str) -> dict[str, Any]:
-        report: dict[str, Any] = json.loads(self("status", "--instance", instance, "--json", check=False).stdout)
-        return report
-
-    def pids(self, instance: str) -> dict[str, int]:
-        return {p["name"]: p["pid"] for p in self.status(instance)["processes"] if p["alive"]}
-
-    def config(self, body: str) -> str:
-        path = self.runtime / f"config-{len(list(self.runtime.glob('config-*')))}.toml"
-        path.write_text(body)
-        return str(path)
 
 
 ECHO_CONFIG = """

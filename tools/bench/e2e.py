@@ -9,6 +9,7 @@ libllm. Interleaved repetitions; ratios as median [min-max] (DESIGN.md, Targets)
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -16,12 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tools.bench.report import ratio, table, write_json
 
 CTX = mp.get_context("fork")
 WAIT = 300.0
+CLI = [sys.executable, "-m", "tools.cli"]
 
 
 def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
@@ -45,19 +49,30 @@ def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: 
         out.put((start, time.perf_counter(), tokens))
 
 
-def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: int, requests: int) -> float:
-    instance = f"bench-e2e-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
-    servers = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
+@contextmanager
+def instance_with(runtime: str, num_runners: int, pages: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """An instance (memory server, `num_runners` runners, scheduler) under `runtime`;
+    yields its name and the environment that reaches it. LLMOS_RUNTIME_DIR is set here too."""
+    instance = f"bench-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
+    runners = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
     config = os.path.join(runtime, f"{instance}.toml")
     with open(config, "w") as f:
-        f.write(f'[memory]\npages = "32M"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n{servers}\n'
-                f'[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
+        f.write(f'[memory]\npages = "{pages}"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n'
+                f'{runners}\n[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
     env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-    cli = [sys.executable, "-m", "tools.cli"]
-    subprocess.run([*cli, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
+    subprocess.run([*CLI, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
                    capture_output=True, timeout=WAIT)
+    os.environ["LLMOS_RUNTIME_DIR"] = runtime
     try:
-        os.environ["LLMOS_RUNTIME_DIR"] = runtime
+        yield instance, env
+    finally:
+        os.environ.pop("LLMOS_RUNTIME_DIR", None)
+        subprocess.run([*CLI, "down", "--instance", instance], env=env, check=False, capture_output=True,
+                       timeout=WAIT)
+
+
+def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: int, requests: int) -> float:
+    with instance_with(runtime, num_runners, "32M") as (instance, _env):
         barrier, out = CTX.Barrier(num_clients), CTX.Queue()
         workers = [CTX.Process(target=_client, args=(instance, i, max_tokens, requests, barrier, out))
                    for i in range(num_clients)]
@@ -66,10 +81,6 @@ def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: 
         results = [out.get(timeout=WAIT * 2) for _ in workers]
         for w in workers:
             w.join(WAIT)
-    finally:
-        os.environ.pop("LLMOS_RUNTIME_DIR", None)
-        subprocess.run([*cli, "down", "--instance", instance], env=env, check=False, capture_output=True,
-                       timeout=WAIT)
     start = min(r[0] for r in results)
     end = max(r[1] for r in results)
     return float(sum(r[2] for r in results) / (end - start))
@@ -91,35 +102,22 @@ def _pss_kib(pid: int, path_part: str = "") -> int:
 def runner_memory(runtime: str, num_runners: int) -> dict[str, float]:
     """PSS per runner, and of the model's weights within it, with `num_runners` runners:
     weights are mapped (or dequantised into one shared segment), so they split N ways."""
-    import json as _json
 
     from servers.runner.loaders import default_model_path
 
-    instance = f"bench-pss-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
-    servers = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
-    config = os.path.join(runtime, f"{instance}.toml")
-    with open(config, "w") as f:
-        f.write(f'[memory]\npages = "8M"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n{servers}\n'
-                f'[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
-    env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-    cli = [sys.executable, "-m", "tools.cli"]
-    subprocess.run([*cli, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
-                   capture_output=True, timeout=WAIT)
-    try:
+
+    with instance_with(runtime, num_runners, "8M") as (instance, env):
         # Enough concurrent work that every runner computes (and so touches every weight page).
         generate = ("import libllm, concurrent.futures as f\n"
                     f"def one(i):\n    with libllm.connect({instance!r}) as s: s.generate('', max_tokens=30, seed=i)\n"
                     f"list(f.ThreadPoolExecutor(8).map(one, range(8 * {num_runners})))\n")
         subprocess.run([sys.executable, "-c", generate], env=env, check=True, capture_output=True, timeout=WAIT)
-        status = _json.loads(subprocess.run([*cli, "status", "--instance", instance, "--json"], env=env,
+        status = json.loads(subprocess.run([*CLI, "status", "--instance", instance, "--json"], env=env,
                                             capture_output=True, text=True, timeout=WAIT).stdout)
         pids = [p["pid"] for p in status["processes"] if p["name"].startswith("runner.")]
         model = default_model_path().name
         return {"pss_kib_per_runner": statistics.mean(_pss_kib(pid) for pid in pids),
                 "weights_pss_kib_per_runner": statistics.mean(_pss_kib(pid, model) for pid in pids)}
-    finally:
-        subprocess.run([*cli, "down", "--instance", instance], env=env, check=False, capture_output=True,
-                       timeout=WAIT)
 
 
 def main(argv: list[str]) -> int:
