@@ -23,7 +23,8 @@ from microkernel.errors import InvalidRequest, PeerGone, Timeout, WouldBlock
 from microkernel.messages import MsgFlag, MsgType
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
-PUMP_SLICE_S = 0.05  # a waiting thread holds the session lock at most this long at a time
+PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock this long at most
+WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline at least this often
 
 
 class ServerGone(PeerGone):
@@ -173,12 +174,25 @@ class Session:
 
     def _pump(self, request: _Request, deadline: float | None) -> None:
         """Receive until `request` has news; replies for other requests are filed away.
-        The lock is taken per slice, so other threads submit and cancel meanwhile."""
+        Waiting happens outside the lock (parked on the ring's doorbell), so other threads
+        submit, cancel and drain meanwhile; whoever holds the lock routes what came."""
         while True:
             with self._lock:
+                self._drain()
                 if request.fresh or request.finished is not None or request.error is not None:
                     return
-                self._receive_slice(deadline, request.txid)
+            remaining = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+            if remaining <= 0:
+                raise DeadlineExceeded(f"request {request.txid} did not finish within its timeout")
+            self._channel.incoming.wait_readable(remaining)
+
+    def _drain(self) -> None:
+        """Route every reply that is already there (lock held)."""
+        try:
+            while (message := self._channel.try_receive()) is not None:
+                self._route(message)
+        except PeerGone as exc:
+            raise ServerGone(f"the scheduler went away: {exc}") from None
 
     def _receive_slice(self, deadline: float | None, txid: int = 0) -> None:
         """Route at most one reply, waiting at most one slice (lock held)."""

@@ -112,7 +112,9 @@ class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One sequence's share of a step: `token_ids` at positions start_pos, start_pos+1...
-    With `wants_token`, a token is sampled at the chunk's end with (seed, position)."""
+    With `wants_token`, a token is sampled at the chunk's end with (seed, position); with
+    `num_steps` > 1 the runner goes on decoding, up to that many tokens or a stop id, so
+    `block_table` must cover the positions those extra tokens are fed at."""
 
     seq_id: int
     block_table: list[int]
@@ -123,6 +125,7 @@ class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    num_steps: int = 1
 
 
 class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -133,10 +136,10 @@ class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StepResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """RUNNER_STEP reply: one token per chunk, -1 where none was asked for."""
+    """RUNNER_STEP reply: the tokens each chunk made (none where none was asked for)."""
 
     step_id: int
-    token_ids: list[int]
+    token_ids: list[list[int]]
     compute_s: float
 
 

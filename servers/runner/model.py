@@ -15,7 +15,7 @@ every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,35 @@ class Model:
                 logits[to_sample], params, [chunks[i].end_pos for i in to_sample]
             )
         return StepOutput(logits=logits, token_ids=token_ids)
+
+
+def run_steps(
+    model: Model,
+    chunks: Sequence[SeqChunk],
+    num_steps: Sequence[int],
+    kv: np.ndarray,
+    stop_ids: Collection[int],
+) -> list[list[int]]:
+    """One scheduler step: compute ``chunks``, then keep decoding each chunk that asked for
+    ``num_steps`` > 1 tokens, feeding back its last token, until it has that many or samples
+    a stop id (kept as its last token). Returns the tokens per chunk ([] where none wanted).
+
+    Each inner step is an ordinary batched step, so every token is bit-identical to what
+    one-token steps would give (batch invariance, (seed, position) sampling).
+    """
+    first = model.step(chunks, kv)
+    made = [[int(t)] if c.wants_logits else [] for c, t in zip(chunks, first.token_ids, strict=True)]
+    alive = [i for i, c in enumerate(chunks) if made[i] and num_steps[i] > 1 and made[i][0] not in stop_ids]
+    while alive:
+        step = [
+            SeqChunk(chunks[i].block_table, chunks[i].end_pos + len(made[i]) - 1, (made[i][-1],),
+                     sampling=chunks[i].sampling)
+            for i in alive
+        ]
+        for i, token in zip(alive, model.step(step, kv).token_ids, strict=True):
+            made[i].append(int(token))
+        alive = [i for i in alive if len(made[i]) < num_steps[i] and made[i][-1] not in stop_ids]
+    return made
 
 
 def generate(

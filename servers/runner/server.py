@@ -25,7 +25,7 @@ from microkernel.errors import InvalidRequest
 from microkernel.messages import MsgType
 from servers.base import Server
 from servers.runner.loaders import tokenizer_path_for
-from servers.runner.model import Model, SeqChunk
+from servers.runner.model import Model, SeqChunk, run_steps
 from servers.runner.sampling import SamplingParams
 
 log = logging.getLogger("llmos.runner")
@@ -72,17 +72,22 @@ class RunnerServer(Server):
             raise InvalidRequest(f"bad Step payload: {exc}") from None
         chunks = [self._chunk(c) for c in step.chunks]
         started = time.perf_counter()
-        out = self.model.step(chunks, self.kv)
+        made = run_steps(self.model, chunks, [c.num_steps for c in step.chunks], self.kv, self.stop_ids)
         elapsed = time.perf_counter() - started
         self.num_steps += 1
         self.busy_s += elapsed
-        return P.pack(P.StepResult(step.step_id, [int(t) for t in out.token_ids], elapsed))
+        return P.pack(P.StepResult(step.step_id, made, elapsed))
 
     def _chunk(self, c: P.StepChunk) -> SeqChunk:
         """Check everything a chunk names before the model touches the KV pool."""
         if not c.token_ids:
             raise InvalidRequest(f"sequence {c.seq_id}: a chunk needs at least one token")
-        end = c.start_pos + len(c.token_ids)
+        if not 1 <= c.num_steps <= self.info.context_length:
+            raise InvalidRequest(f"sequence {c.seq_id}: num_steps must be in 1..{self.info.context_length}")
+        if c.num_steps > 1 and not c.wants_token:
+            raise InvalidRequest(f"sequence {c.seq_id}: num_steps > 1 needs wants_token")
+        # The last token made is fed at end + num_steps - 2; its KV is written by a later step.
+        end = c.start_pos + len(c.token_ids) + c.num_steps - 1
         if c.start_pos < 0 or end > self.info.context_length:
             raise InvalidRequest(f"sequence {c.seq_id}: positions {c.start_pos}..{end} outside the context "
                                  f"of {self.info.context_length}")
@@ -96,6 +101,10 @@ class RunnerServer(Server):
         except ValueError as exc:
             raise InvalidRequest(f"sequence {c.seq_id}: {exc}") from None
         return SeqChunk(c.block_table[:needed], c.start_pos, c.token_ids, c.wants_token, sampling)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset(self.info.stop_ids)
 
 
 def _sha256(path: Path) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from servers.base import configure_logging
-from servers.scheduler.server import SchedulerServer
+from servers.scheduler.server import DECODE_STEPS, SchedulerServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runners", required=True, help="comma-separated runner names")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--token-budget", type=int, default=512)
+    parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help="tokens per decode step (multi-step)")
     ns = parser.parse_args(argv)
     configure_logging(ns.name)
     server = SchedulerServer(ns.instance, runners=[r for r in ns.runners.split(",") if r],
-                             max_batch_size=ns.max_batch_size, token_budget=ns.token_budget, name=ns.name)
+                             max_batch_size=ns.max_batch_size, token_budget=ns.token_budget,
+                             decode_steps=ns.decode_steps, name=ns.name)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

@@ -24,6 +24,9 @@ class SchedulerConfig:
         max_running: sequences admitted (holding blocks) at once, across all steps in
             flight; ``None`` means ``max_batch_size`` (one runner). With N runners, N times.
         policy: which sequence goes first; only "fcfs" for now.
+        decode_steps: tokens a runner makes in a row for a decoding sequence in one step
+            (multi-step decoding: the scheduler's work per token divides by it; the runner
+            samples with the same (seed, position) draws and stops at a stop id).
     """
 
     max_context: int
@@ -33,9 +36,10 @@ class SchedulerConfig:
     token_budget: int = 512
     max_running: int | None = None
     policy: str = "fcfs"
+    decode_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "vocab_size", "block_size", "max_batch_size", "token_budget"):
+        for name in ("max_context", "vocab_size", "block_size", "max_batch_size", "token_budget", "decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

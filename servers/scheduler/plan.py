@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from servers.scheduler.sequence import Sampling
 
@@ -17,10 +18,11 @@ from servers.scheduler.sequence import Sampling
 class ChunkPlan:
     """One sequence's share of a step: ``token_ids`` at positions ``start_pos...``.
 
-    ``block_table`` covers at least positions below ``end_pos``. When ``wants_token``,
-    the runner samples the token at position ``end_pos`` with ``sampling`` (the draw is a
-    function of (seed, end_pos)); otherwise it computes KV only (a prefill chunk that
-    does not reach the end of the sequence's tokens).
+    ``block_table`` covers at least positions below ``end_pos + num_steps - 1``. When
+    ``wants_token``, the runner samples the token at position ``end_pos`` with ``sampling``
+    (the draw is a function of (seed, end_pos)); otherwise it computes KV only (a prefill
+    chunk that does not reach the end of the sequence's tokens). With ``num_steps`` > 1 it
+    goes on decoding: up to ``num_steps`` tokens, fewer if it samples a stop id.
     """
 
     seq_id: int
@@ -29,6 +31,7 @@ class ChunkPlan:
     token_ids: tuple[int, ...]
     wants_token: bool
     sampling: Sampling
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -57,16 +60,18 @@ class StepPlan:
 
 
 def sampled_tokens(
-    plan: StepPlan, sampled: Mapping[int, int] | Iterable[int], vocab_size: int
-) -> list[int | None]:
-    """The token a runner's reply gives each chunk of ``plan`` (None where none is wanted).
+    plan: StepPlan, sampled: Mapping[int, Any] | Iterable[Any], vocab_size: int
+) -> list[list[int] | None]:
+    """The tokens a runner's reply gives each chunk of ``plan`` (None where none is wanted).
 
     Args:
-        sampled: one value per chunk in order (anything where a chunk wants no token), or
-            a mapping seq_id -> token.
+        sampled: one value per chunk in order, or a mapping seq_id -> value; a value is a
+            token, or the list of tokens a multi-step chunk made (1 to ``num_steps``).
+            Anything may stand where a chunk wants no token.
 
     Raises:
-        ValueError: a wanted token is missing or outside ``[0, vocab_size)``.
+        ValueError: a wanted token is missing, outside ``[0, vocab_size)``, or more than
+            the chunk's ``num_steps``.
     """
     if isinstance(sampled, Mapping):
         missing = [c.seq_id for c in plan.chunks if c.wants_token and c.seq_id not in sampled]
@@ -80,7 +85,16 @@ def sampled_tokens(
                 f"step {plan.step_id}: {len(values)} tokens for {len(plan.chunks)} chunks"
             )
         raw = [v if c.wants_token else None for c, v in zip(plan.chunks, values, strict=True)]
-    tokens = [None if v is None else int(v) for v in raw]
-    if any(t is not None and not 0 <= t < vocab_size for t in tokens):
-        raise ValueError(f"step {plan.step_id}: a sampled token is outside [0, {vocab_size})")
+    tokens: list[list[int] | None] = []
+    for chunk, value in zip(plan.chunks, raw, strict=True):
+        if value is None:
+            tokens.append(None)
+            continue
+        made = [int(t) for t in value] if isinstance(value, (list, tuple)) else [int(value)]
+        if not 1 <= len(made) <= chunk.num_steps or any(not 0 <= t < vocab_size for t in made):
+            raise ValueError(
+                f"step {plan.step_id}: sequence {chunk.seq_id} needs 1..{chunk.num_steps} tokens "
+                f"in [0, {vocab_size}), got {made}"
+            )
+        tokens.append(made)
     return tokens

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from servers.scheduler.blocks import BlockSource
 from servers.scheduler.config import SchedulerConfig
@@ -66,6 +67,13 @@ class Scheduler:
     @property
     def steps_in_flight(self) -> tuple[StepPlan, ...]:
         return tuple(self._in_flight.values())
+
+    @property
+    def num_schedulable(self) -> int:
+        """Sequences a plan could take now: running ones not in flight nor paused, and
+        waiting ones (which may still lack blocks)."""
+        running = sum(1 for s in self._running if not (s.is_in_flight or s.is_paused))
+        return running + sum(1 for s in self._waiting if not s.is_paused)
 
     @property
     def is_stalled(self) -> bool:
@@ -143,16 +151,18 @@ class Scheduler:
         return events
 
     # ------------------------------------------------------------------ steps
-    def schedule(self, now: float) -> StepPlan | None:
+    def schedule(self, now: float, max_seqs: int | None = None) -> StepPlan | None:
         """Plan one step from the sequences not in flight, or None if there is nothing to do.
 
         Sequences whose deadline is at or before ``now`` finish first (FinishEvents in
         ``pop_events()``). Then running decodes (one token each), then running prefills,
         then admissions from the waiting queue, each in policy order, while the batch and
         the token budget allow. Each chunk's blocks are allocated as it is planned.
+        ``max_seqs`` caps this plan below ``max_batch_size`` (to share work between runners).
         """
         self._expire(now)
         c = self.config
+        limit = c.max_batch_size if max_seqs is None else max(1, min(max_seqs, c.max_batch_size))
         chunks: list[ChunkPlan] = []
         planned: set[int] = set()
         budget = c.token_budget
@@ -161,7 +171,7 @@ class Scheduler:
         decodes = [s for s in ready if s.num_remaining == 1]
         prefills = [s for s in ready if s.num_remaining > 1]
         for seq in decodes + prefills:
-            if len(chunks) == c.max_batch_size or budget == 0:
+            if len(chunks) == limit or budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted for a sequence planned earlier in this loop
@@ -173,7 +183,7 @@ class Scheduler:
         # paused one is passed: it waits for its client, not for room).
         for seq in list(self._waiting):
             if (
-                len(chunks) == c.max_batch_size
+                len(chunks) == limit
                 or budget == 0
                 or len(self._running) >= c.num_running_limit
             ):
@@ -205,14 +215,15 @@ class Scheduler:
         return plan
 
     def postprocess(
-        self, plan: StepPlan, sampled: Mapping[int, int] | Iterable[int]
+        self, plan: StepPlan, sampled: Mapping[int, Any] | Iterable[Any]
     ) -> list[Event]:
         """Apply the reply of ``plan``: its KV now counts, its sampled tokens join outputs.
 
         Args:
             plan: a plan from ``schedule`` that is still in flight.
-            sampled: the token per chunk, aligned with ``plan.chunks`` (any value where a
-                chunk wants none, e.g. -1), or a mapping seq_id -> token.
+            sampled: per chunk, aligned with ``plan.chunks``, its token or the list of tokens
+                a multi-step chunk made (any value where a chunk wants none, e.g. -1), or a
+                mapping seq_id -> such a value.
 
         Returns:
             TokenEvents and FinishEvents, in chunk order. Finished sequences' blocks are free.
@@ -226,29 +237,32 @@ class Scheduler:
         tokens = sampled_tokens(plan, sampled, self.config.vocab_size)
         del self._in_flight[plan.step_id]
         events: list[Event] = []
-        for chunk, token in zip(plan.chunks, tokens, strict=True):
+        for chunk, made in zip(plan.chunks, tokens, strict=True):
             seq = self._seqs[chunk.seq_id]
             seq.is_in_flight = False
             if seq.is_cancel_requested:
                 events.append(self._finish(seq, "cancelled"))
                 continue
             assert seq.num_computed == chunk.start_pos and seq.status is SeqStatus.RUNNING
-            seq.num_computed = chunk.end_pos
-            self._counters.num_computed_tokens += chunk.num_tokens
+            # Each token after the first was made by feeding back the one before it, which
+            # wrote that one's KV: the last token's KV is still to compute, as after one step.
+            seq.num_computed = chunk.end_pos + (len(made) - 1 if made else 0)
+            self._counters.num_computed_tokens += seq.num_computed - chunk.start_pos
             num_prompt = min(chunk.end_pos, seq.num_prompt_tokens) - chunk.start_pos
             self._counters.num_prompt_tokens += max(0, num_prompt)
-            if token is None:
-                continue
-            if token in seq.stop_ids:
-                events.append(self._finish(seq, "stop"))
-                continue
-            seq.output_ids.append(token)
-            self._counters.num_generated_tokens += 1
-            events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1))
-            if seq.num_output_tokens >= seq.max_tokens:
-                events.append(self._finish(seq, "length"))
-            elif seq.num_tokens >= self.config.max_context:
-                events.append(self._finish(seq, "context"))
+            for token in made or ():
+                if token in seq.stop_ids:
+                    events.append(self._finish(seq, "stop"))
+                    break
+                seq.output_ids.append(token)
+                self._counters.num_generated_tokens += 1
+                events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1))
+                if seq.num_output_tokens >= seq.max_tokens:
+                    events.append(self._finish(seq, "length"))
+                    break
+                if seq.num_tokens >= self.config.max_context:
+                    events.append(self._finish(seq, "context"))
+                    break
         return events
 
     def requeue(self, plan: StepPlan) -> None:
@@ -304,14 +318,33 @@ class Scheduler:
             seq.block_table.extend(self.blocks.allocate(need))
         planned.add(seq.seq_id)
         end = start + num_new
+        wants_token = end == seq.num_tokens
+        num_steps = self._decode_steps(seq, end) if wants_token and num_new == 1 else 1
         return ChunkPlan(
             seq_id=seq.seq_id,
             block_table=tuple(seq.block_table),
             start_pos=start,
             token_ids=seq.token_slice(start, end),
-            wants_token=end == seq.num_tokens,
+            wants_token=wants_token,
             sampling=seq.sampling,
+            num_steps=num_steps,
         )
+
+    def _decode_steps(self, seq: Sequence, end: int) -> int:
+        """How many tokens in a row a decode chunk ending at ``end`` may make: at most
+        ``decode_steps``, the tokens ``seq`` may still output, the context, and what the
+        blocks already allocated or free now can hold (never preempting for it)."""
+        c = self.config
+        k = min(c.decode_steps, seq.max_tokens - seq.num_output_tokens, c.max_context - seq.num_tokens)
+        while k > 1:
+            extra = c.blocks_needed(end + k - 1) - len(seq.block_table)
+            if extra <= 0:
+                break
+            if self.blocks.can_allocate(extra):
+                seq.block_table.extend(self.blocks.allocate(extra))
+                break
+            k -= 1
+        return max(1, k)
 
     def _preempt_for(self, seq: Sequence, need: int, planned: set[int]) -> None:
         """Preempt running sequences ranked strictly below ``seq``, the lowest first, until

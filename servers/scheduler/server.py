@@ -37,10 +37,14 @@ STARTUP_TIMEOUT_S = 60.0
 # Steps in flight per runner. With two, the runner computes one half of the batch while
 # this loop handles the other half's reply: the scheduler's work hides behind compute.
 PIPELINE_DEPTH = 2
+# Tokens a runner makes in a row for a decoding sequence per step: this loop's work per token
+# divides by it, at the price of tokens arriving in small bursts and a cancel taking effect
+# up to that many tokens late.
+DECODE_STEPS = 16
 # Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
 # its client is not woken for them, and fewer records cost both sides less. They still
 # arrive during generation, so a client knows what it has if the scheduler dies.
-NON_STREAM_BATCH = 16
+NON_STREAM_BATCH = 64
 # Flags as plain ints: enum arithmetic is measurable per token.
 TOKENS_STREAM = int(MsgFlag.REPLY | MsgFlag.MORE | MsgFlag.WAKE)
 TOKENS_QUIET = int(MsgFlag.REPLY | MsgFlag.MORE)
@@ -65,7 +69,7 @@ class SchedulerServer(Server):
     name = "scheduler"
 
     def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
-                 token_budget: int = 512, name: str | None = None) -> None:
+                 token_budget: int = 512, decode_steps: int = DECODE_STEPS, name: str | None = None) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
@@ -87,12 +91,15 @@ class SchedulerServer(Server):
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
             block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // PIPELINE_DEPTH),
-            token_budget=token_budget, max_running=max_batch_size * len(runners)), self.blocks)
+            token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps),
+            self.blocks)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
         self._next_seq_id = 1
         self._lease_pending = False
         self._lease_exhausted = False
+        self.runner_busy_s = 0.0  # sum of the runners' compute time (U = this / wall / runners)
+        self.started = time.monotonic()
 
     # -- startup (blocking calls are allowed before the loop starts) -----------------------
 
@@ -120,6 +127,9 @@ class SchedulerServer(Server):
         stats = msgspec.to_builtins(self.scheduler.stats())
         stats["num_free_blocks"] = self.blocks.num_free
         stats["num_leased_blocks"] = self.blocks.num_total
+        stats["runner_busy_s"] = self.runner_busy_s
+        stats["uptime_s"] = time.monotonic() - self.started
+        stats["num_runners"] = len(self.runners)
         return msgspec.msgpack.encode(stats)
 
     def handle_submit(self, channel: Channel, message: Message) -> None:
@@ -203,12 +213,19 @@ class SchedulerServer(Server):
         self._refill_lease()
 
     def _dispatch(self) -> None:
-        """Give every idle runner a step (a step never waits on a busy runner)."""
-        for runner, channel in self.runners.items():
-            in_flight = self.busy.setdefault(runner, [])
-            if len(in_flight) >= PIPELINE_DEPTH:
+        """Give every free runner slot a step, the least busy runner first, splitting the
+        ready sequences evenly over the free slots (a step never waits on a busy runner
+        while another is idle, and every runner keeps its pipeline full)."""
+        slots = [(len(self.busy.setdefault(r, [])), r) for r in self.runners]
+        free = sum(PIPELINE_DEPTH - n for n, _ in slots if n < PIPELINE_DEPTH)
+        for _, runner in sorted(slots):
+            channel = self.runners[runner]
+            in_flight = self.busy[runner]
+            if len(in_flight) >= PIPELINE_DEPTH or free <= 0:
                 continue
-            plan = self.scheduler.schedule(time.monotonic())
+            share = -(-self.scheduler.num_schedulable // free)
+            free -= 1
+            plan = self.scheduler.schedule(time.monotonic(), max_seqs=share)
             self._deliver(self.scheduler.pop_events())
             if plan is None:
                 return
@@ -219,7 +236,8 @@ class SchedulerServer(Server):
                     request.first_step = now
             step = P.Step(plan.step_id, [
                 P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
-                            c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed)
+                            c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed,
+                            c.num_steps)
                 for c in plan.chunks])
             in_flight.append(plan)
             try:
@@ -241,7 +259,8 @@ class SchedulerServer(Server):
         try:
             raise_for_status(Message(header, payload))
             result: P.StepResult = P.unpack(payload, P.StepResult)
-            events = self.scheduler.postprocess(plan, result.token_ids)
+            events = self.scheduler.postprocess(plan, [list(t) for t in result.token_ids])
+            self.runner_busy_s += result.compute_s
         except (LlmosError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.error("%s: step %d failed: %s", runner, plan.step_id, exc)
             self.scheduler.requeue(plan)

@@ -29,11 +29,24 @@ CLI = [sys.executable, "-m", "tools.cli"]
 
 
 def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
-    from servers.runner.model import Model
-    from tools.bench.model import run_ours
+    """The same model and the same sampling (temperature 1, a seed per stream) in this
+    process: B streams decoded together from position 0, one Model.step per token."""
+    import numpy as np
 
-    seconds, _ = run_ours(Model.load(), batch, max_pos)
-    return float(batch * max_pos / seconds)
+    from servers.runner.model import Model, SeqChunk
+    from servers.runner.sampling import SamplingParams
+
+    model = Model.load()
+    per_seq = model.blocks_needed(max_pos)
+    kv = model.new_kv_pool(batch * per_seq)
+    tables = [np.arange(i * per_seq, (i + 1) * per_seq, dtype=np.int32) for i in range(batch)]
+    sampling = [SamplingParams(temperature=1.0, seed=i * 1000) for i in range(batch)]
+    tokens = [1] * batch
+    start = time.perf_counter()
+    for pos in range(max_pos):
+        out = model.step([SeqChunk(tables[i], pos, (tokens[i],), sampling=sampling[i]) for i in range(batch)], kv)
+        tokens = out.token_ids.tolist()
+    return float(batch * max_pos / (time.perf_counter() - start))
 
 
 def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any) -> None:
@@ -43,7 +56,7 @@ def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: 
         barrier.wait(WAIT)
         start = time.perf_counter()
         tokens = 0
-        for r in range(requests):
+        for r in range(requests):  # temperature 1, as in-process: the same work per token
             done = session.generate("", max_tokens=max_tokens, temperature=1.0, seed=index * 1000 + r, timeout=WAIT)
             tokens += done.usage.completion_tokens
         out.put((start, time.perf_counter(), tokens))

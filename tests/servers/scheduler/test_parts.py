@@ -97,11 +97,16 @@ def test_sampled_tokens_reads_lists_and_mappings() -> None:
         7,
         (ChunkPlan(1, (0,), 0, (5, 6), False, g), ChunkPlan(2, (1,), 0, (5,), True, g)),
     )
-    assert sampled_tokens(plan, [-1, 3], 10) == [None, 3]
-    assert sampled_tokens(plan, {2: 4}, 10) == [None, 4]
-    for bad in ([3], [0, 10], {1: 3}):
+    assert sampled_tokens(plan, [-1, 3], 10) == [None, [3]]
+    assert sampled_tokens(plan, {2: 4}, 10) == [None, [4]]
+    assert sampled_tokens(plan, [-1, [4]], 10) == [None, [4]]
+    for bad in ([3], [0, 10], {1: 3}, [-1, [4, 5]], [-1, []]):  # one step: one token
         with pytest.raises(ValueError):
             sampled_tokens(plan, bad, 10)
+    multi = StepPlan(8, (ChunkPlan(3, (0, 1), 4, (5,), True, g, num_steps=3),))
+    assert sampled_tokens(multi, [[1, 2, 3]], 10) == [[1, 2, 3]]
+    with pytest.raises(ValueError):
+        sampled_tokens(multi, [[1, 2, 3, 4]], 10)
     assert plan.num_tokens == 3 and plan.seq_ids == (1, 2) and plan.chunks[0].end_pos == 2
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from libllm.tokenizer import Tokenizer, load_tokenizer
 from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model, SeqChunk, generate
+from servers.runner.model import Model, SeqChunk, generate, run_steps
 from servers.runner.sampling import SamplingParams
 from servers.scheduler import (
     FinishEvent,
@@ -40,11 +40,14 @@ def tokenizer() -> Tokenizer:
     return load_tokenizer(default_tokenizer_path())
 
 
+STOP_IDS = frozenset({1, 2})  # stories260K's (checked against the tokenizer below)
+
+
 def runner_params(s: Sampling) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
 
 
-def run_step(model: Model, plan: StepPlan, kv: np.ndarray) -> list[int]:
+def run_step(model: Model, plan: StepPlan, kv: np.ndarray) -> list[list[int]]:
     chunks = [
         SeqChunk(
             c.block_table,
@@ -55,7 +58,7 @@ def run_step(model: Model, plan: StepPlan, kv: np.ndarray) -> list[int]:
         )
         for c in plan.chunks
     ]
-    return [int(t) for t in model.step(chunks, kv).token_ids]
+    return run_steps(model, chunks, [c.num_steps for c in plan.chunks], kv, STOP_IDS)
 
 
 def serve(
@@ -149,11 +152,13 @@ def requests_and_outputs(model: Model, tokenizer: Tokenizer) -> list[tuple[Reque
 
 
 @pytest.mark.parametrize(
-    ("block_size", "num_blocks", "token_budget", "num_runners", "preempts"),
+    ("block_size", "num_blocks", "token_budget", "num_runners", "preempts", "decode_steps"),
     [
-        (16, 256, 512, 1, False),  # room for everyone
-        (16, 10, 48, 1, True),  # a small pool: preemptions and recomputation
-        (4, 30, 24, 2, True),  # small blocks, two steps in flight
+        (16, 256, 512, 1, False, 1),  # room for everyone
+        (16, 10, 48, 1, True, 1),  # a small pool: preemptions and recomputation
+        (4, 30, 24, 2, True, 1),  # small blocks, two steps in flight
+        (16, 256, 512, 2, False, 5),  # multi-step decoding, two steps in flight
+        (4, 30, 24, 1, True, 3),  # multi-step decoding under block pressure
     ],
 )
 def test_concurrent_sequences_get_the_tokens_they_get_alone(
@@ -165,11 +170,14 @@ def test_concurrent_sequences_get_the_tokens_they_get_alone(
     token_budget: int,
     num_runners: int,
     preempts: bool,
+    decode_steps: int,
 ) -> None:
+    assert tokenizer.stop_ids == STOP_IDS
     if block_size != model.block_size:
         model = Model(model.loaded, block_size=block_size)
     sched, blocks = make_scheduler(
-        model, num_blocks, token_budget=token_budget, max_running=NUM_SEQS, max_batch_size=NUM_SEQS
+        model, num_blocks, token_budget=token_budget, max_running=NUM_SEQS, max_batch_size=NUM_SEQS,
+        decode_steps=decode_steps,
     )
     for sid, (r, _) in enumerate(requests_and_outputs):
         sched.add(
