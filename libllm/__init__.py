@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from libllm.client import Completion as Completion
 from libllm.client import DeadlineExceeded as DeadlineExceeded
+from libllm.client import Request as Request
 from libllm.client import ServerGone as ServerGone
 from libllm.client import Session as Session
 from libllm.client import Timings as Timings
 from libllm.client import Usage as Usage
 from libllm.client import connect as connect
+from libllm.client import instances as instances
 from microkernel.errors import Cancelled as Cancelled
 from microkernel.errors import Closed as Closed
 from microkernel.errors import InvalidRequest as InvalidRequest
@@ -43,6 +45,7 @@ __all__ = [
     "ProtocolError",
     "QuotaExceeded",
     "RemoteError",
+    "Request",
     "ServerGone",
     "Session",
     "Timeout",
@@ -51,4 +54,5 @@ __all__ = [
     "Usage",
     "WouldBlock",
     "connect",
+    "instances",
 ]

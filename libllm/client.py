@@ -9,15 +9,21 @@ session may be shared by threads.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
+
+import msgspec
 
 from libllm import protocol as P
 from libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+from microkernel import instance as I
 from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
 from microkernel.errors import InvalidRequest, PeerGone, Timeout, WouldBlock
 from microkernel.messages import MsgFlag, MsgType
@@ -60,7 +66,7 @@ class Completion:
 
 
 @dataclass(slots=True)
-class _Request:
+class _Pending:
     txid: int
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -73,12 +79,14 @@ class Session:
     """A connection to one instance's scheduler. Use `libllm.connect()`."""
 
     def __init__(self, endpoint: Endpoint, channel: Channel) -> None:
+        self.instance = endpoint.instance
+        self._pid = os.getpid()
         self._endpoint = endpoint
         self._channel = channel
         # Re-entrant: an abandoned stream's cleanup may run (from the garbage collector)
         # while this very thread holds the lock.
         self._lock = threading.RLock()
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, _Pending] = {}
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -98,20 +106,47 @@ class Session:
             InvalidRequest: a bad parameter (the message names it).  DeadlineExceeded: `timeout`
             passed.  ServerGone: the instance went away.
         """
-        pieces = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, stop=stop, priority=priority, timeout=timeout, _stream=False)
-        for _ in pieces:
-            pass
-        return pieces.completion()
+        return self.submit(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=stop, priority=priority, timeout=timeout).result()
+
+    def submit(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
+               timeout: float | None = None) -> Request:
+        """Start a request and return its handle at once (`result()`, `cancel()`, iterate it).
+        Many may be in flight per session; tokens arrive in batches (the client is woken at
+        the end), which costs least. Same arguments and errors as `generate`."""
+        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, False)
 
     def stream(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-               timeout: float | None = None, _stream: bool = True) -> _Pieces:
-        """Yield text pieces as tokens arrive (iterate the result; `.completion()` after)."""
+               timeout: float | None = None) -> Request:
+        """Like `submit`, but tokens are sent (and this process woken) as they are made:
+        iterate the result for text pieces; `result()` after for the whole Completion."""
+        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True)
+
+    def stats(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
+        """The instance's figures: "kernel" (endpoints and every ring's counters: L_s, L_r,
+        B), "scheduler" (steps, tokens, queues, T_s in steps) and "memory" (usage, F, H)."""
+        self._ensure_process()
+        with self._lock:
+            scheduler = msgspec.msgpack.decode(self._channel.call(MsgType.SCHED_STATS, b"", timeout).payload)
+        memory = self._endpoint.open_channel("memory", timeout=timeout)
+        try:
+            mem = msgspec.to_builtins(P.unpack(memory.call(MsgType.MEM_STATS, b"", timeout).payload,
+                                               P.MemoryStatsReply))
+        finally:
+            self._endpoint.drop_channel(memory.channel_id)
+        return {"kernel": msgspec.to_builtins(self._endpoint.kernel_stats(timeout)), "scheduler": scheduler,
+                "memory": mem}
+
+    def _start(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
+               seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
+               stream: bool) -> Request:
         self._check_open()
+        self._ensure_process()
         prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
         submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
-                          _stream, timeout)
+                          stream, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         payload = P.pack(submit)
         while True:
@@ -121,10 +156,22 @@ class Session:
                 except WouldBlock:  # the channel's window is full: take replies until a slot frees
                     self._receive_slice(deadline)
                     continue
-                request = _Request(txid, prompt_ids)
-                self._requests[txid] = request
+                pending = _Pending(txid, prompt_ids)
+                self._requests[txid] = pending
                 break
-        return _Pieces(self, request, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
+        return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
+
+    def _ensure_process(self) -> None:
+        """After a fork, the child gets a connection of its own on first use; the parent's
+        rings are never touched from the child (dropping the copies closes nothing)."""
+        if self._pid == os.getpid():
+            return
+        endpoint = Endpoint.connect(self.instance)
+        self._endpoint = endpoint
+        self._channel = endpoint.open_channel("scheduler", wait=True)
+        self._lock = threading.RLock()
+        self._requests = {}
+        self._pid = os.getpid()
 
     def close(self) -> None:
         if not self.closed:
@@ -172,7 +219,7 @@ class Session:
         with self._lock:
             return self._channel.call(type_, payload, timeout)
 
-    def _pump(self, request: _Request, deadline: float | None) -> None:
+    def _pump(self, request: _Pending, deadline: float | None) -> None:
         """Receive until `request` has news; replies for other requests are filed away.
         Waiting happens outside the lock (parked on the ring's doorbell), so other threads
         submit, cancel and drain meanwhile; whoever holds the lock routes what came."""
@@ -227,17 +274,18 @@ class Session:
             request.finished = P.unpack(message.payload, P.Finished)
             self._requests.pop(header.txid, None)
 
-    def _cancel(self, request: _Request) -> None:
+    def _cancel(self, request: _Pending) -> None:
         if request.finished is not None or request.error is not None:
             return
         with self._lock:
             self._channel.send(MsgType.SCHED_CANCEL, P.pack(P.Cancel(request.txid)), flags=MsgFlag.WAKE)
 
 
-class _Pieces:
-    """The iterator `Session.stream` returns: text pieces, then `completion()`."""
+class Request:
+    """A request in flight: iterate it for text pieces as they arrive, `result()` for the
+    whole Completion, `cancel()` to stop it. Returned by `Session.submit` and `stream`."""
 
-    def __init__(self, session: Session, request: _Request, decoder: IncrementalDecoder, stop: list[str],
+    def __init__(self, session: Session, request: _Pending, decoder: IncrementalDecoder, stop: list[str],
                  deadline: float | None) -> None:
         self._session = session
         self._request = request
@@ -315,8 +363,42 @@ class _Pieces:
             yield self._text[self._emitted :]
             self._emitted = len(self._text)
 
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the end and return the whole Completion.
+
+        Raises:
+            DeadlineExceeded: not finished within `timeout` seconds (the request goes on).
+        """
+        own = self._deadline
+        if timeout is not None:
+            limit = time.monotonic() + timeout
+            self._deadline = limit if own is None else min(own, limit)
+        try:
+            for _ in self._pieces():  # not __iter__: a timeout here must not cancel the request
+                pass
+        finally:
+            self._deadline = own
+        return self.completion()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids received so far."""
+        return list(self._request.token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._request.finished is not None or self._request.error is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """None until the request has finished."""
+        if self._stopped_by_string:
+            return "stop"
+        finished = self._request.finished
+        return finished.finish_reason if finished is not None else None
+
     def completion(self) -> Completion:
-        """The whole result; call after iterating to the end."""
+        """The whole result; call after iterating to the end (or use `result()`)."""
         request = self._request
         if self._stopped_by_string:
             # Wait for the cancelled request to finish so its blocks are freed before we return.
@@ -363,3 +445,19 @@ def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIM
     except BaseException:
         endpoint.close()
         raise
+
+
+def instances() -> list[str]:
+    """Names of the instances whose kernel answers on this machine, for this user."""
+    base = I.runtime_base()
+    found = []
+    for path in sorted(base.glob(f"*/{I.SOCKET_NAME}")):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(str(path))
+            found.append(path.parent.name)
+        except OSError:
+            pass  # a crash's leftover: `llmos up` cleans it
+        finally:
+            probe.close()
+    return found

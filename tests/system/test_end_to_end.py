@@ -202,3 +202,53 @@ def test_threads_share_one_session(instance: str) -> None:
         with ThreadPoolExecutor(16) as pool:
             texts = list(pool.map(lambda _: session.generate("Zoo", max_tokens=30).text, range(16)))
     assert texts == [expected] * 16
+
+
+def test_submit_returns_handles_that_finish_in_any_order(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        handles = [session.submit("Zoo", max_tokens=10 + 5 * i) for i in range(5)]
+        for i, handle in reversed(list(enumerate(handles))):
+            done = handle.result(timeout=WAIT)
+            assert done.usage.completion_tokens == 10 + 5 * i == len(handle.token_ids)
+            assert handle.done and handle.finish_reason == "length"
+            assert done.timings.total_s >= done.timings.ttft_s >= done.timings.queue_s >= 0
+        slow = session.submit("Once upon a time", max_tokens=300)
+        with pytest.raises(libllm.DeadlineExceeded):
+            slow.result(timeout=0.000001)
+        assert slow.result(timeout=WAIT).usage.completion_tokens > 0  # it went on
+
+
+def test_stats_and_instances(instance: str) -> None:
+    assert instance in libllm.instances()
+    with libllm.connect(instance) as session:
+        session.generate("Zoo", max_tokens=5)
+        stats = session.stats()
+    assert stats["scheduler"]["num_generated_tokens"] >= 5
+    assert stats["memory"]["num_blocks"] > 0
+    rings = stats["kernel"]["rings"]
+    assert rings and all(r["seq_gaps"] == 0 for r in rings)  # L_r = 0
+    assert any(r["latency_count"] > 0 for r in rings)  # L_s measured
+
+
+def test_a_forked_child_makes_its_own_connection(instance: str) -> None:
+    import os
+
+    with libllm.connect(instance) as session:
+        expected = session.generate("Zoo", max_tokens=12).text
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only os._exit from here
+            code = 1
+            try:
+                os.close(read_fd)
+                os.write(write_fd, session.generate("Zoo", max_tokens=12).text.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as child:
+            got = child.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert got == expected
+        assert session.generate("Zoo", max_tokens=12).text == expected  # the parent's still works
