@@ -233,6 +233,10 @@ class Session:
                 raise DeadlineExceeded(f"request {request.txid} did not finish within its timeout")
             self._channel.incoming.wait_readable(remaining)
 
+    def _drain_locked(self) -> None:
+        with self._lock:
+            self._drain()
+
     def _drain(self) -> None:
         """Route every reply that is already there (lock held)."""
         try:
@@ -309,22 +313,28 @@ class Request:
         request = self._request
         while True:
             self._session._pump(request, self._deadline)
-            if request.error is not None:
-                raise request.error
-            while request.fresh:
-                piece = self._decoder.push(request.fresh.popleft())
-                self._num_kept += 1
-                if piece:
-                    yield from self._emit(piece)
-                    if self._stopped_by_string:
-                        return
-            if request.finished is not None:
-                tail = self._decoder.flush()
-                if tail:
-                    yield from self._emit(tail)
-                if not self._stopped_by_string:
-                    yield from self._release_held()
+            finished = request.finished is not None
+            yield from self._ready_pieces(final=finished)
+            if finished or self._stopped_by_string:
                 return
+
+    def _ready_pieces(self, *, final: bool) -> Iterator[str]:
+        """Text for the tokens already received (no waiting); with `final`, also what the
+        decoder and the stop-string check still hold."""
+        request = self._request
+        if request.error is not None:
+            raise request.error
+        while request.fresh and not self._stopped_by_string:
+            piece = self._decoder.push(request.fresh.popleft())
+            self._num_kept += 1
+            if piece:
+                yield from self._emit(piece)
+        if final and not self._stopped_by_string:
+            tail = self._decoder.flush()
+            if tail:
+                yield from self._emit(tail)
+            if not self._stopped_by_string:
+                yield from self._release_held()
 
     def _emit(self, piece: str) -> Iterator[str]:
         """Pass text on, holding back a tail that could still become a stop string."""

@@ -252,3 +252,22 @@ def test_a_forked_child_makes_its_own_connection(instance: str) -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         assert got == expected
         assert session.generate("Zoo", max_tokens=12).text == expected  # the parent's still works
+
+
+def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
+    import asyncio
+
+    import libllm.aio
+
+    async def main() -> tuple[list[str], str, str]:
+        async with libllm.aio.connect(instance) as session:
+            texts = await asyncio.gather(*(session.generate("Zoo", max_tokens=20 + i) for i in range(8)))
+            pieces = [p async for p in session.stream("Zoo", max_tokens=20)]
+            async for _ in session.stream("Once upon a time", max_tokens=300):
+                break  # leaving early cancels it
+            return [t.text for t in texts], "".join(pieces), (await session.generate("Zoo", max_tokens=20)).text
+
+    texts, streamed, again = asyncio.run(main())
+    assert all(t.startswith(" was a little girl") for t in texts)
+    assert streamed == again == texts[0]
+    wait_until(lambda: all_blocks_free(instance), "the abandoned async stream to be cancelled")
