@@ -3,6 +3,7 @@ defaults built in, unknown keys a clear error. Runs in the supervisor only."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -87,6 +88,33 @@ class MemorySection:
 
 
 @dataclass(slots=True, frozen=True)
+class SchedulerSection:
+    """[scheduler]: the policy and its parameters, and the step limits."""
+
+    policy: str = "fcfs"  # "fcfs", "priority", "rr" or "fair"
+    aging_steps: int = 64  # priority: a waiting request gains one level per this many steps
+    quantum: int = 16  # rr: tokens a sequence makes before it yields to waiting ones
+    weights: dict[str, float] = field(default_factory=dict)  # fair: share per tenant
+    max_batch_size: int = 64  # sequences per runner per step (split over the pipeline)
+    token_budget: int = 512  # tokens per step
+    decode_steps: int = 16  # tokens a runner makes in a row per decoding sequence
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority", "rr", "fair"):
+            raise ConfigError(f"scheduler.policy must be fcfs, priority, rr or fair; got {self.policy!r}")
+        for name in ("aging_steps", "quantum", "max_batch_size", "token_budget", "decode_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"scheduler.{name} must be >= 1")
+        if any(not w > 0 for w in self.weights.values()):
+            raise ConfigError("scheduler.weights must be positive")
+
+    def args(self) -> list[str]:
+        return [f"--policy={self.policy}", f"--aging-steps={self.aging_steps}", f"--quantum={self.quantum}",
+                f"--weights={json.dumps(self.weights)}", f"--max-batch-size={self.max_batch_size}",
+                f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}"]
+
+
+@dataclass(slots=True, frozen=True)
 class Config:
     rings: str = "32M"  # arena bytes for rings and doorbells
     window: int = 8  # requests in flight per channel
@@ -97,6 +125,7 @@ class Config:
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     memory: MemorySection = field(default_factory=MemorySection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     servers: tuple[ServerSpec, ...] = field(default_factory=default_servers)
 
     def __post_init__(self) -> None:
@@ -123,11 +152,12 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    memory = data.get("memory", {})
-    if isinstance(memory, dict):
-        extra = sorted(set(memory) - {f.name for f in fields(MemorySection)})
-        if extra:
-            raise ConfigError(f"{source}: [memory] has unknown key(s) {', '.join(extra)}")
+    for section, cls in (("memory", MemorySection), ("scheduler", SchedulerSection)):
+        table = data.get(section, {})
+        if isinstance(table, dict):
+            extra = sorted(set(table) - {f.name for f in fields(cls)})
+            if extra:
+                raise ConfigError(f"{source}: [{section}] has unknown key(s) {', '.join(extra)}")
     for i, entry in enumerate(data.get("servers", [])):
         extra = sorted(set(entry) - {f.name for f in fields(ServerSpec)}) if isinstance(entry, dict) else []
         if extra:

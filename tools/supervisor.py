@@ -152,7 +152,7 @@ class Supervisor:
                     f"--weights-bytes={memory.resolved_weights_bytes()}"]
         if spec.module == "servers.scheduler":
             runners = [s.name for s in self.config.servers if s.module == "servers.runner"]
-            return [f"--runners={','.join(runners)}"]
+            return [f"--runners={','.join(runners)}", *self.config.scheduler.args()]
         if spec.module == "servers.runner":
             memory = self.config.memory
             return [f"--block-tokens={memory.block_tokens}", *([f"--model={memory.model}"] if memory.model else [])]

@@ -2,7 +2,8 @@
 
 Layers, bottom up: `config` (SchedulerConfig), `sequence` (Sequence, Sampling), `blocks`
 (the BlockSource protocol, FreeListBlocks), `plan` (StepPlan, ChunkPlan), `events`
-(TokenEvent, FinishEvent), `policy` (fcfs), `stats` (SchedulerStats), `scheduler`
+(TokenEvent, FinishEvent), `policy` (the Policy seam, fcfs), `fair` and `policies`
+(priority, rr, fair; make_policy), `stats` (SchedulerStats), `scheduler`
 (Scheduler). Pure logic: no processes, no messages, no arena; the server loop wraps it.
 Imports no other server.
 """
@@ -15,11 +16,14 @@ from servers.scheduler.config import SchedulerConfig as SchedulerConfig
 from servers.scheduler.events import Event as Event
 from servers.scheduler.events import FinishEvent as FinishEvent
 from servers.scheduler.events import TokenEvent as TokenEvent
+from servers.scheduler.fair import Fair as Fair
 from servers.scheduler.plan import ChunkPlan as ChunkPlan
 from servers.scheduler.plan import StepPlan as StepPlan
+from servers.scheduler.policies import Priority as Priority
+from servers.scheduler.policies import RoundRobin as RoundRobin
+from servers.scheduler.policies import make_policy as make_policy
 from servers.scheduler.policy import Fcfs as Fcfs
 from servers.scheduler.policy import Policy as Policy
-from servers.scheduler.policy import make_policy as make_policy
 from servers.scheduler.scheduler import Scheduler as Scheduler
 from servers.scheduler.sequence import GREEDY as GREEDY
 from servers.scheduler.sequence import FinishReason as FinishReason
@@ -33,11 +37,14 @@ __all__ = [
     "BlockSource",
     "ChunkPlan",
     "Event",
+    "Fair",
     "Fcfs",
     "FinishEvent",
     "FinishReason",
     "FreeListBlocks",
     "Policy",
+    "Priority",
+    "RoundRobin",
     "Sampling",
     "Scheduler",
     "SchedulerConfig",

@@ -6,9 +6,12 @@ Read by the scheduler process (pure logic, no I/O). The model facts (``max_conte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-POLICIES = ("fcfs",)  # "priority", "rr" and "fair" plug in through policy.py
+POLICIES = ("fcfs", "priority", "rr", "fair")  # made by policies.make_policy
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -23,10 +26,20 @@ class SchedulerConfig:
         token_budget: tokens in one step across its chunks; prefill chunks are cut to fit.
         max_running: sequences admitted (holding blocks) at once, across all steps in
             flight; ``None`` means ``max_batch_size`` (one runner). With N runners, N times.
-        policy: which sequence goes first; only "fcfs" for now.
+        policy: which sequence goes first: "fcfs" (arrival order), "priority" (higher
+            ``Sequence.priority`` first, aged by ``aging_steps``), "rr" (round robin, a
+            quantum of ``quantum`` tokens) or "fair" (weighted per-client virtual token
+            counters). See policies.py for each one's bound.
         decode_steps: tokens a runner makes in a row for a decoding sequence in one step
             (multi-step decoding: the scheduler's work per token divides by it; the runner
             samples with the same (seed, position) draws and stops at a stop id).
+        aging_steps: "priority": a waiting request gains one priority level per this many
+            steps, so none starves (bound in policies.Priority).
+        quantum: "rr": output tokens a sequence makes after each (re)admission before it
+            yields its place to a waiting one (keeping its KV blocks).
+        client_weights: "fair": share weight per ``Sequence.client_id`` (a tenant);
+            clients not named get ``default_weight``.
+        default_weight: "fair": the weight of a client not in ``client_weights``.
     """
 
     max_context: int
@@ -37,9 +50,17 @@ class SchedulerConfig:
     max_running: int | None = None
     policy: str = "fcfs"
     decode_steps: int = 1
+    aging_steps: int = 64
+    quantum: int = 16
+    client_weights: Mapping[Hashable, float] = field(default_factory=dict, hash=False)
+    default_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "vocab_size", "block_size", "max_batch_size", "token_budget", "decode_steps"):
+        positive_ints = (
+            "max_context", "vocab_size", "block_size", "max_batch_size", "token_budget",
+            "decode_steps", "aging_steps", "quantum",
+        )
+        for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -53,6 +74,12 @@ class SchedulerConfig:
             raise ValueError(f"max_running must be a positive int, got {self.max_running!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        weights = dict(self.client_weights)
+        for client, weight in [*weights.items(), ("default_weight", self.default_weight)]:
+            if not _is_weight(weight):
+                raise ValueError(f"weight of {client!r} must be finite and > 0, got {weight!r}")
+        # Read-only, so a config shared by a policy and its caller cannot drift.
+        object.__setattr__(self, "client_weights", MappingProxyType(weights))
 
     @property
     def num_running_limit(self) -> int:
@@ -63,3 +90,12 @@ class SchedulerConfig:
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold the KV of ``num_tokens`` positions."""
         return -(-num_tokens // self.block_size)
+
+
+def _is_weight(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )

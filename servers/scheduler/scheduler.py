@@ -21,7 +21,8 @@ from servers.scheduler.blocks import BlockSource
 from servers.scheduler.config import SchedulerConfig
 from servers.scheduler.events import Event, FinishEvent, TokenEvent
 from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
-from servers.scheduler.policy import Policy, make_policy
+from servers.scheduler.policies import make_policy
+from servers.scheduler.policy import Policy
 from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
 from servers.scheduler.stats import Counters, SchedulerStats
 
@@ -40,7 +41,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.blocks = blocks
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy or make_policy(config)
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence
         self._waiting: list[Sequence] = []  # sorted by policy rank; hold no blocks
         self._running: list[Sequence] = []  # sorted by policy rank; hold blocks
@@ -90,8 +91,8 @@ class Scheduler:
         return self._counters.snapshot(
             num_steps=self._next_step_id,
             num_steps_in_flight=len(self._in_flight),
-            num_waiting=len(self._waiting),
-            num_running=len(self._running),
+            waiting=self._waiting,
+            running=self._running,
         )
 
     # ------------------------------------------------------------------ requests
@@ -119,6 +120,7 @@ class Scheduler:
         seq.arrival_step = self._next_step_id
         self._num_arrivals += 1
         self._seqs[seq.seq_id] = seq
+        self.policy.on_arrival(seq)
         self._insert(self._waiting, seq)
 
     def cancel(self, seq_id: int) -> bool:
@@ -155,12 +157,18 @@ class Scheduler:
         """Plan one step from the sequences not in flight, or None if there is nothing to do.
 
         Sequences whose deadline is at or before ``now`` finish first (FinishEvents in
-        ``pop_events()``). Then running decodes (one token each), then running prefills,
-        then admissions from the waiting queue, each in policy order, while the batch and
-        the token budget allow. Each chunk's blocks are allocated as it is planned.
-        ``max_seqs`` caps this plan below ``max_batch_size`` (to share work between runners).
+        ``pop_events()``). Running sequences whose turn is over (the policy says so) yield to
+        waiting ones, keeping their blocks. A waiting head that outranks a running sequence
+        but lacks blocks goes first, taking the blocks of those ranked below it. Then running
+        decodes (one token each), then running prefills, then admissions from the waiting
+        queue, each in policy order, while the batch and the token budget allow. Each
+        chunk's blocks are allocated as it is planned. ``max_seqs`` caps this plan below ``max_batch_size`` (to share work
+        between runners).
         """
         self._expire(now)
+        if self.policy.is_dynamic:
+            self._sort_queues()
+        self._yield_turns()
         c = self.config
         limit = c.max_batch_size if max_seqs is None else max(1, min(max_seqs, c.max_batch_size))
         chunks: list[ChunkPlan] = []
@@ -170,6 +178,12 @@ class Scheduler:
         # Decodes before prefills, so a long prompt never holds up token streams.
         decodes = [s for s in ready if s.num_remaining == 1]
         prefills = [s for s in ready if s.num_remaining > 1]
+        if len(ready) < limit:
+            # Leave a token of budget for every decode, so none is dropped for the head.
+            head = self._plan_outranking_head(budget - len(decodes), planned)
+            if head is not None:
+                chunks.append(head)
+                budget -= head.num_tokens
         for seq in decodes + prefills:
             if len(chunks) == limit or budget == 0:
                 break
@@ -179,25 +193,27 @@ class Scheduler:
             if chunk is not None:
                 chunks.append(chunk)
                 budget -= chunk.num_tokens
-        # fcfs: the head of the queue waits for room and no later sequence passes it (a
-        # paused one is passed: it waits for its client, not for room).
-        for seq in list(self._waiting):
+        # The head of the queue waits for room and no later sequence passes it (a paused one
+        # is passed: it waits for its client, not for room). Those preempted meanwhile are
+        # not candidates: they rank below the one they made room for.
+        candidates = [s for s in self._waiting if not s.is_paused]
+        while candidates:
             if (
                 len(chunks) == limit
                 or budget == 0
                 or len(self._running) >= c.num_running_limit
             ):
                 break
-            if seq.is_paused:
-                continue
+            seq = candidates.pop(0)
             chunk = self._plan_chunk(seq, budget, planned)
             if chunk is None:
                 break
-            self._waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            self._insert(self._running, seq)
+            self._admit(seq)
             chunks.append(chunk)
             budget -= chunk.num_tokens
+            if self.policy.is_dynamic:  # the admission was charged: the order may change
+                self._sort_queues()
+                candidates.sort(key=self.policy.rank)
         self._is_stalled = (
             not chunks and not self._in_flight and any(not s.is_paused for s in self._seqs.values())
         )
@@ -211,7 +227,7 @@ class Scheduler:
             seq.is_in_flight = True
             if seq.first_step == -1:
                 seq.first_step = plan.step_id
-                self._counters.record_delay(plan.step_id - seq.arrival_step)
+                self._counters.record_delay(plan.step_id - seq.arrival_step, seq.priority)
         return plan
 
     def postprocess(
@@ -256,6 +272,7 @@ class Scheduler:
                     break
                 seq.output_ids.append(token)
                 self._counters.num_generated_tokens += 1
+                self.policy.on_tokens(seq, 1)
                 events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1))
                 if seq.num_output_tokens >= seq.max_tokens:
                     events.append(self._finish(seq, "length"))
@@ -330,6 +347,36 @@ class Scheduler:
             num_steps=num_steps,
         )
 
+    def _plan_outranking_head(self, budget: int, planned: set[int]) -> ChunkPlan | None:
+        """Plan the head of the waiting queue before the running sequences when it outranks
+        one of them and the free blocks cannot hold its next chunk: it takes the blocks of
+        those ranked below it (a high priority arriving into a full pool). Only for static
+        ranks: ranks that move with service would pass blocks back and forth."""
+        if (
+            self.policy.is_dynamic
+            or budget <= 0
+            or len(self._running) >= self.config.num_running_limit
+        ):
+            return None
+        head = next((s for s in self._waiting if not s.is_paused), None)
+        if head is None or not self._running:
+            return None
+        if self.policy.rank(self._running[-1]) <= self.policy.rank(head):
+            return None  # it outranks no running sequence
+        end = head.num_computed + min(head.num_remaining, budget)
+        if self.blocks.can_allocate(self.config.blocks_needed(end) - len(head.block_table)):
+            return None  # it fits: admitted in turn, after the running ones
+        chunk = self._plan_chunk(head, budget, planned)
+        if chunk is not None:
+            self._admit(head)
+        return chunk
+
+    def _admit(self, seq: Sequence) -> None:
+        self._waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self._insert(self._running, seq)
+        self.policy.on_admit(seq)
+
     def _decode_steps(self, seq: Sequence, end: int) -> int:
         """How many tokens in a row a decode chunk ending at ``end`` may make: at most
         ``decode_steps``, the tokens ``seq`` may still output, the context, and what the
@@ -347,25 +394,51 @@ class Scheduler:
         return max(1, k)
 
     def _preempt_for(self, seq: Sequence, need: int, planned: set[int]) -> None:
-        """Preempt running sequences ranked strictly below ``seq``, the lowest first, until
-        ``need`` blocks can be allocated. Never one in flight (a runner is writing its
+        """Take the blocks of sequences ranked strictly below ``seq``, the lowest first,
+        until ``need`` blocks can be allocated: running ones, and waiting ones that kept
+        their blocks when they yielded. Never one in flight (a runner is writing its
         blocks) or already in this step. ``seq`` itself is never preempted: if it cannot
         get a block it waits, keeping its KV, and whichever higher-ranked sequence needs
         blocks later preempts it then."""
         rank = self.policy.rank(seq)
-        for victim in reversed(list(self._running)):
+        holders = [s for s in self._running if s is not seq]
+        holders += [s for s in self._waiting if s.block_table and s is not seq]
+        holders.sort(key=self.policy.rank)
+        for victim in reversed(holders):
             if self.blocks.can_allocate(need) or self.policy.rank(victim) <= rank:
                 return
             if not victim.is_in_flight and victim.seq_id not in planned:
                 self._preempt(victim)
 
     def _preempt(self, seq: Sequence) -> None:
-        self._running.remove(seq)
-        self._release(seq)
-        seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
+        """Free ``seq``'s blocks: it waits and recomputes its prompt and output later (its
+        rank is kept, so fcfs puts it ahead of later arrivals); nothing it made is lost."""
         self._counters.num_preemptions += 1
-        self._insert(self._waiting, seq)  # by rank: fcfs puts it ahead of later arrivals
+        self._counters.num_preempted_tokens += seq.num_computed
+        seq.num_preemptions += 1
+        self._release(seq)
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+            seq.status = SeqStatus.WAITING
+            self._insert(self._waiting, seq)
+
+    def _yield_turns(self) -> None:
+        """Deschedule running sequences whose turn the policy says is over, as many as there
+        are unpaused sequences waiting, the best-ranked first. They keep their blocks and
+        KV (resuming costs no recomputation) and queue by their new rank."""
+        num_waiting = sum(1 for s in self._waiting if not s.is_paused)
+        for seq in list(self._running):
+            if num_waiting == 0:
+                return
+            if seq.is_in_flight or seq.is_paused or not self.policy.wants_yield(seq):
+                continue
+            self._running.remove(seq)
+            seq.status = SeqStatus.WAITING
+            seq.num_yields += 1
+            self._counters.num_yields += 1
+            self.policy.on_yield(seq)
+            self._insert(self._waiting, seq)
+            num_waiting -= 1
 
     def _expire(self, now: float) -> None:
         for seq in [*self._running, *self._waiting]:
@@ -382,7 +455,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         del self._seqs[seq.seq_id]
-        self._counters.num_finished += 1
+        self.policy.on_finish(seq)
+        self._counters.record_finish(seq.priority)
         return FinishEvent(seq.seq_id, reason, seq.num_prompt_tokens, seq.num_output_tokens)
 
     def _release(self, seq: Sequence) -> None:
@@ -394,3 +468,8 @@ class Scheduler:
 
     def _insert(self, queue: list[Sequence], seq: Sequence) -> None:
         bisect.insort(queue, seq, key=self.policy.rank)
+
+    def _sort_queues(self) -> None:
+        # Stable, and the lists are nearly sorted already: about linear.
+        self._waiting.sort(key=self.policy.rank)
+        self._running.sort(key=self.policy.rank)

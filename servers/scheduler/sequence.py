@@ -17,7 +17,9 @@ FinishReason = Literal["stop", "length", "cancelled", "context", "deadline"]
 
 
 class SeqStatus(Enum):
-    WAITING = "waiting"  # holds no blocks; queued for admission (new, or preempted)
+    # Queued for admission: new, preempted (no blocks, recomputes), or descheduled by a
+    # policy (round robin) with its blocks and KV kept, so it resumes where it stopped.
+    WAITING = "waiting"
     RUNNING = "running"  # admitted: holds blocks, gets a chunk in steps
     FINISHED = "finished"
 
@@ -55,12 +57,17 @@ class Sequence:
     them is written (counted only once a step's reply is back). The next chunk to compute
     is ``token_ids[num_computed:]``: the prompt (or, after a preemption, prompt and output)
     in chunks, then the newest token alone, one decode per step.
+
+    ``client_id`` names whose share the request counts against under the "fair" policy
+    (a tenant, or a connection); None makes the request a client of its own. ``priority``:
+    higher goes first under the "priority" policy.
     """
 
     __slots__ = (
         "arrival_order",
         "arrival_step",
         "block_table",
+        "client_id",
         "client_key",
         "deadline",
         "finish_reason",
@@ -71,6 +78,7 @@ class Sequence:
         "max_tokens",
         "num_computed",
         "num_preemptions",
+        "num_yields",
         "output_ids",
         "priority",
         "prompt_ids",
@@ -91,9 +99,11 @@ class Sequence:
         stop_ids: Iterable[int] = (),
         priority: int = 0,
         deadline: float | None = None,
+        client_id: Hashable = None,
     ) -> None:
         self.seq_id = seq_id
-        self.client_key = client_key
+        self.client_key = client_key  # the caller's handle for replies (not a share key)
+        self.client_id = client_id
         self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
         self.output_ids: list[int] = []
         self.max_tokens = max_tokens
@@ -112,9 +122,10 @@ class Sequence:
         self.arrival_order = -1  # rank among arrivals (fcfs order)
         self.arrival_step = -1  # steps planned before it arrived
         self.first_step = -1  # id of the first step that included it
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # kept while WAITING only after a deschedule
         self.num_computed = 0
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # times its blocks were taken (it recomputes)
+        self.num_yields = 0  # times a policy descheduled it with its blocks kept
         self.is_in_flight = False  # in a planned step whose reply is not back
         self.is_cancel_requested = False
         self.is_paused = False  # left out of steps until resumed (client backpressure)

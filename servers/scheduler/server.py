@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -41,6 +42,7 @@ PIPELINE_DEPTH = 2
 # divides by it, at the price of tokens arriving in small bursts and a cancel taking effect
 # up to that many tokens late.
 DECODE_STEPS = 16
+MAX_PRIORITY = 1000  # priorities scale the aging key and name per-priority stats: keep them small
 # Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
 # its client is not woken for them, and fewer records cost both sides less. They still
 # arrive during generation, so a client knows what it has if the scheduler dies.
@@ -69,7 +71,9 @@ class SchedulerServer(Server):
     name = "scheduler"
 
     def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
-                 token_budget: int = 512, decode_steps: int = DECODE_STEPS, name: str | None = None) -> None:
+                 token_budget: int = 512, decode_steps: int = DECODE_STEPS, policy: str = "fcfs",
+                 aging_steps: int = 64, quantum: int = 16, weights: dict[str, float] | None = None,
+                 name: str | None = None) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
@@ -88,10 +92,12 @@ class SchedulerServer(Server):
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.blocks = FreeListBlocks([])
         self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
+        client_weights: dict[Hashable, float] = dict((weights or {}).items())
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
             block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // PIPELINE_DEPTH),
-            token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps),
+            token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps,
+            policy=policy, aging_steps=aging_steps, quantum=quantum, client_weights=client_weights),
             self.blocks)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
@@ -139,6 +145,8 @@ class SchedulerServer(Server):
             raise InvalidRequest(f"bad Submit payload: {exc}") from None
         if submit.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {submit.max_tokens}")
+        if not -MAX_PRIORITY <= submit.priority <= MAX_PRIORITY:
+            raise InvalidRequest(f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {submit.priority}")
         seed = submit.seed if submit.seed is not None else secrets.randbits(63)
         try:
             sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed)
@@ -149,6 +157,7 @@ class SchedulerServer(Server):
             seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
                            client_key=(channel.channel_id, message.header.txid), sampling=sampling,
                            stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
+                           client_id=self._client_of(channel, submit),
                            deadline=None if submit.timeout_s is None else now + submit.timeout_s)
             self.scheduler.add(seq)
         except ValueError as exc:
@@ -157,6 +166,14 @@ class SchedulerServer(Server):
         self.requests[seq.seq_id] = Request(channel, message.header.txid, submit.stream, seed, now)
         self.by_txid[(channel.channel_id, message.header.txid)] = seq.seq_id
         return None  # answered as tokens come
+
+    @staticmethod
+    def _client_of(channel: Channel, submit: P.Submit) -> str:
+        """Whose share a request counts against under "fair": the tenant the gateway names
+        (the only peer trusted to name one), else the sending endpoint itself."""
+        if channel.info.client_name == "gateway" and submit.tenant:
+            return submit.tenant
+        return f"endpoint-{channel.info.client_id}"
 
     def handle_cancel(self, channel: Channel, message: Message) -> bytes | None:
         try:

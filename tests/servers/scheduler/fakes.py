@@ -9,6 +9,7 @@ is the same alone or in any batch, as with the real model.
 from __future__ import annotations
 
 import random
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ class Spec:
     max_tokens: int
     sampling: Sampling = GREEDY
     deadline: float | None = None
+    priority: int = 0
+    client_id: Hashable = None
 
     def make(self, seq_id: int) -> Sequence:
         return Sequence(
@@ -57,6 +60,8 @@ class Spec:
             sampling=self.sampling,
             stop_ids=STOP_IDS,
             deadline=self.deadline,
+            priority=self.priority,
+            client_id=self.client_id,
         )
 
 
@@ -119,13 +124,17 @@ class FakeRunner:
 
 
 def check_invariants(sched: Scheduler, blocks: FreeListBlocks) -> None:
-    """Every block is free or in exactly one running sequence's table; waiting ones hold none."""
-    owned = [b for s in sched.running for b in s.block_table]
+    """Every block is free or in exactly one sequence's table; a waiting one holds blocks
+    only when a policy descheduled it (then it is not in flight and keeps its KV)."""
+    owned = [b for s in (*sched.running, *sched.waiting) for b in s.block_table]
     assert len(owned) == len(set(owned)), "a block is in two tables"
     assert len(owned) == blocks.num_used
     assert blocks.num_used + blocks.num_free == blocks.num_total
     for s in sched.waiting:
-        assert s.status is SeqStatus.WAITING and not s.block_table and s.num_computed == 0
+        assert s.status is SeqStatus.WAITING and not s.is_in_flight
+        assert len(s.block_table) * sched.config.block_size >= s.num_computed
+        assert s.block_table or s.num_computed == 0
+        assert not s.block_table or s.num_yields > 0
     for s in sched.running:
         assert s.status is SeqStatus.RUNNING
         assert len(s.block_table) * sched.config.block_size >= s.num_computed
@@ -201,7 +210,7 @@ def drive(
     raise AssertionError("did not finish")
 
 
-def make(num_blocks: int = 256, **config: int) -> tuple[Scheduler, FreeListBlocks, FakeRunner]:
+def make(num_blocks: int = 256, **config: object) -> tuple[Scheduler, FreeListBlocks, FakeRunner]:
     cfg = SchedulerConfig(**{"max_context": 128, "vocab_size": VOCAB, **config})  # type: ignore[arg-type]
     blocks = FreeListBlocks(range(num_blocks))
     return Scheduler(cfg, blocks), blocks, FakeRunner(num_blocks, cfg.block_size)

@@ -11,7 +11,11 @@ import pytest
 import servers.scheduler
 from servers.scheduler import (
     ChunkPlan,
+    Fair,
+    Fcfs,
     FreeListBlocks,
+    Priority,
+    RoundRobin,
     Sampling,
     SchedulerConfig,
     Sequence,
@@ -33,6 +37,11 @@ from servers.scheduler.plan import sampled_tokens
         {"max_running": 0},
         {"policy": "lifo"},
         {"block_size": True},
+        {"aging_steps": 0},
+        {"quantum": -1},
+        {"default_weight": 0.0},
+        {"client_weights": {"a": float("nan")}},
+        {"client_weights": {"a": True}},
     ],
 )
 def test_config_refuses_bad_limits(bad: dict[str, object]) -> None:
@@ -46,8 +55,26 @@ def test_config_defaults() -> None:
     assert c.max_running == c.num_running_limit == 64
     assert SchedulerConfig(max_context=64, vocab_size=32, max_running=3).num_running_limit == 3
     assert [c.blocks_needed(n) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
-    with pytest.raises(ValueError):
-        make_policy("priority")  # not yet
+    assert (c.aging_steps, c.quantum, dict(c.client_weights), c.default_weight) == (64, 16, {}, 1.0)
+
+
+def test_make_policy_builds_the_configured_policy() -> None:
+    def config(**fields: object) -> SchedulerConfig:
+        return SchedulerConfig(max_context=64, vocab_size=32, **fields)  # type: ignore[arg-type]
+
+    assert isinstance(make_policy(config()), Fcfs)
+    priority = make_policy(config(policy="priority", aging_steps=5))
+    assert isinstance(priority, Priority) and priority.aging_steps == 5
+    rr = make_policy(config(policy="rr", quantum=3))
+    assert isinstance(rr, RoundRobin) and rr.quantum == 3
+    fair = make_policy(config(policy="fair", client_weights={"a": 2}, default_weight=0.5))
+    assert isinstance(fair, Fair) and (fair.weight("a"), fair.weight("b")) == (2, 0.5)
+    weights = {"a": 1.0}
+    frozen = config(client_weights=weights)
+    weights["a"] = 5.0  # the config took a copy, read-only
+    assert frozen.client_weights["a"] == 1.0
+    with pytest.raises(TypeError):
+        frozen.client_weights["a"] = 2.0  # type: ignore[index]
 
 
 @pytest.mark.parametrize(

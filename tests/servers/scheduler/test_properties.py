@@ -34,7 +34,11 @@ def specs(draw: st.DrawFn, max_context: int) -> Spec:
         )
     )
     deadline = draw(st.floats(0, 300)) if draw(st.integers(0, 9)) == 0 else None
-    return Spec(prompt, draw(st.integers(1, 24)), sampling, deadline)
+    priority, client_id = draw(st.integers(-1, 2)), draw(st.sampled_from([None, "a", "b"]))
+    return Spec(prompt, draw(st.integers(1, 24)), sampling, deadline, priority, client_id)
+
+
+POLICY = st.sampled_from(["fcfs", "priority", "rr", "fair"])
 
 
 def positions_computed(spec: Spec, max_context: int) -> int:
@@ -56,6 +60,10 @@ def test_random_workloads(data: st.DataObject) -> None:
         token_budget=data.draw(st.integers(1, 40), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 8), "max_batch_size"),
         max_running=data.draw(st.one_of(st.none(), st.integers(1, 10)), "max_running"),
+        policy=data.draw(POLICY, "policy"),
+        aging_steps=data.draw(st.integers(1, 8), "aging_steps"),
+        quantum=data.draw(st.integers(1, 6), "quantum"),
+        client_weights={"a": 1.0, "b": 3.0},
     )
     num_runners = data.draw(st.integers(1, 3), "num_runners")
     rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
@@ -116,6 +124,7 @@ def test_random_workloads(data: st.DataObject) -> None:
     assert blocks.num_free == num_blocks
     st_ = sched.stats()
     event(f"preempted: {st_.num_preemptions > 0}")
+    event(f"yielded: {st_.num_yields > 0}")
     event(f"requeued: {st_.num_steps_requeued > 0}")
     event(f"reasons: {sorted(set(out.reasons.values()))}")
     assert st_.num_finished == len(workload) and st_.num_steps_in_flight == 0
@@ -127,7 +136,9 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
     max_context = 48
     block_size = data.draw(st.sampled_from([1, 2, 4]), "block_size")
     workload = data.draw(st.lists(specs(max_context), min_size=3, max_size=12), "specs")
-    workload = [Spec(s.prompt_ids, s.max_tokens, s.sampling) for s in workload]  # no deadlines
+    workload = [  # no deadlines
+        Spec(s.prompt_ids, s.max_tokens, s.sampling, None, s.priority, s.client_id) for s in workload
+    ]
     max_need = max(-(-positions_computed(s, max_context) // block_size) for s in workload)
     num_blocks = data.draw(st.integers(max_need, max_need + 3), "num_blocks")
     config = SchedulerConfig(
@@ -136,7 +147,9 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
         block_size=block_size,
         token_budget=data.draw(st.integers(1, 32), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 12), "max_batch_size"),
-        max_running=12,
+        max_running=data.draw(st.sampled_from([3, 12]), "max_running"),
+        policy=data.draw(POLICY, "policy"),
+        quantum=data.draw(st.integers(1, 4), "quantum"),
     )
     blocks = FreeListBlocks(range(num_blocks))
     sched = Scheduler(config, blocks)
@@ -148,4 +161,5 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
     for sid, spec in enumerate(workload):
         assert (out.outputs.get(sid, []), out.reasons[sid]) == alone(spec, max_context)
     assert blocks.num_free == num_blocks
-    event(f"preempted: {sched.stats().num_preemptions > 0}")
+    event(f"{config.policy} preempted: {sched.stats().num_preemptions > 0}")
+    event(f"{config.policy} yielded: {sched.stats().num_yields > 0}")

@@ -1,7 +1,7 @@
 """The scheduler driving the real runner model (stories260K): schedule -> Model.step ->
 postprocess gives the expected greedy texts, and every sequence of a mixed concurrent batch
 gets exactly the tokens it gets alone, with and without preemptions, with one or two steps
-in flight."""
+in flight, and under every policy (round robin turns, priorities, fair share)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def serve(
 
 
 def make_scheduler(
-    model: Model, num_blocks: int, **limits: int
+    model: Model, num_blocks: int, **limits: object
 ) -> tuple[Scheduler, FreeListBlocks]:
     config = SchedulerConfig(
         max_context=model.config.seq_len,
@@ -195,4 +195,46 @@ def test_concurrent_sequences_get_the_tokens_they_get_alone(
         assert output == expected, f"sequence {sid} ({r.sampling}) differs"
         assert reason == ("length" if len(output) == r.max_tokens else "stop")
     assert (sched.stats().num_preemptions > 0) == preempts
+    assert blocks.num_free == num_blocks
+
+
+@pytest.mark.parametrize(
+    ("policy", "num_blocks", "preempts"),
+    [
+        ("rr", 256, False),  # turns that keep their KV
+        ("rr", 12, True),  # turns whose KV is taken under pressure, then recomputed
+        ("priority", 12, True),  # high priorities take the blocks of low ones
+        ("fair", 12, True),
+    ],
+)
+def test_policies_give_every_sequence_the_tokens_it_gets_alone(
+    model: Model,
+    tokenizer: Tokenizer,
+    requests_and_outputs: list[tuple[Request, list[int]]],
+    policy: str,
+    num_blocks: int,
+    preempts: bool,
+) -> None:
+    sched, blocks = make_scheduler(
+        model, num_blocks, token_budget=48, max_running=8, max_batch_size=8, policy=policy,
+        quantum=2, aging_steps=3,
+    )
+    for sid, (r, _) in enumerate(requests_and_outputs):
+        sched.add(
+            Sequence(
+                sid,
+                r.prompt_ids,
+                max_tokens=r.max_tokens,
+                sampling=r.sampling,
+                stop_ids=tokenizer.stop_ids,
+                priority=sid % 3,
+                client_id=f"client{sid % 2}",
+            )
+        )
+    results = serve(model, sched, num_blocks)
+    for sid, (r, expected) in enumerate(requests_and_outputs):
+        assert results[sid][0] == expected, f"sequence {sid} ({r.sampling}) differs"
+    st = sched.stats()
+    assert (st.num_preemptions > 0) == preempts
+    assert (st.num_yields > 0) == (policy == "rr")
     assert blocks.num_free == num_blocks
