@@ -42,6 +42,7 @@ PIPELINE_DEPTH = 2
 # divides by it, at the price of tokens arriving in small bursts and a cancel taking effect
 # up to that many tokens late.
 DECODE_STEPS = 16
+HIST_BUCKETS = 32  # log2 microsecond buckets: up to ~71 minutes
 MAX_PRIORITY = 1000  # priorities scale the aging key and name per-priority stats: keep them small
 # Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
 # its client is not woken for them, and fewer records cost both sides less. They still
@@ -105,6 +106,9 @@ class SchedulerServer(Server):
         self._lease_pending = False
         self._lease_exhausted = False
         self.runner_busy_s = 0.0  # sum of the runners' compute time (U = this / wall / runners)
+        # Histograms of finished requests: bucket i counts values in [2**i, 2**(i+1)) microseconds.
+        self.ttft_hist = [0] * HIST_BUCKETS
+        self.tpot_hist = [0] * HIST_BUCKETS
         self.started = time.monotonic()
 
     # -- startup (blocking calls are allowed before the loop starts) -----------------------
@@ -134,6 +138,8 @@ class SchedulerServer(Server):
         stats["num_free_blocks"] = self.blocks.num_free
         stats["num_leased_blocks"] = self.blocks.num_total
         stats["runner_busy_s"] = self.runner_busy_s
+        stats["ttft_us_log2_hist"] = self.ttft_hist
+        stats["time_per_token_us_log2_hist"] = self.tpot_hist
         stats["uptime_s"] = time.monotonic() - self.started
         stats["num_runners"] = len(self.runners)
         return msgspec.msgpack.encode(stats)
@@ -334,6 +340,9 @@ class SchedulerServer(Server):
                     str(event.reason), event.num_prompt_tokens, event.num_output_tokens, request.seed,
                     queue_s=(request.first_step or now) - request.submitted,
                     ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted)
+                _count(self.ttft_hist, finished.ttft_s)
+                if event.num_output_tokens > 1:
+                    _count(self.tpot_hist, (finished.total_s - finished.ttft_s) / (event.num_output_tokens - 1))
                 self._send(request, P.pack(finished), FINAL)
 
     def _send(self, request: Request, payload: bytes, flags: int) -> None:
@@ -376,3 +385,8 @@ class SchedulerServer(Server):
             return
         self.blocks.add(P.unpack(payload, P.BlockIds).block_ids)
 
+
+
+def _count(hist: list[int], seconds: float) -> None:
+    micros = max(1, int(seconds * 1e6))
+    hist[min(len(hist) - 1, micros.bit_length() - 1)] += 1

@@ -224,6 +224,8 @@ def test_stats_and_instances(instance: str) -> None:
         session.generate("Zoo", max_tokens=5)
         stats = session.stats()
     assert stats["scheduler"]["num_generated_tokens"] >= 5
+    assert sum(stats["scheduler"]["ttft_us_log2_hist"]) >= 1  # TTFT histogram
+    assert stats["scheduler"]["delay_p99_steps"] >= 0  # T_s in steps
     assert stats["memory"]["num_blocks"] > 0
     rings = stats["kernel"]["rings"]
     assert rings and all(r["seq_gaps"] == 0 for r in rings)  # L_r = 0
