@@ -10,6 +10,7 @@ session may be shared by threads.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -25,12 +26,14 @@ from libllm import protocol as P
 from libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
 from microkernel import instance as I
 from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
-from microkernel.errors import InvalidRequest, PeerGone, Timeout, WouldBlock
+from microkernel.errors import InvalidRequest, LlmosError, PeerGone, Timeout, WouldBlock
 from microkernel.messages import MsgFlag, MsgType
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock this long at most
-WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline at least this often
+WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline (and the kernel) at least this often
+FAILOVER_TIMEOUT_S = 120.0  # how long a failover waits for the instance to come back
+RECONNECT_PAUSE_S = 0.05
 
 
 class ServerGone(PeerGone):
@@ -69,6 +72,7 @@ class Completion:
 class _Pending:
     txid: int
     prompt_ids: list[int]
+    submit: P.Submit  # as first sent, seed included: what a failover resubmits from
     token_ids: list[int] = field(default_factory=list)
     fresh: deque[int] = field(default_factory=deque)  # received, not yet seen by the caller
     finished: P.Finished | None = None
@@ -87,6 +91,7 @@ class Session:
         # while this very thread holds the lock.
         self._lock = threading.RLock()
         self._requests: dict[int, _Pending] = {}
+        self.num_failovers = 0  # reconnections after the scheduler or the instance went away
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -145,6 +150,8 @@ class Session:
         self._check_open()
         self._ensure_process()
         prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
+        if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
+            seed = secrets.randbits(63)
         submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
                           stream, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -156,7 +163,7 @@ class Session:
                 except WouldBlock:  # the channel's window is full: take replies until a slot frees
                     self._receive_slice(deadline)
                     continue
-                pending = _Pending(txid, prompt_ids)
+                pending = _Pending(txid, prompt_ids, submit)
                 self._requests[txid] = pending
                 break
         return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
@@ -231,7 +238,8 @@ class Session:
             remaining = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
             if remaining <= 0:
                 raise DeadlineExceeded(f"request {request.txid} did not finish within its timeout")
-            self._channel.incoming.wait_readable(remaining)
+            if not self._channel.incoming.wait_readable(remaining):
+                self._check_kernel()  # a dead kernel closes no ring: look at our socket to it
 
     def _drain_locked(self) -> None:
         with self._lock:
@@ -242,8 +250,58 @@ class Session:
         try:
             while (message := self._channel.try_receive()) is not None:
                 self._route(message)
-        except PeerGone as exc:
-            raise ServerGone(f"the scheduler went away: {exc}") from None
+        except PeerGone:
+            self._failover()
+
+    def _check_kernel(self) -> None:
+        with self._lock:
+            try:
+                self._endpoint.heartbeat()
+            except PeerGone:
+                self._failover()
+
+    def _failover(self) -> None:
+        """The scheduler, or the whole instance, went away: reconnect (the supervisor restarts
+        it) and resubmit every open request with the tokens it already has as a prefix, under
+        the same seed. (seed, position) sampling and batch-invariant kernels make each text
+        go on exactly as it would have: the caller sees a delay, no duplicate, no gap (lock held).
+
+        Raises:
+            ServerGone: the instance did not come back within FAILOVER_TIMEOUT_S.
+        """
+        open_requests = [r for r in self._requests.values() if r.finished is None and r.error is None]
+        try:
+            self._endpoint.close()
+        except LlmosError:
+            pass
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        while True:
+            try:
+                endpoint = Endpoint.connect(self.instance, timeout=5.0)
+            except (LlmosError, OSError):
+                endpoint = None
+            if endpoint is not None:
+                try:
+                    self._channel = endpoint.open_channel("scheduler", wait=True,
+                                                          timeout=max(1.0, deadline - time.monotonic()))
+                    self._endpoint = endpoint
+                    break
+                except LlmosError:
+                    endpoint.close()
+            if time.monotonic() > deadline:
+                raise ServerGone(f"instance {self.instance!r} did not come back within {FAILOVER_TIMEOUT_S:g} s")
+            time.sleep(RECONNECT_PAUSE_S)  # waiting on another process to restart: bounded
+        self._requests = {}
+        self.num_failovers += 1
+        for pending in open_requests:
+            first, made = pending.submit, len(pending.token_ids)
+            if made >= first.max_tokens:  # its last reply was lost, not its work
+                pending.finished = P.Finished("length", len(pending.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
+                continue
+            again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
+                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s)
+            pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, P.pack(again))
+            self._requests[pending.txid] = pending
 
     def _receive_slice(self, deadline: float | None, txid: int = 0) -> None:
         """Route at most one reply, waiting at most one slice (lock held)."""
@@ -254,8 +312,9 @@ class Session:
             message = self._channel.receive(remaining)
         except Timeout:
             return
-        except PeerGone as exc:
-            raise ServerGone(f"the scheduler went away: {exc}") from None
+        except PeerGone:
+            self._failover()
+            return
         self._route(message)
 
     def _route(self, message: Message) -> None:
