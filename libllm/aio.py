@@ -108,14 +108,15 @@ class AsyncSession:
 class _Connecting:
     """`await connect()` or `async with connect() as session:`."""
 
-    def __init__(self, instance: str | None) -> None:
+    def __init__(self, instance: str | None, name: str = "") -> None:
         self._instance = instance
+        self._name = name
         self._session: AsyncSession | None = None
 
     async def _open(self) -> AsyncSession:
         loop = asyncio.get_running_loop()
         # The handshake is a few blocking socket calls: off the loop.
-        session = await loop.run_in_executor(None, lambda: _connect(self._instance))
+        session = await loop.run_in_executor(None, lambda: _connect(self._instance, name=self._name))
         return AsyncSession(session, loop)
 
     def __await__(self) -> Generator[Any, None, AsyncSession]:
@@ -131,6 +132,6 @@ class _Connecting:
             await self._session.close()
 
 
-def connect(instance: str | None = None) -> _Connecting:
+def connect(instance: str | None = None, *, name: str = "") -> _Connecting:
     """Connect to the instance's scheduler; awaitable, or an async context manager."""
-    return _Connecting(instance)
+    return _Connecting(instance, name)

@@ -116,18 +116,28 @@ class Session:
 
     def submit(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-               timeout: float | None = None) -> Request:
+               timeout: float | None = None, tenant: str = "") -> Request:
         """Start a request and return its handle at once (`result()`, `cancel()`, iterate it).
         Many may be in flight per session; tokens arrive in batches (the client is woken at
         the end), which costs least. Same arguments and errors as `generate`."""
-        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, False)
+        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, False,
+                           tenant)
 
     def stream(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-               timeout: float | None = None) -> Request:
+               timeout: float | None = None, tenant: str = "") -> Request:
         """Like `submit`, but tokens are sent (and this process woken) as they are made:
         iterate the result for text pieces; `result()` after for the whole Completion."""
-        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True)
+        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True,
+                           tenant)
+
+    def heartbeat(self) -> None:
+        """Tell the kernel this process is alive (a supervised server's watchdog listens).
+
+        Raises:
+            PeerGone: the kernel is gone.
+        """
+        self._endpoint.heartbeat()
 
     def stats(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
         """The instance's figures: "kernel" (endpoints and every ring's counters: L_s, L_r,
@@ -146,14 +156,15 @@ class Session:
 
     def _start(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
                seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
-               stream: bool) -> Request:
+               stream: bool, tenant: str = "") -> Request:
         self._check_open()
         self._ensure_process()
         prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
+        # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
         submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
-                          stream, timeout)
+                          stream, timeout, tenant)
         deadline = None if timeout is None else time.monotonic() + timeout
         payload = P.pack(submit)
         while True:
@@ -173,7 +184,7 @@ class Session:
         rings are never touched from the child (dropping the copies closes nothing)."""
         if self._pid == os.getpid():
             return
-        endpoint = Endpoint.connect(self.instance)
+        endpoint = Endpoint.connect(self.instance, name=self._endpoint.name)
         self._endpoint = endpoint
         self._channel = endpoint.open_channel("scheduler", wait=True)
         self._lock = threading.RLock()
@@ -277,7 +288,7 @@ class Session:
         deadline = time.monotonic() + FAILOVER_TIMEOUT_S
         while True:
             try:
-                endpoint = Endpoint.connect(self.instance, timeout=5.0)
+                endpoint = Endpoint.connect(self.instance, name=self._endpoint.name, timeout=5.0)
             except (LlmosError, OSError):
                 endpoint = None
             if endpoint is not None:
@@ -299,7 +310,8 @@ class Session:
                 pending.finished = P.Finished("length", len(pending.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
                 continue
             again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
-                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s)
+                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
+                             first.tenant)
             pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, P.pack(again))
             self._requests[pending.txid] = pending
 
@@ -501,13 +513,16 @@ def _longest_stop_prefix(text: str, stops: list[str]) -> int:
     return best
 
 
-def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Session:
+def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "") -> Session:
     """Connect to the instance's scheduler (default instance: $LLMOS_INSTANCE or "default").
 
+    Args:
+        name: register this connection under a server name (the gateway does, so the
+            scheduler believes the tenants it names); plain clients leave it empty.
     Raises:
         KernelUnavailable: no instance runs; the message says how to start one.
     """
-    endpoint = Endpoint.connect(instance, timeout=timeout)
+    endpoint = Endpoint.connect(instance, name=name, timeout=timeout)
     try:
         channel = endpoint.open_channel("scheduler", wait=True, timeout=timeout)
         return Session(endpoint, channel)

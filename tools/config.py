@@ -38,9 +38,10 @@ class ServerSpec:
 
 
 def default_servers() -> tuple[ServerSpec, ...]:
-    """The whole system: the memory server, one runner per core, the scheduler."""
+    """The whole system: the memory server, one runner per core, the scheduler, the gateway."""
     runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(max(1, os.cpu_count() or 1))]
-    return (ServerSpec("memory", "servers.memory"), *runners, ServerSpec("scheduler", "servers.scheduler"))
+    return (ServerSpec("memory", "servers.memory"), *runners, ServerSpec("scheduler", "servers.scheduler"),
+            ServerSpec("gateway", "servers.gateway"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,6 +116,27 @@ class SchedulerSection:
 
 
 @dataclass(slots=True, frozen=True)
+class GatewaySection:
+    """[gateway]: where the HTTP front door listens and who may use it."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port (written to the run dir's gateway.url)
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no authentication
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 512
+    max_in_flight: int = 256  # requests at once before it answers 429
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535 or min(self.max_body_bytes, self.max_tokens, self.max_in_flight) < 1:
+            raise ConfigError("gateway: port in 0..65535; max_body_bytes, max_tokens, max_in_flight >= 1")
+
+    def args(self) -> list[str]:
+        return [f"--host={self.host}", f"--port={self.port}", f"--api-keys={json.dumps(self.api_keys)}",
+                f"--max-body-bytes={self.max_body_bytes}", f"--max-tokens={self.max_tokens}",
+                f"--max-in-flight={self.max_in_flight}"]
+
+
+@dataclass(slots=True, frozen=True)
 class Config:
     rings: str = "32M"  # arena bytes for rings and doorbells
     window: int = 8  # requests in flight per channel
@@ -126,6 +148,7 @@ class Config:
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     memory: MemorySection = field(default_factory=MemorySection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
     servers: tuple[ServerSpec, ...] = field(default_factory=default_servers)
 
     def __post_init__(self) -> None:
@@ -152,7 +175,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    for section, cls in (("memory", MemorySection), ("scheduler", SchedulerSection)):
+    for section, cls in (("memory", MemorySection), ("scheduler", SchedulerSection), ("gateway", GatewaySection)):
         table = data.get(section, {})
         if isinstance(table, dict):
             extra = sorted(set(table) - {f.name for f in fields(cls)})

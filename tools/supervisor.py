@@ -153,6 +153,8 @@ class Supervisor:
         if spec.module == "servers.scheduler":
             runners = [s.name for s in self.config.servers if s.module == "servers.runner"]
             return [f"--runners={','.join(runners)}", *self.config.scheduler.args()]
+        if spec.module == "servers.gateway":
+            return self.config.gateway.args()
         if spec.module == "servers.runner":
             memory = self.config.memory
             return [f"--block-tokens={memory.block_tokens}", *([f"--model={memory.model}"] if memory.model else [])]

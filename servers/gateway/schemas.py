@@ -1,0 +1,47 @@
+"""The OpenAI-compatible request bodies the gateway accepts, validated before anything
+reaches the servers. Runs inside the gateway process."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    user: str | None = None
+
+    def stop_list(self) -> list[str] | None:
+        if self.stop is None:
+            return None
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The template for models without one of their own: one line per message, "Role:
+    content", then "Assistant:" for the model to continue."""
+    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
