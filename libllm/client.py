@@ -71,7 +71,6 @@ class Completion:
 @dataclass(slots=True)
 class _Pending:
     txid: int
-    prompt_ids: list[int]
     submit: P.Submit  # as first sent, seed included: what a failover resubmits from
     token_ids: list[int] = field(default_factory=list)
     fresh: deque[int] = field(default_factory=deque)  # received, not yet seen by the caller
@@ -174,7 +173,7 @@ class Session:
                 except WouldBlock:  # the channel's window is full: take replies until a slot frees
                     self._receive_slice(deadline)
                     continue
-                pending = _Pending(txid, prompt_ids, submit)
+                pending = _Pending(txid, submit)
                 self._requests[txid] = pending
                 break
         return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
@@ -307,7 +306,7 @@ class Session:
         for pending in open_requests:
             first, made = pending.submit, len(pending.token_ids)
             if made >= first.max_tokens:  # its last reply was lost, not its work
-                pending.finished = P.Finished("length", len(pending.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
+                pending.finished = P.Finished("length", len(first.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
                 continue
             again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
                              first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
@@ -498,7 +497,7 @@ class Request:
         assert finished is not None
         ttft, total = finished.ttft_s, finished.total_s
         per_token = (total - ttft) / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0
-        return Completion(self._text, token_ids, reason, Usage(len(request.prompt_ids), len(token_ids)),
+        return Completion(self._text, token_ids, reason, Usage(len(request.submit.prompt_ids), len(token_ids)),
                           finished.seed, Timings(finished.queue_s, ttft, total, per_token))
 
 

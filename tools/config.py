@@ -37,6 +37,15 @@ class ServerSpec:
             raise ConfigError("every [[servers]] entry needs a name and a module")
 
 
+def servers_toml(num_runners: int, *, scheduler: bool = True, gateway: bool = False) -> str:
+    """The `[[servers]]` tables of an instance: the memory server, `num_runners` runners,
+    then the scheduler and the gateway if asked (for tests, benchmarks and examples)."""
+    specs = [("memory", "servers.memory"), *((f"runner.{i}", "servers.runner") for i in range(num_runners))]
+    specs += [("scheduler", "servers.scheduler")] if scheduler else []
+    specs += [("gateway", "servers.gateway")] if gateway else []
+    return "".join(f'[[servers]]\nname = "{name}"\nmodule = "{module}"\n' for name, module in specs)
+
+
 def default_servers() -> tuple[ServerSpec, ...]:
     """The whole system: the memory server, one runner per core, the scheduler, the gateway."""
     runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(max(1, os.cpu_count() or 1))]

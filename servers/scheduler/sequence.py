@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
+
+from libllm.sampling import GREEDY as GREEDY
+from libllm.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "context", "deadline"]
 
@@ -24,30 +26,9 @@ class SeqStatus(Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True, frozen=True)
-class Sampling:
-    """How a runner picks the sequence's tokens; mirrors the runner's SamplingParams field
-    for field (a server never imports another server). ``temperature == 0`` is greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-GREEDY = Sampling()
+# The scheduler only carries a request's sampling to the runner; the one definition lives in
+# libllm (a pure module every server may import).
+Sampling = SamplingParams
 
 
 class Sequence:

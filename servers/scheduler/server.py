@@ -105,6 +105,7 @@ class SchedulerServer(Server):
         self._next_seq_id = 1
         self._lease_pending = False
         self._lease_exhausted = False
+        self._paused_channels: set[int] = set()  # clients whose sequences wait for them to read
         self.runner_busy_s = 0.0  # sum of the runners' compute time (U = this / wall / runners)
         # Histograms of finished requests: bucket i counts values in [2**i, 2**(i+1)) microseconds.
         self.ttft_hist = [0] * HIST_BUCKETS
@@ -169,6 +170,8 @@ class SchedulerServer(Server):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         self._next_seq_id += 1
+        if channel.channel_id in self._paused_channels:  # its client is still not reading
+            self.scheduler.pause(seq.seq_id)
         self.requests[seq.seq_id] = Request(channel, message.header.txid, submit.stream, seed, now)
         self.by_txid[(channel.channel_id, message.header.txid)] = seq.seq_id
         return None  # answered as tokens come
@@ -353,14 +356,21 @@ class SchedulerServer(Server):
         self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()), raw)
 
     def _apply_backpressure(self) -> None:
-        """A client whose replies pile up pauses its own sequences, nobody else's."""
+        """A client whose replies pile up pauses its own sequences, nobody else's; they
+        resume once it has read them all. Requests are looked at only when a channel changes
+        state, not on every pass of the loop."""
         limit = self.max_backlog // 2
+        pause = {c for c, b in self.backlogs.items() if len(b) >= limit} - self._paused_channels
+        resume = {c for c in self._paused_channels if not self.backlogs.get(c)}
+        if not pause and not resume:
+            return
         for seq_id, request in self.requests.items():
-            backlog = len(self.backlogs.get(request.channel.channel_id, ()))
-            if backlog >= limit:
+            channel_id = request.channel.channel_id
+            if channel_id in pause:
                 self.scheduler.pause(seq_id)
-            elif backlog == 0:
+            elif channel_id in resume:
                 self.scheduler.resume(seq_id)
+        self._paused_channels = (self._paused_channels | pause) - resume
 
     def _refill_lease(self) -> None:
         """Keep free blocks on hand; only admission waits for memory, and not on a reply."""

@@ -22,6 +22,7 @@ from servers.runner.model import Model, generate
 from servers.runner.sampling import SamplingParams
 from tests.microkernel.procs import wait_until
 from tests.system.cli import running_instance
+from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -33,19 +34,7 @@ rings = "16M"
 [memory]
 pages = "8M"
 segments = "1M"
-[[servers]]
-name = "memory"
-module = "servers.memory"
-[[servers]]
-name = "runner.0"
-module = "servers.runner"
-[[servers]]
-name = "runner.1"
-module = "servers.runner"
-[[servers]]
-name = "scheduler"
-module = "servers.scheduler"
-"""
+""" + servers_toml(2)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from servers.runner.sampling import SamplingParams
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli, running_instance
+from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -32,19 +33,7 @@ pages = "8M"
 [scheduler]
 decode_steps = 2
 max_batch_size = 16
-[[servers]]
-name = "memory"
-module = "servers.memory"
-[[servers]]
-name = "runner.0"
-module = "servers.runner"
-[[servers]]
-name = "runner.1"
-module = "servers.runner"
-[[servers]]
-name = "scheduler"
-module = "servers.scheduler"
-"""
+""" + servers_toml(2)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import libllm
 from tests.microkernel.procs import wait_until
 from tests.system.cli import running_instance
 from tests.system.test_end_to_end import all_blocks_free
+from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0
@@ -30,19 +31,7 @@ api_keys = {{ {", ".join(f'"{k}" = "{v}"' for k, v in KEYS.items())} }}
 max_body_bytes = 4096
 max_tokens = 200
 max_in_flight = 4
-[[servers]]
-name = "memory"
-module = "servers.memory"
-[[servers]]
-name = "runner.0"
-module = "servers.runner"
-[[servers]]
-name = "scheduler"
-module = "servers.scheduler"
-[[servers]]
-name = "gateway"
-module = "servers.gateway"
-"""
+""" + servers_toml(1, gateway=True)
 
 
 @pytest.fixture(scope="module")

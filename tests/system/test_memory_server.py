@@ -42,14 +42,6 @@ module = "servers.memory"
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(runtime))
-    yield Cli(runtime)
-
-
-@pytest.fixture
 def instance(cli: Cli) -> Iterator[str]:
     name = unique_instance("mem")
     cli("up", "--detach", "--instance", name, "--config", cli.config(MEMORY_CONFIG))

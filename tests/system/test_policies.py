@@ -13,6 +13,7 @@ import libllm
 from microkernel.endpoint import Endpoint
 from microkernel.messages import MsgType
 from tests.system.cli import running_instance
+from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -26,16 +27,7 @@ policy = "{policy}"
 aging_steps = 1000
 max_batch_size = 4
 decode_steps = 4
-[[servers]]
-name = "memory"
-module = "servers.memory"
-[[servers]]
-name = "runner.0"
-module = "servers.runner"
-[[servers]]
-name = "scheduler"
-module = "servers.scheduler"
-"""
+""" + servers_toml(1)
 
 
 def stats(instance: str) -> dict[Any, Any]:

@@ -15,6 +15,7 @@ from microkernel.errors import InvalidRequest
 from microkernel.messages import MsgType
 from servers.runner.loaders import default_model_path
 from tests.system.cli import running_instance
+from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 EXPECTED_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."
@@ -24,13 +25,7 @@ rings = "8M"
 [memory]
 pages = "4M"
 segments = "1M"
-[[servers]]
-name = "memory"
-module = "servers.memory"
-[[servers]]
-name = "runner.0"
-module = "servers.runner"
-"""
+""" + servers_toml(1, scheduler=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ module = "servers.echo"
 name = "echo-b"
 module = "servers.echo"
 """
-
-
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(runtime))
-    yield Cli(runtime)
 
 
 def echo_works(instance: str, server: str) -> bool:

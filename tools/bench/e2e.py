@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from tools.bench.report import ratio, table, write_json
+from tools.config import servers_toml
 
 CTX = mp.get_context("fork")
 WAIT = 300.0
@@ -67,11 +68,9 @@ def instance_with(runtime: str, num_runners: int, pages: str) -> Iterator[tuple[
     """An instance (memory server, `num_runners` runners, scheduler) under `runtime`;
     yields its name and the environment that reaches it. LLMOS_RUNTIME_DIR is set here too."""
     instance = f"bench-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
-    runners = "\n".join(f'[[servers]]\nname = "runner.{i}"\nmodule = "servers.runner"' for i in range(num_runners))
     config = os.path.join(runtime, f"{instance}.toml")
     with open(config, "w") as f:
-        f.write(f'[memory]\npages = "{pages}"\n[[servers]]\nname = "memory"\nmodule = "servers.memory"\n'
-                f'{runners}\n[[servers]]\nname = "scheduler"\nmodule = "servers.scheduler"\n')
+        f.write(f'[memory]\npages = "{pages}"\n' + servers_toml(num_runners))
     env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
     subprocess.run([*CLI, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
                    capture_output=True, timeout=WAIT)

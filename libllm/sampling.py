@@ -1,0 +1,39 @@
+"""Sampling parameters: the one validated value both ends of a request share.
+
+Pure; used by libllm, the scheduler (which carries them in its plans) and the runner
+(which draws with them, see servers/runner/sampling.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """How to pick the next token. ``temperature == 0`` is greedy (the other fields unused).
+
+    ``top_k == 0`` keeps every token; ``top_p == 1.0`` keeps the whole distribution.
+    ``seed`` is any integer (taken modulo 2**64).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
