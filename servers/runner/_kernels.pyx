@@ -256,10 +256,11 @@ cdef extern from *:
         for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
     }
 
-    /* Softmax in place. exp by lanes of 4; lane l sums t = 4k + l in order of k (padding
-       lanes add exact zeros); then the fixed tree; then one division per element. */
-    static void llm_softmax(float *x, int n) {
-        /* The maximum is exact in any order: take it four lanes at a time. */
+    /* Softmax's shared parts. The maximum is exact in any order: take it four lanes at a
+       time. The finish exps from element i on by lanes of 4 (padding lanes add exact zeros)
+       into acc, then adds the lanes in a fixed tree and divides: every SIMD level calls the
+       same code, so their results agree bit for bit. */
+    static inline float llm_row_max(const float *x, int n) {
         llm_v4 vmax = llm_splat(x[0]);
         int i = 0;
         for (; i + 4 <= n; i += 4) {
@@ -269,19 +270,11 @@ cdef extern from *:
         float m = vmax[0];
         for (int l = 1; l < 4; l++) if (vmax[l] > m) m = vmax[l];
         for (; i < n; i++) if (x[i] > m) m = x[i];
+        return m;
+    }
+
+    static inline void llm_softmax_finish(float *x, int n, int i, float m, llm_v4 acc) {
         const llm_v4 vm = llm_splat(m);
-        llm_v4 acc = {0, 0, 0, 0};
-        i = 0;
-        /* Two independent exps per iteration for the CPU to overlap; acc still adds them
-           in order of t. */
-        for (; i + 8 <= n; i += 8) {
-            llm_v4 e0 = llm_exp4(llm_ld(x + i) - vm);
-            llm_v4 e1 = llm_exp4(llm_ld(x + i + 4) - vm);
-            llm_st(x + i, e0);
-            llm_st(x + i + 4, e1);
-            acc += e0;
-            acc += e1;
-        }
         for (; i + 4 <= n; i += 4) {
             llm_v4 e = llm_exp4(llm_ld(x + i) - vm);
             llm_st(x + i, e);
@@ -298,6 +291,26 @@ cdef extern from *:
         }
         const float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         for (int j = 0; j < n; j++) x[j] = x[j] / total;
+    }
+
+    /* Softmax in place. exp by lanes of 4; lane l sums t = 4k + l in order of k (padding
+       lanes add exact zeros); then the fixed tree; then one division per element. */
+    static void llm_softmax(float *x, int n) {
+        const float m = llm_row_max(x, n);
+        const llm_v4 vm = llm_splat(m);
+        llm_v4 acc = {0, 0, 0, 0};
+        int i = 0;
+        /* Two independent exps per iteration for the CPU to overlap; acc still adds them
+           in order of t. */
+        for (; i + 8 <= n; i += 8) {
+            llm_v4 e0 = llm_exp4(llm_ld(x + i) - vm);
+            llm_v4 e1 = llm_exp4(llm_ld(x + i + 4) - vm);
+            llm_st(x + i, e0);
+            llm_st(x + i + 4, e1);
+            acc += e0;
+            acc += e1;
+        }
+        llm_softmax_finish(x, n, i, m, acc);
     }
 
     /* Page layout, per block and layer: [2][n_kv][head_size * block_size] floats; the K
@@ -422,41 +435,17 @@ cdef extern from *:
     /* llm_softmax: the 8-element steps add their low then high half into the 4-lane sum,
        as the SSE code adds e0 then e1. */
     LLM_AVX2 void llm_softmax_avx2(float *x, int n) {
-        llm_v4 vmax = llm_splat(x[0]);
-        int i = 0;
-        for (; i + 4 <= n; i += 4) {
-            llm_v4 v = llm_ld(x + i);
-            vmax = llm_select(v > vmax, v, vmax);
-        }
-        float m = vmax[0];
-        for (int l = 1; l < 4; l++) if (vmax[l] > m) m = vmax[l];
-        for (; i < n; i++) if (x[i] > m) m = x[i];
-        const llm_v4 vm = llm_splat(m);
+        const float m = llm_row_max(x, n);
         const llm_v8 vm8 = llm_splat8(m);
         llm_v4 acc = {0, 0, 0, 0};
-        i = 0;
+        int i = 0;
         for (; i + 8 <= n; i += 8) {
             llm_v8 e = llm_exp8(llm_ld8(x + i) - vm8);
             llm_st8(x + i, e);
             acc += llm_lo4(e);
             acc += llm_hi4(e);
         }
-        for (; i + 4 <= n; i += 4) {
-            llm_v4 e = llm_exp4(llm_ld(x + i) - vm);
-            llm_st(x + i, e);
-            acc += e;
-        }
-        if (i < n) {
-            float t[4] = {m, m, m, m};
-            for (int j = i; j < n; j++) t[j - i] = x[j];
-            llm_v4 e = llm_exp4(llm_ld(t) - vm);
-            for (int j = i; j < 4 + i; j++) {
-                if (j < n) x[j] = e[j - i]; else e[j - i] = 0.0f;
-            }
-            acc += e;
-        }
-        const float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        for (int j = 0; j < n; j++) x[j] = x[j] / total;
+        llm_softmax_finish(x, n, i, m, acc);
     }
 
     LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *layer,
