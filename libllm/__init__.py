@@ -3,21 +3,24 @@
     with libllm.connect() as session:
         print(session.generate("Once upon a time", max_tokens=50).text)
 
-`connect()` gives a `Session` (generate, stream, model_info); errors are the tree of
-DESIGN.md. `libllm.tokenizer` and `libllm.protocol` are pure and shared with servers.
+`connect()` gives a `Session` (generate, submit, stream, generate_n, stats, model_info,
+and shared tensors: alloc, attach); a submitted request is a `Request` handle (libllm.request);
+`libllm.aio` is the asyncio flavour. Errors are the tree of DESIGN.md. `libllm.tokenizer`,
+`libllm.protocol`, `libllm.sampling` and `libllm.blockhash` are pure and shared with servers.
 """
 
 from __future__ import annotations
 
-from libllm.client import Completion as Completion
-from libllm.client import DeadlineExceeded as DeadlineExceeded
-from libllm.client import Request as Request
 from libllm.client import ServerGone as ServerGone
 from libllm.client import Session as Session
-from libllm.client import Timings as Timings
-from libllm.client import Usage as Usage
 from libllm.client import connect as connect
 from libllm.client import instances as instances
+from libllm.request import Completion as Completion
+from libllm.request import DeadlineExceeded as DeadlineExceeded
+from libllm.request import Request as Request
+from libllm.request import Timings as Timings
+from libllm.request import Usage as Usage
+from libllm.tensors import SharedTensor as SharedTensor
 from microkernel.errors import Cancelled as Cancelled
 from microkernel.errors import Closed as Closed
 from microkernel.errors import InvalidRequest as InvalidRequest
@@ -48,6 +51,7 @@ __all__ = [
     "Request",
     "ServerGone",
     "Session",
+    "SharedTensor",
     "Timeout",
     "Timings",
     "Unsupported",

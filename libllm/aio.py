@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Generator
 from types import TracebackType
 from typing import Any
 
-from libllm.client import Completion, Request, Session
+from libllm.client import Session
 from libllm.client import connect as _connect
+from libllm.request import Completion, Request
 from microkernel.errors import Closed, PeerGone
 
 _WAIT_SLICE_S = 1.0
@@ -63,7 +64,13 @@ class AsyncSession:
 
     async def generate(self, prompt: str, **kwargs: Any) -> Completion:
         """As `Session.generate`; the loop runs other tasks while it waits."""
-        request = self.session.submit(prompt, **kwargs)
+        return await self._result(self.session.submit(prompt, **kwargs))
+
+    async def generate_n(self, prompt: str, n: int, **kwargs: Any) -> list[Completion]:
+        """As `Session.generate_n`: n completions of one prompt, computed together."""
+        return [await self._result(r) for r in self.session.submit_n(prompt, n, **kwargs)]
+
+    async def _result(self, request: Request) -> Completion:
         while not await self._settle(request):
             for _ in request._ready_pieces(final=False):
                 pass

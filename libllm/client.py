@@ -4,7 +4,9 @@ Runs in the client's process. A session connects to the kernel, opens a channel 
 scheduler and loads the model's tokenizer (from MODEL_INFO), so only token ids cross the
 rings. Tokenisation, incremental detokenisation and stop strings live here; a stop
 string seen in the text cancels the request. One lock serialises the channel, so a
-session may be shared by threads.
+session may be shared by threads. A second channel, to the memory server, opened on first
+use, serves shared tensors (`alloc`, `attach`; see libllm/tensors.py) and the segments
+that carry long prompts (INLINE_PROMPT_TOKENS).
 """
 
 from __future__ import annotations
@@ -14,19 +16,35 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, SupportsIndex
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from libllm import protocol as P
-from libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+from libllm.request import Completion as Completion
+from libllm.request import DeadlineExceeded as DeadlineExceeded
+from libllm.request import Pending, Request
+from libllm.request import Timings as Timings
+from libllm.request import Usage as Usage
+from libllm.tensors import SharedTensor, as_handle, tensor_layout
+from libllm.tokenizer import Tokenizer, load_tokenizer
 from microkernel import instance as I
+from microkernel import layout as L
 from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
-from microkernel.errors import InvalidRequest, LlmosError, PeerGone, Timeout, WouldBlock
+from microkernel.errors import (
+    InvalidRequest,
+    LlmosError,
+    Overloaded,
+    PeerGone,
+    QuotaExceeded,
+    Timeout,
+    WouldBlock,
+)
 from microkernel.messages import MsgFlag, MsgType
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
@@ -34,48 +52,21 @@ PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock 
 WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline (and the kernel) at least this often
 FAILOVER_TIMEOUT_S = 120.0  # how long a failover waits for the instance to come back
 RECONNECT_PAUSE_S = 0.05
+# A prompt of more tokens than this travels as int32 ids in a segment, its handle in the
+# submit. Inline, an id costs up to 5 bytes of msgpack: 256 ids keep a submit record near
+# 1 KiB, so a window of requests fits a 64 KiB channel ring many times over and many requests
+# pipeline on one channel; longer prompts would crowd the ring (and past ~6k ids exceed its
+# largest record). 256 is half the built-in model's 512-token context, so real prompts do
+# take the segment path; below it, the alloc/free round trips would cost more than they save.
+INLINE_PROMPT_TOKENS = 256
+PROMPT_ID_DTYPE = np.dtype(P.PROMPT_ID_DTYPE)
+# Best-effort frees (a finished request's prompt segment, close()) wait this long at most; a
+# segment they miss stays recorded, and goes at close() or when the connection ends.
+FREE_TIMEOUT_S = 5.0
 
 
 class ServerGone(PeerGone):
     """The scheduler (or the whole instance) went away while a request was open."""
-
-
-class DeadlineExceeded(Timeout):
-    """A request's timeout passed before it finished."""
-
-
-@dataclass(slots=True, frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(slots=True, frozen=True)
-class Timings:
-    queue_s: float  # scheduler: submit -> first step that included it
-    ttft_s: float  # scheduler: submit -> first token
-    total_s: float  # scheduler: submit -> finish
-    per_token_s: float  # (total - ttft) / (tokens - 1)
-
-
-@dataclass(slots=True, frozen=True)
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: Usage
-    seed: int
-    timings: Timings
-
-
-@dataclass(slots=True)
-class _Pending:
-    txid: int
-    submit: P.Submit  # as first sent, seed included: what a failover resubmits from
-    token_ids: list[int] = field(default_factory=list)
-    fresh: deque[int] = field(default_factory=deque)  # received, not yet seen by the caller
-    finished: P.Finished | None = None
-    error: BaseException | None = None
 
 
 class Session:
@@ -89,8 +80,15 @@ class Session:
         # Re-entrant: an abandoned stream's cleanup may run (from the garbage collector)
         # while this very thread holds the lock.
         self._lock = threading.RLock()
-        self._requests: dict[int, _Pending] = {}
+        self._requests: dict[int, Pending] = {}
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
+        # The memory channel, opened on first use, and every segment this session allocated and
+        # has not freed (a SharedTensor, or None for a long prompt's): both under _memory_lock,
+        # taken after _lock when both are held, never before.
+        self._memory: Channel | None = None
+        self._memory_lock = threading.RLock()
+        self._owned: dict[tuple[int, int], SharedTensor | None] = {}
+        self._attached: weakref.WeakSet[SharedTensor] = weakref.WeakSet()
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -130,6 +128,31 @@ class Session:
         return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True,
                            tenant)
 
+    def submit_n(self, prompt: str, n: int, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
+                 timeout: float | None = None, stream: bool = False, tenant: str = "") -> list[Request]:
+        """`n` completions of one prompt, each its own Request, drawn with seeds seed, seed+1,
+        ... (so they differ unless greedy). They share the prompt's KV: the scheduler
+        computes its full blocks once and the others read them.
+
+        Raises:
+            InvalidRequest: a bad parameter (the message names it), or n < 1.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InvalidRequest(f"n must be a positive int, got {n!r}")
+        if seed is None:
+            seed = secrets.randbits(62)
+        return [self._start(prompt, max_tokens, temperature, top_k, top_p, seed + i, stop, priority, timeout,
+                            stream, tenant) for i in range(n)]
+
+    def generate_n(self, prompt: str, n: int, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
+                   timeout: float | None = None) -> list[Completion]:
+        """`n` whole completions of one prompt (see `submit_n`)."""
+        requests = self.submit_n(prompt, n, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stop=stop, priority=priority, timeout=timeout)
+        return [r.result() for r in requests]
+
     def heartbeat(self) -> None:
         """Tell the kernel this process is alive (a supervised server's watchdog listens).
 
@@ -142,16 +165,77 @@ class Session:
         """The instance's figures: "kernel" (endpoints and every ring's counters: L_s, L_r,
         B), "scheduler" (steps, tokens, queues, T_s in steps) and "memory" (usage, F, H)."""
         self._ensure_process()
-        with self._lock:
-            scheduler = msgspec.msgpack.decode(self._channel.call(MsgType.SCHED_STATS, b"", timeout).payload)
-        memory = self._endpoint.open_channel("memory", timeout=timeout)
-        try:
-            mem = msgspec.to_builtins(P.unpack(memory.call(MsgType.MEM_STATS, b"", timeout).payload,
-                                               P.MemoryStatsReply))
-        finally:
-            self._endpoint.drop_channel(memory.channel_id)
+        scheduler = msgspec.msgpack.decode(self._call(MsgType.SCHED_STATS, b"", timeout).payload)
+        mem = msgspec.to_builtins(P.unpack(self._memory_call(MsgType.MEM_STATS, b"", timeout).payload,
+                                           P.MemoryStatsReply))
         return {"kernel": msgspec.to_builtins(self._endpoint.kernel_stats(timeout)), "scheduler": scheduler,
                 "memory": mem}
+
+    def alloc(self, shape: SupportsIndex | Sequence[SupportsIndex], dtype: npt.DTypeLike = np.float32, *,
+              timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> SharedTensor:
+        """A zero-filled numpy array in the instance's shared arena: `tensor.array`.
+
+        Hand `tensor.handle` (with the shape and dtype) to another process of yours on the
+        same instance: its `session.attach(handle, shape, dtype)` maps the very same bytes.
+        Freed by `tensor.free()` (or leaving `with tensor:`), when this session closes, or
+        when this process dies; libllm/tensors.py has the lifetime rules (views, fork).
+
+        Raises:
+            InvalidRequest: a dimension that is not an int >= 1, a dtype that is not a
+                fixed-size number, or more bytes than the instance's segment region holds
+                (the message names `shape` or `dtype`).
+            Overloaded: no free extent that large now; QuotaExceeded: over your segment
+                quota (both say what to do).
+        """
+        self._check_open()
+        self._ensure_process()
+        dims, dt, nbytes = tensor_layout(shape, dtype, self._segment_region_bytes())
+        with self._memory_lock:
+            segment = self._alloc_segment(nbytes, timeout)
+            array = self._endpoint.arena.ndarray(segment.offset, dims, dt)
+            array.fill(0)  # a segment keeps whatever its last owner left there
+            ref = P.SegmentRef(segment.segment_id, segment.generation)
+            tensor = SharedTensor(ref, array, is_owner=True, release=self._free_tensor)
+            self._owned[(ref.segment_id, ref.generation)] = tensor
+        return tensor
+
+    def attach(self, handle: P.SegmentRef | tuple[int, int], shape: SupportsIndex | Sequence[SupportsIndex],
+               dtype: npt.DTypeLike = np.float32, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> SharedTensor:
+        """Map a shared tensor that another process of yours allocated on this instance: the
+        same bytes, no copy. `handle` is its `tensor.handle` (or a (segment_id, generation)
+        pair); `shape` and `dtype` are yours to choose, within the bytes it holds.
+
+        Attaching holds no reference: the owner's `free()` (or its end) frees the memory
+        for everyone, so agree with the owner on when it is done. This tensor's `free()`
+        only forgets the mapping.
+
+        Raises:
+            InvalidRequest: the handle is stale (its owner freed it, or its process ended)
+                or unknown, or names no tensor; bad `shape` or `dtype`, or more bytes than
+                the segment holds (the message names the field).
+        """
+        self._check_open()
+        self._ensure_process()
+        ref = as_handle(handle)
+        dims, dt, nbytes = tensor_layout(shape, dtype, self._segment_region_bytes())
+        name = f"handle ({ref.segment_id}, {ref.generation})"
+        try:
+            reply = self._memory_call(MsgType.MEM_SEGMENT_INFO, P.pack(ref), timeout)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{name} cannot be attached: {exc} (its owner freed it, or its process "
+                                 "ended)") from None
+        info: P.SegmentInfo = P.unpack(reply.payload, P.SegmentInfo)
+        if info.owner_id == 0:
+            raise InvalidRequest(f"{name} names a segment of the instance itself (e.g. the model's weights), "
+                                 "not a shared tensor")
+        if nbytes > info.requested:
+            raise InvalidRequest(f"shape {dims} of {dt} needs {nbytes} bytes; the tensor of {name} holds "
+                                 f"{info.requested}")
+        tensor = SharedTensor(ref, self._endpoint.arena.ndarray(info.offset, dims, dt), is_owner=False,
+                              release=self._forget_tensor)
+        with self._memory_lock:
+            self._attached.add(tensor)
+        return tensor
 
     def _start(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
                seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
@@ -165,22 +249,32 @@ class Session:
         submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
                           stream, timeout, tenant)
         deadline = None if timeout is None else time.monotonic() + timeout
-        payload = P.pack(submit)
-        while True:
-            with self._lock:
-                try:
-                    txid = self._channel.request(MsgType.SCHED_SUBMIT, payload, timeout=timeout)
-                except WouldBlock:  # the channel's window is full: take replies until a slot frees
-                    self._receive_slice(deadline)
-                    continue
-                pending = _Pending(txid, submit)
-                self._requests[txid] = pending
-                break
+        wired_on = self._endpoint
+        payload, segment = self._wire(submit, timeout)
+        try:
+            while True:
+                with self._lock:
+                    if wired_on is not self._endpoint:  # a failover replaced the connection, and its segments
+                        wired_on = self._endpoint
+                        payload, segment = self._wire(submit, timeout)
+                    try:
+                        txid = self._channel.request(MsgType.SCHED_SUBMIT, payload, timeout=timeout)
+                    except WouldBlock:  # the channel's window is full: take replies until a slot frees
+                        self._receive_slice(deadline)
+                        continue
+                    pending = Pending(txid, submit, segment=segment)
+                    self._requests[txid] = pending
+                    break
+        except BaseException:
+            if segment is not None and wired_on is self._endpoint:
+                self._free_prompt_segment(segment)
+            raise
         return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
 
     def _ensure_process(self) -> None:
         """After a fork, the child gets a connection of its own on first use; the parent's
-        rings are never touched from the child (dropping the copies closes nothing)."""
+        rings are never touched from the child (dropping the copies closes nothing). The
+        parent's segments stay the parent's: the child never frees them."""
         if self._pid == os.getpid():
             return
         endpoint = Endpoint.connect(self.instance, name=self._endpoint.name)
@@ -188,12 +282,35 @@ class Session:
         self._channel = endpoint.open_channel("scheduler", wait=True)
         self._lock = threading.RLock()
         self._requests = {}
+        self._memory = None
+        self._memory_lock = threading.RLock()
+        self._owned = {}
+        self._attached = weakref.WeakSet()
         self._pid = os.getpid()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._endpoint.close()
+        """Free every shared tensor and prompt segment this session holds, then disconnect.
+        Idempotent. In a forked child that never used the session, only marks it closed:
+        the connection and its segments are the parent's."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._pid != os.getpid():
+            return
+        with self._memory_lock:
+            owned, self._owned = self._owned, {}
+            attached, self._attached = list(self._attached), weakref.WeakSet()
+            for tensor in [*owned.values(), *attached]:
+                if tensor is not None:
+                    tensor._mark_freed()
+            try:
+                # Freed now, so the memory is back when close() returns; what this cannot
+                # reach goes back when the memory server sees this connection end.
+                for segment_id, generation in owned:
+                    self._free_segment(P.SegmentRef(segment_id, generation), FREE_TIMEOUT_S)
+            except LlmosError:
+                pass
+        self._endpoint.close()
 
     def __enter__(self) -> Session:
         return self
@@ -233,10 +350,137 @@ class Session:
         return ids
 
     def _call(self, type_: int, payload: bytes, timeout: float) -> Message:
-        with self._lock:
-            return self._channel.call(type_, payload, timeout)
+        """A request to the scheduler whose reply is waited for; replies to requests in
+        flight that come meanwhile are routed to them (`Channel.call` would keep them).
 
-    def _pump(self, request: _Pending, deadline: float | None) -> None:
+        Raises:
+            DeadlineExceeded: no reply within `timeout`.  RemoteError: the scheduler's error.
+        """
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        with self._lock:
+            while True:
+                try:
+                    self._channel.request(type_, payload, timeout=timeout,
+                                          on_reply=lambda header, body: replies.append(Message(header, body)))
+                    break
+                except WouldBlock:  # the window is full: take replies until a slot frees
+                    self._receive_slice(deadline)
+            while not replies:
+                self._receive_slice(deadline)
+        raise_for_status(replies[0])
+        return replies[0]
+
+    # -- the memory server: shared tensors and long prompts' segments -----------------------
+
+    def _memory_call(self, type_: int, payload: bytes, timeout: float) -> Message:
+        """A call on this session's channel to the memory server, opened on first use (and
+        again after a failover gave the session a new connection). A memory server that
+        restarted rebuilds its tables from the arena, so this endpoint's segments are still
+        ours: the call is made once more on a new channel."""
+        with self._memory_lock:
+            for attempt in range(2):
+                channel = self._memory
+                if channel is None or channel.closed or channel.endpoint is not self._endpoint:
+                    channel = self._endpoint.open_channel("memory", wait=True, timeout=timeout)
+                    self._memory = channel
+                try:
+                    return channel.call(type_, payload, timeout)
+                except PeerGone:
+                    channel.endpoint.drop_channel(channel.channel_id)
+                    self._memory = None
+                    if attempt:
+                        raise
+            raise AssertionError("unreachable")
+
+    def _segment_region_bytes(self) -> int:
+        """Size of the arena's SEGMENTS region: no segment is larger.
+
+        Raises:
+            InvalidRequest: the instance has none.
+        """
+        region = self._endpoint.arena.regions.get(L.RegionKind.SEGMENTS)
+        if region is None:
+            raise InvalidRequest(f"instance {self.instance!r} has no segment region for shared memory; give it "
+                                 "one ([memory] segments = ... in its config)")
+        return region.size
+
+    def _alloc_segment(self, nbytes: int, timeout: float | None) -> P.Segment:
+        """Allocate a segment for this endpoint and record it (as a prompt's until the caller
+        says otherwise), so close() frees it.
+
+        Raises:
+            Overloaded, QuotaExceeded: the memory server's refusal, with what to do about it.
+        """
+        try:
+            reply = self._memory_call(MsgType.MEM_ALLOC_SEGMENT, P.pack(P.AllocSegment(nbytes)),
+                                      DEFAULT_CONNECT_TIMEOUT_S if timeout is None else timeout)
+        except (Overloaded, QuotaExceeded) as exc:
+            raise type(exc)(f"cannot allocate {nbytes} bytes of shared memory: {exc}. Free shared tensors that "
+                            "are no longer needed (tensor.free()), or give the instance more ([memory] segments "
+                            "or quota_segment_bytes in its config)") from None
+        segment: P.Segment = P.unpack(reply.payload, P.Segment)
+        with self._memory_lock:
+            self._owned[(segment.segment_id, segment.generation)] = None
+        return segment
+
+    def _free_segment(self, ref: P.SegmentRef, timeout: float) -> None:
+        """Give a segment of ours back. One the memory server no longer knows (stale) is
+        not ours any more: nothing to give back.
+
+        Raises:
+            PeerGone, Timeout: the memory server could not be reached; it stays recorded.
+        """
+        try:
+            self._memory_call(MsgType.MEM_FREE_SEGMENT, P.pack(ref), timeout)
+        except InvalidRequest:
+            pass
+        with self._memory_lock:
+            self._owned.pop((ref.segment_id, ref.generation), None)
+
+    def _free_tensor(self, tensor: SharedTensor) -> None:
+        """`SharedTensor.free()` of an allocated tensor."""
+        ref = tensor.handle
+        with self._memory_lock:
+            if (ref.segment_id, ref.generation) in self._owned:  # else close() or a failover took it
+                self._free_segment(ref, DEFAULT_CONNECT_TIMEOUT_S)
+            tensor._mark_freed()
+
+    def _forget_tensor(self, tensor: SharedTensor) -> None:
+        """`SharedTensor.free()` of an attached tensor: the memory is its owner's to free."""
+        with self._memory_lock:
+            self._attached.discard(tensor)
+            tensor._mark_freed()
+
+    def _wire(self, submit: P.Submit, timeout: float | None) -> tuple[bytes, P.SegmentRef | None]:
+        """The submit as it travels: ids inline, or, past INLINE_PROMPT_TOKENS, in a fresh
+        segment of ours (int32) that the request holds until it ends."""
+        ids = submit.prompt_ids
+        if len(ids) <= INLINE_PROMPT_TOKENS:
+            return P.pack(submit), None
+        segment = self._alloc_segment(len(ids) * PROMPT_ID_DTYPE.itemsize, timeout)
+        self._endpoint.arena.ndarray(segment.offset, (len(ids),), PROMPT_ID_DTYPE)[:] = ids
+        ref = P.SegmentRef(segment.segment_id, segment.generation)
+        wire = msgspec.structs.replace(submit, prompt_ids=[], prompt_segment=ref, num_prompt_ids=len(ids))
+        return P.pack(wire), ref
+
+    def _free_prompt_segment(self, ref: P.SegmentRef) -> None:
+        """Best effort: what cannot be freed now stays recorded, and goes at close() (or
+        when the memory server sees this connection end)."""
+        try:
+            self._free_segment(ref, FREE_TIMEOUT_S)
+        except LlmosError:
+            pass
+
+    def _release_prompt(self, request: Pending) -> None:
+        """The request is over: its prompt's segment goes back. The scheduler copies the ids
+        out when it admits a request, but its replies are token records, so the end of the
+        request is the first sure sign that it has (lock held)."""
+        segment, request.segment = request.segment, None
+        if segment is not None:
+            self._free_prompt_segment(segment)
+
+    def _pump(self, request: Pending, deadline: float | None) -> None:
         """Receive until `request` has news; replies for other requests are filed away.
         Waiting happens outside the lock (parked on the ring's doorbell), so other threads
         submit, cancel and drain meanwhile; whoever holds the lock routes what came."""
@@ -280,11 +524,64 @@ class Session:
             ServerGone: the instance did not come back within FAILOVER_TIMEOUT_S.
         """
         open_requests = [r for r in self._requests.values() if r.finished is None and r.error is None]
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        if self._reopen_scheduler(deadline):
+            for pending in open_requests:  # the new scheduler never saw these; new ones go with the resubmits
+                self._release_prompt(pending)
+        else:
+            self._reconnect(deadline)
+            for pending in open_requests:  # they went with the old connection
+                pending.segment = None
+        self._requests = {}
+        self.num_failovers += 1
+        for pending in open_requests:
+            first, made = pending.submit, len(pending.token_ids)
+            if made >= first.max_tokens:  # its last reply was lost, not its work
+                pending.finished = P.Finished("length", len(first.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
+                continue
+            again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
+                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
+                             first.tenant)
+            try:
+                payload, pending.segment = self._wire(again, None)  # a long prompt gets a new segment
+            except LlmosError as exc:  # e.g. no segment memory now: this request ends, the others go on
+                pending.error = exc
+                continue
+            pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, payload)
+            self._requests[pending.txid] = pending
+
+    def _reopen_scheduler(self, deadline: float) -> bool:
+        """Only the scheduler went, the kernel still answers: a new channel on the same
+        connection (lock held). The endpoint, and so every segment it owns (shared tensors),
+        stays ours. False when the kernel is gone too."""
+        try:
+            self._endpoint.drop_channel(self._channel.channel_id)
+            self._endpoint.poll_control()  # the kernel's news of the restart: nothing to act on
+            self._channel = self._endpoint.open_channel("scheduler", wait=True,
+                                                        timeout=max(1.0, deadline - time.monotonic()))
+        except (LlmosError, OSError):
+            return False
+        return True
+
+    def _reconnect(self, deadline: float) -> None:
+        """The kernel went (the whole instance restarts): a new connection (lock held). The
+        arena is a new one, so this session's segments are gone: its tensors say so.
+
+        Raises:
+            ServerGone: the instance did not come back within FAILOVER_TIMEOUT_S.
+        """
         try:
             self._endpoint.close()
         except LlmosError:
             pass
-        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        with self._memory_lock:
+            owned, self._owned = self._owned, {}
+            attached, self._attached = list(self._attached), weakref.WeakSet()
+            self._memory = None
+            for tensor in [*owned.values(), *attached]:
+                if tensor is not None:
+                    tensor._mark_freed(ServerGone(f"instance {self.instance!r} restarted, and its shared memory "
+                                                  "with it"))
         while True:
             try:
                 endpoint = Endpoint.connect(self.instance, name=self._endpoint.name, timeout=5.0)
@@ -301,18 +598,6 @@ class Session:
             if time.monotonic() > deadline:
                 raise ServerGone(f"instance {self.instance!r} did not come back within {FAILOVER_TIMEOUT_S:g} s")
             time.sleep(RECONNECT_PAUSE_S)  # waiting on another process to restart: bounded
-        self._requests = {}
-        self.num_failovers += 1
-        for pending in open_requests:
-            first, made = pending.submit, len(pending.token_ids)
-            if made >= first.max_tokens:  # its last reply was lost, not its work
-                pending.finished = P.Finished("length", len(first.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
-                continue
-            again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
-                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
-                             first.tenant)
-            pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, P.pack(again))
-            self._requests[pending.txid] = pending
 
     def _receive_slice(self, deadline: float | None, txid: int = 0) -> None:
         """Route at most one reply, waiting at most one slice (lock held)."""
@@ -340,6 +625,7 @@ class Session:
             except Exception as exc:  # stored: raised in the caller's thread
                 request.error = exc
             self._requests.pop(header.txid, None)
+            self._release_prompt(request)
         elif header.flags & MsgFlag.MORE:
             tokens: P.Tokens = P.unpack(message.payload, P.Tokens)
             request.token_ids.extend(tokens.token_ids)
@@ -347,169 +633,13 @@ class Session:
         else:
             request.finished = P.unpack(message.payload, P.Finished)
             self._requests.pop(header.txid, None)
+            self._release_prompt(request)
 
-    def _cancel(self, request: _Pending) -> None:
+    def _cancel(self, request: Pending) -> None:
         if request.finished is not None or request.error is not None:
             return
         with self._lock:
             self._channel.send(MsgType.SCHED_CANCEL, P.pack(P.Cancel(request.txid)), flags=MsgFlag.WAKE)
-
-
-class Request:
-    """A request in flight: iterate it for text pieces as they arrive, `result()` for the
-    whole Completion, `cancel()` to stop it. Returned by `Session.submit` and `stream`."""
-
-    def __init__(self, session: Session, request: _Pending, decoder: IncrementalDecoder, stop: list[str],
-                 deadline: float | None) -> None:
-        self._session = session
-        self._request = request
-        self._decoder = decoder
-        self._stop = stop
-        self._deadline = deadline
-        self._text = ""  # everything decoded so far (cut at a stop string)
-        self._emitted = 0  # how much of it the caller has been given
-        self._stopped_by_string = False
-        self._num_kept = 0
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            yield from self._pieces()
-        finally:
-            request = self._request
-            if request.finished is None and request.error is None and not self._stopped_by_string:
-                self._session._cancel(request)  # the caller stopped early: free its blocks
-
-    def _pieces(self) -> Iterator[str]:
-        request = self._request
-        while True:
-            self._session._pump(request, self._deadline)
-            finished = request.finished is not None
-            yield from self._ready_pieces(final=finished)
-            if finished or self._stopped_by_string:
-                return
-
-    def _ready_pieces(self, *, final: bool) -> Iterator[str]:
-        """Text for the tokens already received (no waiting); with `final`, also what the
-        decoder and the stop-string check still hold."""
-        request = self._request
-        if request.error is not None:
-            raise request.error
-        while request.fresh and not self._stopped_by_string:
-            piece = self._decoder.push(request.fresh.popleft())
-            self._num_kept += 1
-            if piece:
-                yield from self._emit(piece)
-        if final and not self._stopped_by_string:
-            tail = self._decoder.flush()
-            if tail:
-                yield from self._emit(tail)
-            if not self._stopped_by_string:
-                yield from self._release_held()
-
-    def _emit(self, piece: str) -> Iterator[str]:
-        """Pass text on, holding back a tail that could still become a stop string."""
-        self._text += piece
-        if not self._stop:
-            self._emitted = len(self._text)
-            yield piece
-            return
-        search_from = max(0, self._emitted - max(len(s) for s in self._stop))
-        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
-        if hits:
-            cut = min(hits)
-            self._stopped_by_string = True
-            self._session._cancel(self._request)
-            self._text = self._text[:cut]
-            safe = cut
-        else:
-            safe = len(self._text) - _longest_stop_prefix(self._text, self._stop)
-        if safe > self._emitted:
-            yield self._text[self._emitted : safe]
-            self._emitted = safe
-
-    def cancel(self) -> Completion:
-        """Stop the request now; returns what was made so far (finish reason "cancelled")."""
-        request = self._request
-        self._session._cancel(request)
-        while request.finished is None and request.error is None:
-            self._session._pump(request, self._deadline)
-            request.fresh.clear()
-        if request.error is not None:
-            raise request.error
-        return self.completion()
-
-    def _release_held(self) -> Iterator[str]:
-        if len(self._text) > self._emitted:
-            yield self._text[self._emitted :]
-            self._emitted = len(self._text)
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the end and return the whole Completion.
-
-        Raises:
-            DeadlineExceeded: not finished within `timeout` seconds (the request goes on).
-        """
-        own = self._deadline
-        if timeout is not None:
-            limit = time.monotonic() + timeout
-            self._deadline = limit if own is None else min(own, limit)
-        try:
-            for _ in self._pieces():  # not __iter__: a timeout here must not cancel the request
-                pass
-        finally:
-            self._deadline = own
-        return self.completion()
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The ids received so far."""
-        return list(self._request.token_ids)
-
-    @property
-    def done(self) -> bool:
-        return self._request.finished is not None or self._request.error is not None
-
-    @property
-    def finish_reason(self) -> str | None:
-        """None until the request has finished."""
-        if self._stopped_by_string:
-            return "stop"
-        finished = self._request.finished
-        return finished.finish_reason if finished is not None else None
-
-    def completion(self) -> Completion:
-        """The whole result; call after iterating to the end (or use `result()`)."""
-        request = self._request
-        if self._stopped_by_string:
-            # Wait for the cancelled request to finish so its blocks are freed before we return.
-            while request.finished is None and request.error is None:
-                self._session._pump(request, self._deadline)
-                request.fresh.clear()
-            if request.error is not None:
-                raise request.error
-            reason = "stop"
-            token_ids = request.token_ids[: self._num_kept]
-        else:
-            assert request.finished is not None, "iterate the stream to its end first"
-            reason = request.finished.finish_reason
-            token_ids = list(request.token_ids)
-        finished = request.finished
-        assert finished is not None
-        ttft, total = finished.ttft_s, finished.total_s
-        per_token = (total - ttft) / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0
-        return Completion(self._text, token_ids, reason, Usage(len(request.submit.prompt_ids), len(token_ids)),
-                          finished.seed, Timings(finished.queue_s, ttft, total, per_token))
-
-
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "") -> Session:

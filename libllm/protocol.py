@@ -59,6 +59,18 @@ class SegmentRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     generation: int
 
 
+class SegmentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Reply to MEM_SEGMENT_INFO (whose payload is a `SegmentRef`): where a live segment lies,
+    for any endpoint of the instance. A stale or freed handle is an InvalidRequest."""
+
+    segment_id: int
+    generation: int
+    offset: int  # arena offset of its first byte
+    size: int  # bytes reserved (a multiple of the alignment)
+    requested: int  # bytes its owner asked for
+    owner_id: int  # endpoint that owns it; 0: the instance
+
+
 class MemoryStatsReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """MEM_STATS: the memory server's figures (F, H, usage) and its reclamation counts."""
 
@@ -161,6 +173,13 @@ class Submit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream: bool = False
     timeout_s: float | None = None
     tenant: str = ""  # honoured only from the gateway
+    # A prompt longer than libllm's inline limit travels as int32 ids in a segment of the
+    # sender's (then `prompt_ids` is empty): `num_prompt_ids` of them, from its first byte.
+    prompt_segment: SegmentRef | None = None
+    num_prompt_ids: int = 0
+
+
+PROMPT_ID_DTYPE = "<i4"  # how a long prompt's ids lie in its segment (numpy dtype string)
 
 
 class Tokens(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -68,6 +68,7 @@ class MsgType(IntEnum):
     MEM_FREE_SEGMENT = 0x0304
     MEM_STATS = 0x0305
     MEM_CLAIM_BLOCKS = 0x0306
+    MEM_SEGMENT_INFO = 0x0307  # where a live segment lies, for any endpoint (libllm attach, scheduler)
     # runner 0x04xx
     RUNNER_STEP = 0x0401
     RUNNER_FENCE = 0x0402

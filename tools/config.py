@@ -108,6 +108,7 @@ class SchedulerSection:
     max_batch_size: int = 64  # sequences per runner per step (split over the pipeline)
     token_budget: int = 512  # tokens per step
     decode_steps: int = 16  # tokens a runner makes in a row per decoding sequence
+    prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes already computed
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority", "rr", "fair"):
@@ -121,7 +122,8 @@ class SchedulerSection:
     def args(self) -> list[str]:
         return [f"--policy={self.policy}", f"--aging-steps={self.aging_steps}", f"--quantum={self.quantum}",
                 f"--weights={json.dumps(self.weights)}", f"--max-batch-size={self.max_batch_size}",
-                f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}"]
+                f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}",
+                *([] if self.prefix_cache else ["--no-prefix-cache"])]
 
 
 @dataclass(slots=True, frozen=True)

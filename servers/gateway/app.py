@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from libllm.aio import AsyncSession
-from libllm.client import Completion
+from libllm.request import Completion
 from microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
 from servers.gateway.metrics import prometheus_text
 from servers.gateway.schemas import ChatBody, CompletionBody, chat_prompt

@@ -1,24 +1,24 @@
 """Prefix cache: full KV blocks named by a 128-bit hash chained over their token ids.
 
 Runs inside the memory server, on top of BlockAllocator (which keeps the hash index and the
-LRU of unreferenced cached blocks in the arena's block table). Owns the hashing rule and
+LRU of unreferenced cached blocks in the arena's block table). The hashing rule is
+libllm.blockhash's (the scheduler's block cache uses it too); this module validates and keeps
 the hit-rate counters; never uses Python's hash(), whose value differs between processes.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from libllm.blockhash import ROOT_HASH as ROOT_HASH
+from libllm.blockhash import chain as _chain
 from microkernel.errors import InvalidRequest
 from servers.memory._validate import U32_MAX, as_endpoint_id, as_in_range
 from servers.memory.allocator import HASH_MAX, BlockAllocator
 from servers.memory.quotas import INSTANCE_ID
-
-ROOT_HASH = 0  # the parent of a sequence's first block
 
 
 def chain_hash(parent_hash: int, token_ids: Sequence[int] | np.ndarray) -> int:
@@ -40,11 +40,6 @@ def block_hashes(
         parent_hash = _chain(parent_hash, data[start : start + step])
         hashes.append(parent_hash)
     return hashes
-
-
-def _chain(parent_hash: int, token_bytes: bytes) -> int:
-    data = parent_hash.to_bytes(16, "little") + token_bytes
-    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
 
 @dataclass(slots=True, frozen=True)

@@ -190,16 +190,24 @@ class SegmentAllocator:
             InvalidRequest: malformed, stale or unknown handle, or not the owner's.
         """
         owner = as_endpoint_id(owner_id, "owner id")
+        info = self.lookup(handle)
+        if info.owner_id not in (owner, INSTANCE_ID):
+            raise InvalidRequest(f"segment {info.handle.segment_id} does not belong to endpoint {owner}")
+        return info
+
+    def lookup(self, handle: SegmentHandle) -> SegmentInfo:
+        """Where a live segment lies, whoever owns it (`resolve` adds the owner check).
+
+        Raises:
+            InvalidRequest: malformed, stale or unknown handle.
+        """
         entry = self._check_handle(handle)
-        held_by = int(self._owner[entry])
-        if held_by not in (owner, INSTANCE_ID):
-            raise InvalidRequest(f"segment {entry} does not belong to endpoint {owner}")
         return SegmentInfo(
             SegmentHandle(entry, int(self._generation[entry])),
             self.region_offset + int(self._offset[entry]),
             int(self._size[entry]),
             int(self._requested[entry]),
-            held_by,
+            int(self._owner[entry]),
             int(self._client[entry]),
         )
 

@@ -47,6 +47,7 @@ class MemoryServer(Server):
             MsgType.MEM_FREE_BLOCKS: self.handle_free_blocks,
             MsgType.MEM_ALLOC_SEGMENT: self.handle_alloc_segment,
             MsgType.MEM_FREE_SEGMENT: self.handle_free_segment,
+            MsgType.MEM_SEGMENT_INFO: self.handle_segment_info,
             MsgType.MEM_STATS: self.handle_stats,
         })
         arena = self.endpoint.arena
@@ -105,6 +106,22 @@ class MemoryServer(Server):
         request = _decode(message, P.SegmentRef)
         self.memory.segments.free(SegmentHandle(request.segment_id, request.generation), channel.info.client_id)
         return b""
+
+    def handle_segment_info(self, channel: Channel, message: Message) -> bytes:
+        """Where a live segment lies, for any endpoint of this instance that presents its handle.
+
+        Who may ask: every endpoint got past the kernel's SO_PEERCRED check (same uid), and that
+        uid can map the whole arena (mode 0600) anyway, so the handle is not a secret to guard:
+        it guards against mistakes. A live handle (state USED, generation matching) of this
+        instance is enough; a freed or reused segment's handle is refused (InvalidRequest), so
+        nobody maps memory that has meanwhile gone to someone else. The reply names the owner:
+        a server that acts on a client's handle (the scheduler, for long prompts) checks it is
+        the sender's. Attaching holds no reference: the owner's free or death still frees it.
+        """
+        request = _decode(message, P.SegmentRef)
+        info = self.memory.segments.lookup(SegmentHandle(request.segment_id, request.generation))
+        return P.pack(P.SegmentInfo(info.handle.segment_id, info.handle.generation, info.offset, info.size,
+                                    info.requested_bytes, info.owner_id))
 
     def handle_stats(self, channel: Channel, message: Message) -> bytes:
         s = self.memory.stats()

@@ -1,7 +1,8 @@
 """The scheduler server: requests, sequences, block tables, policies, continuous batching.
 
 Layers, bottom up: `config` (SchedulerConfig), `sequence` (Sequence, Sampling), `blocks`
-(the BlockSource protocol, FreeListBlocks), `plan` (StepPlan, ChunkPlan), `events`
+(the BlockSource protocol, FreeListBlocks), `block_cache` (CachedBlocks: reference counts
+and the prefix cache), `plan` (StepPlan, ChunkPlan), `events`
 (TokenEvent, FinishEvent), `policy` (the Policy seam, fcfs), `fair` and `policies`
 (priority, rr, fair; make_policy), `stats` (SchedulerStats), `scheduler`
 (Scheduler). Pure logic: no processes, no messages, no arena; the server loop wraps it.
@@ -10,6 +11,7 @@ Imports no other server.
 
 from __future__ import annotations
 
+from servers.scheduler.block_cache import CachedBlocks as CachedBlocks
 from servers.scheduler.blocks import BlockSource as BlockSource
 from servers.scheduler.blocks import FreeListBlocks as FreeListBlocks
 from servers.scheduler.config import SchedulerConfig as SchedulerConfig
@@ -35,6 +37,7 @@ from servers.scheduler.stats import SchedulerStats as SchedulerStats
 __all__ = [
     "GREEDY",
     "BlockSource",
+    "CachedBlocks",
     "ChunkPlan",
     "Event",
     "Fair",

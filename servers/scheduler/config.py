@@ -40,6 +40,9 @@ class SchedulerConfig:
         client_weights: "fair": share weight per ``Sequence.client_id`` (a tenant);
             clients not named get ``default_weight``.
         default_weight: "fair": the weight of a client not in ``client_weights``.
+        prefix_caching: reuse the KV blocks of a prompt's longest computed prefix (when the
+            scheduler's BlockSource is a CachedBlocks), and let a request wait one step for
+            a prefix another request is computing right now, instead of computing it twice.
     """
 
     max_context: int
@@ -54,6 +57,7 @@ class SchedulerConfig:
     quantum: int = 16
     client_weights: Mapping[Hashable, float] = field(default_factory=dict, hash=False)
     default_weight: float = 1.0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         positive_ints = (

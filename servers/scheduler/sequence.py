@@ -47,6 +47,7 @@ class Sequence:
     __slots__ = (
         "arrival_order",
         "arrival_step",
+        "block_hashes",
         "block_table",
         "client_id",
         "client_key",
@@ -59,6 +60,7 @@ class Sequence:
         "max_tokens",
         "num_computed",
         "num_preemptions",
+        "num_published",
         "num_yields",
         "output_ids",
         "priority",
@@ -105,6 +107,11 @@ class Sequence:
         self.first_step = -1  # id of the first step that included it
         self.block_table: list[int] = []  # kept while WAITING only after a deschedule
         self.num_computed = 0
+        # Prefix caching: the chained hash of each full block of token_ids (filled lazily;
+        # tokens never change, so it outlives a preemption), and how many of the blocks in
+        # block_table are named by theirs in the scheduler's block cache.
+        self.block_hashes: list[int] = []
+        self.num_published = 0
         self.num_preemptions = 0  # times its blocks were taken (it recomputes)
         self.num_yields = 0  # times a policy descheduled it with its blocks kept
         self.is_in_flight = False  # in a planned step whose reply is not back

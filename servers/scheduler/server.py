@@ -22,13 +22,14 @@ import msgspec
 from libllm import protocol as P
 from microkernel import control as C
 from microkernel.endpoint import Channel, Message, raise_for_status
-from microkernel.errors import ErrorCode, InvalidRequest, LlmosError
+from microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
 from microkernel.messages import Header, MsgFlag, MsgType
 from servers.base import Server
-from servers.scheduler.blocks import FreeListBlocks
+from servers.scheduler.block_cache import CachedBlocks
 from servers.scheduler.config import SchedulerConfig
 from servers.scheduler.events import Event, FinishEvent, TokenEvent
 from servers.scheduler.plan import StepPlan
+from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
 from servers.scheduler.scheduler import Scheduler
 from servers.scheduler.sequence import Sampling, Sequence
 
@@ -74,7 +75,7 @@ class SchedulerServer(Server):
     def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
                  token_budget: int = 512, decode_steps: int = DECODE_STEPS, policy: str = "fcfs",
                  aging_steps: int = 64, quantum: int = 16, weights: dict[str, float] | None = None,
-                 name: str | None = None) -> None:
+                 prefix_caching: bool = True, name: str | None = None) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
@@ -91,17 +92,19 @@ class SchedulerServer(Server):
             self._connect_runner(runner)
         info = self.runners[runners[0]].call(MsgType.RUNNER_MODEL_INFO, timeout=STARTUP_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
-        self.blocks = FreeListBlocks([])
+        self.blocks = CachedBlocks([])
         self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
         client_weights: dict[Hashable, float] = dict((weights or {}).items())
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
             block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // PIPELINE_DEPTH),
             token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps,
-            policy=policy, aging_steps=aging_steps, quantum=quantum, client_weights=client_weights),
+            policy=policy, aging_steps=aging_steps, quantum=quantum, client_weights=client_weights,
+            prefix_caching=prefix_caching),
             self.blocks)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
+        self.prompt_fetches = PromptFetches()  # long prompts: submits waiting to learn where their ids lie
         self._next_seq_id = 1
         self._lease_pending = False
         self._lease_exhausted = False
@@ -138,6 +141,8 @@ class SchedulerServer(Server):
         stats = msgspec.to_builtins(self.scheduler.stats())
         stats["num_free_blocks"] = self.blocks.num_free
         stats["num_leased_blocks"] = self.blocks.num_total
+        stats["num_cached_blocks"] = self.blocks.num_cached  # prefix blocks no one holds
+        stats["num_prefix_evictions"] = self.blocks.num_evictions
         stats["runner_busy_s"] = self.runner_busy_s
         stats["ttft_us_log2_hist"] = self.ttft_hist
         stats["time_per_token_us_log2_hist"] = self.tpot_hist
@@ -150,6 +155,10 @@ class SchedulerServer(Server):
             submit: P.Submit = P.unpack(message.payload, P.Submit)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidRequest(f"bad Submit payload: {exc}") from None
+        if submit.prompt_segment is not None:  # a long prompt: first ask where its ids lie (prompts.py)
+            self.prompt_fetches.add(channel, message, submit, self.info.context_length)
+            self.prompt_fetches.ask(self.memory, self._on_prompt_segment)
+            return None
         if submit.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {submit.max_tokens}")
         if not -MAX_PRIORITY <= submit.priority <= MAX_PRIORITY:
@@ -176,6 +185,21 @@ class SchedulerServer(Server):
         self.by_txid[(channel.channel_id, message.header.txid)] = seq.seq_id
         return None  # answered as tokens come
 
+    def _on_prompt_segment(self, fetch: PromptFetch, header: Header, payload: bytes) -> None:
+        """The memory server said where a long prompt lies: copy its ids out and admit the
+        request as if they had come inline; a bad handle is answered with an error."""
+        try:
+            ids = read_prompt(fetch, header, payload, self.endpoint.arena, self.info.vocab_size)
+            inline = msgspec.structs.replace(fetch.submit, prompt_ids=ids, prompt_segment=None, num_prompt_ids=0)
+            self.handle_submit(fetch.channel, Message(fetch.message.header, P.pack(inline)))
+        except RemoteError as exc:
+            self._error(fetch.channel, self.backlogs.setdefault(fetch.channel.channel_id, deque()),
+                        fetch.message.header, exc.code, str(exc))
+        except Exception as exc:  # a bug here must not take the scheduler down
+            log.exception("admitting a long prompt failed")
+            self._error(fetch.channel, self.backlogs.setdefault(fetch.channel.channel_id, deque()),
+                        fetch.message.header, ErrorCode.INTERNAL, f"internal error: {exc}")
+
     @staticmethod
     def _client_of(channel: Channel, submit: P.Submit) -> str:
         """Whose share a request counts against under "fair": the tenant the gateway names
@@ -193,6 +217,11 @@ class SchedulerServer(Server):
         if seq_id is not None:
             self.scheduler.cancel(seq_id)
             self._deliver(self.scheduler.pop_events())
+        elif (fetch := self.prompt_fetches.cancel(channel.channel_id, cancel.txid)) is not None:
+            submit = fetch.submit  # not admitted yet: it ends here
+            finished = P.Finished("cancelled", submit.num_prompt_ids, 0, submit.seed or 0, 0.0, 0.0, 0.0)
+            self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()),
+                        channel.encode_message(MsgType.SCHED_SUBMIT, P.pack(finished), flags=FINAL, txid=cancel.txid))
         return b"" if message.header.txid else None
 
     def on_peer_gone(self, event: C.PeerGone) -> None:
@@ -208,7 +237,9 @@ class SchedulerServer(Server):
                 return
         if event.channel_id == self.memory.channel_id:
             log.warning("the memory server is gone; the lease stays ours and it rebuilds")
+            self.prompt_fetches.ask_again()  # once it is back
             return
+        self.prompt_fetches.drop_channel(event.channel_id)
         for seq_id, request in list(self.requests.items()):  # a client left: drop its work
             if request.channel.channel_id == event.channel_id:
                 self.scheduler.cancel(seq_id)
@@ -233,6 +264,8 @@ class SchedulerServer(Server):
     # -- the loop's work ----------------------------------------------------------------
 
     def on_idle(self) -> None:
+        if self.prompt_fetches.has_unasked:
+            self.prompt_fetches.ask(self.memory, self._on_prompt_segment)
         self._deliver(self.scheduler.pop_events())
         self._apply_backpressure()
         self._dispatch()

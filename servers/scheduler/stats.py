@@ -58,6 +58,10 @@ class SchedulerStats:
     num_waiting_by_client: dict[str, int]
     num_running_by_client: dict[str, int]
     num_waiting_with_kv: int  # descheduled sequences holding their blocks
+    # H (DESIGN.md): prompt tokens served from the prefix cache / prompt tokens looked up.
+    num_prefix_lookup_tokens: int  # full-block prompt positions looked up at admissions
+    num_prefix_hit_tokens: int  # of those, found cached (their KV was not computed again)
+    prefix_hit_rate: float
 
 
 def percentile(values: Iterable[int], q: float) -> int:
@@ -91,6 +95,8 @@ class Counters:
     recent_delays: deque[int] = field(default_factory=lambda: deque(maxlen=DELAY_WINDOW))
     delays_by_priority: dict[int, deque[int]] = field(default_factory=dict)
     num_finished_by_priority: Counter[int] = field(default_factory=Counter)
+    num_prefix_lookup_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
     def record_delay(self, delay: int, priority: int = 0) -> None:
         self.num_delayed_seqs += 1
@@ -149,6 +155,9 @@ class Counters:
             num_waiting_by_client=_count(client_label(s.client_id) for s in waiting),
             num_running_by_client=_count(client_label(s.client_id) for s in running),
             num_waiting_with_kv=sum(1 for s in waiting if s.block_table),
+            num_prefix_lookup_tokens=self.num_prefix_lookup_tokens,
+            num_prefix_hit_tokens=self.num_prefix_hit_tokens,
+            prefix_hit_rate=self.num_prefix_hit_tokens / max(1, self.num_prefix_lookup_tokens),
         )
 
 

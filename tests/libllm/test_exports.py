@@ -9,7 +9,7 @@ import libllm
 PUBLIC = [
     "Cancelled", "Closed", "Completion", "DeadlineExceeded", "InvalidRequest", "KernelUnavailable",
     "LlmosError", "Overloaded", "PeerGone", "ProtocolError", "QuotaExceeded", "RemoteError", "Request",
-    "ServerGone", "Session", "Timeout", "Timings", "Unsupported", "Usage", "WouldBlock", "connect",
+    "ServerGone", "Session", "SharedTensor", "Timeout", "Timings", "Unsupported", "Usage", "WouldBlock", "connect",
     "instances",
 ]
 

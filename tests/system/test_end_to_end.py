@@ -207,6 +207,26 @@ def test_submit_returns_handles_that_finish_in_any_order(instance: str) -> None:
         assert slow.result(timeout=WAIT).usage.completion_tokens > 0  # it went on
 
 
+def test_n_completions_compute_the_prompt_once_and_equal_single_requests(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        prompt_ids = session.tokenizer.encode(ONCE)
+        block = session.model_info().block_tokens
+        full = (len(prompt_ids) - 1) // block * block  # positions in full blocks, the last token apart
+        before = scheduler_stats(instance)
+        many = session.generate_n(ONCE, 4, max_tokens=20, temperature=0.8, seed=11, timeout=WAIT)
+        after = scheduler_stats(instance)
+        singles = [session.generate(ONCE, max_tokens=20, temperature=0.8, seed=11 + i, timeout=WAIT)
+                   for i in range(4)]
+        with pytest.raises(libllm.InvalidRequest, match="n must"):
+            session.submit_n(ONCE, 0)
+    assert [c.text for c in many] == [c.text for c in singles]
+    assert len({c.text for c in many}) > 1 and [c.seed for c in many] == [11, 12, 13, 14]
+    assert after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"] >= 3 * full
+    # The prompt's full blocks were computed at most once (not at all when an earlier test left them).
+    assert after["num_prompt_tokens"] - before["num_prompt_tokens"] <= len(prompt_ids) + 3 * block
+    wait_until(lambda: all_blocks_free(instance), "every block of the n requests back")
+
+
 def test_stats_and_instances(instance: str) -> None:
     assert instance in libllm.instances()
     with libllm.connect(instance) as session:
@@ -250,15 +270,18 @@ def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
 
     import libllm.aio
 
-    async def main() -> tuple[list[str], str, str]:
+    async def main() -> tuple[list[str], str, str, list[str]]:
         async with libllm.aio.connect(instance) as session:
             texts = await asyncio.gather(*(session.generate("Zoo", max_tokens=20 + i) for i in range(8)))
             pieces = [p async for p in session.stream("Zoo", max_tokens=20)]
             async for _ in session.stream("Once upon a time", max_tokens=300):
                 break  # leaving early cancels it
-            return [t.text for t in texts], "".join(pieces), (await session.generate("Zoo", max_tokens=20)).text
+            choices = await session.generate_n("Zoo", 3, max_tokens=20)
+            return ([t.text for t in texts], "".join(pieces), (await session.generate("Zoo", max_tokens=20)).text,
+                    [c.text for c in choices])
 
-    texts, streamed, again = asyncio.run(main())
+    texts, streamed, again, choices = asyncio.run(main())
     assert all(t.startswith(" was a little girl") for t in texts)
+    assert choices == [again] * 3  # greedy: n choices alike
     assert streamed == again == texts[0]
     wait_until(lambda: all_blocks_free(instance), "the abandoned async stream to be cancelled")

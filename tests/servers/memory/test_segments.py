@@ -94,6 +94,23 @@ def test_instance_segments_resolve_for_everyone(segments: SegmentAllocator) -> N
         segments.free_owner(0)
 
 
+def test_lookup_answers_anyone_with_a_live_handle_and_refuses_a_stale_one(segments: SegmentAllocator) -> None:
+    handle = segments.allocate(100, OWNER)
+    info = segments.lookup(handle)
+    assert info == segments.resolve(handle, OWNER)
+    assert (info.owner_id, info.requested_bytes, info.size) == (OWNER, 100, 128)
+    with pytest.raises(InvalidRequest, match="does not belong"):
+        segments.resolve(handle, OTHER)  # resolve keeps its owner check
+    segments.free(handle, OWNER)
+    with pytest.raises(InvalidRequest, match="stale"):
+        segments.lookup(handle)
+    again = segments.allocate(100, OTHER)  # the same bytes, someone else's now
+    assert segments.lookup(again).offset == info.offset
+    with pytest.raises(InvalidRequest, match="stale"):
+        segments.lookup(handle)
+    assert segments.lookup(again).owner_id == OTHER
+
+
 BAD: list[tuple[str, tuple[Any, ...], str]] = [
     ("allocate", (0, OWNER), "segment size must be in"),
     ("allocate", (16 * KIB + 1, OWNER), "segment size must be in"),

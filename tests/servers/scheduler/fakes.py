@@ -9,12 +9,14 @@ is the same alone or in any batch, as with the real model.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from servers.scheduler import (
     GREEDY,
+    CachedBlocks,
     ChunkPlan,
     FinishEvent,
     FinishReason,
@@ -123,12 +125,21 @@ class FakeRunner:
                 self.kv[b][s] = VOCAB + 1
 
 
-def check_invariants(sched: Scheduler, blocks: FreeListBlocks) -> None:
-    """Every block is free or in exactly one sequence's table; a waiting one holds blocks
-    only when a policy descheduled it (then it is not in flight and keeps its KV)."""
+Blocks = FreeListBlocks | CachedBlocks
+
+
+def check_invariants(sched: Scheduler, blocks: Blocks) -> None:
+    """Every block is free or in exactly one sequence's table (with a CachedBlocks: in as many
+    tables as it has holders); a waiting one holds blocks only when a policy descheduled it
+    (then it is not in flight and keeps its KV)."""
     owned = [b for s in (*sched.running, *sched.waiting) for b in s.block_table]
-    assert len(owned) == len(set(owned)), "a block is in two tables"
-    assert len(owned) == blocks.num_used
+    if isinstance(blocks, CachedBlocks):
+        holders = Counter(owned)
+        assert all(blocks.refcount(b) == n for b, n in holders.items()), "a reference is lost"
+        assert len(holders) == blocks.num_used
+    else:
+        assert len(owned) == len(set(owned)), "a block is in two tables"
+        assert len(owned) == blocks.num_used
     assert blocks.num_used + blocks.num_free == blocks.num_total
     for s in sched.waiting:
         assert s.status is SeqStatus.WAITING and not s.is_in_flight
@@ -174,9 +185,17 @@ class Outcome:
                 assert e.num_output_tokens == len(self.outputs.get(e.seq_id, []))
 
 
+def check_writes_own_blocks(plan: StepPlan, blocks: Blocks, block_size: int) -> None:
+    """A step writes KV only into blocks its sequence holds alone (shared ones are read)."""
+    if isinstance(blocks, CachedBlocks):
+        for c in plan.chunks:
+            written = range(c.start_pos // block_size, (c.end_pos - 1) // block_size + 1)
+            assert all(blocks.refcount(c.block_table[i]) == 1 for i in written), "wrote a shared block"
+
+
 def drive(
     sched: Scheduler,
-    blocks: FreeListBlocks,
+    blocks: Blocks,
     runner: FakeRunner,
     *,
     num_runners: int = 1,
@@ -195,6 +214,7 @@ def drive(
             if plan is None:
                 break
             check_plan(plan, sched.config)
+            check_writes_own_blocks(plan, blocks, sched.config.block_size)
             out.plans.append(plan)
             for c in plan.chunks:
                 out.chunks.setdefault(c.seq_id, []).append((c.start_pos, c.end_pos))
@@ -210,7 +230,10 @@ def drive(
     raise AssertionError("did not finish")
 
 
-def make(num_blocks: int = 256, **config: object) -> tuple[Scheduler, FreeListBlocks, FakeRunner]:
+def make(
+    num_blocks: int = 256, *, cached: bool = False, **config: object
+) -> tuple[Scheduler, Blocks, FakeRunner]:
+    """A scheduler over ``num_blocks`` blocks (a CachedBlocks with ``cached``: prefix caching)."""
     cfg = SchedulerConfig(**{"max_context": 128, "vocab_size": VOCAB, **config})  # type: ignore[arg-type]
-    blocks = FreeListBlocks(range(num_blocks))
+    blocks: Blocks = CachedBlocks(range(num_blocks)) if cached else FreeListBlocks(range(num_blocks))
     return Scheduler(cfg, blocks), blocks, FakeRunner(num_blocks, cfg.block_size)

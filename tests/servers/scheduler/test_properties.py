@@ -1,7 +1,7 @@
 """Random workloads against the scheduler with the fake runner: whatever the arrivals,
-budget, pool size, runners in flight, completion order, cancels, deadlines and lost steps,
-every sequence's output equals (or, when cut short, begins) its output alone, and every
-block comes back."""
+budget, pool size, runners in flight, completion order, cancels, deadlines, lost steps and
+prefix caching (prompts often share a prefix), every sequence's output equals (or, when cut
+short, begins) its output alone, no step writes a shared block, and every block comes back."""
 
 from __future__ import annotations
 
@@ -10,23 +10,34 @@ import random
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from servers.scheduler import FreeListBlocks, Sampling, Scheduler, SchedulerConfig
+from servers.scheduler import CachedBlocks, FreeListBlocks, Sampling, Scheduler, SchedulerConfig
 from tests.servers.scheduler.fakes import (
     VOCAB,
+    Blocks,
     FakeRunner,
     Outcome,
     Spec,
     alone,
     check_invariants,
     check_plan,
+    check_writes_own_blocks,
     drive,
 )
+
+# Prompts often begin with one of these, so prefix caching has something to share.
+SHARED_PREFIXES = ((), (5, 9, 2, 7, 7, 1, 3, 8), (5, 9, 2, 7, 11, 12))
+
+
+def pool(cached: bool, num_blocks: int) -> Blocks:
+    return CachedBlocks(range(num_blocks)) if cached else FreeListBlocks(range(num_blocks))
 
 
 @st.composite
 def specs(draw: st.DrawFn, max_context: int) -> Spec:
     n = draw(st.integers(1, min(20, max_context - 1)))
-    prompt = tuple(draw(st.lists(st.integers(1, VOCAB - 1), min_size=n, max_size=n)))
+    prefix = draw(st.sampled_from(SHARED_PREFIXES))[: n - 1]
+    rest = n - len(prefix)
+    prompt = prefix + tuple(draw(st.lists(st.integers(1, VOCAB - 1), min_size=rest, max_size=rest)))
     sampling = draw(
         st.one_of(
             st.just(Sampling()),
@@ -67,7 +78,7 @@ def test_random_workloads(data: st.DataObject) -> None:
     )
     num_runners = data.draw(st.integers(1, 3), "num_runners")
     rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
-    blocks = FreeListBlocks(range(num_blocks))
+    blocks = pool(data.draw(st.booleans(), "cached"), num_blocks)
     sched = Scheduler(config, blocks)
     runner = FakeRunner(num_blocks, block_size)
     out = Outcome()
@@ -95,6 +106,7 @@ def test_random_workloads(data: st.DataObject) -> None:
             if plan is None:
                 break
             check_plan(plan, config)
+            check_writes_own_blocks(plan, blocks, block_size)
         check_invariants(sched, blocks)
         flying = list(sched.steps_in_flight)
         if flying and rng.random() < 0.8:
@@ -151,7 +163,7 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
         policy=data.draw(POLICY, "policy"),
         quantum=data.draw(st.integers(1, 4), "quantum"),
     )
-    blocks = FreeListBlocks(range(num_blocks))
+    blocks = pool(data.draw(st.booleans(), "cached"), num_blocks)
     sched = Scheduler(config, blocks)
     for sid, spec in enumerate(workload):
         sched.add(spec.make(sid))
@@ -163,3 +175,4 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
     assert blocks.num_free == num_blocks
     event(f"{config.policy} preempted: {sched.stats().num_preemptions > 0}")
     event(f"{config.policy} yielded: {sched.stats().num_yields > 0}")
+    event(f"prefix hits: {sched.stats().num_prefix_hit_tokens > 0}")
