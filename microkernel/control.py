@@ -100,6 +100,8 @@ class RingInfo(msgspec.Struct, frozen=True):
     latency_count: int
     latency_p50_ns: int
     latency_p99_ns: int
+    client_id: int  # the endpoints at either end: the client opened the channel to the server
+    server_id: int
 
 
 class KernelStats(msgspec.Struct, frozen=True):

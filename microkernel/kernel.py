@@ -424,7 +424,8 @@ class Kernel:
                 rings.append(C.RingInfo(
                     channel.info.channel_id, direction, ring.offset, s.capacity, s.sent_records, s.sent_bytes,
                     s.recv_records, s.recv_bytes, s.used_bytes, s.seq_gaps, s.latency_count,
-                    s.latency_percentile_ns(0.5), s.latency_percentile_ns(0.99)))
+                    s.latency_percentile_ns(0.5), s.latency_percentile_ns(0.99), channel.info.client_id,
+                    channel.info.server_id))
         region = self.arena.region(L.RegionKind.RINGS)
         used = self.arena.carved_bytes(L.RegionKind.RINGS)
         return C.KernelStats(

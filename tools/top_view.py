@@ -171,33 +171,19 @@ def _queues(s: dict[str, Any] | None) -> Table:
     return Table("queues", ("queue", ">waiting", ">running"), rows, "(nothing waiting or running)")
 
 
-def _rank(name: str) -> int:
-    """Who requests of whom: plain clients and the gateway ask the scheduler, which asks the
-    memory server and the runners (DESIGN.md's flow rules); the lower rank is the client."""
-    return {"": 0, "gateway": 1, "scheduler": 2}.get(name, 3)
-
-
-def ring_labels(kernel: dict[str, Any], self_pid: int = 0) -> dict[int, tuple[str, str]]:
-    """channel id -> (client, server) names, from the endpoints that hold the channel."""
-    ends: dict[int, list[tuple[int, str]]] = {}
-    for e in kernel["endpoints"]:
-        label = e["name"] or ("top" if e["pid"] == self_pid else f"pid {e['pid']}")
-        for channel in e["channels"]:
-            ends.setdefault(channel, []).append((_rank(e["name"]), label))
-    labels = {}
-    for channel, pair in ends.items():
-        pair.sort()
-        labels[channel] = (pair[0][1], pair[1][1] if len(pair) > 1 else "?")
-    return labels
+def endpoint_labels(kernel: dict[str, Any], self_pid: int = 0) -> dict[int, str]:
+    """endpoint id -> its registered name, "top" for this process, else "pid N"."""
+    return {e["endpoint_id"]: e["name"] or ("top" if e["pid"] == self_pid else f"pid {e['pid']}")
+            for e in kernel["endpoints"]}
 
 
 def _rings(prev: dict[str, Any] | None, kernel: dict[str, Any] | None, dt: float, self_pid: int) -> Table:
     rows: list[tuple[str, ...]] = []
     if kernel is not None:
-        labels = ring_labels(kernel, self_pid)
+        labels = endpoint_labels(kernel, self_pid)
         before = {(r["channel_id"], r["direction"]): r for r in prev["rings"]} if prev else {}
         for r in sorted(kernel["rings"], key=lambda r: (r["channel_id"], r["direction"] != "request")):
-            client, server = labels.get(r["channel_id"], ("?", "?"))
+            client, server = labels.get(r["client_id"], "?"), labels.get(r["server_id"], "?")
             flow = f"{client} -> {server}" if r["direction"] == "request" else f"{server} -> {client}"
             old = before.get((r["channel_id"], r["direction"]))
             msgs = rate(r["sent_records"], old["sent_records"] if old else None, dt)

@@ -146,7 +146,8 @@ def test_live_view_quits_cleanly(instance: str, how: str) -> None:
 def ring(channel: int, direction: str, sent: int, nbytes: int, *, gaps: int = 0) -> dict[str, Any]:
     return {"channel_id": channel, "direction": direction, "offset": 0, "capacity": 4096, "sent_records": sent,
             "sent_bytes": nbytes, "recv_records": sent, "recv_bytes": nbytes, "used_bytes": 1024, "seq_gaps": gaps,
-            "latency_count": sent - gaps, "latency_p50_ns": 2048, "latency_p99_ns": 2 << 20}
+            "latency_count": sent - gaps, "latency_p50_ns": 2048, "latency_p99_ns": 2 << 20,
+            "client_id": 1, "server_id": 2}  # the scheduler's channel to runner.0
 
 
 def sample(at: float, tokens: int, cpu: float, sent: int, nbytes: int) -> Sample:
