@@ -500,8 +500,11 @@ class Session:
             self._drain()
 
     def _drain(self) -> None:
-        """Route every reply that is already there (lock held)."""
+        """Route every reply that is already there (lock held). The kernel's news on the
+        control ring (names registered, peers gone) is for servers; a client drains it so the
+        kernel keeps no backlog for it (a gone scheduler shows on its own ring)."""
         try:
+            self._endpoint.poll_control()
             while (message := self._channel.try_receive()) is not None:
                 self._route(message)
         except PeerGone:

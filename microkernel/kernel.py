@@ -39,6 +39,9 @@ from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
 log = logging.getLogger("llmos.kernel")
 
 CONTROL_CAPACITY = 16 << 10
+# Control messages queued for an endpoint whose ring is full; past this it is not reading
+# (a server reads its ring every loop pass), and only its newest news is kept.
+MAX_CONTROL_BACKLOG = 4096
 CHANNEL_CAPACITY = 64 << 10
 MAX_INLINE_REPLY = 4096  # a reply ring holds `window` replies of this size (flow rules)
 MAX_PACKET = 1 << 20
@@ -59,6 +62,7 @@ class EndpointRecord:
     last_heartbeat: float = field(default_factory=time.monotonic)
     channels: set[int] = field(default_factory=set)
     backlog: deque[bytes] = field(default_factory=deque)  # control messages not yet fitting
+    num_dropped_control: int = 0  # backlog past MAX_CONTROL_BACKLOG: the oldest went
 
 
 @dataclass(slots=True)
@@ -394,6 +398,12 @@ class Kernel:
         assert record.control is not None
         try:
             if record.backlog or not record.control.try_send(message):
+                if len(record.backlog) >= MAX_CONTROL_BACKLOG:  # it does not read: keep the newest
+                    record.backlog.popleft()
+                    record.num_dropped_control += 1
+                    if record.num_dropped_control == 1:
+                        log.warning("endpoint %d (%s) does not read its control ring; dropping its oldest news",
+                                    record.endpoint_id, record.name or "client")
                 record.backlog.append(message)
         except PeerGone:
             record.backlog.clear()
