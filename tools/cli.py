@@ -17,6 +17,7 @@ BENCHMARKS = {
     "model": "tools.bench.model",
     "memory": "tools.bench.memory",
     "e2e": "tools.bench.e2e",
+    "serve": "tools.bench.serve",
 }
 
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="processes, restarts, CPU, ring fill, arena use")
     status.add_argument("--instance")
     status.add_argument("--json", action="store_true", help="machine-readable")
+    top = commands.add_parser("top", help="a live view of a running instance (one snapshot over a pipe)")
+    top.add_argument("--instance")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     gen = commands.add_parser("generate", help="print the model's continuation of a prompt")
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--max-tokens", type=int, default=128)
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return lifecycle.down(ns.instance)
     if ns.command == "generate":
         return lifecycle.generate(ns)
+    if ns.command == "top":
+        from tools import top
+
+        return top.main(ns.instance, ns.interval)
     return lifecycle.status(ns.instance, ns.json)
 
 
