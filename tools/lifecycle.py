@@ -107,7 +107,8 @@ def generate(ns: Any) -> int:
     return 0
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc; 0 if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
@@ -127,7 +128,7 @@ def status_report(instance: str | None) -> dict[str, Any]:
             "alive": is_same_process(p["pid"], p.get("start")),
             "uptime_s": round(now - p["started_at"], 1) if p.get("started_at") else 0.0,
             "restarts": p["restarts"],
-            "cpu_s": round(_cpu_seconds(p["pid"]), 2) if p.get("pid") else 0.0,
+            "cpu_s": round(cpu_seconds(p["pid"]), 2) if p.get("pid") else 0.0,
         }
         for p in state.get("processes", [])
     ]

@@ -149,12 +149,14 @@ def _memory_lines(m: dict[str, Any] | None, s: dict[str, Any] | None) -> list[st
         return ["KV: the memory server did not answer"]
     lease = f"; {s['num_free_blocks']} idle in the scheduler's lease" if s else ""
     hit = pct(m["hit_rate"])
+    # Paged F over the blocks the scheduler's sequences hold (it knows how full they are).
+    paged = s["paged_fragmentation"] if s is not None and "paged_fragmentation" in s else m["internal_fragmentation"]
     if s is not None and "prefix_hit_rate" in s:  # a scheduler that keeps its own prefix cache
         hit = f"{hit} (memory server), {pct(s['prefix_hit_rate'])} (scheduler)"
     return [
         f"KV blocks: used {m['num_used_blocks']}, cached {m['num_cached_blocks']}, leased "
         f"{m['num_leased_blocks']}, free {m['num_free_blocks']} of {m['num_blocks']}{lease}",
-        f"H (prefix hit rate) {hit}; F paged {pct(m['internal_fragmentation'])}, "
+        f"H (prefix hit rate) {hit}; F paged {pct(paged)}, "
         f"segments {pct(m['external_fragmentation'])} ({m['segment_bytes_used'] / 2**20:.1f} of "
         f"{m['segment_bytes_total'] / 2**20:.1f} MiB used); {m['num_evictions']} evictions",
     ]

@@ -98,7 +98,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
             return list(await asyncio.gather(*(
                 session.generate(prompt, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                  seed=None if body.seed is None else body.seed + i, stop=body.stop_list(),
-                                 tenant=tenant)
+                                 priority=body.priority, tenant=tenant)
                 for i in range(body.n))))
         except InvalidRequest as exc:
             raise ApiError(400, str(exc)) from None
@@ -124,7 +124,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         try:
             async for piece in session.stream(prompt, max_tokens=max_tokens, temperature=body.temperature,
                                               top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-                                              tenant=tenant):
+                                              priority=body.priority, tenant=tenant):
                 yield "data: " + json.dumps(_chunk(kind, rid, created, model_id, piece, None)) + "\n\n"
             yield "data: " + json.dumps(_chunk(kind, rid, created, model_id, "", "stop")) + "\n\n"
             yield "data: [DONE]\n\n"

@@ -27,9 +27,9 @@ def prometheus_text(stats: dict[str, Any]) -> str:
            [('{state="used"}', m["num_used_blocks"]), ('{state="free"}', m["num_free_blocks"]),
             ('{state="cached"}', m["num_cached_blocks"]), ('{state="leased"}', m["num_leased_blocks"])])
     metric("llmos_fragmentation_ratio", "gauge", "F: paged (internal) and segment (external) fragmentation",
-           [('{kind="paged"}', m["internal_fragmentation"]), ('{kind="segments"}', m["external_fragmentation"])])
+           [('{kind="paged"}', s["paged_fragmentation"]), ('{kind="segments"}', m["external_fragmentation"])])
     metric("llmos_prefix_cache_hit_ratio", "gauge", "H: prompt tokens served from the prefix cache / looked up",
-           [("", m["hit_rate"])])
+           [('{cache="scheduler"}', s["prefix_hit_rate"]), ('{cache="memory"}', m["hit_rate"])])
     metric("llmos_preemptions_total", "counter", "preempted sequences", [("", s["num_preemptions"])])
     rings = k["rings"]
     labels = [f'{{channel="{r["channel_id"]}",direction="{r["direction"]}"}}' for r in rings]

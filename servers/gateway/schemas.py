@@ -20,6 +20,8 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     user: str | None = None
+    # An llmos extension: the scheduler's priority class (higher first under `priority`).
+    priority: int = Field(default=0, ge=-1000, le=1000)
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:

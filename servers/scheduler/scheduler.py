@@ -100,6 +100,7 @@ class Scheduler:
             num_steps_in_flight=len(self._in_flight),
             waiting=self._waiting,
             running=self._running,
+            block_size=self.config.block_size,
         )
 
     # ------------------------------------------------------------------ requests

@@ -62,6 +62,11 @@ class SchedulerStats:
     num_prefix_lookup_tokens: int  # full-block prompt positions looked up at admissions
     num_prefix_hit_tokens: int  # of those, found cached (their KV was not computed again)
     prefix_hit_rate: float
+    # F, paged (DESIGN.md): allocated-but-unused token slots / allocated, over the blocks the
+    # sequences hold now (a block shared by several counts once).
+    num_kv_blocks_held: int
+    num_kv_slots_filled: int
+    paged_fragmentation: float
 
 
 def percentile(values: Iterable[int], q: float) -> int:
@@ -122,8 +127,11 @@ class Counters:
         num_steps_in_flight: int,
         waiting: Iterable[Sequence],
         running: Iterable[Sequence],
+        block_size: int,
     ) -> SchedulerStats:
         waiting, running = list(waiting), list(running)
+        filled = _filled_slots([*running, *waiting], block_size)
+        slots = len(filled) * block_size
         return SchedulerStats(
             num_steps=num_steps,
             num_steps_in_flight=num_steps_in_flight,
@@ -158,7 +166,20 @@ class Counters:
             num_prefix_lookup_tokens=self.num_prefix_lookup_tokens,
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
             prefix_hit_rate=self.num_prefix_hit_tokens / max(1, self.num_prefix_lookup_tokens),
+            num_kv_blocks_held=len(filled),
+            num_kv_slots_filled=sum(filled.values()),
+            paged_fragmentation=(slots - sum(filled.values())) / slots if slots else 0.0,
         )
+
+
+def _filled_slots(seqs: Iterable[Sequence], block_size: int) -> dict[int, int]:
+    """Block id -> token slots of it that hold computed KV, over the blocks ``seqs`` hold."""
+    filled: dict[int, int] = {}
+    for seq in seqs:
+        for i, block_id in enumerate(seq.block_table):
+            used = max(0, min(block_size, seq.num_computed - i * block_size))
+            filled[block_id] = max(filled.get(block_id, 0), used)
+    return filled
 
 
 def _count(keys: Iterable[K]) -> dict[K, int]:

@@ -138,3 +138,15 @@ def test_metrics_name_the_seeds_figures(gateway: tuple[str, str]) -> None:
                  "llmos_ring_latency_seconds", "llmos_ring_lost_messages_total", "llmos_ring_bytes_total",
                  "llmos_ttft_seconds_bucket", "llmos_time_per_output_token_seconds_count"):
         assert name in text, name
+
+
+def test_the_priority_extension_reaches_the_scheduler(gateway: tuple[str, str]) -> None:
+    instance, url = gateway
+    body = {"model": "stories260K", "prompt": "Zoo", "max_tokens": 5, "priority": 7}
+    reply = httpx.post(url + "/v1/completions", json=body, headers={"authorization": "Bearer key-a"}, timeout=WAIT)
+    assert reply.status_code == 200
+    with libllm.connect(instance) as session:
+        assert session.stats()["scheduler"]["num_finished_by_priority"].get(7, 0) >= 1
+    body["priority"] = 5000
+    reply = httpx.post(url + "/v1/completions", json=body, headers={"authorization": "Bearer key-a"}, timeout=WAIT)
+    assert reply.status_code == 400 and "priority" in reply.text

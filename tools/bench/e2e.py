@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tools.bench.instances import CLI, WAIT, instance
 from tools.bench.report import ratio, table, write_json
 from tools.config import servers_toml
 
 CTX = mp.get_context("fork")
-WAIT = 300.0
-CLI = [sys.executable, "-m", "tools.cli"]
 
 
 def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
@@ -67,20 +66,9 @@ def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: 
 def instance_with(runtime: str, num_runners: int, pages: str) -> Iterator[tuple[str, dict[str, str]]]:
     """An instance (memory server, `num_runners` runners, scheduler) under `runtime`;
     yields its name and the environment that reaches it. LLMOS_RUNTIME_DIR is set here too."""
-    instance = f"bench-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
-    config = os.path.join(runtime, f"{instance}.toml")
-    with open(config, "w") as f:
-        f.write(f'[memory]\npages = "{pages}"\n' + servers_toml(num_runners))
-    env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-    subprocess.run([*CLI, "up", "--detach", "--instance", instance, "--config", config], env=env, check=True,
-                   capture_output=True, timeout=WAIT)
-    os.environ["LLMOS_RUNTIME_DIR"] = runtime
-    try:
-        yield instance, env
-    finally:
-        os.environ.pop("LLMOS_RUNTIME_DIR", None)
-        subprocess.run([*CLI, "down", "--instance", instance], env=env, check=False, capture_output=True,
-                       timeout=WAIT)
+    name = f"bench-{os.getpid()}-{num_runners}-{time.monotonic_ns()}"
+    with instance(runtime, name, f'[memory]\npages = "{pages}"\n' + servers_toml(num_runners)):
+        yield name, {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
 
 
 def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: int, requests: int) -> float:

@@ -26,8 +26,8 @@ from servers.runner.model import Model, SeqChunk
 from tools.bench.e2e import CTX
 from tools.bench.serve_clients import ClientSpec, Record
 from tools.bench.serve_harness import Harness
-from tools.bench.serve_system import cpu_seconds
 from tools.bench.serve_workload import WorkItem, digest
+from tools.lifecycle import cpu_seconds
 
 
 def stop_ids_of(model: Model) -> frozenset[int]:

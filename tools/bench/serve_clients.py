@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tools.bench.e2e import WAIT
+from tools.bench.instances import WAIT
 from tools.bench.serve_workload import WorkItem, digest
 
 
@@ -102,9 +102,9 @@ class LibllmClient:
 
 
 class HttpClient:
-    """POST /v1/completions on the gateway (no priority there: every request is class 0 to
-    the scheduler). Non-streaming answers carry no timings; streaming ones are timed here,
-    and their token count is the text's re-encoding (approximate)."""
+    """POST /v1/completions on the gateway, with the class in its `priority` extension field.
+    Non-streaming answers carry no timings; streaming ones are timed here, and their token
+    count is the text's re-encoding (approximate)."""
 
     def __init__(self, spec: ClientSpec, t0: Callable[[], float]) -> None:
         import httpx
@@ -119,7 +119,8 @@ class HttpClient:
 
     def send(self, item: WorkItem, late: float = 0.0) -> Record:
         body = {"model": self.model, "prompt": item.prompt, "max_tokens": item.max_tokens,
-                "temperature": item.temperature, "seed": item.seed, "stream": self.stream}
+                "temperature": item.temperature, "seed": item.seed, "stream": self.stream,
+                "priority": item.priority}
         sent = time.monotonic()
         first = None
         if self.stream:

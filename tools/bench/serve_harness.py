@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from tools.bench.e2e import CTX, WAIT
+from tools.bench.e2e import CTX
+from tools.bench.instances import WAIT
 from tools.bench.serve_clients import Client, ClientSpec, Record, connect
 from tools.bench.serve_workload import WorkItem
 

@@ -152,7 +152,7 @@ def symbols(run: SystemRun) -> dict[str, Any]:
               "wall_s": wall},
         "U": {"runners": _delta(s1, s0, "runner_busy_s") / wall / max(1, int(s1.get("num_runners", 1))),
               "kv_mean": float(np.mean(shares)), "kv_peak": float(np.max(shares))},
-        "F": {"paged": float(np.mean([x["internal_fragmentation"] for x in running])),
+        "F": {"paged": float(np.mean([x["paged_fragmentation"] for x in running])),
               "segments": m1["external_fragmentation"]},
         "H": h,
         **rings(run.before["kernel"], run.after["kernel"], wall),

@@ -153,8 +153,7 @@ def render(report: dict[str, Any]) -> str:
     if c["open_loop"]:
         notes.append("open loop: throughput follows --rate, while the baselines run flat out")
     if c["http"]:
-        notes.append("over HTTP: every request reaches the scheduler as class 0 (the gateway takes no priority); "
-                     "non-streaming answers carry no server timings")
+        notes.append("over HTTP: non-streaming answers carry no server timings")
     if notes:
         parts.append("\n".join(f"note: {n}" for n in notes))
     return "\n\n".join(parts)

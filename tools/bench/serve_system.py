@@ -6,22 +6,17 @@ CPU time of each of its processes. Runs in the benchmark's process.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tools.bench.e2e import CLI, WAIT
+from tools.bench.instances import WAIT, instance
 from tools.bench.serve_clients import ClientSpec, Record
 from tools.bench.serve_harness import Harness
 from tools.bench.serve_workload import WorkItem
 from tools.config import servers_toml
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+from tools.lifecycle import cpu_seconds
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,44 +44,11 @@ class SystemRun:
     samples: list[dict[str, float]]  # the KV timeline
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc; 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def config_text(policy: str, options: RunOptions) -> str:
     head = f'[memory]\npages = "{options.pages}"\n[scheduler]\npolicy = "{policy}"\n'
     if options.http:
         head += "[gateway]\nport = 0\n"  # a free port, written to the run dir's gateway.url
     return head + servers_toml(options.runners, gateway=options.http)
-
-
-@contextmanager
-def instance(runtime: str, name: str, config: str) -> Iterator[str]:
-    """`llmos up --detach` of `config` as instance `name` under `runtime` (also set as this
-    process's LLMOS_RUNTIME_DIR meanwhile, for libllm); `llmos down` after."""
-    path = os.path.join(runtime, f"{name}.toml")
-    Path(path).write_text(config)
-    env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-    up = subprocess.run([*CLI, "up", "--detach", "--instance", name, "--config", path], env=env,
-                        capture_output=True, text=True, timeout=WAIT, check=False)
-    if up.returncode:
-        subprocess.run([*CLI, "down", "--instance", name], env=env, capture_output=True, timeout=WAIT, check=False)
-        raise RuntimeError(f"llmos up failed: {up.stdout}{up.stderr}".strip())
-    previous = os.environ.get("LLMOS_RUNTIME_DIR")
-    os.environ["LLMOS_RUNTIME_DIR"] = runtime
-    try:
-        yield name
-    finally:
-        if previous is None:
-            os.environ.pop("LLMOS_RUNTIME_DIR", None)
-        else:
-            os.environ["LLMOS_RUNTIME_DIR"] = previous
-        subprocess.run([*CLI, "down", "--instance", name], env=env, capture_output=True, timeout=WAIT, check=False)
 
 
 def process_pids(name: str) -> dict[str, int]:
@@ -103,13 +65,14 @@ def process_pids(name: str) -> dict[str, int]:
 
 def kv_sample(stats: dict[str, Any], t: float) -> dict[str, float]:
     """A point of the KV timeline: blocks the scheduler's sequences hold (its lease minus
-    what it could hand out) out of the pool, and the memory server's F then."""
+    what it could hand out) out of the pool, and paged F then (the scheduler's, which knows
+    how full its blocks are; the memory server's for a scheduler without that figure)."""
     s, m = stats["scheduler"], stats["memory"]
     held = s["num_leased_blocks"] - s["num_free_blocks"]
     return {"t_s": t, "blocks_held": held, "blocks_total": m["num_blocks"],
             "kv_share": held / m["num_blocks"] if m["num_blocks"] else 0.0,
             "running": s["num_running"], "waiting": s["num_waiting"],
-            "internal_fragmentation": m["internal_fragmentation"]}
+            "paged_fragmentation": s.get("paged_fragmentation", m["internal_fragmentation"])}
 
 
 def run_system(policy: str, items: Sequence[WorkItem], options: RunOptions, runtime: str, name: str,

@@ -169,3 +169,17 @@ def test_the_real_model_gives_the_same_tokens_from_shared_blocks() -> None:
         solo = Scheduler(config, CachedBlocks(range(num_blocks)))
         solo.add(Sequence(0, prompt, max_tokens=20, sampling=sampling, stop_ids={1, 2}))
         assert shared[sid] == serve(model, solo, num_blocks)[0], f"prompt {sid} differs"
+
+
+def test_paged_fragmentation_counts_a_shared_block_once() -> None:
+    sched, _, runner = make(cached=True, block_size=4, max_batch_size=8)
+    for sid in range(2):
+        sched.add(Spec(PROMPT, 8, Sampling(temperature=1.0, seed=sid)).make(sid))
+    for _ in range(2):  # the first computes the prompt; then it decodes while the second joins
+        plan = sched.schedule(0.0)
+        assert plan is not None
+        sched.postprocess(plan, runner.step(plan))
+    stats = sched.stats()
+    # Ten shared full blocks, then a block each: the first's holds positions 40-41, the second's 40.
+    assert (stats.num_kv_blocks_held, stats.num_kv_slots_filled) == (12, 43)
+    assert stats.paged_fragmentation == pytest.approx(5 / 48)
