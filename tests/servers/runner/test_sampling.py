@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servers.runner.model import Model, SeqChunk, generate
-from servers.runner.sampling import GREEDY, SamplingParams, sample, sample_rows, splitmix64, uniform
+from servers.runner.sampling import (
+    GREEDY,
+    SamplingParams,
+    sample,
+    sample_rows,
+    splitmix64,
+    uniform,
+    uniform_many,
+)
 
 
 def test_splitmix64_known_values() -> None:
@@ -24,6 +32,12 @@ def test_uniform_is_a_pure_function_in_unit_interval(seed: int, position: int) -
     assert 0.0 <= u < 1.0
     assert u == uniform(seed, position)
     assert u == uniform(seed + 2**64, position)  # seeds are taken modulo 2**64
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1, max_size=20))
+def test_uniform_many_equals_uniform(pairs: list[tuple[int, int]]) -> None:
+    seeds, positions = [s for s, _ in pairs], [p for _, p in pairs]
+    assert uniform_many(seeds, positions).tolist() == [uniform(s, p) for s, p in pairs]
 
 
 def test_uniform_looks_uniform() -> None:
@@ -80,6 +94,31 @@ def test_a_draw_depends_on_seed_and_position_only() -> None:
     rows = np.tile(LOGITS, (5, 1))
     batch = sample_rows(rows, [params] * 5, [7, 8, 9, 10, 11])
     assert batch.tolist() == [sample(LOGITS, params, p) for p in range(7, 12)]
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_the_batched_sampler_picks_what_sample_picks_row_by_row(data: st.DataObject) -> None:
+    num_rows = data.draw(st.integers(1, 12), "rows")
+    vocab = data.draw(st.sampled_from([1, 2, 5, 64, 512]), "vocab")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "rng"))
+    logits = rng.normal(0, data.draw(st.sampled_from([0.1, 1.0, 8.0]), "scale"), size=(num_rows, vocab))
+    logits = logits.astype(np.float32)
+    if data.draw(st.booleans(), "ties"):
+        logits = np.round(logits)  # many equal logits: the order of ties must agree too
+    params = [
+        data.draw(st.one_of(st.just(GREEDY), st.builds(
+            SamplingParams,
+            temperature=st.sampled_from([0.05, 0.7, 1.0, 1.9]),
+            top_k=st.sampled_from([0, 1, 3, 40, 600]),
+            top_p=st.sampled_from([1.0, 0.95, 0.5, 0.01]),
+            seed=st.integers(0, 2**63),
+        )), f"params {i}")
+        for i in range(num_rows)
+    ]
+    positions = [data.draw(st.integers(0, 4096), f"position {i}") for i in range(num_rows)]
+    expected = [sample(logits[i], params[i], positions[i]) for i in range(num_rows)]
+    assert sample_rows(logits, params, positions).tolist() == expected
 
 
 def test_seeded_text_is_the_same_alone_and_in_a_batch(model: Model) -> None:
