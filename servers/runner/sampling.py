@@ -16,6 +16,7 @@ from libllm.sampling import GREEDY as GREEDY
 from libllm.sampling import SamplingParams as SamplingParams
 
 MASK64 = (1 << 64) - 1
+BATCHED_FROM_ROWS = 8  # below this many sampled rows, `sample` row by row is faster
 
 
 def splitmix64(x: int) -> int:
@@ -90,7 +91,10 @@ def sample_rows(
     if greedy.any():
         out[greedy] = np.argmax(logits[greedy], axis=1)
     rows = np.flatnonzero(~greedy)
-    if rows.size:
+    if 0 < rows.size < BATCHED_FROM_ROWS:  # a few rows: numpy's per-call cost dominates
+        for i in rows.tolist():
+            out[i] = sample(logits[i], params[i], positions[i])
+    elif rows.size:
         drawn = [params[i] for i in rows.tolist()]
         out[rows] = _sample_batch(np.asarray(logits[rows], dtype=np.float32), drawn,
                                   [positions[i] for i in rows.tolist()])
