@@ -187,10 +187,47 @@ def test_leaving_a_stream_early_cancels_it(instance: str) -> None:
 
 def test_threads_share_one_session(instance: str) -> None:
     with libllm.connect(instance) as session:
-        expected = session.generate("Zoo", max_tokens=30).text
+        def one(seed: int) -> str:
+            return session.generate("Zoo", max_tokens=30, temperature=0.8, seed=seed).text
+
+        expected = [one(seed) for seed in range(16)]
+        assert len(set(expected)) > 1  # each thread has a text of its own to get
         with ThreadPoolExecutor(16) as pool:
-            texts = list(pool.map(lambda _: session.generate("Zoo", max_tokens=30).text, range(16)))
-    assert texts == [expected] * 16
+            texts = list(pool.map(one, range(16)))
+    assert texts == expected
+
+
+_inherited: libllm.Session | None = None  # a parent's session, used by forked pool workers
+
+
+def _connect_and_generate(instance: str, seed: int) -> str:
+    with libllm.connect(instance) as session:
+        return session.generate("Zoo", max_tokens=12, temperature=0.8, seed=seed).text
+
+
+def _generate_on_inherited(seed: int) -> str:
+    assert _inherited is not None
+    return _inherited.generate("Zoo", max_tokens=12, temperature=0.8, seed=seed).text
+
+
+def test_worker_pools_fork_and_spawn(instance: str) -> None:
+    global _inherited
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    seeds = list(range(4))
+    with libllm.connect(instance) as session:
+        expected = [session.generate("Zoo", max_tokens=12, temperature=0.8, seed=s).text for s in seeds]
+        for method in ("fork", "spawn"):
+            with mp.get_context(method).Pool(2) as pool:
+                assert pool.starmap(_connect_and_generate, [(instance, s) for s in seeds]) == expected, method
+        _inherited = session  # forked workers use the parent's session: each connects on first use
+        try:
+            with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as executor:
+                assert list(executor.map(_generate_on_inherited, seeds)) == expected
+        finally:
+            _inherited = None
+        assert session.generate("Zoo", max_tokens=12, temperature=0.8, seed=0).text == expected[0]
 
 
 def test_submit_returns_handles_that_finish_in_any_order(instance: str) -> None:
