@@ -2,9 +2,9 @@
 
 Layers, bottom up: `config` (SchedulerConfig), `sequence` (Sequence, Sampling), `blocks`
 (the BlockSource protocol, FreeListBlocks), `block_cache` (CachedBlocks: reference counts
-and the prefix cache), `plan` (StepPlan, ChunkPlan), `events`
-(TokenEvent, FinishEvent), `policy` (the Policy seam, fcfs), `fair` and `policies`
-(priority, rr, fair; make_policy), `stats` (SchedulerStats), `scheduler`
+and named blocks), `prefix` (which blocks a sequence shares), `plan` (StepPlan,
+ChunkPlan), `events` (TokenEvent, FinishEvent), `policy` (the Policy seam, fcfs), `fair`
+and `policies` (priority, rr, fair; make_policy), `stats` (SchedulerStats), `scheduler`
 (Scheduler). Pure logic: no processes, no messages, no arena; the server loop wraps it.
 Imports no other server.
 """

@@ -17,7 +17,6 @@ import bisect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from libllm.blockhash import ROOT_HASH, block_name
 from servers.scheduler.block_cache import CachedBlocks
 from servers.scheduler.blocks import BlockSource
 from servers.scheduler.config import SchedulerConfig
@@ -25,6 +24,7 @@ from servers.scheduler.events import Event, FinishEvent, TokenEvent
 from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
 from servers.scheduler.policies import make_policy
 from servers.scheduler.policy import Policy
+from servers.scheduler.prefix import PrefixSharing
 from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
 from servers.scheduler.stats import Counters, SchedulerStats
 
@@ -53,11 +53,11 @@ class Scheduler:
         self._num_arrivals = 0
         self._is_stalled = False
         self._counters = Counters()
-        # Prefix caching (with a CachedBlocks source): the hash of each prompt block a running
-        # sequence is computing now -> that sequence; a sequence whose next uncached block is
-        # in here waits for it rather than computing it a second time.
-        self._cache = blocks if isinstance(blocks, CachedBlocks) and config.prefix_caching else None
-        self._computing: dict[int, Sequence] = {}
+        self._prefix = (  # prefix caching, with a CachedBlocks source
+            PrefixSharing(blocks, config.block_size)
+            if isinstance(blocks, CachedBlocks) and config.prefix_caching
+            else None
+        )
 
     # ------------------------------------------------------------------ queries
     @property
@@ -290,7 +290,8 @@ class Scheduler:
                     events.append(self._finish(seq, "context"))
                     break
             else:
-                self._publish(seq)  # (a finished one published as it let its blocks go)
+                if self._prefix is not None:  # (a finished one published as it let its blocks go)
+                    self._prefix.publish(seq)
         return events
 
     def requeue(self, plan: StepPlan) -> None:
@@ -386,14 +387,14 @@ class Scheduler:
         no KV. Returns (None, True) when it should wait for a prefix another sequence is
         computing, (None, False) when it does not fit (it then holds no more than before)."""
         fresh = not seq.block_table
-        if fresh and not self._reuse_prefix(seq):
+        if fresh and self._prefix is not None and not self._prefix.reuse(seq):
             return None, True
         chunk = self._plan_chunk(seq, budget, planned)
         if chunk is None:
             if fresh:
                 self._release(seq)  # give the matched blocks back: it may wait long
             return None, False
-        if fresh and self._cache is not None:
+        if fresh and self._prefix is not None:
             bs = self.config.block_size
             self._counters.num_prefix_lookup_tokens += (seq.num_tokens - 1) // bs * bs
             self._counters.num_prefix_hit_tokens += seq.num_published * bs
@@ -405,59 +406,8 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self._insert(self._running, seq)
         self.policy.on_admit(seq)
-        if self._cache is not None:  # the prompt blocks it will compute: others wait for them
-            for h in self._hashes(seq, (seq.num_prompt_tokens - 1) // self.config.block_size)[
-                seq.num_published :
-            ]:
-                self._computing.setdefault(h, seq)
-
-    # ------------------------------------------------------------------ prefix caching
-    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """The chained hashes of ``seq``'s first ``num_blocks`` full blocks (computed once)."""
-        hashes, bs = seq.block_hashes, self.config.block_size
-        while len(hashes) < num_blocks:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else ROOT_HASH
-            hashes.append(block_name(parent, seq.token_slice(i * bs, (i + 1) * bs)))
-        return hashes[:num_blocks]
-
-    def _reuse_prefix(self, seq: Sequence) -> bool:
-        """Before admitting ``seq`` with no KV: take the cached blocks of its longest prefix
-        (full blocks only, and never its last token, whose logits it needs). Returns False,
-        taking nothing, when the next block of that prefix is being computed by a running
-        sequence now: ``seq`` waits a step and shares it then (n choices of one prompt, or
-        requests with one system prompt, arriving together)."""
-        cache = self._cache
-        if cache is None or seq.block_table or seq.num_computed:
-            return True
-        num_blocks = (seq.num_tokens - 1) // self.config.block_size
-        if num_blocks == 0:
-            return True
-        hashes = self._hashes(seq, num_blocks)
-        found = cache.match(hashes)
-        if len(found) < num_blocks:
-            computing = self._computing.get(hashes[len(found)])
-            if computing is not None and computing is not seq and not computing.is_paused:
-                cache.free(found)
-                return False
-        seq.block_table = found
-        seq.num_published = len(found)
-        seq.num_computed = len(found) * self.config.block_size
-        return True
-
-    def _publish(self, seq: Sequence) -> None:
-        """Name the full blocks whose KV ``seq`` has computed, so later requests reuse them."""
-        if self._cache is None:
-            return
-        num_full = min(seq.num_computed, seq.num_tokens) // self.config.block_size
-        if num_full <= seq.num_published:
-            return
-        hashes = self._hashes(seq, num_full)
-        for i in range(seq.num_published, num_full):
-            self._cache.publish(seq.block_table[i], hashes[i])
-            if self._computing.get(hashes[i]) is seq:
-                del self._computing[hashes[i]]
-        seq.num_published = num_full
+        if self._prefix is not None:
+            self._prefix.expect(seq)
 
     def _decode_steps(self, seq: Sequence, end: int) -> int:
         """How many tokens in a row a decode chunk ending at ``end`` may make: at most
@@ -544,11 +494,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks; its KV is gone (but full blocks stay cached, named, until
         recycled), so it starts over from position 0, reusing what is still cached."""
-        if self._cache is not None:
-            if seq.block_table:
-                self._publish(seq)
-            for h in [h for h, s in self._computing.items() if s is seq]:
-                del self._computing[h]
+        if self._prefix is not None:
+            self._prefix.release(seq)
         if seq.block_table:
             self.blocks.free(seq.block_table)
         seq.block_table = []
