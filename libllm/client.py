@@ -2,11 +2,10 @@
 
 Runs in the client's process. A session connects to the kernel, opens a channel to the
 scheduler and loads the model's tokenizer (from MODEL_INFO), so only token ids cross the
-rings. Tokenisation, incremental detokenisation and stop strings live here; a stop
-string seen in the text cancels the request. One lock serialises the channel, so a
-session may be shared by threads. A second channel, to the memory server, opened on first
-use, serves shared tensors (`alloc`, `attach`; see libllm/tensors.py) and the segments
-that carry long prompts (INLINE_PROMPT_TOKENS).
+rings; it routes the replies to their Requests (libllm/request.py: text, stop strings) and
+fails over when the scheduler or the instance restarts. One lock serialises the channel,
+so a session may be shared by threads. Its side of the memory server (shared tensors, long
+prompts' segments) is libllm/memory.py.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, SupportsIndex
@@ -26,22 +24,20 @@ import numpy as np
 import numpy.typing as npt
 
 from libllm import protocol as P
+from libllm.memory import SessionMemory
 from libllm.request import Completion as Completion
 from libllm.request import DeadlineExceeded as DeadlineExceeded
 from libllm.request import Pending, Request
 from libllm.request import Timings as Timings
 from libllm.request import Usage as Usage
-from libllm.tensors import SharedTensor, as_handle, tensor_layout
+from libllm.tensors import SharedTensor
 from libllm.tokenizer import Tokenizer, load_tokenizer
 from microkernel import instance as I
-from microkernel import layout as L
 from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
 from microkernel.errors import (
     InvalidRequest,
     LlmosError,
-    Overloaded,
     PeerGone,
-    QuotaExceeded,
     Timeout,
     WouldBlock,
 )
@@ -52,19 +48,6 @@ PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock 
 WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline (and the kernel) at least this often
 FAILOVER_TIMEOUT_S = 120.0  # how long a failover waits for the instance to come back
 RECONNECT_PAUSE_S = 0.05
-# A prompt of more tokens than this travels as int32 ids in a segment, its handle in the
-# submit. Inline, an id costs up to 5 bytes of msgpack: 256 ids keep a submit record near
-# 1 KiB, so a window of requests fits a 64 KiB channel ring many times over and many requests
-# pipeline on one channel; longer prompts would crowd the ring (and past ~6k ids exceed its
-# largest record). 256 is half the built-in model's 512-token context, so real prompts do
-# take the segment path; below it, the alloc/free round trips would cost more than they save.
-INLINE_PROMPT_TOKENS = 256
-PROMPT_ID_DTYPE = np.dtype(P.PROMPT_ID_DTYPE)
-# Best-effort frees (a finished request's prompt segment, close()) wait this long at most; a
-# segment they miss stays recorded, and goes at close() or when the connection ends.
-FREE_TIMEOUT_S = 5.0
-
-
 class ServerGone(PeerGone):
     """The scheduler (or the whole instance) went away while a request was open."""
 
@@ -82,13 +65,8 @@ class Session:
         self._lock = threading.RLock()
         self._requests: dict[int, Pending] = {}
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
-        # The memory channel, opened on first use, and every segment this session allocated and
-        # has not freed (a SharedTensor, or None for a long prompt's): both under _memory_lock,
-        # taken after _lock when both are held, never before.
-        self._memory: Channel | None = None
-        self._memory_lock = threading.RLock()
-        self._owned: dict[tuple[int, int], SharedTensor | None] = {}
-        self._attached: weakref.WeakSet[SharedTensor] = weakref.WeakSet()
+        # Shared tensors and long prompts' segments (its lock is taken after _lock, never before).
+        self._memory = SessionMemory(self.instance, lambda: self._endpoint)
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -166,7 +144,7 @@ class Session:
         B), "scheduler" (steps, tokens, queues, T_s in steps) and "memory" (usage, F, H)."""
         self._ensure_process()
         scheduler = msgspec.msgpack.decode(self._call(MsgType.SCHED_STATS, b"", timeout).payload)
-        mem = msgspec.to_builtins(P.unpack(self._memory_call(MsgType.MEM_STATS, b"", timeout).payload,
+        mem = msgspec.to_builtins(P.unpack(self._memory.call(MsgType.MEM_STATS, b"", timeout).payload,
                                            P.MemoryStatsReply))
         return {"kernel": msgspec.to_builtins(self._endpoint.kernel_stats(timeout)), "scheduler": scheduler,
                 "memory": mem}
@@ -189,15 +167,7 @@ class Session:
         """
         self._check_open()
         self._ensure_process()
-        dims, dt, nbytes = tensor_layout(shape, dtype, self._segment_region_bytes())
-        with self._memory_lock:
-            segment = self._alloc_segment(nbytes, timeout)
-            array = self._endpoint.arena.ndarray(segment.offset, dims, dt)
-            array.fill(0)  # a segment keeps whatever its last owner left there
-            ref = P.SegmentRef(segment.segment_id, segment.generation)
-            tensor = SharedTensor(ref, array, is_owner=True, release=self._free_tensor)
-            self._owned[(ref.segment_id, ref.generation)] = tensor
-        return tensor
+        return self._memory.alloc(shape, dtype, timeout)
 
     def attach(self, handle: P.SegmentRef | tuple[int, int], shape: SupportsIndex | Sequence[SupportsIndex],
                dtype: npt.DTypeLike = np.float32, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> SharedTensor:
@@ -216,26 +186,7 @@ class Session:
         """
         self._check_open()
         self._ensure_process()
-        ref = as_handle(handle)
-        dims, dt, nbytes = tensor_layout(shape, dtype, self._segment_region_bytes())
-        name = f"handle ({ref.segment_id}, {ref.generation})"
-        try:
-            reply = self._memory_call(MsgType.MEM_SEGMENT_INFO, P.pack(ref), timeout)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"{name} cannot be attached: {exc} (its owner freed it, or its process "
-                                 "ended)") from None
-        info: P.SegmentInfo = P.unpack(reply.payload, P.SegmentInfo)
-        if info.owner_id == 0:
-            raise InvalidRequest(f"{name} names a segment of the instance itself (e.g. the model's weights), "
-                                 "not a shared tensor")
-        if nbytes > info.requested:
-            raise InvalidRequest(f"shape {dims} of {dt} needs {nbytes} bytes; the tensor of {name} holds "
-                                 f"{info.requested}")
-        tensor = SharedTensor(ref, self._endpoint.arena.ndarray(info.offset, dims, dt), is_owner=False,
-                              release=self._forget_tensor)
-        with self._memory_lock:
-            self._attached.add(tensor)
-        return tensor
+        return self._memory.attach(handle, shape, dtype, timeout)
 
     def _start(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
                seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
@@ -250,13 +201,13 @@ class Session:
                           stream, timeout, tenant)
         deadline = None if timeout is None else time.monotonic() + timeout
         wired_on = self._endpoint
-        payload, segment = self._wire(submit, timeout)
+        payload, segment = self._memory.wire(submit, timeout)
         try:
             while True:
                 with self._lock:
                     if wired_on is not self._endpoint:  # a failover replaced the connection, and its segments
                         wired_on = self._endpoint
-                        payload, segment = self._wire(submit, timeout)
+                        payload, segment = self._memory.wire(submit, timeout)
                     try:
                         txid = self._channel.request(MsgType.SCHED_SUBMIT, payload, timeout=timeout)
                     except WouldBlock:  # the channel's window is full: take replies until a slot frees
@@ -267,7 +218,7 @@ class Session:
                     break
         except BaseException:
             if segment is not None and wired_on is self._endpoint:
-                self._free_prompt_segment(segment)
+                self._memory.free_prompt(segment)
             raise
         return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
 
@@ -282,10 +233,7 @@ class Session:
         self._channel = endpoint.open_channel("scheduler", wait=True)
         self._lock = threading.RLock()
         self._requests = {}
-        self._memory = None
-        self._memory_lock = threading.RLock()
-        self._owned = {}
-        self._attached = weakref.WeakSet()
+        self._memory = SessionMemory(self.instance, lambda: self._endpoint)
         self._pid = os.getpid()
 
     def close(self) -> None:
@@ -297,19 +245,7 @@ class Session:
         self.closed = True
         if self._pid != os.getpid():
             return
-        with self._memory_lock:
-            owned, self._owned = self._owned, {}
-            attached, self._attached = list(self._attached), weakref.WeakSet()
-            for tensor in [*owned.values(), *attached]:
-                if tensor is not None:
-                    tensor._mark_freed()
-            try:
-                # Freed now, so the memory is back when close() returns; what this cannot
-                # reach goes back when the memory server sees this connection end.
-                for segment_id, generation in owned:
-                    self._free_segment(P.SegmentRef(segment_id, generation), FREE_TIMEOUT_S)
-            except LlmosError:
-                pass
+        self._memory.free_all()
         self._endpoint.close()
 
     def __enter__(self) -> Session:
@@ -371,114 +307,13 @@ class Session:
         raise_for_status(replies[0])
         return replies[0]
 
-    # -- the memory server: shared tensors and long prompts' segments -----------------------
-
-    def _memory_call(self, type_: int, payload: bytes, timeout: float) -> Message:
-        """A call on this session's channel to the memory server, opened on first use (and
-        again after a failover gave the session a new connection). A memory server that
-        restarted rebuilds its tables from the arena, so this endpoint's segments are still
-        ours: the call is made once more on a new channel."""
-        with self._memory_lock:
-            for attempt in range(2):
-                channel = self._memory
-                if channel is None or channel.closed or channel.endpoint is not self._endpoint:
-                    channel = self._endpoint.open_channel("memory", wait=True, timeout=timeout)
-                    self._memory = channel
-                try:
-                    return channel.call(type_, payload, timeout)
-                except PeerGone:
-                    channel.endpoint.drop_channel(channel.channel_id)
-                    self._memory = None
-                    if attempt:
-                        raise
-            raise AssertionError("unreachable")
-
-    def _segment_region_bytes(self) -> int:
-        """Size of the arena's SEGMENTS region: no segment is larger.
-
-        Raises:
-            InvalidRequest: the instance has none.
-        """
-        region = self._endpoint.arena.regions.get(L.RegionKind.SEGMENTS)
-        if region is None:
-            raise InvalidRequest(f"instance {self.instance!r} has no segment region for shared memory; give it "
-                                 "one ([memory] segments = ... in its config)")
-        return region.size
-
-    def _alloc_segment(self, nbytes: int, timeout: float | None) -> P.Segment:
-        """Allocate a segment for this endpoint and record it (as a prompt's until the caller
-        says otherwise), so close() frees it.
-
-        Raises:
-            Overloaded, QuotaExceeded: the memory server's refusal, with what to do about it.
-        """
-        try:
-            reply = self._memory_call(MsgType.MEM_ALLOC_SEGMENT, P.pack(P.AllocSegment(nbytes)),
-                                      DEFAULT_CONNECT_TIMEOUT_S if timeout is None else timeout)
-        except (Overloaded, QuotaExceeded) as exc:
-            raise type(exc)(f"cannot allocate {nbytes} bytes of shared memory: {exc}. Free shared tensors that "
-                            "are no longer needed (tensor.free()), or give the instance more ([memory] segments "
-                            "or quota_segment_bytes in its config)") from None
-        segment: P.Segment = P.unpack(reply.payload, P.Segment)
-        with self._memory_lock:
-            self._owned[(segment.segment_id, segment.generation)] = None
-        return segment
-
-    def _free_segment(self, ref: P.SegmentRef, timeout: float) -> None:
-        """Give a segment of ours back. One the memory server no longer knows (stale) is
-        not ours any more: nothing to give back.
-
-        Raises:
-            PeerGone, Timeout: the memory server could not be reached; it stays recorded.
-        """
-        try:
-            self._memory_call(MsgType.MEM_FREE_SEGMENT, P.pack(ref), timeout)
-        except InvalidRequest:
-            pass
-        with self._memory_lock:
-            self._owned.pop((ref.segment_id, ref.generation), None)
-
-    def _free_tensor(self, tensor: SharedTensor) -> None:
-        """`SharedTensor.free()` of an allocated tensor."""
-        ref = tensor.handle
-        with self._memory_lock:
-            if (ref.segment_id, ref.generation) in self._owned:  # else close() or a failover took it
-                self._free_segment(ref, DEFAULT_CONNECT_TIMEOUT_S)
-            tensor._mark_freed()
-
-    def _forget_tensor(self, tensor: SharedTensor) -> None:
-        """`SharedTensor.free()` of an attached tensor: the memory is its owner's to free."""
-        with self._memory_lock:
-            self._attached.discard(tensor)
-            tensor._mark_freed()
-
-    def _wire(self, submit: P.Submit, timeout: float | None) -> tuple[bytes, P.SegmentRef | None]:
-        """The submit as it travels: ids inline, or, past INLINE_PROMPT_TOKENS, in a fresh
-        segment of ours (int32) that the request holds until it ends."""
-        ids = submit.prompt_ids
-        if len(ids) <= INLINE_PROMPT_TOKENS:
-            return P.pack(submit), None
-        segment = self._alloc_segment(len(ids) * PROMPT_ID_DTYPE.itemsize, timeout)
-        self._endpoint.arena.ndarray(segment.offset, (len(ids),), PROMPT_ID_DTYPE)[:] = ids
-        ref = P.SegmentRef(segment.segment_id, segment.generation)
-        wire = msgspec.structs.replace(submit, prompt_ids=[], prompt_segment=ref, num_prompt_ids=len(ids))
-        return P.pack(wire), ref
-
-    def _free_prompt_segment(self, ref: P.SegmentRef) -> None:
-        """Best effort: what cannot be freed now stays recorded, and goes at close() (or
-        when the memory server sees this connection end)."""
-        try:
-            self._free_segment(ref, FREE_TIMEOUT_S)
-        except LlmosError:
-            pass
-
     def _release_prompt(self, request: Pending) -> None:
         """The request is over: its prompt's segment goes back. The scheduler copies the ids
         out when it admits a request, but its replies are token records, so the end of the
         request is the first sure sign that it has (lock held)."""
         segment, request.segment = request.segment, None
         if segment is not None:
-            self._free_prompt_segment(segment)
+            self._memory.free_prompt(segment)
 
     def _pump(self, request: Pending, deadline: float | None) -> None:
         """Receive until `request` has news; replies for other requests are filed away.
@@ -546,7 +381,7 @@ class Session:
                              first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
                              first.tenant)
             try:
-                payload, pending.segment = self._wire(again, None)  # a long prompt gets a new segment
+                payload, pending.segment = self._memory.wire(again, None)  # a long prompt gets a new segment
             except LlmosError as exc:  # e.g. no segment memory now: this request ends, the others go on
                 pending.error = exc
                 continue
@@ -577,14 +412,7 @@ class Session:
             self._endpoint.close()
         except LlmosError:
             pass
-        with self._memory_lock:
-            owned, self._owned = self._owned, {}
-            attached, self._attached = list(self._attached), weakref.WeakSet()
-            self._memory = None
-            for tensor in [*owned.values(), *attached]:
-                if tensor is not None:
-                    tensor._mark_freed(ServerGone(f"instance {self.instance!r} restarted, and its shared memory "
-                                                  "with it"))
+        self._memory.forget_all(ServerGone(f"instance {self.instance!r} restarted, and its shared memory with it"))
         while True:
             try:
                 endpoint = Endpoint.connect(self.instance, name=self._endpoint.name, timeout=5.0)

@@ -15,7 +15,7 @@ import pytest
 
 import libllm
 from libllm import protocol as P
-from libllm.client import INLINE_PROMPT_TOKENS
+from libllm.memory import INLINE_PROMPT_TOKENS
 from libllm.tokenizer import Tokenizer, load_tokenizer
 from microkernel.endpoint import Channel, Endpoint
 from microkernel.messages import MsgFlag, MsgType
