@@ -66,7 +66,7 @@ class Session:
         self._requests: dict[int, Pending] = {}
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
         # Shared tensors and long prompts' segments (its lock is taken after _lock, never before).
-        self._memory = SessionMemory(self.instance, lambda: self._endpoint)
+        self._memory = SessionMemory(self.instance, self._endpoint)
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -233,7 +233,7 @@ class Session:
         self._channel = endpoint.open_channel("scheduler", wait=True)
         self._lock = threading.RLock()
         self._requests = {}
-        self._memory = SessionMemory(self.instance, lambda: self._endpoint)
+        self._memory = SessionMemory(self.instance, self._endpoint)
         self._pid = os.getpid()
 
     def close(self) -> None:
@@ -422,7 +422,7 @@ class Session:
                 try:
                     self._channel = endpoint.open_channel("scheduler", wait=True,
                                                           timeout=max(1.0, deadline - time.monotonic()))
-                    self._endpoint = endpoint
+                    self._endpoint = self._memory.endpoint = endpoint
                     break
                 except LlmosError:
                     endpoint.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import SupportsIndex
 
 import msgspec
@@ -41,12 +41,13 @@ FREE_TIMEOUT_S = 5.0
 
 
 class SessionMemory:
-    """The memory server as one session uses it. `endpoint` gives the session's current
-    connection (it changes after a failover)."""
+    """The memory server as one session uses it, over the session's connection `endpoint`
+    (the session sets a new one after a failover). No reference back to the session: a
+    session is freed as soon as its last user lets go, never left to the cycle collector."""
 
-    def __init__(self, instance: str, endpoint: Callable[[], Endpoint]) -> None:
+    def __init__(self, instance: str, endpoint: Endpoint) -> None:
         self._instance = instance
-        self._endpoint = endpoint
+        self.endpoint = endpoint
         self._channel: Channel | None = None
         self._lock = threading.RLock()
         # Every segment allocated and not freed: its SharedTensor, or None for a prompt's.
@@ -59,7 +60,7 @@ class SessionMemory:
         new channel."""
         with self._lock:
             for attempt in range(2):
-                endpoint = self._endpoint()
+                endpoint = self.endpoint
                 channel = self._channel
                 if channel is None or channel.closed or channel.endpoint is not endpoint:
                     channel = endpoint.open_channel("memory", wait=True, timeout=timeout)
@@ -81,7 +82,7 @@ class SessionMemory:
         dims, dt, nbytes = tensor_layout(shape, dtype, self._region_bytes())
         with self._lock:
             segment = self._alloc_segment(nbytes, timeout)
-            array = self._endpoint().arena.ndarray(segment.offset, dims, dt)
+            array = self.endpoint.arena.ndarray(segment.offset, dims, dt)
             array.fill(0)  # a segment keeps whatever its last owner left there
             ref = P.SegmentRef(segment.segment_id, segment.generation)
             tensor = SharedTensor(ref, array, is_owner=True, release=self._free_tensor)
@@ -106,7 +107,7 @@ class SessionMemory:
         if nbytes > info.requested:
             raise InvalidRequest(f"shape {dims} of {dt} needs {nbytes} bytes; the tensor of {name} holds "
                                  f"{info.requested}")
-        tensor = SharedTensor(ref, self._endpoint().arena.ndarray(info.offset, dims, dt), is_owner=False,
+        tensor = SharedTensor(ref, self.endpoint.arena.ndarray(info.offset, dims, dt), is_owner=False,
                               release=self._forget_tensor)
         with self._lock:
             self._attached.add(tensor)
@@ -121,7 +122,7 @@ class SessionMemory:
         if len(ids) <= INLINE_PROMPT_TOKENS:
             return P.pack(submit), None
         segment = self._alloc_segment(len(ids) * PROMPT_ID_DTYPE.itemsize, timeout)
-        self._endpoint().arena.ndarray(segment.offset, (len(ids),), PROMPT_ID_DTYPE)[:] = ids
+        self.endpoint.arena.ndarray(segment.offset, (len(ids),), PROMPT_ID_DTYPE)[:] = ids
         ref = P.SegmentRef(segment.segment_id, segment.generation)
         wire = msgspec.structs.replace(submit, prompt_ids=[], prompt_segment=ref, num_prompt_ids=len(ids))
         return P.pack(wire), ref
@@ -168,7 +169,7 @@ class SessionMemory:
         Raises:
             InvalidRequest: the instance has none.
         """
-        region = self._endpoint().arena.regions.get(L.RegionKind.SEGMENTS)
+        region = self.endpoint.arena.regions.get(L.RegionKind.SEGMENTS)
         if region is None:
             raise InvalidRequest(f"instance {self._instance!r} has no segment region for shared memory; give it "
                                  "one ([memory] segments = ... in its config)")
