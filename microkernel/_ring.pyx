@@ -9,6 +9,7 @@ handshake of DESIGN.md (Rings). Hot functions return status codes under nogil; o
 function, `_raise_for`, turns them into exceptions.
 """
 
+cimport cython
 from cpython.buffer cimport (
     PyBUF_READ,
     PyBUF_SIMPLE,
@@ -262,6 +263,13 @@ cdef int _raise_for(int status, Ring ring, str op) except -1:
     raise AssertionError(f"unknown ring status {status}")
 
 
+# Outside the cycle collector: a Doorbell or Ring holds a buffer export on the arena's
+# memoryview (its Py_buffer), and Cython's generated tp_traverse/tp_clear would report that
+# reference and drop it without releasing the export. A session caught in a reference cycle
+# then had the arena's memoryview cleared while exports were live, and the process crashed
+# later. Neither type can be part of a cycle (their only object field is that memoryview),
+# so plain reference counting frees them, and __dealloc__ releases the export properly.
+@cython.no_gc
 cdef class Doorbell:
     """A process's futex word in the arena. Every ring the process consumes (and every
     ring it is blocked producing into) rings it; `wait` parks on all of them at once."""
@@ -381,6 +389,7 @@ cdef class RecvView:
         return False
 
 
+@cython.no_gc  # see Doorbell
 cdef class Ring:
     """One direction of a connection: a single-producer single-consumer record ring.
 

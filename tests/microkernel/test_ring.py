@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -274,3 +276,31 @@ def test_close_from_another_thread_ends_a_blocked_recv_with_closed(arena: Arena)
     assert outcome == ["closed"]
     with pytest.raises(Closed):
         ring.consumer_doorbell_offset  # noqa: B018 - reading it must not touch freed memory
+
+
+def test_rings_and_doorbells_in_a_reference_cycle_are_freed_cleanly(arena: Arena) -> None:
+    """A connection dropped inside a reference cycle (an arena attachment, its doorbell and
+    rings, the objects around them) is freed by the cycle collector without dropping a
+    buffer export the rings still hold (that left the arena's memoryview cleared under
+    them, and the process crashed later). In a child process, so a crash fails this test
+    only."""
+    script = f"""
+import gc
+from microkernel import Arena
+from microkernel._ring import Doorbell, Ring
+gc.disable()
+for _ in range(50):
+    attached = Arena.attach({arena.name!r})
+    bell = Doorbell.create(attached)
+    ring = Ring.create(attached, 4096, consumer_doorbell=bell)
+    ring.send(b"x")
+    cycle = [attached, bell, ring]
+    cycle.append(cycle)
+    del attached, bell, ring, cycle
+    gc.collect()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
