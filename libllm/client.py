@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, SupportsIndex
@@ -64,6 +65,9 @@ class Session:
         # while this very thread holds the lock.
         self._lock = threading.RLock()
         self._requests: dict[int, Pending] = {}
+        # Resubmissions a failover could not send yet (the channel's window was full): sent as
+        # replies free slots, each with its payload.
+        self._unsent: deque[tuple[Pending, bytes]] = deque()
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
         # Shared tensors and long prompts' segments (its lock is taken after _lock, never before).
         self._memory = SessionMemory(self.instance, self._endpoint)
@@ -120,8 +124,22 @@ class Session:
             raise InvalidRequest(f"n must be a positive int, got {n!r}")
         if seed is None:
             seed = secrets.randbits(62)
-        return [self._start(prompt, max_tokens, temperature, top_k, top_p, seed + i, stop, priority, timeout,
-                            stream, tenant) for i in range(n)]
+        elif isinstance(seed, int) and seed + n > 2**64:
+            raise InvalidRequest(f"seed + n - 1 must stay below 2**64 (the n seeds are seed, seed+1, ...), got "
+                                 f"seed {seed!r}")
+        started: list[Request] = []
+        try:
+            for i in range(n):
+                started.append(self._start(prompt, max_tokens, temperature, top_k, top_p, seed + i, stop, priority,
+                                           timeout, stream, tenant))
+        except BaseException:  # all or none: a caller without the handles could not stop them
+            for request in started:
+                try:
+                    self._cancel(request._request)
+                except LlmosError:
+                    pass  # the connection went: so did they
+            raise
+        return started
 
     def generate_n(self, prompt: str, n: int, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
@@ -273,8 +291,8 @@ class Session:
             raise InvalidRequest(f"top_k must be an int >= 0, got {top_k!r}")
         if not 0.0 < top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise InvalidRequest(f"seed must be a non-negative int, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+            raise InvalidRequest(f"seed must be an int in [0, 2**64), got {seed!r}")
         if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
             raise InvalidRequest("stop must be a list of non-empty strings")
         if timeout is not None and timeout <= 0:
@@ -295,15 +313,22 @@ class Session:
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
         with self._lock:
-            while True:
-                try:
-                    self._channel.request(type_, payload, timeout=timeout,
-                                          on_reply=lambda header, body: replies.append(Message(header, body)))
-                    break
-                except WouldBlock:  # the window is full: take replies until a slot frees
-                    self._receive_slice(deadline)
+            sent_on: Channel | None = None
+            txid = 0
             while not replies:
-                self._receive_slice(deadline)
+                if sent_on is not self._channel:  # not sent yet, or a failover took the channel it went on
+                    try:
+                        txid = self._channel.request(type_, payload, timeout=timeout, on_reply=lambda header, body:
+                                                     replies.append(Message(header, body)))
+                        sent_on = self._channel
+                    except WouldBlock:  # the window is full: take replies until a slot frees
+                        pass
+                try:
+                    self._receive_slice(deadline)
+                except DeadlineExceeded:
+                    if sent_on is not None:
+                        sent_on.abandon(txid)
+                    raise
         raise_for_status(replies[0])
         return replies[0]
 
@@ -342,6 +367,7 @@ class Session:
             self._endpoint.poll_control()
             while (message := self._channel.try_receive()) is not None:
                 self._route(message)
+            self._send_unsent()
         except PeerGone:
             self._failover()
 
@@ -362,6 +388,8 @@ class Session:
             ServerGone: the instance did not come back within FAILOVER_TIMEOUT_S.
         """
         open_requests = [r for r in self._requests.values() if r.finished is None and r.error is None]
+        open_requests += [pending for pending, _ in self._unsent]  # from a failover before this one
+        self._unsent.clear()
         deadline = time.monotonic() + FAILOVER_TIMEOUT_S
         if self._reopen_scheduler(deadline):
             for pending in open_requests:  # the new scheduler never saw these; new ones go with the resubmits
@@ -385,7 +413,18 @@ class Session:
             except LlmosError as exc:  # e.g. no segment memory now: this request ends, the others go on
                 pending.error = exc
                 continue
-            pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, payload)
+            self._unsent.append((pending, payload))
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Send the resubmissions the window had no room for, while it has (lock held)."""
+        while self._unsent:
+            pending, payload = self._unsent[0]
+            try:
+                pending.txid = self._channel.request(MsgType.SCHED_SUBMIT, payload)
+            except WouldBlock:
+                return
+            self._unsent.popleft()
             self._requests[pending.txid] = pending
 
     def _reopen_scheduler(self, deadline: float) -> bool:
@@ -443,6 +482,7 @@ class Session:
             self._failover()
             return
         self._route(message)
+        self._send_unsent()
 
     def _route(self, message: Message) -> None:
         header = message.header
@@ -470,6 +510,13 @@ class Session:
         if request.finished is not None or request.error is not None:
             return
         with self._lock:
+            for i, (pending, _) in enumerate(self._unsent):
+                if pending is request:  # never resubmitted: it ends here
+                    del self._unsent[i]
+                    request.finished = P.Finished("cancelled", len(request.submit.prompt_ids), len(request.token_ids),
+                                                  request.submit.seed or 0, 0.0, 0.0, 0.0)
+                    self._release_prompt(request)
+                    return
             self._channel.send(MsgType.SCHED_CANCEL, P.pack(P.Cancel(request.txid)), flags=MsgFlag.WAKE)
 
 

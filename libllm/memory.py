@@ -132,7 +132,7 @@ class SessionMemory:
         when the memory server sees this connection end)."""
         try:
             self._free_segment(ref, FREE_TIMEOUT_S)
-        except LlmosError:
+        except (LlmosError, OSError):  # OSError: the connection was closed under us (a failover)
             pass
 
     # -- the end of a session or of its connection ---------------------------------------------

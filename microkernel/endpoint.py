@@ -167,6 +167,11 @@ class Channel:
             self._stash[header.txid] = message
         return True
 
+    def abandon(self, txid: int) -> None:
+        """Stop waiting for `txid`: its window slot frees now, and a late reply is dropped."""
+        if self._in_flight.pop(txid, _MISSING) is not _MISSING:
+            self._abandoned.add(txid)
+
     def call(self, type: int, payload: bytes | memoryview = b"", timeout: float | None = 10.0) -> Message:
         """Send a request and wait for its (final) reply.
 
@@ -181,8 +186,7 @@ class Channel:
             try:
                 message = self.receive(remaining)
             except Timeout:
-                self._in_flight.pop(txid, None)
-                self._abandoned.add(txid)
+                self.abandon(txid)
                 raise Timeout(f"no reply from {self.peer_name!r} to txid {txid} within {timeout} s") from None
             if not self.complete(message):
                 raise ProtocolError(f"{self.peer_name!r} answered txid {message.header.txid}, which nobody asked")
@@ -205,6 +209,9 @@ def raise_for_status(message: Message) -> None:
     except (msgspec.ValidationError, msgspec.DecodeError):
         text = ""
     raise error_from_status(message.header.status, text)
+
+
+_MISSING = object()
 
 
 @dataclass(slots=True)

@@ -5,8 +5,10 @@ memory server's lease, that also remembers which full blocks hold the KV of whic
 prefix, named by the chained 128-bit hash the memory server's cache uses too (`libllm.blockhash`).
 A block whose last holder lets go keeps its KV and its name and waits in an LRU list; it is
 handed out again by `match` (a later request with the same prefix: a preempted sequence
-coming back, a libllm failover resubmission, the n choices of one prompt, a shared system
-prompt) or, least recently used first, recycled by `allocate` when no block is free.
+coming back, the n choices of one prompt, a shared system prompt, a follow-up that repeats
+a conversation) or, least recently used first, recycled by `allocate` when no block is
+free. The cache lives and dies with the scheduler: after a scheduler restart, libllm's
+resubmissions compute their prefixes again.
 
 Why here and not through the memory server's own prefix cache: the scheduler holds every
 KV block the runners write (its lease) and plans every step, so looking a prompt up is a

@@ -41,8 +41,8 @@ class SchedulerConfig:
             clients not named get ``default_weight``.
         default_weight: "fair": the weight of a client not in ``client_weights``.
         prefix_caching: reuse the KV blocks of a prompt's longest computed prefix (when the
-            scheduler's BlockSource is a CachedBlocks), and let a request wait one step for
-            a prefix another request is computing right now, instead of computing it twice.
+            scheduler's BlockSource is a CachedBlocks), and let a request wait until a prefix
+            block another running request is computing is done, instead of computing it twice.
     """
 
     max_context: int

@@ -396,8 +396,12 @@ class Scheduler:
             return None, False
         if fresh and self._prefix is not None:
             bs = self.config.block_size
-            self._counters.num_prefix_lookup_tokens += (seq.num_tokens - 1) // bs * bs
-            self._counters.num_prefix_hit_tokens += seq.num_published * bs
+            reused = seq.num_published * bs
+            self._counters.num_reused_tokens += reused
+            if seq.num_preemptions == 0:  # H: a request's prompt, as it first arrives
+                looked_up = (seq.num_prompt_tokens - 1) // bs * bs
+                self._counters.num_prefix_lookup_tokens += looked_up
+                self._counters.num_prefix_hit_tokens += min(reused, looked_up)
         self._admit(seq)
         return chunk, False
 

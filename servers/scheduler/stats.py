@@ -59,9 +59,10 @@ class SchedulerStats:
     num_running_by_client: dict[str, int]
     num_waiting_with_kv: int  # descheduled sequences holding their blocks
     # H (DESIGN.md): prompt tokens served from the prefix cache / prompt tokens looked up.
-    num_prefix_lookup_tokens: int  # full-block prompt positions looked up at admissions
+    num_prefix_lookup_tokens: int  # full-block prompt positions looked up at first admissions
     num_prefix_hit_tokens: int  # of those, found cached (their KV was not computed again)
     prefix_hit_rate: float
+    num_reused_tokens: int  # every admission's cached positions, preempted ones coming back too
     # F, paged (DESIGN.md): allocated-but-unused token slots / allocated, over the blocks the
     # sequences hold now (a block shared by several counts once).
     num_kv_blocks_held: int
@@ -102,6 +103,7 @@ class Counters:
     num_finished_by_priority: Counter[int] = field(default_factory=Counter)
     num_prefix_lookup_tokens: int = 0
     num_prefix_hit_tokens: int = 0
+    num_reused_tokens: int = 0
 
     def record_delay(self, delay: int, priority: int = 0) -> None:
         self.num_delayed_seqs += 1
@@ -166,6 +168,7 @@ class Counters:
             num_prefix_lookup_tokens=self.num_prefix_lookup_tokens,
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
             prefix_hit_rate=self.num_prefix_hit_tokens / max(1, self.num_prefix_lookup_tokens),
+            num_reused_tokens=self.num_reused_tokens,
             num_kv_blocks_held=len(filled),
             num_kv_slots_filled=sum(filled.values()),
             paged_fragmentation=(slots - sum(filled.values())) / slots if slots else 0.0,

@@ -256,6 +256,8 @@ def test_n_completions_compute_the_prompt_once_and_equal_single_requests(instanc
                    for i in range(4)]
         with pytest.raises(libllm.InvalidRequest, match="n must"):
             session.submit_n(ONCE, 0)
+        with pytest.raises(libllm.InvalidRequest, match="seed"):  # refused whole: none of the three starts
+            session.submit_n(ONCE, 3, seed=2**64 - 2)
     assert [c.text for c in many] == [c.text for c in singles]
     assert len({c.text for c in many}) > 1 and [c.seed for c in many] == [11, 12, 13, 14]
     assert after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"] >= 3 * full

@@ -24,14 +24,13 @@ def instance(runtime: str, name: str, config: str) -> Iterator[str]:
     path = os.path.join(runtime, f"{name}.toml")
     Path(path).write_text(config)
     env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-    up = subprocess.run([*CLI, "up", "--detach", "--instance", name, "--config", path], env=env,
-                        capture_output=True, text=True, timeout=WAIT, check=False)
-    if up.returncode:
-        subprocess.run([*CLI, "down", "--instance", name], env=env, capture_output=True, timeout=WAIT, check=False)
-        raise RuntimeError(f"llmos up failed: {up.stdout}{up.stderr}".strip())
     previous = os.environ.get("LLMOS_RUNTIME_DIR")
-    os.environ["LLMOS_RUNTIME_DIR"] = runtime
-    try:
+    try:  # from `up` on: whatever ends this (an error, Ctrl-C, a timeout), `down` runs
+        up = subprocess.run([*CLI, "up", "--detach", "--instance", name, "--config", path], env=env,
+                            capture_output=True, text=True, timeout=WAIT, check=False)
+        if up.returncode:
+            raise RuntimeError(f"llmos up failed: {up.stdout}{up.stderr}".strip())
+        os.environ["LLMOS_RUNTIME_DIR"] = runtime
         yield name
     finally:
         if previous is None:

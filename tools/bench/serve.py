@@ -12,9 +12,9 @@ out; `--naive-requests` of the workload). Reported: the seed's metrics (T_s, Q, 
 L_s, L_r, B; DESIGN.md), TTFT, time per output token and end-to-end latency (p50/p99, per
 priority class and per policy), the ratios to the baselines, and the CPU the operating
 system spends outside the runners per generated token. `--json FILE` has every figure
-under stable names; `--plot DIR` writes PNG charts. With `--reps N` the baselines and the
-policies run N times interleaved, ratios as median [range]; other figures are the last
-repetition's.
+under stable names; `--plot DIR` writes PNG charts. With `--reps N` the in-process
+baseline and the policies run N times interleaved (the naive server once), ratios as
+median [range]; other figures are the last repetition's.
 """
 
 from __future__ import annotations

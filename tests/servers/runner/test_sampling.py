@@ -12,6 +12,7 @@ from servers.runner.model import Model, SeqChunk, generate
 from servers.runner.sampling import (
     GREEDY,
     SamplingParams,
+    _sample_batch,
     sample,
     sample_rows,
     splitmix64,
@@ -119,6 +120,10 @@ def test_the_batched_sampler_picks_what_sample_picks_row_by_row(data: st.DataObj
     positions = [data.draw(st.integers(0, 4096), f"position {i}") for i in range(num_rows)]
     expected = [sample(logits[i], params[i], positions[i]) for i in range(num_rows)]
     assert sample_rows(logits, params, positions).tolist() == expected
+    drawn = [i for i in range(num_rows) if not params[i].is_greedy]  # the batched form, whatever the count
+    if drawn:
+        batched = _sample_batch(logits[drawn], [params[i] for i in drawn], [positions[i] for i in drawn])
+        assert batched.tolist() == [expected[i] for i in drawn]
 
 
 def test_seeded_text_is_the_same_alone_and_in_a_batch(model: Model) -> None:

@@ -186,10 +186,12 @@ class Outcome:
 
 
 def check_writes_own_blocks(plan: StepPlan, blocks: Blocks, block_size: int) -> None:
-    """A step writes KV only into blocks its sequence holds alone (shared ones are read)."""
+    """A step writes KV only into blocks its sequence holds alone (shared ones are read): its
+    chunk's positions, and those a multi-step decode feeds its own tokens at."""
     if isinstance(blocks, CachedBlocks):
         for c in plan.chunks:
-            written = range(c.start_pos // block_size, (c.end_pos - 1) // block_size + 1)
+            last = c.end_pos - 1 + (c.num_steps - 1)
+            written = range(c.start_pos // block_size, last // block_size + 1)
             assert all(blocks.refcount(c.block_table[i]) == 1 for i in written), "wrote a shared block"
 
 
