@@ -192,13 +192,14 @@ class SchedulerServer(Server):
             ids = read_prompt(fetch, header, payload, self.endpoint.arena, self.info.vocab_size)
             inline = msgspec.structs.replace(fetch.submit, prompt_ids=ids, prompt_segment=None, num_prompt_ids=0)
             self.handle_submit(fetch.channel, Message(fetch.message.header, P.pack(inline)))
+            return
         except RemoteError as exc:
-            self._error(fetch.channel, self.backlogs.setdefault(fetch.channel.channel_id, deque()),
-                        fetch.message.header, exc.code, str(exc))
+            code, text = exc.code, str(exc)
         except Exception as exc:  # a bug here must not take the scheduler down
             log.exception("admitting a long prompt failed")
-            self._error(fetch.channel, self.backlogs.setdefault(fetch.channel.channel_id, deque()),
-                        fetch.message.header, ErrorCode.INTERNAL, f"internal error: {exc}")
+            code, text = ErrorCode.INTERNAL, f"internal error: {exc}"
+        self._error(fetch.channel, self.backlogs.setdefault(fetch.channel.channel_id, deque()), fetch.message.header,
+                    code, text)
 
     @staticmethod
     def _client_of(channel: Channel, submit: P.Submit) -> str:
