@@ -38,7 +38,7 @@ def up(instance: str | None, config_path: str | None, detach: bool) -> int:
         return 2
     if not detach:
         return supervisor.run(config, name, foreground=True)
-    argv = [sys.executable, "-m", "tools.supervisor", "--instance", name]
+    argv = [*supervisor.PYTHON, "-m", "tools.supervisor", "--instance", name]
     if config_path:
         argv += ["--config", config_path]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log

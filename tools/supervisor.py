@@ -40,6 +40,10 @@ from tools.cleanup import (
 from tools.config import Config, ServerSpec
 
 log = logging.getLogger("llmos.supervisor")
+# How llmos starts its own processes: -I keeps the current directory off sys.path, so an
+# installed llmos run from a checkout of its source imports itself, not the uncompiled tree
+# (and no PYTHON* variable of the user's changes what runs).
+PYTHON = [sys.executable, "-I"]
 TICK_S = 0.2
 MAX_BACKOFF_S = 8.0
 
@@ -181,7 +185,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         """Start one process and wait for its ready line (an event, with a timeout)."""
         with open(child.log_path, "a") as log_file:
-            proc = subprocess.Popen([sys.executable, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
+            proc = subprocess.Popen([*PYTHON, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
         assert proc.stdout is not None
         deadline = time.monotonic() + self.config.start_timeout_s
