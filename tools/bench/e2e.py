@@ -12,6 +12,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from microkernel.lifeline import exit_with_parent
 from tools.bench.instances import CLI, WAIT, instance
 from tools.bench.report import ratio, table, write_json
 from tools.config import servers_toml
@@ -49,8 +51,11 @@ def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
     return float(batch * max_pos / (time.perf_counter() - start))
 
 
-def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any) -> None:
+def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any,
+            parent_pid: int) -> None:
     import libllm
+
+    exit_with_parent(parent_pid, signal.SIGKILL)  # fork copied the parent's SIGTERM handler
 
     with libllm.connect(instance, timeout=WAIT) as session:
         barrier.wait(WAIT)
@@ -74,7 +79,7 @@ def instance_with(runtime: str, num_runners: int, pages: str) -> Iterator[tuple[
 def through_llmos(runtime: str, num_runners: int, num_clients: int, max_tokens: int, requests: int) -> float:
     with instance_with(runtime, num_runners, "32M") as (instance, _env):
         barrier, out = CTX.Barrier(num_clients), CTX.Queue()
-        workers = [CTX.Process(target=_client, args=(instance, i, max_tokens, requests, barrier, out))
+        workers = [CTX.Process(target=_client, args=(instance, i, max_tokens, requests, barrier, out, os.getpid()))
                    for i in range(num_clients)]
         for w in workers:
             w.start()

@@ -13,6 +13,8 @@ request makes exactly the tokens it makes through llmos.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from libllm.sampling import SamplingParams
+from microkernel.lifeline import exit_with_parent
 from servers.runner.model import Model, SeqChunk
 from tools.bench.e2e import CTX
 from tools.bench.serve_clients import ClientSpec, Record
@@ -121,9 +124,10 @@ def generate_one(model: Model, kv: np.ndarray, item: WorkItem, stop_ids: Collect
     return made, first
 
 
-def naive_server(items: Sequence[WorkItem], requests: Any, replies: Sequence[Any]) -> None:
+def naive_server(items: Sequence[WorkItem], requests: Any, replies: Sequence[Any], parent_pid: int) -> None:
     """The naive server's process: (slot, request index, sent) from `requests`, the answer to
     `replies[slot]` as (made, received, first_token, finished) times; None stops it."""
+    exit_with_parent(parent_pid, signal.SIGKILL)  # fork copied the parent's SIGTERM handler
     model = Model.load()
     stop_ids = stop_ids_of(model)
     kv = model.new_kv_pool(model.blocks_needed(model.config.seq_len))
@@ -160,7 +164,7 @@ def run_naive(items: Sequence[WorkItem], num_workers: int, open_loop: bool,
 
     requests = CTX.Queue()
     replies = [CTX.Queue() for _ in range(num_workers)]
-    server = CTX.Process(target=naive_server, args=(items, requests, replies), daemon=True)
+    server = CTX.Process(target=naive_server, args=(items, requests, replies, os.getpid()), daemon=True)
     server.start()
     try:
         with Harness(ClientSpec("naive", open_loop=open_loop), items, num_workers, (requests, replies)) as harness:

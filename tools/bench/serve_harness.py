@@ -10,13 +10,16 @@ has read the instance's figures (so its rings are still there to count), and exi
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+from microkernel.lifeline import exit_with_parent
 from tools.bench.e2e import CTX
 from tools.bench.instances import WAIT
 from tools.bench.serve_clients import Client, ClientSpec, Record, connect
@@ -42,6 +45,7 @@ class Harness:
         self.completed = CTX.Value("q", 0)
         self.out: Any = CTX.Queue()
         self.naive = naive
+        self.parent_pid = os.getpid()
         self.procs = [CTX.Process(target=self._work, args=(slot,), daemon=True) for slot in range(num_workers)]
 
     def __enter__(self) -> Harness:
@@ -124,6 +128,7 @@ class Harness:
         return index
 
     def _work(self, slot: int) -> None:
+        exit_with_parent(self.parent_pid, signal.SIGKILL)  # a benchmark killed outright leaves no worker behind
         records: list[Record] = []
         cpu = 0.0
         client = None
