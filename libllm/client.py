@@ -58,19 +58,8 @@ class Session:
 
     def __init__(self, endpoint: Endpoint, channel: Channel) -> None:
         self.instance = endpoint.instance
-        self._pid = os.getpid()
-        self._endpoint = endpoint
-        self._channel = channel
-        # Re-entrant: an abandoned stream's cleanup may run (from the garbage collector)
-        # while this very thread holds the lock.
-        self._lock = threading.RLock()
-        self._requests: dict[int, Pending] = {}
-        # Resubmissions a failover could not send yet (the channel's window was full): sent as
-        # replies free slots, each with its payload.
-        self._unsent: deque[tuple[Pending, bytes]] = deque()
+        self._use_connection(endpoint, channel)
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
-        # Shared tensors and long prompts' segments (its lock is taken after _lock, never before).
-        self._memory = SessionMemory(self.instance, self._endpoint)
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)
@@ -247,12 +236,23 @@ class Session:
         if self._pid == os.getpid():
             return
         endpoint = Endpoint.connect(self.instance, name=self._endpoint.name)
-        self._endpoint = endpoint
-        self._channel = endpoint.open_channel("scheduler", wait=True)
-        self._lock = threading.RLock()
-        self._requests = {}
-        self._memory = SessionMemory(self.instance, self._endpoint)
+        self._use_connection(endpoint, endpoint.open_channel("scheduler", wait=True))
+
+    def _use_connection(self, endpoint: Endpoint, channel: Channel) -> None:
+        """Start afresh on a connection of this process's own (at creation, or in a forked
+        child): nothing of another process's requests or segments comes along."""
         self._pid = os.getpid()
+        self._endpoint = endpoint
+        self._channel = channel
+        # Re-entrant: an abandoned stream's cleanup may run (from the garbage collector)
+        # while this very thread holds the lock.
+        self._lock = threading.RLock()
+        self._requests: dict[int, Pending] = {}
+        # Resubmissions a failover could not send yet (the channel's window was full): sent as
+        # replies free slots, each with its payload.
+        self._unsent: deque[tuple[Pending, bytes]] = deque()
+        # Shared tensors and long prompts' segments (its lock is taken after _lock, never before).
+        self._memory = SessionMemory(self.instance, endpoint)
 
     def close(self) -> None:
         """Free every shared tensor and prompt segment this session holds, then disconnect.

@@ -5,35 +5,24 @@ from __future__ import annotations
 import time
 
 from libllm import protocol as P
-from microkernel.endpoint import Channel, Endpoint
-from microkernel.errors import PeerGone
+from libllm.memory import SessionMemory
+from microkernel.endpoint import Endpoint
 from microkernel.messages import MsgType
 
 WAIT = 60.0
 
 
 class Memory:
-    """A test's own channel to the memory server, for its figures; opened again when a
-    test has restarted the memory server."""
+    """A test's own view of the memory server's figures, over libllm's memory-server side
+    (which opens its channel again after a test restarted the memory server)."""
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self._channel: Channel | None = None
+        self._memory = SessionMemory(endpoint.instance, endpoint)
 
     def stats(self) -> P.MemoryStatsReply:
-        for attempt in range(2):
-            if self._channel is None:
-                self._channel = self.endpoint.open_channel("memory", wait=True, timeout=WAIT)
-            try:
-                stats: P.MemoryStatsReply = P.unpack(self._channel.call(MsgType.MEM_STATS, timeout=WAIT).payload,
-                                                     P.MemoryStatsReply)
-                return stats
-            except PeerGone:
-                self.endpoint.drop_channel(self._channel.channel_id)
-                self._channel = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        stats: P.MemoryStatsReply = P.unpack(self._memory.call(MsgType.MEM_STATS, b"", WAIT).payload,
+                                             P.MemoryStatsReply)
+        return stats
 
 
 def used(memory: Memory) -> int:
