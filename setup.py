@@ -28,8 +28,9 @@ def find_extensions() -> list[Extension]:
                 Extension(
                     name,
                     [str(rel)],
-                    include_dirs=["microkernel/include", numpy.get_include()],
-                    extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-array-bounds"],
+                    include_dirs=["microkernel/include", "servers/runner/include", numpy.get_include()],
+                    extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-array-bounds", "-pthread"],
+                    extra_link_args=["-pthread"],
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
                     + ([("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []),
                 )

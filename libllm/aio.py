@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -62,11 +62,15 @@ class AsyncSession:
             self._changed.clear()
             await self._changed.wait()
 
-    async def generate(self, prompt: str, **kwargs: Any) -> Completion:
-        """As `Session.generate`; the loop runs other tasks while it waits."""
+    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+        """As `Session.generate` (text or token ids); the loop runs other tasks while it waits."""
         return await self._result(self.session.submit(prompt, **kwargs))
 
-    async def generate_n(self, prompt: str, n: int, **kwargs: Any) -> list[Completion]:
+    async def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Completion:
+        """As `Session.chat`: the reply to a conversation, through the model's chat template."""
+        return await self.generate(self.session.chat_ids(messages), **kwargs)
+
+    async def generate_n(self, prompt: str | Sequence[int], n: int, **kwargs: Any) -> list[Completion]:
         """As `Session.generate_n`: n completions of one prompt, computed together."""
         return [await self._result(r) for r in self.session.submit_n(prompt, n, **kwargs)]
 
@@ -76,10 +80,10 @@ class AsyncSession:
                 pass
         return request.result()
 
-    def submit(self, prompt: str, **kwargs: Any) -> Request:
+    def submit(self, prompt: str | Sequence[int], **kwargs: Any) -> Request:
         return self.session.submit(prompt, **kwargs)
 
-    async def stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
+    async def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[str]:
         """As `Session.stream`: text pieces as tokens arrive; leaving early cancels."""
         request = self.session.stream(prompt, **kwargs)
         done = False

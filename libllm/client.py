@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, SupportsIndex
 
@@ -24,6 +24,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from libllm import chat
 from libllm import protocol as P
 from libllm.memory import SessionMemory
 from libllm.request import Completion as Completion
@@ -70,10 +71,11 @@ class Session:
     def model_info(self) -> P.ModelInfo:
         return self.info
 
-    def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-                 timeout: float | None = None) -> Completion:
-        """Generate a continuation of `prompt` and return it whole.
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 priority: int = 0, timeout: float | None = None) -> Completion:
+        """Generate a continuation of `prompt` and return it whole. `prompt` is text (encoded
+        with the model's tokenizer) or token ids as they are (e.g. from `chat_ids`).
 
         Raises:
             InvalidRequest: a bad parameter (the message names it).  DeadlineExceeded: `timeout`
@@ -82,26 +84,27 @@ class Session:
         return self.submit(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=stop, priority=priority, timeout=timeout).result()
 
-    def submit(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-               timeout: float | None = None, tenant: str = "") -> Request:
+    def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+               priority: int = 0, timeout: float | None = None, tenant: str = "") -> Request:
         """Start a request and return its handle at once (`result()`, `cancel()`, iterate it).
         Many may be in flight per session; tokens arrive in batches (the client is woken at
         the end), which costs least. Same arguments and errors as `generate`."""
         return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, False,
                            tenant)
 
-    def stream(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-               timeout: float | None = None, tenant: str = "") -> Request:
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+               priority: int = 0, timeout: float | None = None, tenant: str = "") -> Request:
         """Like `submit`, but tokens are sent (and this process woken) as they are made:
         iterate the result for text pieces; `result()` after for the whole Completion."""
         return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True,
                            tenant)
 
-    def submit_n(self, prompt: str, n: int, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-                 timeout: float | None = None, stream: bool = False, tenant: str = "") -> list[Request]:
+    def submit_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 priority: int = 0, timeout: float | None = None, stream: bool = False,
+                 tenant: str = "") -> list[Request]:
         """`n` completions of one prompt, each its own Request, drawn with seeds seed, seed+1,
         ... (so they differ unless greedy). They share the prompt's KV: the scheduler
         computes its full blocks once and the others read them.
@@ -130,13 +133,30 @@ class Session:
             raise
         return started
 
-    def generate_n(self, prompt: str, n: int, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, priority: int = 0,
-                   timeout: float | None = None) -> list[Completion]:
+    def generate_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                   priority: int = 0, timeout: float | None = None) -> list[Completion]:
         """`n` whole completions of one prompt (see `submit_n`)."""
         requests = self.submit_n(prompt, n, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop=stop, priority=priority, timeout=timeout)
         return [r.result() for r in requests]
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Completion:
+        """The model's reply to a conversation: `generate(chat_ids(messages), **kwargs)`."""
+        return self.generate(self.chat_ids(messages), **kwargs)
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                 **template_kwargs: Any) -> list[int]:
+        """Prompt ids for a conversation (each message {"role", "content"}), through the
+        model's chat template (libllm/chat.py); a model without one gets "Role: content"
+        lines, then "Assistant:". `template_kwargs` reach the template (e.g. `enable_thinking`).
+
+        Raises:
+            InvalidRequest: a malformed message.  ChatTemplateError: the template refused
+            the conversation or failed (its message says why).
+        """
+        return chat.prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               **template_kwargs)
 
     def heartbeat(self) -> None:
         """Tell the kernel this process is alive (a supervised server's watchdog listens).
@@ -195,8 +215,8 @@ class Session:
         self._ensure_process()
         return self._memory.attach(handle, shape, dtype, timeout)
 
-    def _start(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-               seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
+    def _start(self, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_k: int,
+               top_p: float, seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
                stream: bool, tenant: str = "") -> Request:
         self._check_open()
         self._ensure_process()
@@ -279,10 +299,10 @@ class Session:
         if self.closed:
             raise PeerGone("this session is closed")
 
-    def _validate(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-                  seed: int | None, stop: list[str] | None, timeout: float | None) -> list[int]:
-        if not isinstance(prompt, str):
-            raise InvalidRequest(f"prompt must be a str, got {type(prompt).__name__}")
+    def _validate(self, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_k: int,
+                  top_p: float, seed: int | None, stop: list[str] | None, timeout: float | None) -> list[int]:
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Sequence, np.ndarray)):
+            raise InvalidRequest(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be a positive int, got {max_tokens!r}")
         if not 0.0 <= temperature <= 100.0:
@@ -297,11 +317,21 @@ class Session:
             raise InvalidRequest("stop must be a list of non-empty strings")
         if timeout is not None and timeout <= 0:
             raise InvalidRequest(f"timeout must be positive, got {timeout!r}")
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)
         if len(ids) >= self.info.context_length:
             raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of "
                                  f"{self.info.context_length} tokens")
         return ids
+
+    def _checked_ids(self, prompt: Sequence[int]) -> list[int]:
+        """A copy as plain ints (what a failover resubmits stays as it was asked)."""
+        if len(prompt) == 0:
+            raise InvalidRequest("prompt must hold at least one token id")
+        vocab_size = self.info.vocab_size
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
+                raise InvalidRequest(f"prompt[{i}] must be a token id, an int in [0, {vocab_size}), got {t!r}")
+        return [int(t) for t in prompt]
 
     def _call(self, type_: int, payload: bytes, timeout: float) -> Message:
         """A request to the scheduler whose reply is waited for; replies to requests in

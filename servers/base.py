@@ -114,6 +114,12 @@ class Server:
         for channel in list(self.endpoint.channels.values()):
             self._serve_channel(channel)
         self.on_idle()
+        self.heartbeat_if_due()
+
+    def heartbeat_if_due(self) -> None:
+        """Tell the kernel we are alive, at most every heartbeat_s. Long handlers (a runner's
+        multi-token step on a large model) call it between their parts, so a slow but working
+        server is never taken for a hung one."""
         now = time.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now

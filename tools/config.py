@@ -62,7 +62,7 @@ class MemorySection:
     block_tokens: int = 16  # token slots per KV block
     block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header
     model: str = ""  # model file whose header sizes a block ("" = the built-in model)
-    weights_bytes: int = -1  # shared dequantised weights (owner 0); -1: what the model needs
+    weights_bytes: int = 0  # a segment reserved for shared dequantised weights (owner 0); -1: what the model needs
     quota_blocks: int = 0  # per client; 0 = unlimited
     quota_segment_bytes: int = 0
     sweep_interval_s: float = 5.0
@@ -127,6 +127,23 @@ class SchedulerSection:
 
 
 @dataclass(slots=True, frozen=True)
+class RunnerSection:
+    """[runner]: how each runner process computes."""
+
+    # Threads per runner step. Results are the same bits for any count. One runner per core
+    # with one thread each keeps every core busy under load with no handoffs; more threads
+    # per runner make one stream (and prefill) faster at the same core count.
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 64:
+            raise ConfigError(f"runner.threads must be in 1..64, got {self.threads}")
+
+    def args(self) -> list[str]:
+        return [f"--threads={self.threads}"]
+
+
+@dataclass(slots=True, frozen=True)
 class GatewaySection:
     """[gateway]: where the HTTP front door listens and who may use it."""
 
@@ -159,6 +176,7 @@ class Config:
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     memory: MemorySection = field(default_factory=MemorySection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    runner: RunnerSection = field(default_factory=RunnerSection)
     gateway: GatewaySection = field(default_factory=GatewaySection)
     servers: tuple[ServerSpec, ...] = field(default_factory=default_servers)
 
@@ -186,7 +204,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    for section, cls in (("memory", MemorySection), ("scheduler", SchedulerSection), ("gateway", GatewaySection)):
+    sections = (("memory", MemorySection), ("scheduler", SchedulerSection), ("runner", RunnerSection),
+                ("gateway", GatewaySection))
+    for section, cls in sections:
         table = data.get(section, {})
         if isinstance(table, dict):
             extra = sorted(set(table) - {f.name for f in fields(cls)})

@@ -30,10 +30,14 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def up(instance: str | None, config_path: str | None, detach: bool) -> int:
+    from servers.runner.loaders import check_model, default_model_path
+
     name = I.instance_name(instance)
     try:
         config = load_config(config_path)
-    except ConfigError as exc:
+        check_model(config.memory.model or default_model_path())
+    except (ConfigError, ValueError, OSError) as exc:
+        # Refused before anything starts: nothing to clean up.
         print(f"llmos: {exc}", file=sys.stderr)
         return 2
     if not detach:

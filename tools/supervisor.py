@@ -161,7 +161,8 @@ class Supervisor:
             return self.config.gateway.args()
         if spec.module == "servers.runner":
             memory = self.config.memory
-            return [f"--block-tokens={memory.block_tokens}", *([f"--model={memory.model}"] if memory.model else [])]
+            return [f"--block-tokens={memory.block_tokens}", *self.config.runner.args(),
+                    *([f"--model={memory.model}"] if memory.model else [])]
         return []
 
     def _env(self) -> dict[str, str]:

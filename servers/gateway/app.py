@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front door: /v1/completions, /v1/chat/completions (plain and
 SSE), /v1/models, /health, /metrics. Runs inside the gateway process, itself a libllm
-client registered as "gateway" (the only peer whose tenant the scheduler believes).
+client registered as "gateway" (the only peer whose tenant the scheduler believes). Chat
+messages become prompt ids through the session's chat template (libllm/chat.py).
 Everything is validated here; errors use the OpenAI error shape.
 """
 
@@ -20,10 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from libllm.aio import AsyncSession
+from libllm.chat import ChatTemplateError
 from libllm.request import Completion
 from microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
 from servers.gateway.metrics import prometheus_text
-from servers.gateway.schemas import ChatBody, CompletionBody, chat_prompt
+from servers.gateway.schemas import ChatBody, CompletionBody
 
 
 @dataclass(slots=True)
@@ -92,7 +94,8 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
                            headers={"Retry-After": "1"})
         return max_tokens
 
-    async def run(prompt: str, body: CompletionBody | ChatBody, max_tokens: int, tenant: str) -> list[Completion]:
+    async def run(prompt: str | list[int], body: CompletionBody | ChatBody, max_tokens: int,
+                  tenant: str) -> list[Completion]:
         in_flight[0] += body.n
         try:
             return list(await asyncio.gather(*(
@@ -109,14 +112,14 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         finally:
             in_flight[0] -= body.n
 
-    def usage(prompt: str, done: list[Completion]) -> dict[str, int]:
+    def usage(done: list[Completion]) -> dict[str, int]:
         prompt_tokens = done[0].usage.prompt_tokens if done else 0
         completion_tokens = sum(c.usage.completion_tokens for c in done)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def sse(prompt: str, body: CompletionBody | ChatBody, max_tokens: int, tenant: str, kind: str,
-                  rid: str) -> AsyncIterator[str]:
+    async def sse(prompt: str | list[int], body: CompletionBody | ChatBody, max_tokens: int, tenant: str,
+                  kind: str, rid: str) -> AsyncIterator[str]:
         """One choice streamed as server-sent events; a client that goes away cancels it
         (Starlette cancels this generator, and leaving libllm's stream cancels the request)."""
         in_flight[0] += 1
@@ -158,12 +161,15 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _reason(c)}
                             for i, c in enumerate(done)],
-                "usage": usage(prompt, done)}
+                "usage": usage(done)}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody, request: Request) -> Response | dict[str, Any]:
         max_tokens = check(body)
-        prompt = chat_prompt(body.messages)
+        try:  # the tokenizer's own ids: the template's control tokens are special tokens, not text
+            prompt = session.session.chat_ids([m.model_dump() for m in body.messages])
+        except (ChatTemplateError, InvalidRequest) as exc:
+            raise ApiError(400, str(exc), param="messages") from None
         rid = "chatcmpl-" + secrets.token_hex(12)
         if body.stream:
             return StreamingResponse(sse(prompt, body, max_tokens, request.state.tenant, "chat.completion.chunk",
@@ -172,7 +178,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": _reason(c)} for i, c in enumerate(done)],
-                "usage": usage(prompt, done)}
+                "usage": usage(done)}
 
     return app
 

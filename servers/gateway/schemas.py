@@ -33,17 +33,16 @@ class CompletionBody(_Body):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
 
 
 class ChatBody(_Body):
+    # The model's chat template turns these into the prompt (libllm/chat.py).
     messages: list[ChatMessage] = Field(min_length=1)
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The template for models without one of their own: one line per message, "Role:
-    content", then "Assistant:" for the model to continue."""
-    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])

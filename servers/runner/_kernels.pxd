@@ -12,7 +12,14 @@ cdef enum:
     W_1 = 6
     W_2 = 7
     W_3 = 8
-    W_PER_LAYER = 9
+    W_Q_NORM = 9
+    W_K_NORM = 10
+    W_POST_ATT = 11
+    W_POST_FFN = 12
+    W_BQ = 13
+    W_BK = 14
+    W_BV = 15
+    W_PER_LAYER = 16
     MAX_LAYERS = 256
     MAX_HEAD = 256  # LLM_MAX_HEAD in the C of _kernels.pyx
 
@@ -20,15 +27,17 @@ cdef enum:
 cdef class Engine:
     # Set once in __init__ from the ModelConfig.
     cdef int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, vocab_size, seq_len
-    cdef int q_dim, kv_dim, halves
-    cdef float eps
+    cdef int q_dim, kv_dim, halves, gelu
+    cdef float eps, embed_scale, query_scale
     # Weights: raw pointers into arrays the engine keeps alive through `keep`.
     cdef const float *emb
     cdef const float *rms_final
     cdef const float *wcls
-    cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]
-    cdef float[:, ::1] rope_cos
-    cdef float[:, ::1] rope_sin
+    cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]  # NULL: the family has no such tensor
+    cdef int layer_window[MAX_LAYERS]  # 0: every position; else the sliding window's length
+    cdef int layer_rope[MAX_LAYERS]  # which rope table: 0 global, 1 local (sliding-window) layers
+    cdef float[:, :, ::1] rope_cos  # (n_tables, seq_len, head_size // 2)
+    cdef float[:, :, ::1] rope_sin
     cdef list keep
     # Scratch, grown by _grow; rows padded to a multiple of 4 for llm_matmul.
     cdef int scratch_rows

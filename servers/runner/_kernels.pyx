@@ -256,6 +256,19 @@ cdef extern from *:
         for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
     }
 
+    /* GELU, tanh form: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), which
+       is x * sigmoid(2u): the silu code path with our exp, no libm tanh. */
+    static inline llm_v4 llm_gelu_tanh4(llm_v4 v) {
+        llm_v4 u2 = llm_splat(1.5957691216057308f) * v * (llm_splat(1.0f) + llm_splat(0.044715f) * v * v);
+        return v * (llm_splat(1.0f) / (llm_splat(1.0f) + llm_exp4(-u2)));
+    }
+
+    /* hb[i] = gelu_tanh(hb[i]) * hb2[i], GeGLU as Gemma computes it. */
+    static void llm_geglu(float *hb, const float *hb2, int n) {
+        LLM_MAP4(hb, n, llm_gelu_tanh4);
+        for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
+    }
+
     /* Softmax's shared parts. The maximum is exact in any order: take it four lanes at a
        time. The finish exps from element i on by lanes of 4 (padding lanes add exact zeros)
        into acc, then adds the lanes in a fixed tree and divides: every SIMD level calls the
@@ -333,7 +346,7 @@ cdef extern from *:
 
     static inline __attribute__((always_inline))
     void llm_attend_impl(float *out, const float *q, const float *layer, const int *bt,
-                         int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                         int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
                          int group, const int hs, float *att, int att_stride)
     {
         const Py_ssize_t head = (Py_ssize_t)hs * bs;
@@ -342,36 +355,37 @@ cdef extern from *:
             for (int h = 0; h < group; h++) {
                 const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
                 float *ah = att + (Py_ssize_t)h * att_stride;
-                for (int b = 0, t = 0; t < n_pos; b++) {
+                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
                     const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
-                    const int m = n_pos - t < bs ? n_pos - t : bs;
-                    int s = 0;
+                    float *ab = ah + b * bs - first_pos;  /* score of slot s is ab[s] */
+                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
+                    int s = t - b * bs;
                     for (; s + 4 <= m; s += 4) {
                         llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
                         for (int d = 1; d < hs; d++)
                             acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
-                        llm_st(ah + t + s, acc);
+                        llm_st(ab + s, acc);
                     }
                     for (; s < m; s++) {
                         float acc = qh[0] * kt[s];
                         for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
-                        ah[t + s] = acc;
+                        ab[s] = acc;
                     }
-                    t += m;
+                    t = b * bs + m;
                 }
-                llm_softmax(ah, n_pos);
+                llm_softmax(ah, n_pos - first_pos);
                 /* out[d] = sum over t, in order, of p_t * V[t][d]; accumulators stay in
                    registers when hs is a compile-time constant (see llm_attend). */
                 llm_v4 acc[LLM_MAX_HEAD / 4];
                 float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 for (int d = 0; d < hs4; d += 4) acc[d / 4] = llm_splat(0.0f);
-                for (int b = 0, t = 0; t < n_pos; b++) {
+                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
                     const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
                                       + (Py_ssize_t)n_kv * head + g * head;
-                    const int m = n_pos - t < bs ? n_pos - t : bs;
-                    for (int s = 0; s < m; s++, t++) {
+                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
+                    for (int s = t - b * bs; s < m; s++, t++) {
                         const float *vp = vb + (Py_ssize_t)s * hs;
-                        const float a = ah[t];
+                        const float a = ah[t - first_pos];
                         const llm_v4 va = llm_splat(a);
                         for (int d = 0; d < hs4; d += 4) acc[d / 4] += va * llm_ld(vp + d);
                         for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
@@ -449,7 +463,7 @@ cdef extern from *:
     }
 
     LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *layer,
-                                      const int *bt, int n_pos, Py_ssize_t block_stride,
+                                      const int *bt, int first_pos, int n_pos, Py_ssize_t block_stride,
                                       int bs, int n_kv, int group, const int hs,
                                       float *att, int att_stride)
     {
@@ -460,41 +474,42 @@ cdef extern from *:
             for (int h = 0; h < group; h++) {
                 const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
                 float *ah = att + (Py_ssize_t)h * att_stride;
-                for (int b = 0, t = 0; t < n_pos; b++) {
+                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
                     const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
-                    const int m = n_pos - t < bs ? n_pos - t : bs;
-                    int s = 0;
+                    float *ab = ah + b * bs - first_pos;
+                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
+                    int s = t - b * bs;
                     for (; s + 8 <= m; s += 8) {
                         llm_v8 acc = llm_splat8(qh[0]) * llm_ld8(kt + s);
                         for (int d = 1; d < hs; d++)
                             acc += llm_splat8(qh[d]) * llm_ld8(kt + (Py_ssize_t)d * bs + s);
-                        llm_st8(ah + t + s, acc);
+                        llm_st8(ab + s, acc);
                     }
                     for (; s + 4 <= m; s += 4) {
                         llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
                         for (int d = 1; d < hs; d++)
                             acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
-                        llm_st(ah + t + s, acc);
+                        llm_st(ab + s, acc);
                     }
                     for (; s < m; s++) {
                         float acc = qh[0] * kt[s];
                         for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
-                        ah[t + s] = acc;
+                        ab[s] = acc;
                     }
-                    t += m;
+                    t = b * bs + m;
                 }
-                llm_softmax_avx2(ah, n_pos);
+                llm_softmax_avx2(ah, n_pos - first_pos);
                 llm_v8 acc8[LLM_MAX_HEAD / 8];
                 llm_v4 acc4 = llm_splat(0.0f);
                 float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 for (int d = 0; d < hs8; d += 8) acc8[d / 8] = llm_splat8(0.0f);
-                for (int b = 0, t = 0; t < n_pos; b++) {
+                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
                     const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
                                       + (Py_ssize_t)n_kv * head + g * head;
-                    const int m = n_pos - t < bs ? n_pos - t : bs;
-                    for (int s = 0; s < m; s++, t++) {
+                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
+                    for (int s = t - b * bs; s < m; s++, t++) {
                         const float *vp = vb + (Py_ssize_t)s * hs;
-                        const float a = ah[t];
+                        const float a = ah[t - first_pos];
                         const llm_v8 va = llm_splat8(a);
                         for (int d = 0; d < hs8; d += 8) acc8[d / 8] += va * llm_ld8(vp + d);
                         if (hs4 > hs8) acc4 += llm_splat(a) * llm_ld(vp + hs8);
@@ -511,71 +526,159 @@ cdef extern from *:
 
     __attribute__((target("avx2")))
     static void llm_attend_avx2(float *out, const float *q, const float *layer, const int *bt,
-                                int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                                int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
                                 int group, int hs, float *att, int att_stride)
     {
         switch (hs) {
         case 8:
-            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
+            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
             break;
         case 64:
-            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
+            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
             break;
         case 128:
-            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            break;
+        case 256:
+            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
             break;
         default:
-            llm_attend_avx2_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
         }
     }
     #endif
 
-    /* One row's attention at one layer. q holds the row's query heads, already scaled by
-       1/sqrt(head_size); layer points at this layer's page in block 0, and block b's page
-       is bt[b] * block_stride floats further. Per query head: scores for t = 0..n_pos-1
+    /* One row's attention at one layer. q holds the row's query heads, already scaled;
+       layer points at this layer's page in block 0, and block b's page is bt[b] *
+       block_stride floats further. Per query head: scores for t = first_pos..n_pos-1 (a
+       sliding window starts after 0; a row's window depends only on its position)
        (score t sums d = 0..hs-1 in order; slots go 8 (AVX2) or 4 to a vector and the rest
        through a scalar loop, all performing the same operations per score), a softmax,
        then V weighted and summed in order of t. Common head sizes get their own copy
        with hs constant, which changes the speed only. */
     static void llm_attend(float *out, const float *q, const float *layer, const int *bt,
-                           int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
+                           int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
                            int group, int hs, float *att, int att_stride)
     {
     #ifdef LLM_HAVE_AVX
         if (llm_simd_level > 1) {
-            llm_attend_avx2(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+            llm_attend_avx2(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
             return;
         }
     #endif
         switch (hs) {
         case 8:
-            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
+            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
             break;
         case 64:
-            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
+            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
             break;
         case 128:
-            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
+            break;
+        case 256:
+            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
             break;
         default:
-            llm_attend_impl(out, q, layer, bt, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
         }
+    }
+
+    /* Threads inside a step (llm_pool.h). Each output of a matmul is computed by exactly
+       one thread with the code one thread would run (columns [j0, j1) per thread, a fixed
+       partition), and each row's attention by one thread into its own scratch, so results
+       never depend on the thread count. Small products stay on the calling thread: waking
+       others costs more than they save. */
+    #include "llm_pool.h"
+    #define LLM_PAR_MIN_MACS (1 << 18)
+    static int llm_threads = 1;
+
+    typedef struct {
+        float *out; Py_ssize_t os; const float *x; Py_ssize_t xs; const float *w;
+        int n_rows, n_in, n_out;
+    } llm_matmul_job;
+
+    static void llm_matmul_share(void *p, int t, int n) {
+        const llm_matmul_job *j = (const llm_matmul_job *)p;
+        const int j0 = (int)((long long)j->n_out * t / n) & ~7;
+        const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~7;
+        if (j1 > j0)
+            llm_matmul(j->out + j0, j->os, j->x, j->xs, j->w + (Py_ssize_t)j0 * j->n_in,
+                       j->n_rows, j->n_in, j1 - j0);
+    }
+
+    static void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                               const float *w, int n_rows, int n_in, int n_out)
+    {
+        const int nt = llm_threads;
+        llm_matmul_job job = {out, os, x, xs, w, n_rows, n_in, n_out};
+        if (nt <= 1 || n_out < 16 * nt || (double)n_rows * n_in * n_out < LLM_PAR_MIN_MACS)
+            llm_matmul_share(&job, 0, 1);
+        else
+            llm_parallel(llm_matmul_share, &job, nt);
+    }
+
+    typedef struct {
+        float *out; Py_ssize_t os; const float *q; int qd; const float *layer; const int *bt;
+        int bt_width; const int *row_seq; const int *positions; int n, window;
+        Py_ssize_t block_stride; int bs, n_kv, group, hs; float *att; int att_stride, att_rows;
+    } llm_attend_job;
+
+    /* Thread t takes rows t, t + n, ...; its scores go to att + t * att_rows * att_stride. */
+    static void llm_attend_share(void *p, int t, int n) {
+        const llm_attend_job *j = (const llm_attend_job *)p;
+        float *att = j->att + (Py_ssize_t)t * j->att_rows * j->att_stride;
+        for (int r = t; r < j->n; r += n) {
+            const int pos = j->positions[r];
+            const int first = j->window && pos >= j->window ? pos + 1 - j->window : 0;
+            llm_attend(j->out + r * j->os, j->q + (Py_ssize_t)r * j->qd, j->layer,
+                       j->bt + j->row_seq[r] * j->bt_width, first, pos + 1, j->block_stride,
+                       j->bs, j->n_kv, j->group, j->hs, att, j->att_stride);
+        }
+    }
+
+    /* Every row's attention at one layer; a row at position p reads positions from
+       p + 1 - window on (0: all). */
+    static void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd,
+                                const float *layer, const int *bt, int bt_width,
+                                const int *row_seq, const int *positions, int n, int window,
+                                Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
+                                float *att, int att_stride, int att_rows)
+    {
+        llm_attend_job job = {out, os, q, qd, layer, bt, bt_width, row_seq, positions, n, window,
+                              block_stride, bs, n_kv, group, hs, att, att_stride, att_rows};
+        const int nt = llm_threads < n ? llm_threads : n;
+        if (nt <= 1)
+            llm_attend_share(&job, 0, 1);
+        else
+            llm_parallel(llm_attend_share, &job, nt);
     }
     """
     void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
     int llm_simd_level
     int llm_detect_simd() noexcept nogil
+    int llm_threads
+    int LLM_MAX_THREADS
+    void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                        const float *w, int n_rows, int n_in, int n_out) noexcept nogil
+    void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd, const float *layer,
+                         const int *bt, int bt_width, const int *row_seq, const int *positions,
+                         int n, int window, Py_ssize_t block_stride, int bs, int n_kv, int group,
+                         int hs, float *att, int att_stride, int att_rows) noexcept nogil
     float llm_sumsq(const float *x, int n) noexcept nogil
     void llm_swiglu(float *hb, const float *hb2, int n) noexcept nogil
-    void llm_attend(float *out, const float *q, const float *layer, const int *bt, int n_pos,
+    void llm_geglu(float *hb, const float *hb2, int n) noexcept nogil
+    void llm_attend(float *out, const float *q, const float *layer, const int *bt, int first_pos, int n_pos,
                     Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
                     float *att, int att_stride) noexcept nogil
     void llm_write_kv(float *page, const float *k, const float *v, int slot, int bs,
                       int n_kv, int hs) noexcept nogil
 
 
-LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
+# Slot order of _kernels.pxd's W_* enum; the last seven may be None (a family without them).
+LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
+                "q_norm", "k_norm", "post_att_norm", "post_ffn_norm", "bq", "bk", "bv")
 
 SIMD_LEVELS = ("sse", "avx", "avx2")
 llm_simd_level = llm_detect_simd()
@@ -584,6 +687,19 @@ llm_simd_level = llm_detect_simd()
 def simd_level() -> str:
     """The widest instruction set the kernels use in this process ("sse", "avx", "avx2")."""
     return SIMD_LEVELS[llm_simd_level]
+
+
+def threads() -> int:
+    """Threads a step uses in this process."""
+    return llm_threads
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads per step (results are the same bits for every ``n``)."""
+    global llm_threads
+    if not 1 <= n <= LLM_MAX_THREADS:
+        raise ValueError(f"threads must be in [1, {LLM_MAX_THREADS}], got {n}")
+    llm_threads = n
 
 
 def set_simd_level(level: str) -> None:
@@ -595,10 +711,31 @@ def set_simd_level(level: str) -> None:
     llm_simd_level = wanted
 
 
-cdef const float *_ptr(object array, list keep) except NULL:
+cdef const float *_ptr(object array, list keep) except? NULL:
+    # None (a tensor the family does not have) is NULL; the forward pass skips it.
+    if array is None:
+        return NULL
     cdef const float[::1] mv = array.reshape(-1)
     keep.append(mv)
     return &mv[0]
+
+
+cdef inline void _add_bias(float *y, const float *b, int n_rows, int width) noexcept nogil:
+    cdef int r, i
+    if b == NULL:
+        return
+    for r in range(n_rows):
+        for i in range(width):
+            y[r * width + i] += b[i]
+
+
+cdef inline void _head_norms(float *y, const float *w, int n_heads, int hs, float eps) noexcept nogil:
+    # Per-head RMSNorm in place (qwen3's and gemma3's q/k norms): each head its own row.
+    cdef int h
+    if w == NULL:
+        return
+    for h in range(n_heads):
+        _rmsnorm(y + h * hs, y + h * hs, w, hs, eps)
 
 
 cdef inline void _rmsnorm(float *out, const float *x, const float *w, int n, float eps) noexcept nogil:
@@ -655,6 +792,9 @@ cdef class Engine:
         self.kv_dim = config.kv_dim
         self.halves = 1 if config.rope_layout == "halves" else 0
         self.eps = <float>config.norm_eps
+        self.gelu = 1 if config.activation == "gelu_tanh" else 0
+        self.embed_scale = <float>config.embed_scale
+        self.query_scale = <float>config.scale_of_queries
         self.keep = []
         self.emb = _ptr(weights.tok_embeddings, self.keep)
         self.rms_final = _ptr(weights.rms_final, self.keep)
@@ -664,6 +804,12 @@ cdef class Engine:
             layer = weights.layers[l]
             for f in range(W_PER_LAYER):
                 self.layer_ptrs[l * W_PER_LAYER + f] = _ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
+            # A local layer reads the last `sliding_window` positions, with rope table 1.
+            local = config.is_local(l)
+            self.layer_window[l] = config.sliding_window if local else 0
+            self.layer_rope[l] = 1 if local else 0
+        if rope_cos.ndim != 3 or rope_cos.shape[0] < (2 if config.swa_pattern else 1):
+            raise ValueError("rope tables must be (n_tables, seq_len, head_size // 2)")
         self.rope_cos = rope_cos
         self.rope_sin = rope_sin
         self.scratch_rows = 0
@@ -701,6 +847,8 @@ cdef class Engine:
         cdef int n = tokens.shape[0]
         cdef int m_rows = logit_rows.shape[0]
         self._grow(max(n, m_rows))
+        if self.att.shape[0] < llm_threads * self.n_heads:  # scores: one set of heads per thread
+            self.att = np.zeros((llm_threads * self.n_heads, self.seq_len), np.float32)
         cdef int n4 = (n + 3) & ~3
         cdef int m4 = (m_rows + 3) & ~3
         cdef int dim = self.dim, hidden = self.hidden_dim, qd = self.q_dim, kvd = self.kv_dim
@@ -722,57 +870,74 @@ cdef class Engine:
         cdef const int *bt = &block_tables[0, 0]
         cdef const float **w
         cdef int r, l, i, pos, blk
-        cdef float inv_scale = <float>1.0 / sqrtf(<float>hs)
         cdef float *att = &self.att[0, 0]
         # Floats between one block and the next, and between one layer and the next.
         cdef Py_ssize_t block_stride = <Py_ssize_t>n_layers * 2 * block_size * kvd
         cdef Py_ssize_t layer_off = <Py_ssize_t>2 * block_size * kvd
+        cdef int window, tab
+        cdef float escale = self.embed_scale, qscale = self.query_scale
         with nogil:
             for r in range(n):
                 memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
+                if escale != <float>1.0:
+                    for i in range(dim):
+                        x[r * dim + i] = x[r * dim + i] * escale
             for l in range(n_layers):
                 w = &self.layer_ptrs[l * W_PER_LAYER]
+                window = self.layer_window[l]
+                tab = self.layer_rope[l]
                 for r in range(n):
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_ATT], dim, eps)
-                llm_matmul(q, qd, xb, xbs, w[W_Q], n4, dim, qd)
-                llm_matmul(k, kvd, xb, xbs, w[W_K], n4, dim, kvd)
-                llm_matmul(v, kvd, xb, xbs, w[W_V], n4, dim, kvd)
+                llm_matmul_par(q, qd, xb, xbs, w[W_Q], n4, dim, qd)
+                llm_matmul_par(k, kvd, xb, xbs, w[W_K], n4, dim, kvd)
+                llm_matmul_par(v, kvd, xb, xbs, w[W_V], n4, dim, kvd)
+                _add_bias(q, w[W_BQ], n, qd)
+                _add_bias(k, w[W_BK], n, kvd)
+                _add_bias(v, w[W_BV], n, kvd)
                 # Every row's K/V is in the pool before any row attends: a prefill chunk's
                 # row t then reads rows < t of the same chunk exactly as a decode would.
                 for r in range(n):
                     pos = positions[r]
+                    _head_norms(q + r * qd, w[W_Q_NORM], n_heads, hs, eps)
+                    _head_norms(k + r * kvd, w[W_K_NORM], n_kv, hs, eps)
                     _rope(q + r * qd, n_heads, hs, self.halves,
-                          &self.rope_cos[pos, 0], &self.rope_sin[pos, 0])
+                          &self.rope_cos[tab, pos, 0], &self.rope_sin[tab, pos, 0])
                     _rope(k + r * kvd, n_kv, hs, self.halves,
-                          &self.rope_cos[pos, 0], &self.rope_sin[pos, 0])
-                    # Fold the 1/sqrt(head_size) score scale into the query once.
+                          &self.rope_cos[tab, pos, 0], &self.rope_sin[tab, pos, 0])
+                    # Fold the score scale into the query once.
                     for i in range(qd):
-                        q[r * qd + i] = q[r * qd + i] * inv_scale
+                        q[r * qd + i] = q[r * qd + i] * qscale
                     blk = bt[row_seq[r] * bt_width + pos // block_size]
                     llm_write_kv(kvp + blk * block_stride + l * layer_off, k + r * kvd,
                                  v + r * kvd, pos % block_size, block_size, n_kv, hs)
+                llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
+                                &positions[0], n, window, block_stride, block_size, n_kv, group,
+                                hs, att, self.seq_len, n_heads)
+                llm_matmul_par(xb2, dim, xb, xbs, w[W_O], n4, qd, dim)
                 for r in range(n):
-                    llm_attend(xb + r * xbs, q + r * qd, kvp + layer_off * l,
-                               bt + row_seq[r] * bt_width, positions[r] + 1, block_stride,
-                               block_size, n_kv, group, hs, att, self.seq_len)
-                llm_matmul(xb2, dim, xb, xbs, w[W_O], n4, qd, dim)
-                for r in range(n):
+                    if w[W_POST_ATT] != NULL:
+                        _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_ATT], dim, eps)
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_FFN], dim, eps)
-                llm_matmul(hb, hidden, xb, xbs, w[W_1], n4, dim, hidden)
-                llm_matmul(hb2, hidden, xb, xbs, w[W_3], n4, dim, hidden)
+                llm_matmul_par(hb, hidden, xb, xbs, w[W_1], n4, dim, hidden)
+                llm_matmul_par(hb2, hidden, xb, xbs, w[W_3], n4, dim, hidden)
                 for r in range(n):
-                    llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
-                llm_matmul(xb2, dim, hb, hidden, w[W_2], n4, hidden, dim)
+                    if self.gelu:
+                        llm_geglu(hb + r * hidden, hb2 + r * hidden, hidden)
+                    else:
+                        llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
+                llm_matmul_par(xb2, dim, hb, hidden, w[W_2], n4, hidden, dim)
                 for r in range(n):
+                    if w[W_POST_FFN] != NULL:
+                        _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_FFN], dim, eps)
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
             # Classifier only for the rows that asked: gather their normed states first.
             for i in range(m_rows):
                 _rmsnorm(xb + i * xbs, x + logit_rows[i] * dim, self.rms_final, dim, eps)
             if m_rows:
-                llm_matmul(lg, vocab, xb, xbs, self.wcls, m4, dim, vocab)
+                llm_matmul_par(lg, vocab, xb, xbs, self.wcls, m4, dim, vocab)
             for i in range(m_rows):
                 memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
 

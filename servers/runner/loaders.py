@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-RopeLayout = Literal["adjacent", "halves"]
+from libllm.gguf_meta import TensorInfo, read_gguf
+from servers.runner.architectures import Activation, Architecture, RopeLayout, architecture
 
 # llama2.c's export.py: b"ak42" read as a little-endian uint32, then a version number.
 LLAMA2C_MAGIC = 0x616B3432
@@ -26,20 +27,19 @@ LLAMA2C_HEADER_BYTES = 256  # versioned headers are zero-padded to this size
 # loads of one row never straddle two tensors' lines and a shared segment maps cleanly.
 BUFFER_ALIGN = 64
 
-# GGUF architectures we run and the RoPE layout of their q/k rows. llama.cpp's converter
-# permutes HF's q/k rows for `llama`, so GGUF llama files use llama2.c's adjacent pairs
-# (ROPE_TYPE_NORM). A llama-shaped file whose rows were not permuted (HF "halves", GGML
-# ROPE_TYPE_NEOX) loads with load_model(..., rope_layout="halves").
-GGUF_ROPE_LAYOUTS: dict[str, RopeLayout] = {"llama": "adjacent"}
 
 
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
-    """The shape of a Llama-architecture model, as read from the file's header.
+    """The shape of a model and the switches of its family (architectures.py), as read from
+    the file's header.
 
     ``rope_layout`` names which dimensions RoPE rotates together inside a head:
     ``"adjacent"`` pairs (2i, 2i+1) as llama2.c and GGUF ``llama`` do, ``"halves"`` pairs
-    (i, i + head_size/2) as HF / GGML NEOX do.
+    (i, i + head_size/2) as HF / GGML NEOX do. ``query_scale`` multiplies every query
+    (0: 1/sqrt(head_size)). A layer that ``is_local`` attends to the last ``sliding_window``
+    positions only, with RoPE base ``rope_theta_local``; the others to every position with
+    ``rope_theta`` and positions times ``rope_freq_scale`` (linear scaling).
     """
 
     dim: int
@@ -54,6 +54,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_layout: RopeLayout = "adjacent"
     shared_classifier: bool = True
+    arch: str = "llama"
+    activation: Activation = "silu"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    embed_scale: float = 1.0
+    query_scale: float = 0.0
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    rope_theta_local: float = 10000.0
+    rope_freq_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +87,21 @@ class ModelConfig:
             raise ValueError(f"head_size {self.head_size} must be even for RoPE")
         if self.rope_layout not in ("adjacent", "halves"):
             raise ValueError(f"unknown rope_layout {self.rope_layout!r}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.sliding_window < 0 or self.swa_pattern < 0:
+            raise ValueError("sliding_window and swa_pattern must be >= 0")
+        if self.swa_pattern and not self.sliding_window:
+            raise ValueError("swa_pattern needs a sliding_window")
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window (llama.cpp's set_swa_pattern:
+        the last layer of every ``swa_pattern`` is global)."""
+        return self.swa_pattern > 0 and layer % self.swa_pattern < self.swa_pattern - 1
+
+    @property
+    def scale_of_queries(self) -> float:
+        return self.query_scale or 1.0 / float(np.sqrt(self.head_size))
 
     @property
     def q_dim(self) -> int:
@@ -88,7 +114,8 @@ class ModelConfig:
 
 @dataclass(slots=True, frozen=True)
 class LayerWeights:
-    """One transformer block; matrices are float32 (out, in), rows contiguous."""
+    """One transformer block; matrices are float32 (out, in), rows contiguous. The optional
+    tensors are there exactly when the family uses them (qk_norm, post_norms, qkv_bias)."""
 
     rms_att: np.ndarray  # (dim,)
     wq: np.ndarray  # (q_dim, dim)
@@ -99,6 +126,13 @@ class LayerWeights:
     w1: np.ndarray  # (hidden_dim, dim)  gate
     w2: np.ndarray  # (dim, hidden_dim)  down
     w3: np.ndarray  # (hidden_dim, dim)  up
+    q_norm: np.ndarray | None = None  # (head_size,) per-head RMSNorm of q, before RoPE
+    k_norm: np.ndarray | None = None  # (head_size,)
+    post_att_norm: np.ndarray | None = None  # (dim,)
+    post_ffn_norm: np.ndarray | None = None  # (dim,)
+    bq: np.ndarray | None = None  # (q_dim,)
+    bk: np.ndarray | None = None  # (kv_dim,)
+    bv: np.ndarray | None = None  # (kv_dim,)
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,6 +143,7 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     rms_final: np.ndarray  # (dim,)
     wcls: np.ndarray  # (vocab_size, dim); the same array as tok_embeddings when tied
+    rope_freqs: np.ndarray | None = None  # (head_size//2,) divisors of the RoPE frequencies (llama3)
     buffer: np.ndarray | None = field(default=None, compare=False)  # dequant buffer, if any
 
 
@@ -208,6 +243,27 @@ class _Plan:
         return arrays, flat
 
 
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config has (our names) with its (rows, cols) shape."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings": (c.vocab_size, c.dim),
+        "rms_final": (c.dim,),
+        "wcls": (c.vocab_size, c.dim),
+        "rope_freqs": (c.head_size // 2,),
+    }
+    for i in range(c.n_layers):
+        shapes |= {
+            f"{i}.rms_att": (c.dim,), f"{i}.wq": (c.q_dim, c.dim), f"{i}.wk": (c.kv_dim, c.dim),
+            f"{i}.wv": (c.kv_dim, c.dim), f"{i}.wo": (c.dim, c.q_dim), f"{i}.rms_ffn": (c.dim,),
+            f"{i}.w1": (c.hidden_dim, c.dim), f"{i}.w2": (c.dim, c.hidden_dim),
+            f"{i}.w3": (c.hidden_dim, c.dim), f"{i}.q_norm": (c.head_size,),
+            f"{i}.k_norm": (c.head_size,), f"{i}.post_att_norm": (c.dim,),
+            f"{i}.post_ffn_norm": (c.dim,), f"{i}.bq": (c.q_dim,), f"{i}.bk": (c.kv_dim,),
+            f"{i}.bv": (c.kv_dim,),
+        }
+    return shapes
+
+
 def _assemble(
     config: ModelConfig, arrays: dict[str, np.ndarray], buffer: np.ndarray | None
 ) -> Weights:
@@ -216,8 +272,13 @@ def _assemble(
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         a = arrays[name]
         if a.shape != shape:
+            if a.size != int(np.prod(shape)):
+                raise ValueError(f"tensor {name} has shape {a.shape}; the model's header implies {shape}")
             a = a.reshape(shape)  # e.g. a (1, n) norm vector; never copies a contiguous array
         return a
+
+    def opt(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        return get(name, shape) if name in arrays else None
 
     layers = tuple(
         LayerWeights(
@@ -230,6 +291,13 @@ def _assemble(
             w1=get(f"{i}.w1", (c.hidden_dim, c.dim)),
             w2=get(f"{i}.w2", (c.dim, c.hidden_dim)),
             w3=get(f"{i}.w3", (c.hidden_dim, c.dim)),
+            q_norm=opt(f"{i}.q_norm", (c.head_size,)),
+            k_norm=opt(f"{i}.k_norm", (c.head_size,)),
+            post_att_norm=opt(f"{i}.post_att_norm", (c.dim,)),
+            post_ffn_norm=opt(f"{i}.post_ffn_norm", (c.dim,)),
+            bq=opt(f"{i}.bq", (c.q_dim,)),
+            bk=opt(f"{i}.bk", (c.kv_dim,)),
+            bv=opt(f"{i}.bv", (c.kv_dim,)),
         )
         for i in range(c.n_layers)
     )
@@ -240,6 +308,7 @@ def _assemble(
         layers=layers,
         rms_final=get("rms_final", (c.dim,)),
         wcls=wcls,
+        rope_freqs=opt("rope_freqs", (c.head_size // 2,)),
         buffer=buffer,
     )
 
@@ -270,7 +339,7 @@ def _llama2c_plan(path: Path) -> tuple[ModelConfig, _Plan]:
 def _llama2c_config(dims: tuple[int, ...], shared: bool) -> ModelConfig:
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
-        raise ValueError(f"not a llama2.c checkpoint: header {dims}")
+        raise ValueError(f"not a model file: neither GGUF nor a llama2.c checkpoint (header {dims})")
     return ModelConfig(
         dim=dim,
         hidden_dim=hidden,
@@ -397,6 +466,9 @@ def _llama2c_v2(
 
 
 # --------------------------------------------------------------------------- GGUF
+# Per-layer GGUF tensor names (llama.cpp's llama-arch.cpp) -> ours; optional ones are read
+# when the family uses them and refused when it does not (a tensor we would ignore means
+# we would compute another model).
 _GGUF_NAMES = {
     "attn_norm": "rms_att",
     "attn_q": "wq",
@@ -408,83 +480,167 @@ _GGUF_NAMES = {
     "ffn_down": "w2",
     "ffn_up": "w3",
 }
-
-
-def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    """A scalar or array value from a GGUFReader, using only the long-stable parts/data API."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    values = [f.parts[i] for i in f.data]
-    decoded = [bytes(v).decode("utf-8") if v.dtype == np.uint8 else v.tolist()[0] for v in values]
-    is_array = len(f.types) > 1 or (f.types and int(f.types[0]) == 9)
-    return decoded if is_array else decoded[0]
+_GGUF_QK_NORM = {"attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
+_GGUF_POST_NORMS = {"post_attention_norm": "post_att_norm", "post_ffw_norm": "post_ffn_norm"}
+_GGUF_BIASES = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
 
 
 def _gguf_plan(path: Path, rope_layout: RopeLayout | None) -> tuple[ModelConfig, _Plan]:
-    import gguf  # imported here: a llama2.c-only runner never pays for it
+    contents = read_gguf(path)
+    meta, tensors = contents.metadata, contents.tensors
+    arch_name = meta.get("general.architecture")
+    if not isinstance(arch_name, str):
+        raise ValueError(f"{path}: no general.architecture key: not a GGUF model")
+    try:
+        family = architecture(arch_name)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    config = _gguf_config(path, meta, family, tensors, rope_layout)
 
-    reader = gguf.GGUFReader(path)
-    arch = gguf_field(reader, "general.architecture")
-    if arch not in GGUF_ROPE_LAYOUTS and rope_layout is None:
+    wanted = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "rms_final"}
+    if not config.shared_classifier:
+        wanted["output.weight"] = "wcls"
+    if "rope_freqs.weight" in tensors:
+        wanted["rope_freqs.weight"] = "rope_freqs"
+    per_layer = dict(_GGUF_NAMES)
+    if family.qk_norm:
+        per_layer |= _GGUF_QK_NORM
+    if family.post_norms:
+        per_layer |= _GGUF_POST_NORMS
+    for i in range(config.n_layers):
+        for g, ours in per_layer.items():
+            wanted[f"blk.{i}.{g}.weight"] = f"{i}.{ours}"
+        if family.qkv_bias:
+            for g, ours in _GGUF_BIASES.items():
+                wanted[f"blk.{i}.{g}.bias"] = f"{i}.{ours}"
+    unused = sorted(set(tensors) - set(wanted))
+    if unused:
         raise ValueError(
-            f"{path}: architecture {arch!r} is not supported "
-            f"(known: {sorted(GGUF_ROPE_LAYOUTS)}; pass rope_layout to force one)"
+            f"{path}: tensor {unused[0]} is not part of a {arch_name} model as llmos computes it"
         )
-    tensors = {t.name: t for t in reader.tensors}
-    for t in tensors:
-        if t.endswith(".bias"):
-            raise ValueError(f"{path}: tensor {t}: biases are not supported")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    plan = _Plan()
+    shapes = expected_shapes(config)
+    for gname, ours in wanted.items():
+        if gname not in tensors:
+            raise ValueError(f"{path}: missing tensor {gname}")
+        got = tuple(reversed(tensors[gname].shape))
+        if int(np.prod(got)) != int(np.prod(shapes[ours])) or (len(got) > 1 and got != shapes[ours]):
+            raise ValueError(
+                f"{path}: tensor {gname} has shape {got}; this {arch_name} model's header needs {shapes[ours]}"
+            )
+        _gguf_tensor(path, mm, plan, ours, tensors[gname])
+    return config, plan
+
+
+def _gguf_config(
+    path: Path,
+    meta: dict[str, Any],
+    family: Architecture,
+    tensors: dict[str, TensorInfo],
+    rope_layout: RopeLayout | None,
+) -> ModelConfig:
+    arch = family.name
 
     def key(name: str, default: Any = None) -> Any:
-        value = gguf_field(reader, f"{arch}.{name}", default)
+        value = meta.get(f"{arch}.{name}", default)
         if value is None:
             raise ValueError(f"{path}: missing GGUF key {arch}.{name}")
         return value
 
     dim = int(key("embedding_length"))
     n_heads = int(key("attention.head_count"))
-    emb = tensors["token_embd.weight"]
-    vocab = int(emb.shape[1]) if len(emb.shape) > 1 else 0
-    config = ModelConfig(
-        dim=dim,
-        hidden_dim=int(key("feed_forward_length")),
-        n_layers=int(key("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        vocab_size=vocab,
-        seq_len=int(key("context_length")),
-        head_size=int(key("attention.key_length", dim // n_heads)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_layout=rope_layout or GGUF_ROPE_LAYOUTS[arch],
-        shared_classifier="output.weight" not in tensors,
-    )
-    plan = _Plan()
-    wanted = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "rms_final"}
-    if not config.shared_classifier:
-        wanted["output.weight"] = "wcls"
-    for i in range(config.n_layers):
-        for g, ours in _GGUF_NAMES.items():
-            wanted[f"blk.{i}.{g}.weight"] = f"{i}.{ours}"
-    for gname, ours in wanted.items():
-        if gname not in tensors:
-            raise ValueError(f"{path}: missing tensor {gname}")
-        _gguf_tensor(plan, ours, tensors[gname], gguf)
-    return config, plan
+    head_size = int(key("attention.key_length", dim // max(n_heads, 1)))
+    if int(key("attention.value_length", head_size)) != head_size:
+        raise ValueError(f"{path}: key and value head sizes differ")
+    if int(key("rope.dimension_count", head_size)) != head_size:
+        raise ValueError(f"{path}: RoPE over part of a head is not supported")
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise ValueError(f"{path}: missing tensor token_embd.weight")
+    n_kv = key("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):
+        raise ValueError(f"{path}: per-layer KV head counts are not supported")
+    window = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 0) or 0
+    if isinstance(pattern, list):
+        raise ValueError(f"{path}: per-layer sliding-window flags are not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if scaling not in ("none", "linear") and factor != 1.0:
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
+    try:
+        return ModelConfig(
+            dim=dim,
+            hidden_dim=int(key("feed_forward_length")),
+            n_layers=int(key("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            vocab_size=int(emb.shape[1]) if len(emb.shape) > 1 else 0,
+            seq_len=int(key("context_length")),
+            head_size=head_size,
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_layout=rope_layout or family.rope_layout,
+            shared_classifier="output.weight" not in tensors,
+            arch=arch,
+            activation=family.activation,
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
+            post_norms=family.post_norms,
+            embed_scale=float(np.sqrt(np.float32(dim))) if family.embed_scale_sqrt_dim else 1.0,
+            sliding_window=window if family.swa_pattern else 0,
+            swa_pattern=(int(pattern) or family.swa_pattern) if window else 0,
+            rope_theta_local=family.rope_base_local,
+            rope_freq_scale=1.0 / factor if scaling == "linear" else 1.0,
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
-def _gguf_tensor(plan: _Plan, name: str, t: Any, gguf: Any) -> None:
+# Stored types we compute with, dequantised to float32 once, at load: F16 and BF16 here,
+# the block formats through gguf's reference dequantisers.
+_DEQUANTISABLE = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+
+
+def _gguf_tensor(path: Path, mm: np.ndarray, plan: _Plan, name: str, t: TensorInfo) -> None:
+    import gguf  # imported here: a llama2.c-only runner never pays for it
+
     # GGUF lists dimensions innermost first; ours are (rows, cols) like PyTorch.
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    qtype = t.tensor_type
+    shape = tuple(reversed(t.shape))
+    count = int(np.prod(shape))
+    try:
+        qtype = gguf.GGMLQuantizationType(t.ggml_type)
+    except ValueError:
+        raise ValueError(f"{path}: tensor {t.name} has unknown GGML type {t.ggml_type}") from None
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if count % block or (shape and shape[-1] % block):
+        raise ValueError(f"{path}: tensor {t.name} of {qtype.name} has rows of {shape[-1]} values, not whole blocks")
+    nbytes = count // block * block_bytes
+    if t.offset + nbytes > mm.size:
+        raise ValueError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
+    raw = mm[t.offset : t.offset + nbytes]
     if qtype == gguf.GGMLQuantizationType.F32:
-        plan.add_ready(name, np.asarray(t.data).reshape(shape))
+        plan.add_ready(name, raw.view(np.float32).reshape(shape))
         return
-    data = t.data
+    if qtype == gguf.GGMLQuantizationType.F16:
+        half = raw.view(np.float16)
+        plan.add_deferred(name, shape, lambda out: np.copyto(out.reshape(-1), half, casting="safe"))
+        return
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        bf16 = raw.view(np.uint16)
+
+        def widen(out: np.ndarray) -> None:
+            out.reshape(-1).view(np.uint32)[...] = bf16.astype(np.uint32) << 16
+
+        plan.add_deferred(name, shape, widen)
+        return
+    if qtype.name not in _DEQUANTISABLE:
+        raise ValueError(f"{path}: tensor {t.name} has type {qtype.name}, which llmos does not compute")
+    rows = raw.reshape(-1, shape[-1] // block * block_bytes)
 
     def fill(out: np.ndarray) -> None:
-        out[...] = gguf.quants.dequantize(np.asarray(data), qtype).reshape(shape)
+        out.reshape(rows.shape[0], -1)[...] = gguf.quants.dequantize(np.asarray(rows), qtype)
 
     plan.add_deferred(name, shape, fill)
 
@@ -494,7 +650,11 @@ def _plan(path: Path, rope_layout: RopeLayout | None) -> tuple[str, ModelConfig,
     if is_gguf(path):
         config, plan = _gguf_plan(path, rope_layout)
         return "gguf", config, plan
-    config, plan = _llama2c_plan(path)
+    try:
+        config, plan = _llama2c_plan(path)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     if rope_layout is not None and rope_layout != config.rope_layout:
         config = _replace_layout(config, rope_layout)
     return "llama2c", config, plan
@@ -509,6 +669,29 @@ def _replace_layout(config: ModelConfig, rope_layout: RopeLayout) -> ModelConfig
 def read_config(path: str | Path) -> ModelConfig:
     """The model's shape from its header, without touching the weights (sizes the KV region)."""
     return _plan(Path(path), None)[1]
+
+
+def check_model(path: str | Path) -> ModelConfig:
+    """Everything ``load_model`` checks (format, family, every tensor's presence, type and
+    shape, the file's length) without reading or dequantising a weight: for refusing a bad
+    model before an instance starts.
+
+    Raises:
+        ValueError: what is wrong, naming the file.  OSError: the file cannot be read.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such model file")
+    _, config, plan = _plan(p, None)
+    # Zero-stride stand-ins for the tensors a load would dequantise: shapes, no memory.
+    arrays = dict(plan.ready)
+    for name, (shape, _) in plan.deferred.items():
+        arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
+    try:
+        _assemble(config, arrays, None)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+    return config
 
 
 def dequantised_nbytes(path: str | Path) -> int:
@@ -543,7 +726,10 @@ def load_model(
     p = Path(path)
     fmt, config, plan = _plan(p, rope_layout)
     arrays, flat = plan.realise(buffer, fill)
-    weights = _assemble(config, arrays, flat)
+    try:
+        weights = _assemble(config, arrays, flat)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
     return LoadedModel(
         path=p,
         format=fmt,  # type: ignore[arg-type]

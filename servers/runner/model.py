@@ -15,21 +15,16 @@ every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from servers.runner._kernels import Engine, pack_chunks
-from servers.runner.loaders import (
-    LoadedModel,
-    ModelConfig,
-    RopeLayout,
-    default_model_path,
-    load_model,
-)
+from servers.runner._kernels import Engine, pack_chunks, set_threads
+from servers.runner.architectures import RopeLayout
+from servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
 from servers.runner.sampling import SamplingParams, sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
@@ -67,31 +62,49 @@ class StepOutput:
     token_ids: np.ndarray  # (n_chunks,) int32
 
 
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of ``pos * theta**(-2j/head_size)``, shape (seq_len, head_size // 2).
+def rope_tables(
+    config: ModelConfig, freq_divisors: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of ``pos * theta**(-2j/head_size)``, shape (n_tables, seq_len, head_size // 2).
 
-    As llama2.c's run.c: a float32 frequency times a float32 position, then cos/sin. The
-    transcendentals run in float64 and round once to float32, so the table does not depend
-    on which SIMD variant of a float32 cos numpy picks on a machine.
+    Table 0 serves the global layers (``rope_theta``, times ``rope_freq_scale``, divided by
+    the file's ``rope_freqs`` when it has them: llama3's scaling); table 1, present when the
+    model has sliding-window layers, serves those (``rope_theta_local``, unscaled), as
+    llama.cpp does. As llama2.c's run.c: a float32 frequency times a float32 position, then
+    cos/sin. The transcendentals run in float64 and round once to float32, so the table does
+    not depend on which SIMD variant of a float32 cos numpy picks on a machine.
     """
     half = config.head_size // 2
     exponent = np.arange(half, dtype=np.float64) * 2.0 / config.head_size
-    freq = (1.0 / np.power(float(config.rope_theta), exponent)).astype(np.float32)
-    angles = np.arange(config.seq_len, dtype=np.float32)[:, None] * freq[None, :]
-    angles64 = angles.astype(np.float64)
-    return np.cos(angles64).astype(np.float32), np.sin(angles64).astype(np.float32)
+    positions = np.arange(config.seq_len, dtype=np.float32)[:, None]
+
+    def table(theta: float, scale: float, divisors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        freq = 1.0 / np.power(float(theta), exponent) * scale
+        if divisors is not None:
+            freq = freq / divisors.astype(np.float64)
+        angles64 = (positions * freq.astype(np.float32)[None, :]).astype(np.float64)
+        return np.cos(angles64).astype(np.float32), np.sin(angles64).astype(np.float32)
+
+    tables = [table(config.rope_theta, config.rope_freq_scale, freq_divisors)]
+    if config.swa_pattern:
+        tables.append(table(config.rope_theta_local, 1.0, None))
+    return np.stack([c for c, _ in tables]), np.stack([s for _, s in tables])
 
 
 class Model:
     """A loaded model plus its compiled kernels. ``step`` is the whole compute API."""
 
-    def __init__(self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if threads is not None:
+            set_threads(threads)  # per process: a runner computes one model
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.block_size = block_size
-        cos, sin = rope_tables(self.config)
+        cos, sin = rope_tables(self.config, loaded.weights.rope_freqs)
         self._engine = Engine(self.config, loaded.weights, cos, sin)
 
     @classmethod
@@ -103,12 +116,14 @@ class Model:
         buffer: Any = None,
         fill: bool = True,
         rope_layout: RopeLayout | None = None,
+        threads: int | None = None,
     ) -> Model:
-        """Load ``path`` (default: the shipped stories260K); see loaders.load_model."""
+        """Load ``path`` (default: the shipped stories260K); see loaders.load_model.
+        ``threads`` sets this process's threads per step (None: leave as is)."""
         loaded = load_model(
             path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout
         )
-        return cls(loaded, block_size=block_size)
+        return cls(loaded, block_size=block_size, threads=threads)
 
     def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
         c = self.config
@@ -191,10 +206,12 @@ def run_steps(
     num_steps: Sequence[int],
     kv: np.ndarray,
     stop_ids: Collection[int],
+    between: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """One scheduler step: compute ``chunks``, then keep decoding each chunk that asked for
     ``num_steps`` > 1 tokens, feeding back its last token, until it has that many or samples
     a stop id (kept as its last token). Returns the tokens per chunk ([] where none wanted).
+    ``between`` runs after every inner step (the runner heartbeats there).
 
     Each inner step is an ordinary batched step, so every token is bit-identical to what
     one-token steps would give (batch invariance, (seed, position) sampling).
@@ -203,6 +220,8 @@ def run_steps(
     made = [[int(t)] if c.wants_logits else [] for c, t in zip(chunks, first.token_ids, strict=True)]
     alive = [i for i, c in enumerate(chunks) if made[i] and num_steps[i] > 1 and made[i][0] not in stop_ids]
     while alive:
+        if between is not None:
+            between()
         step = [
             SeqChunk(chunks[i].block_table, chunks[i].end_pos + len(made[i]) - 1, (made[i][-1],),
                      sampling=chunks[i].sampling)

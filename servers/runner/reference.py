@@ -1,4 +1,7 @@
-"""A plain numpy Llama with contiguous KV: the benchmark's baseline and a test oracle.
+"""A plain numpy forward pass with contiguous KV: the benchmark's baseline and a test oracle.
+
+Computes every family architectures.py describes (norms, activations, biases, q/k norms,
+sliding windows) from the same ModelConfig switches, written the obvious way.
 
 Runs in benchmarks and tests only, never in a serving runner: numpy matmul sums in an order
 that depends on the batch shape, so its logits move (~1e-5) with the batch size. It owns its
@@ -23,8 +26,8 @@ class NumpyLlama:
         self.w = loaded.weights
         self.batch = batch
         self.max_pos = max_pos
-        cos, sin = rope_tables(c)
-        self.cos, self.sin = cos[:max_pos], sin[:max_pos]
+        cos, sin = rope_tables(c, loaded.weights.rope_freqs)
+        self.cos, self.sin = cos[:, :max_pos], sin[:, :max_pos]
         shape = (c.n_layers, batch, c.n_kv_heads, max_pos, c.head_size)
         self.k_cache = np.zeros(shape, np.float32)
         self.v_cache = np.zeros(shape, np.float32)
@@ -34,7 +37,11 @@ class NumpyLlama:
                 name: np.ascontiguousarray(getattr(lw, name).T)
                 for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
             }
-            | {"rms_att": lw.rms_att, "rms_ffn": lw.rms_ffn}
+            | {
+                name: getattr(lw, name)
+                for name in ("rms_att", "rms_ffn", "q_norm", "k_norm", "post_att_norm",
+                             "post_ffn_norm", "bq", "bk", "bv")
+            }
             for lw in self.w.layers
         ]
         self.wcls_t = np.ascontiguousarray(self.w.wcls.T)
@@ -46,9 +53,9 @@ class NumpyLlama:
         out: np.ndarray = weight * (x / np.sqrt(ss))
         return out
 
-    def _rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def _rope(self, x: np.ndarray, pos: int, table: int) -> np.ndarray:
         # x: (B, heads, head_size)
-        c, s = self.cos[pos], self.sin[pos]
+        c, s = self.cos[table, pos], self.sin[table, pos]
         if self.config.rope_layout == "adjacent":
             x0, x1 = x[..., 0::2], x[..., 1::2]
         else:
@@ -68,25 +75,42 @@ class NumpyLlama:
         c = self.config
         B, H, KV, hs = len(tokens), c.n_heads, c.n_kv_heads, c.head_size
         group = H // KV
-        x = self.w.tok_embeddings[tokens].astype(np.float32)
-        scale = np.float32(1.0 / np.sqrt(hs))
+        x = self.w.tok_embeddings[tokens].astype(np.float32) * np.float32(c.embed_scale)
+        scale = np.float32(c.scale_of_queries)
         for li, lw in enumerate(self.layers):
+            local = c.is_local(li)
+            table = 1 if local else 0
             xb = self._rmsnorm(x, lw["rms_att"])
-            q = self._rope((xb @ lw["wq"]).reshape(B, H, hs), pos)
-            k = self._rope((xb @ lw["wk"]).reshape(B, KV, hs), pos)
+            q, k, v = xb @ lw["wq"], xb @ lw["wk"], xb @ lw["wv"]
+            if lw["bq"] is not None:
+                q, k, v = q + lw["bq"], k + lw["bk"], v + lw["bv"]
+            q, k = q.reshape(B, H, hs), k.reshape(B, KV, hs)
+            if lw["q_norm"] is not None:
+                q, k = self._rmsnorm(q, lw["q_norm"]), self._rmsnorm(k, lw["k_norm"])
+            q, k = self._rope(q, pos, table), self._rope(k, pos, table)
             self.k_cache[li, :B, :, pos] = k
-            self.v_cache[li, :B, :, pos] = (xb @ lw["wv"]).reshape(B, KV, hs)
-            keys = self.k_cache[li, :B, :, : pos + 1]  # (B, KV, T, hs)
-            values = self.v_cache[li, :B, :, : pos + 1]
+            self.v_cache[li, :B, :, pos] = v.reshape(B, KV, hs)
+            first = max(0, pos + 1 - c.sliding_window) if local else 0
+            keys = self.k_cache[li, :B, :, first : pos + 1]  # (B, KV, T, hs)
+            values = self.v_cache[li, :B, :, first : pos + 1]
             qg = q.reshape(B, KV, group, hs)
             scores = (qg @ keys.transpose(0, 1, 3, 2)) * scale  # (B, KV, group, T)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
-            att = (scores @ values).reshape(B, H * hs)
-            x = x + att @ lw["wo"]
+            att = (scores @ values).reshape(B, H * hs) @ lw["wo"]
+            if lw["post_att_norm"] is not None:
+                att = self._rmsnorm(att, lw["post_att_norm"])
+            x = x + att
             xb = self._rmsnorm(x, lw["rms_ffn"])
             h1 = xb @ lw["w1"]
-            h = (h1 / (np.float32(1.0) + np.exp(-h1))) * (xb @ lw["w3"])
-            x = x + h @ lw["w2"]
+            if c.activation == "gelu_tanh":
+                u = np.float32(np.sqrt(2.0 / np.pi)) * (h1 + np.float32(0.044715) * h1**3)
+                gate = np.float32(0.5) * h1 * (np.float32(1.0) + np.tanh(u))
+            else:
+                gate = h1 / (np.float32(1.0) + np.exp(-h1))
+            ffn = (gate * (xb @ lw["w3"])) @ lw["w2"]
+            if lw["post_ffn_norm"] is not None:
+                ffn = self._rmsnorm(ffn, lw["post_ffn_norm"])
+            x = x + ffn
         logits: np.ndarray = self._rmsnorm(x, self.w.rms_final) @ self.wcls_t
         return logits

@@ -34,9 +34,10 @@ log = logging.getLogger("llmos.runner")
 class RunnerServer(Server):
     name = "runner.0"
 
-    def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None) -> None:
+    def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None,
+                 threads: int = 1) -> None:
         # Load first, register after: once the name is taken, the scheduler may send steps.
-        self.model = Model.load(model_path, block_size=block_tokens)
+        self.model = Model.load(model_path, block_size=block_tokens, threads=threads)
         super().__init__(instance, name=name, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,
@@ -72,7 +73,8 @@ class RunnerServer(Server):
             raise InvalidRequest(f"bad Step payload: {exc}") from None
         chunks = [self._chunk(c) for c in step.chunks]
         started = time.perf_counter()
-        made = run_steps(self.model, chunks, [c.num_steps for c in step.chunks], self.kv, self.stop_ids)
+        made = run_steps(self.model, chunks, [c.num_steps for c in step.chunks], self.kv, self.stop_ids,
+                         between=self.heartbeat_if_due)
         elapsed = time.perf_counter() - started
         self.num_steps += 1
         self.busy_s += elapsed

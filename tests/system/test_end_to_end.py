@@ -154,6 +154,36 @@ def test_bad_requests_are_refused_with_the_field_named(instance: str) -> None:
         assert session.generate("Zoo", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_token_id_prompts_equal_their_texts(instance: str) -> None:
+    with libllm.connect(instance) as session:
+        ids = session.tokenizer.encode("Zoo")
+        whole = session.generate("Zoo", max_tokens=30)
+        again = session.generate(ids, max_tokens=30)
+        assert (again.text, again.token_ids, again.usage) == (whole.text, whole.token_ids, whole.usage)
+        assert session.generate(tuple(ids), max_tokens=30).text == whole.text
+        assert "".join(session.stream(ids, max_tokens=30)) == whole.text
+        assert [c.text for c in session.generate_n(ids, 2, max_tokens=30)] == [whole.text] * 2  # greedy
+        assert session.submit(ids, max_tokens=30, stop=["Lily"]).result().text == " was a little girl named "
+        vocab = session.model_info().vocab_size
+        for bad, words in [([], "at least one"), ([1, vocab], r"prompt\[1\]"), ([-1], r"prompt\[0\]"),
+                           ([1, True], r"prompt\[1\]"), ([1.0], "token id"), (b"Zoo", "str or a list"),
+                           ([1] * 600, "context")]:
+            with pytest.raises(libllm.InvalidRequest, match=words):
+                session.generate(bad, max_tokens=3)  # type: ignore[arg-type]
+
+
+def test_chat_without_a_template_is_role_lines(instance: str) -> None:
+    messages = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A dog"}]
+    with libllm.connect(instance) as session:
+        assert session.tokenizer.chat_template is None  # the built-in model has none
+        lines = "System: Tell stories.\nUser: A dog\nAssistant:"
+        assert session.chat_ids(messages) == session.tokenizer.encode(lines)
+        replied, expected = session.chat(messages, max_tokens=20), session.generate(lines, max_tokens=20)
+        assert (replied.text, replied.usage) == (expected.text, expected.usage)
+        with pytest.raises(libllm.InvalidRequest, match="role"):
+            session.chat([{"content": "A dog"}])
+
+
 def test_without_an_instance_connect_says_how_to_start_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(libllm.KernelUnavailable, match="llmos up"):
@@ -316,6 +346,8 @@ def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
             async for _ in session.stream("Once upon a time", max_tokens=300):
                 break  # leaving early cancels it
             choices = await session.generate_n("Zoo", 3, max_tokens=20)
+            replied = await session.chat([{"role": "user", "content": "Zoo"}], max_tokens=20)
+            assert replied.text == session.session.chat([{"role": "user", "content": "Zoo"}], max_tokens=20).text
             return ([t.text for t in texts], "".join(pieces), (await session.generate("Zoo", max_tokens=20)).text,
                     [c.text for c in choices])
 

@@ -76,7 +76,10 @@ def run_clients(instance: str, kill: object) -> tuple[list[str], list[int], floa
         sampling = {} if i % 2 == 0 else {"temperature": 0.8, "seed": 500 + i}
         with libllm.connect(instance) as session:
             pieces = []
-            stream = session.stream(PROMPTS[i % len(PROMPTS)], max_tokens=150, timeout=WAIT, **sampling)
+            prompt: str | list[int] = PROMPTS[i % len(PROMPTS)]
+            if i % 4 == 1:  # some as token ids: resubmitted the same way
+                prompt = session.tokenizer.encode(prompt)
+            stream = session.stream(prompt, max_tokens=150, timeout=WAIT, **sampling)
             it = iter(stream)
             pieces.append(next(it))
             started.wait(WAIT)

@@ -79,6 +79,25 @@ def test_chat_plain_and_streaming_and_n(gateway: tuple[str, str]) -> None:
     assert len(three.choices) == 3 and len({c.text for c in three.choices}) > 1  # diverge by seed
 
 
+def test_chat_goes_through_libllms_chat(gateway: tuple[str, str]) -> None:
+    instance, url = gateway
+    messages = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": "A dog"}]
+    with libllm.connect(instance) as session:
+        expected = session.chat(messages, max_tokens=20)  # the built-in model has no template: role lines
+    done = client(url).chat.completions.create(model="stories260K", messages=messages,  # type: ignore[arg-type]
+                                               max_tokens=20, temperature=0)
+    assert done.choices[0].message.content == expected.text
+    assert done.usage is not None and done.usage.prompt_tokens == expected.usage.prompt_tokens
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Tell stories."}]}, messages[1]]
+    again = client(url).chat.completions.create(model="stories260K", messages=parts,  # type: ignore[arg-type]
+                                                max_tokens=20, temperature=0)
+    assert again.choices[0].message.content == expected.text
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    reply = httpx.post(url + "/v1/chat/completions", json={"model": "stories260K", "messages": image},
+                       headers={"authorization": "Bearer key-a"}, timeout=WAIT)
+    assert reply.status_code == 400 and "messages" in reply.json()["error"]["message"]
+
+
 def test_async_client(gateway: tuple[str, str]) -> None:
     _, url = gateway
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,14 +39,13 @@ def rewrite_gguf(
     src: Path,
     dst: Path,
     choose: Choose,
-    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    transform: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
     extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Copy a llama GGUF's metadata and tensors into ``dst``, storing each tensor as the type
-    ``choose`` names (F32, F16 or a quantised type) after an optional ``transform``."""
+    ``choose`` names (F32, F16 or a quantised type) after an optional ``transform`` (which
+    drops a tensor by returning None)."""
     import gguf
-
-    from servers.runner.loaders import gguf_field
 
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, "llama")
@@ -70,6 +70,8 @@ def rewrite_gguf(
         data = np.array(t.data, dtype=np.float32)
         if transform is not None:
             data = transform(t.name, data)
+            if data is None:  # dropped
+                continue
         qtype = gguf.GGMLQuantizationType(choose(t.name, data))
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(t.name, data)
@@ -174,3 +176,14 @@ def write_legacy_unshared(src: Path, dst: Path, wcls: np.ndarray) -> Path:
     struct.pack_into("<i", data, 20, -vocab)
     dst.write_bytes(bytes(data) + wcls.astype(np.float32).tobytes())
     return dst
+
+
+def gguf_field(reader: Any, key: str) -> Any:
+    """A scalar or array value from a GGUFReader, through its long-stable parts/data API."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    values = [f.parts[i] for i in f.data]
+    decoded = [bytes(v).decode("utf-8") if v.dtype == np.uint8 else v.tolist()[0] for v in values]
+    is_array = len(f.types) > 1 or (f.types and int(f.types[0]) == 9)
+    return decoded if is_array else decoded[0]

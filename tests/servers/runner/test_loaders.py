@@ -206,7 +206,7 @@ def test_rejects_bad_files(tmp_path: Path) -> None:
         load_model(truncated)
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match=r"not a llama2\.c checkpoint"):
+    with pytest.raises(ValueError, match=r"garbage.bin: not a model file"):
         load_model(garbage)
 
 
