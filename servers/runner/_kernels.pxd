@@ -33,6 +33,10 @@ cdef class Engine:
     cdef const float *emb
     cdef const float *rms_final
     cdef const float *wcls
+    # Q8_0 blocks where a matrix is 8-bit (its float pointer is then NULL, and vice versa).
+    cdef const unsigned char *emb_q8
+    cdef const unsigned char *wcls_q8
+    cdef const unsigned char *layer_q8[W_PER_LAYER * MAX_LAYERS]
     cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]  # NULL: the family has no such tensor
     cdef int layer_window[MAX_LAYERS]  # 0: every position; else the sliding window's length
     cdef int layer_rope[MAX_LAYERS]  # which rope table: 0 global, 1 local (sliding-window) layers
@@ -41,4 +45,5 @@ cdef class Engine:
     cdef list keep
     # Scratch, grown by _grow; rows padded to a multiple of 4 for llm_matmul.
     cdef int scratch_rows
-    cdef float[:, ::1] x, xb, xb2, q, k, v, hb, hb2, att, logits
+    cdef float[:, ::1] x, xb, xb2, q, k, v, hb, hb2, att, logits, xd
+    cdef signed char[:, ::1] xq

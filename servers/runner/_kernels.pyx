@@ -183,13 +183,15 @@ cdef extern from *:
     }
     #endif
 
-    /* 2: AVX2 (attention 8 lanes wide), 1: AVX (matmul), 0: SSE; chosen once per process.
-       Every level gives the same bits. */
+    /* 3: AVX-VNNI (8-bit matmuls), 2: AVX2 (attention 8 lanes wide, 8-bit matmuls),
+       1: AVX (float matmul), 0: SSE; chosen once per process. Every level gives the same
+       bits. */
     static int llm_simd_level = -1;
 
     static int llm_detect_simd(void) {
     #ifdef LLM_HAVE_AVX
         __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni")) return 3;
         if (__builtin_cpu_supports("avx2")) return 2;
         return __builtin_cpu_supports("avx") ? 1 : 0;
     #else
@@ -653,11 +655,59 @@ cdef extern from *:
         else
             llm_parallel(llm_attend_share, &job, nt);
     }
+
+    /* Q8_0 weights (llm_q8.h): the step's activation rows are quantised once per matmul,
+       then each thread takes a fixed share of the outputs, as for float weights. */
+    #include "llm_q8.h"
+
+    typedef struct {
+        float *out; Py_ssize_t os; const int8_t *xq; const float *xd; int n_rows, n_in;
+        const uint8_t *w; int n_out;
+    } llm_q8_job;
+
+    static void llm_q8_share(void *p, int t, int n) {
+        const llm_q8_job *j = (const llm_q8_job *)p;
+        const int j0 = (int)((long long)j->n_out * t / n) & ~7;
+        const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~7;
+        const Py_ssize_t row_bytes = (Py_ssize_t)(j->n_in / LLM_QK) * LLM_Q8_BLOCK;
+        if (j1 > j0)
+            llm_matmul_q8(llm_simd_level, j->out + j0, j->os, j->xq, j->xd, j->n_rows, j->n_in,
+                          j->w + j0 * row_bytes, j1 - j0);
+    }
+
+    /* out = x . W for W in float32 (w) or Q8_0 blocks (wq; then xq, xd are scratch for
+       n_rows quantised rows of n_in). n_rows is padded to a multiple of 4 for the float
+       kernel; the 8-bit one computes only the first n_real rows (a lone decode row costs one
+       row, not four) and zeroes the padding's outputs. */
+    static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
+                             int n_rows, int n_real, int n_in, int n_out, const float *w,
+                             const uint8_t *wq, int8_t *xq, float *xd)
+    {
+        if (wq == NULL) {
+            llm_matmul_par(out, os, x, xs, w, n_rows, n_in, n_out);
+            return;
+        }
+        for (int r = n_real; r < n_rows; r++) memset(out + (Py_ssize_t)r * os, 0, n_out * sizeof(float));
+        n_rows = n_real;
+        const int nb = n_in / LLM_QK;
+        for (int r = 0; r < n_rows; r++)
+            llm_quantize_row_q8(x + r * xs, n_in, xq + (Py_ssize_t)r * n_in, xd + (Py_ssize_t)r * nb);
+        llm_q8_job job = {out, os, xq, xd, n_rows, n_in, wq, n_out};
+        const int nt = llm_threads;
+        if (nt <= 1 || n_out < 16 * nt || (double)n_rows * n_in * n_out < LLM_PAR_MIN_MACS)
+            llm_q8_share(&job, 0, 1);
+        else
+            llm_parallel(llm_q8_share, &job, nt);
+    }
     """
     void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
     int llm_simd_level
     int llm_detect_simd() noexcept nogil
+    void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs, int n_rows, int n_real, int n_in,
+                      int n_out, const float *w, const unsigned char *wq, signed char *xq,
+                      float *xd) noexcept nogil
+    void llm_dequantize_row_q8(const unsigned char *w, int n, float *out) noexcept nogil
     int llm_threads
     int LLM_MAX_THREADS
     void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
@@ -680,12 +730,12 @@ cdef extern from *:
 LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
                 "q_norm", "k_norm", "post_att_norm", "post_ffn_norm", "bq", "bk", "bv")
 
-SIMD_LEVELS = ("sse", "avx", "avx2")
+SIMD_LEVELS = ("sse", "avx", "avx2", "vnni")
 llm_simd_level = llm_detect_simd()
 
 
 def simd_level() -> str:
-    """The widest instruction set the kernels use in this process ("sse", "avx", "avx2")."""
+    """The widest instruction set the kernels use in this process ("sse", "avx", "avx2", "vnni")."""
     return SIMD_LEVELS[llm_simd_level]
 
 
@@ -718,6 +768,40 @@ cdef const float *_ptr(object array, list keep) except? NULL:
     cdef const float[::1] mv = array.reshape(-1)
     keep.append(mv)
     return &mv[0]
+
+
+def q8_matmul(const float[:, ::1] x, const unsigned char[:, ::1] blocks, int cols):
+    """x @ W.T for W in Q8_0 blocks (rows of ``cols`` values): the runner's 8-bit matmul on
+    its own, for tests. Returns float32 (len(x), len(blocks))."""
+    cdef int n = x.shape[0], n4 = (x.shape[0] + 3) & ~3, n_out = blocks.shape[0]
+    if x.shape[1] != cols or cols % 32 or blocks.shape[1] != cols // 32 * 34:
+        raise ValueError("x, blocks and cols do not agree")
+    padded = np.zeros((n4, cols), np.float32)
+    padded[:n] = x
+    out = np.empty((n4, n_out), np.float32)
+    xq = np.empty((n4, cols), np.int8)
+    xd = np.empty((n4, cols // 32 + 1), np.float32)
+    cdef float[:, ::1] p = padded, o = out, d = xd
+    cdef signed char[:, ::1] q = xq
+    with nogil:
+        llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0, 0],
+                     &q[0, 0], &d[0, 0])
+    return out[:n]
+
+
+cdef const unsigned char *_q8_ptr(object matrix, list keep) except? NULL:
+    # A Q8Matrix's blocks (file-mapped or widened at load); None or a float matrix: NULL.
+    if matrix is None or not hasattr(matrix, "blocks"):
+        return NULL
+    cdef const unsigned char[::1] mv = matrix.blocks.reshape(-1)
+    keep.append(mv)
+    return &mv[0]
+
+
+cdef const float *_f32_ptr(object matrix, list keep) except? NULL:
+    if hasattr(matrix, "blocks"):
+        return NULL
+    return _ptr(matrix, keep)
 
 
 cdef inline void _add_bias(float *y, const float *b, int n_rows, int width) noexcept nogil:
@@ -796,14 +880,17 @@ cdef class Engine:
         self.embed_scale = <float>config.embed_scale
         self.query_scale = <float>config.scale_of_queries
         self.keep = []
-        self.emb = _ptr(weights.tok_embeddings, self.keep)
+        self.emb = _f32_ptr(weights.tok_embeddings, self.keep)
+        self.emb_q8 = _q8_ptr(weights.tok_embeddings, self.keep)
         self.rms_final = _ptr(weights.rms_final, self.keep)
-        self.wcls = _ptr(weights.wcls, self.keep)
+        self.wcls = _f32_ptr(weights.wcls, self.keep)
+        self.wcls_q8 = _q8_ptr(weights.wcls, self.keep)
         cdef int l, f
         for l in range(self.n_layers):
             layer = weights.layers[l]
             for f in range(W_PER_LAYER):
-                self.layer_ptrs[l * W_PER_LAYER + f] = _ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
+                self.layer_ptrs[l * W_PER_LAYER + f] = _f32_ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
+                self.layer_q8[l * W_PER_LAYER + f] = _q8_ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
             # A local layer reads the last `sliding_window` positions, with rope table 1.
             local = config.is_local(l)
             self.layer_window[l] = config.sliding_window if local else 0
@@ -831,6 +918,10 @@ cdef class Engine:
         self.hb = z((rows, self.hidden_dim), np.float32)
         self.hb2 = z((rows, self.hidden_dim), np.float32)
         self.logits = z((rows, self.vocab_size), np.float32)
+        # Quantised activation rows for Q8_0 matmuls: the widest input any matmul has.
+        widest = max(self.dim, self.q_dim, self.hidden_dim)
+        self.xq = z((rows, widest), np.int8)
+        self.xd = z((rows, widest // 32 + 1), np.float32)
         self.att = z((self.n_heads, self.seq_len), np.float32)
         self.scratch_rows = rows
 
@@ -869,6 +960,9 @@ cdef class Engine:
         cdef float *kvp = &kv[0]
         cdef const int *bt = &block_tables[0, 0]
         cdef const float **w
+        cdef const unsigned char **w8
+        cdef signed char *xq = &self.xq[0, 0]
+        cdef float *xd = &self.xd[0, 0]
         cdef int r, l, i, pos, blk
         cdef float *att = &self.att[0, 0]
         # Floats between one block and the next, and between one layer and the next.
@@ -878,19 +972,24 @@ cdef class Engine:
         cdef float escale = self.embed_scale, qscale = self.query_scale
         with nogil:
             for r in range(n):
-                memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
+                if self.emb_q8 != NULL:
+                    llm_dequantize_row_q8(self.emb_q8 + <Py_ssize_t>tokens[r] * (dim // 32) * 34,
+                                          dim, x + r * dim)
+                else:
+                    memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
                 if escale != <float>1.0:
                     for i in range(dim):
                         x[r * dim + i] = x[r * dim + i] * escale
             for l in range(n_layers):
                 w = &self.layer_ptrs[l * W_PER_LAYER]
+                w8 = &self.layer_q8[l * W_PER_LAYER]
                 window = self.layer_window[l]
                 tab = self.layer_rope[l]
                 for r in range(n):
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_ATT], dim, eps)
-                llm_matmul_par(q, qd, xb, xbs, w[W_Q], n4, dim, qd)
-                llm_matmul_par(k, kvd, xb, xbs, w[W_K], n4, dim, kvd)
-                llm_matmul_par(v, kvd, xb, xbs, w[W_V], n4, dim, kvd)
+                llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], xq, xd)
+                llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], xq, xd)
+                llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], xq, xd)
                 _add_bias(q, w[W_BQ], n, qd)
                 _add_bias(k, w[W_BK], n, kvd)
                 _add_bias(v, w[W_BV], n, kvd)
@@ -913,21 +1012,21 @@ cdef class Engine:
                 llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
                                 &positions[0], n, window, block_stride, block_size, n_kv, group,
                                 hs, att, self.seq_len, n_heads)
-                llm_matmul_par(xb2, dim, xb, xbs, w[W_O], n4, qd, dim)
+                llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], xq, xd)
                 for r in range(n):
                     if w[W_POST_ATT] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_ATT], dim, eps)
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_FFN], dim, eps)
-                llm_matmul_par(hb, hidden, xb, xbs, w[W_1], n4, dim, hidden)
-                llm_matmul_par(hb2, hidden, xb, xbs, w[W_3], n4, dim, hidden)
+                llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], xq, xd)
+                llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], xq, xd)
                 for r in range(n):
                     if self.gelu:
                         llm_geglu(hb + r * hidden, hb2 + r * hidden, hidden)
                     else:
                         llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
-                llm_matmul_par(xb2, dim, hb, hidden, w[W_2], n4, hidden, dim)
+                llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], xq, xd)
                 for r in range(n):
                     if w[W_POST_FFN] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_FFN], dim, eps)
@@ -937,7 +1036,7 @@ cdef class Engine:
             for i in range(m_rows):
                 _rmsnorm(xb + i * xbs, x + logit_rows[i] * dim, self.rms_final, dim, eps)
             if m_rows:
-                llm_matmul_par(lg, vocab, xb, xbs, self.wcls, m4, dim, vocab)
+                llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, self.wcls_q8, xq, xd)
             for i in range(m_rows):
                 memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
 

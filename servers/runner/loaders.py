@@ -19,6 +19,7 @@ import numpy as np
 
 from libllm.gguf_meta import TensorInfo, read_gguf
 from servers.runner.architectures import Activation, Architecture, RopeLayout, architecture
+from servers.runner.q8 import WIDENED, Q8Matrix, q8_row_bytes, widen
 
 # llama2.c's export.py: b"ak42" read as a little-endian uint32, then a version number.
 LLAMA2C_MAGIC = 0x616B3432
@@ -114,18 +115,19 @@ class ModelConfig:
 
 @dataclass(slots=True, frozen=True)
 class LayerWeights:
-    """One transformer block; matrices are float32 (out, in), rows contiguous. The optional
+    """One transformer block; matrices are float32 (out, in), rows contiguous, or Q8Matrix
+    (8-bit blocks; typed Any below so both read the same). The optional
     tensors are there exactly when the family uses them (qk_norm, post_norms, qkv_bias)."""
 
     rms_att: np.ndarray  # (dim,)
-    wq: np.ndarray  # (q_dim, dim)
-    wk: np.ndarray  # (kv_dim, dim)
-    wv: np.ndarray  # (kv_dim, dim)
-    wo: np.ndarray  # (dim, q_dim)
+    wq: Any  # (q_dim, dim)
+    wk: Any  # (kv_dim, dim)
+    wv: Any  # (kv_dim, dim)
+    wo: Any  # (dim, q_dim)
     rms_ffn: np.ndarray  # (dim,)
-    w1: np.ndarray  # (hidden_dim, dim)  gate
-    w2: np.ndarray  # (dim, hidden_dim)  down
-    w3: np.ndarray  # (hidden_dim, dim)  up
+    w1: Any  # (hidden_dim, dim)  gate
+    w2: Any  # (dim, hidden_dim)  down
+    w3: Any  # (hidden_dim, dim)  up
     q_norm: np.ndarray | None = None  # (head_size,) per-head RMSNorm of q, before RoPE
     k_norm: np.ndarray | None = None  # (head_size,)
     post_att_norm: np.ndarray | None = None  # (dim,)
@@ -139,10 +141,10 @@ class LayerWeights:
 class Weights:
     """All weights as float32 arrays: memory-mapped views or views into the dequant buffer."""
 
-    tok_embeddings: np.ndarray  # (vocab_size, dim)
+    tok_embeddings: Any  # (vocab_size, dim): float32 or Q8Matrix
     layers: tuple[LayerWeights, ...]
     rms_final: np.ndarray  # (dim,)
-    wcls: np.ndarray  # (vocab_size, dim); the same array as tok_embeddings when tied
+    wcls: Any  # (vocab_size, dim); the same array as tok_embeddings when tied
     rope_freqs: np.ndarray | None = None  # (head_size//2,) divisors of the RoPE frequencies (llama3)
     buffer: np.ndarray | None = field(default=None, compare=False)  # dequant buffer, if any
 
@@ -194,10 +196,11 @@ def is_gguf(path: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------- the plan
-# A loader first builds a plan: for every tensor, either a ready float32 view (mmap) or a
-# (shape, fill function) pair that writes float32 values into a destination view. Only the
-# second kind takes buffer space, so the plan tells the caller how big a shared segment to
-# allocate before anything is dequantised.
+# A loader first builds a plan: for every tensor, either a ready view (mmap: float32, or
+# uint8 Q8_0 blocks) or a (shape, fill function, dtype) triple that writes values into a
+# destination view (float32 dequantised, or widened Q8_0 blocks). Only the second kind takes
+# buffer space, so the plan tells the caller how big a shared segment to allocate before
+# anything is dequantised. ``q8_cols`` names the tensors held as Q8_0 blocks.
 
 Fill = Callable[[np.ndarray], None]
 
@@ -205,19 +208,20 @@ Fill = Callable[[np.ndarray], None]
 class _Plan:
     def __init__(self) -> None:
         self.ready: dict[str, np.ndarray] = {}
-        self.deferred: dict[str, tuple[tuple[int, ...], Fill]] = {}
+        self.deferred: dict[str, tuple[tuple[int, ...], Fill, type]] = {}
         self.offsets: dict[str, int] = {}
+        self.q8_cols: dict[str, int] = {}
         self.nbytes = 0
 
     def add_ready(self, name: str, array: np.ndarray) -> None:
-        if array.dtype != np.float32 or not array.flags.c_contiguous:
+        if array.dtype not in (np.float32, np.uint8) or not array.flags.c_contiguous:
             raise ValueError(f"tensor {name}: expected contiguous float32, got {array.dtype}")
         self.ready[name] = array
 
-    def add_deferred(self, name: str, shape: tuple[int, ...], fill: Fill) -> None:
-        self.deferred[name] = (shape, fill)
+    def add_deferred(self, name: str, shape: tuple[int, ...], fill: Fill, dtype: type = np.float32) -> None:
+        self.deferred[name] = (shape, fill, dtype)
         self.offsets[name] = self.nbytes
-        size = int(np.prod(shape)) * 4
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.nbytes += -(-size // BUFFER_ALIGN) * BUFFER_ALIGN
 
     def realise(self, buffer: Any, fill: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -233,10 +237,10 @@ class _Plan:
                 raise ValueError(f"buffer holds {flat.nbytes} bytes; the model needs {self.nbytes}")
             if flat.ctypes.data % 4:
                 raise ValueError("buffer must be 4-byte aligned")
-        for name, (shape, filler) in self.deferred.items():
+        for name, (shape, filler, dtype) in self.deferred.items():
             offset = self.offsets[name]
-            count = int(np.prod(shape))
-            view = flat[offset : offset + count * 4].view(np.float32).reshape(shape)
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            view: np.ndarray = flat[offset : offset + nbytes].view(dtype).reshape(shape)
             if fill:
                 filler(view)
             arrays[name] = view
@@ -265,12 +269,20 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _assemble(
-    config: ModelConfig, arrays: dict[str, np.ndarray], buffer: np.ndarray | None
+    config: ModelConfig,
+    arrays: dict[str, np.ndarray],
+    buffer: np.ndarray | None,
+    q8_cols: dict[str, int] | None = None,
 ) -> Weights:
     c = config
+    q8_cols = q8_cols or {}
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...]) -> Any:
         a = arrays[name]
+        if name in q8_cols:
+            if (a.shape[0], q8_cols[name]) != shape:
+                raise ValueError(f"tensor {name} has shape {(a.shape[0], q8_cols[name])}; the model's header implies {shape}")
+            return Q8Matrix(a, q8_cols[name])
         if a.shape != shape:
             if a.size != int(np.prod(shape)):
                 raise ValueError(f"tensor {name} has shape {a.shape}; the model's header implies {shape}")
@@ -598,9 +610,15 @@ def _gguf_config(
         raise ValueError(f"{path}: {e}") from None
 
 
-# Stored types we compute with, dequantised to float32 once, at load: F16 and BF16 here,
-# the block formats through gguf's reference dequantisers.
+# Stored types we compute with: Q8_0, Q4_0 and Q5_0 matrices as 8-bit blocks (q8.py); the
+# rest dequantised to float32 once, at load (F16 and BF16 here, the other block formats
+# through gguf's reference dequantisers).
 _DEQUANTISABLE = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+
+
+# Our matrices that stay float32 whatever their file type (none yet: every matmul, the
+# classifier and the embedding lookup take Q8_0 blocks).
+_FLOAT_ONLY: frozenset[str] = frozenset()
 
 
 def _gguf_tensor(path: Path, mm: np.ndarray, plan: _Plan, name: str, t: TensorInfo) -> None:
@@ -630,14 +648,24 @@ def _gguf_tensor(path: Path, mm: np.ndarray, plan: _Plan, name: str, t: TensorIn
     if qtype == gguf.GGMLQuantizationType.BF16:
         bf16 = raw.view(np.uint16)
 
-        def widen(out: np.ndarray) -> None:
+        def from_bf16(out: np.ndarray) -> None:
             out.reshape(-1).view(np.uint32)[...] = bf16.astype(np.uint32) << 16
 
-        plan.add_deferred(name, shape, widen)
+        plan.add_deferred(name, shape, from_bf16)
         return
     if qtype.name not in _DEQUANTISABLE:
         raise ValueError(f"{path}: tensor {t.name} has type {qtype.name}, which llmos does not compute")
     rows = raw.reshape(-1, shape[-1] // block * block_bytes)
+    if qtype.name in WIDENED and len(shape) == 2 and name not in _FLOAT_ONLY:
+        # Computed as 8-bit blocks: Q8_0 straight from the file, Q4_0/Q5_0 widened exactly.
+        plan.q8_cols[name] = shape[1]
+        if qtype.name == "Q8_0":
+            plan.add_ready(name, rows)
+        else:
+            kind = qtype.name
+            plan.add_deferred(name, (shape[0], q8_row_bytes(shape[1])),
+                              lambda out: widen(np.asarray(rows), kind, out), np.uint8)
+        return
 
     def fill(out: np.ndarray) -> None:
         out.reshape(rows.shape[0], -1)[...] = gguf.quants.dequantize(np.asarray(rows), qtype)
@@ -685,10 +713,10 @@ def check_model(path: str | Path) -> ModelConfig:
     _, config, plan = _plan(p, None)
     # Zero-stride stand-ins for the tensors a load would dequantise: shapes, no memory.
     arrays = dict(plan.ready)
-    for name, (shape, _) in plan.deferred.items():
-        arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
+    for name, (shape, _, dtype) in plan.deferred.items():
+        arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
     try:
-        _assemble(config, arrays, None)
+        _assemble(config, arrays, None, plan.q8_cols)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     return config
@@ -727,7 +755,7 @@ def load_model(
     fmt, config, plan = _plan(p, rope_layout)
     arrays, flat = plan.realise(buffer, fill)
     try:
-        weights = _assemble(config, arrays, flat)
+        weights = _assemble(config, arrays, flat, plan.q8_cols)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     return LoadedModel(

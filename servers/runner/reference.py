@@ -14,6 +14,7 @@ import numpy as np
 
 from servers.runner.loaders import LoadedModel
 from servers.runner.model import rope_tables
+from servers.runner.q8 import as_float
 
 
 class NumpyLlama:
@@ -34,7 +35,7 @@ class NumpyLlama:
         # Pre-transposed (in, out) copies so each projection is one x @ W.
         self.layers = [
             {
-                name: np.ascontiguousarray(getattr(lw, name).T)
+                name: np.ascontiguousarray(as_float(getattr(lw, name)).T)
                 for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
             }
             | {
@@ -44,7 +45,8 @@ class NumpyLlama:
             }
             for lw in self.w.layers
         ]
-        self.wcls_t = np.ascontiguousarray(self.w.wcls.T)
+        self.wcls_t = np.ascontiguousarray(as_float(self.w.wcls).T)
+        self.embeddings = as_float(self.w.tok_embeddings)
 
     def _rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         ss = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32) + np.float32(
@@ -75,7 +77,7 @@ class NumpyLlama:
         c = self.config
         B, H, KV, hs = len(tokens), c.n_heads, c.n_kv_heads, c.head_size
         group = H // KV
-        x = self.w.tok_embeddings[tokens].astype(np.float32) * np.float32(c.embed_scale)
+        x = self.embeddings[tokens].astype(np.float32) * np.float32(c.embed_scale)
         scale = np.float32(c.scale_of_queries)
         for li, lw in enumerate(self.layers):
             local = c.is_local(li)

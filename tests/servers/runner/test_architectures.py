@@ -1,6 +1,8 @@
 """Every GGUF family the runner computes (llama, qwen2, qwen3, gemma3), on small random-weight
-files written at test time with a fixed seed: against the numpy oracle, batch invariance,
-chunked prefill, every SIMD level, and the sliding window reading only the window."""
+files written at test time with a fixed seed, and on the committed quantised fixtures (Q8_0;
+Q4_K_M's mix of Q4_K, Q5_0, Q6_K, Q8_0): against the numpy oracle, batch invariance,
+chunked prefill, every SIMD level, any thread count, and the sliding window reading only
+the window. The 8-bit kernels' own checks are in test_q8.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from servers.runner.reference import NumpyLlama
 from tools.fixtures.make_models import SPECS, write_model
 
 ARCHES = sorted(SPECS)
+QUANTISED = ["llama-tiny-q8_0.gguf", "gemma3-tiny-q4_k_m.gguf"]
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "llama_cpp"
 POSITIONS = 48  # past gemma3's window of 16 in the CI shapes, over several KV blocks
 
 
@@ -22,8 +26,10 @@ def bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-@pytest.fixture(scope="module", params=ARCHES)
+@pytest.fixture(scope="module", params=ARCHES + QUANTISED)
 def model_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if request.param in QUANTISED:
+        return FIXTURES / request.param
     spec = SPECS[request.param]
     return write_model(spec, tmp_path_factory.mktemp(spec.name) / f"{spec.name}.gguf")
 
@@ -65,7 +71,10 @@ def test_the_family_is_read_from_the_file(model: Model) -> None:
     assert (w.post_att_norm is not None) == c.post_norms
 
 
-def test_matches_the_numpy_oracle(model: Model, ids: list[int]) -> None:
+@pytest.mark.parametrize("arch", ARCHES)  # float weights: 8-bit ones quantise activations
+def test_matches_the_numpy_oracle(arch: str, tmp_path: Path) -> None:
+    model = Model.load(write_model(SPECS[arch], tmp_path / f"{arch}.gguf"))
+    ids = np.random.default_rng(7).integers(0, model.config.vocab_size, POSITIONS).tolist()
     ours = forced(model, ids)
     ref = NumpyLlama(model.loaded, batch=1, max_pos=len(ids))
     theirs = np.stack([ref.forward(np.array([t]), p)[0] for p, t in enumerate(ids)])

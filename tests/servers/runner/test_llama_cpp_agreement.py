@@ -67,18 +67,27 @@ def test_float_models_agree_with_llama_cpp(stem: str, tmp_path_factory: pytest.T
     assert np.abs(ours - theirs).max() <= tolerance * np.abs(theirs).max()
 
 
+# (top-1 agreement at least, largest logit difference at most, as a share of the largest logit)
+QUANTISED_BOUNDS = {
+    # Every matrix Q8_0: the same integer sums as llama.cpp (activations quantised the same
+    # way); what is left is the fixture's float16 storage.
+    "llama-tiny-q8_0": (0.99, 1e-3),
+    # Q4_K and Q6_K matrices are dequantised to float32 and meet float activations, where
+    # llama.cpp rounds activations to 8 bits: near-ties may choose differently (measured:
+    # every disagreement at a margin under 0.15).
+    "gemma3-tiny-q4_k_m": (0.9, 0.1),
+}
+
+
 @pytest.mark.parametrize("stem", QUANTISED_MODELS)
 def test_quantised_models_agree_with_llama_cpp(stem: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    # llama.cpp rounds activations to 8 bits before each quantised matmul; we dequantise
-    # the weights and keep activations in float32, so logits differ by up to ~0.4 and
-    # only near-ties may choose differently (measured: every disagreement at a margin
-    # under 0.15).
     ours, theirs = compare(stem, tmp_path_factory)
+    top1, largest = QUANTISED_BOUNDS[stem]
     clear = margins(theirs) >= 0.3
     assert clear.mean() >= 0.7  # the comparison below covers most positions
     assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
-    assert np.abs(ours - theirs).max() <= 0.1 * np.abs(theirs).max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= top1
+    assert np.abs(ours - theirs).max() <= largest * np.abs(theirs).max()
 
 
 # --------------------------------------------------------------------------- Gemma 3 270M

@@ -18,6 +18,7 @@ from servers.runner.loaders import (
     load_model,
     read_config,
 )
+from servers.runner.q8 import Q8Matrix, as_float
 
 from .helpers import (
     f16_everywhere,
@@ -37,11 +38,12 @@ FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
 
 
 def all_tensors(m: LoadedModel) -> dict[str, np.ndarray]:
+    """Every tensor's float32 values (8-bit matrices dequantised)."""
     w = m.weights
     out = {"tok_embeddings": w.tok_embeddings, "rms_final": w.rms_final, "wcls": w.wcls}
     for i, lw in enumerate(w.layers):
         out |= {f"{i}.{f}": getattr(lw, f) for f in FIELDS}
-    return out
+    return {name: as_float(t) for name, t in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,10 @@ def test_dequantise_into_a_caller_buffer(tmp_path: Path) -> None:
     segment = bytearray(nbytes + 64)  # stands in for a shared-memory segment
     first = load_model(path, buffer=segment)
     assert first.weights.buffer is not None
-    assert np.shares_memory(first.weights.layers[0].wq, np.frombuffer(segment, np.uint8))
+    # F16 is dequantised into the buffer; Q8_0 is computed where it lies in the file.
+    assert np.shares_memory(first.weights.layers[0].w2, np.frombuffer(segment, np.uint8))
+    assert isinstance(first.weights.layers[0].wq, Q8Matrix)
+    assert not np.shares_memory(first.weights.layers[0].wq.blocks, np.frombuffer(segment, np.uint8))
     # A second runner attaches to the filled segment without dequantising again.
     copy = bytearray(segment)
     second = load_model(path, buffer=copy, fill=False)
@@ -159,7 +164,7 @@ def test_dequantise_into_a_caller_buffer(tmp_path: Path) -> None:
     for name in ours:
         assert np.array_equal(ours[name], theirs[name]), name
     copy[:] = bytes(len(copy))  # the views see the segment, not a private copy
-    assert not second.weights.layers[0].wq.any()
+    assert not second.weights.layers[0].w2.any()
     with pytest.raises(ValueError, match="buffer holds"):
         load_model(path, buffer=bytearray(nbytes - 1))
 

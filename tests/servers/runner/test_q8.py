@@ -1,0 +1,87 @@
+"""The 8-bit weight path: Q4_0 and Q5_0 widen to Q8_0 blocks exactly, the kernels equal a
+float64 computation of the same integer sums, and every SIMD level gives the same bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from servers.runner import _kernels
+from servers.runner.loaders import load_model
+from servers.runner.model import Model, SeqChunk
+from servers.runner.q8 import Q8Matrix, q8_row_bytes, widen
+from tests.servers.runner.helpers import rewrite_gguf, shared_models
+
+STORIES = shared_models() / "derived" / "stories260K-f32.gguf"
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0"])
+def test_widening_keeps_every_value(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((8, 256)) * rng.uniform(0.01, 3, (8, 1))).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(values, qtype)
+    out = np.empty((8, q8_row_bytes(256)), np.uint8)
+    widen(raw, kind, out)
+    assert np.array_equal(Q8Matrix(out, 256).dequantize(), gguf.quants.dequantize(raw, qtype))
+
+
+def quantised(tmp_path: Path, kind: str) -> Path:
+    qtype = int(gguf.GGMLQuantizationType[kind])
+
+    def choose(name: str, data: np.ndarray) -> int:
+        return qtype if data.ndim == 2 and data.shape[1] % 32 == 0 else 0
+
+    return rewrite_gguf(STORIES, tmp_path / f"{kind}.gguf", choose)
+
+
+def float64_row(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
+    """What the 8-bit matmul computes for one activation row, in float64: llama.cpp's
+    activation blocks (scale amax/127 rounded to f16; values round-half-even(x * 127/amax))."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[:, None])
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    wb = w.blocks.reshape(w.shape[0], -1, 34)
+    wd = wb[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64)
+    wq = wb[:, :, 2:].view(np.int8).astype(np.float64)
+    isums = np.einsum("obk,bk->ob", wq, q)
+    return np.asarray((isums * wd * d[None, :]).sum(axis=1))
+
+
+def test_an_8_bit_matmul_is_its_integer_sums(tmp_path: Path) -> None:
+    wcls = load_model(quantised(tmp_path, "Q8_0")).weights.wcls
+    assert isinstance(wcls, Q8Matrix)
+    # 7 rows: a tile of four and a partial one; rows scaled apart so their blocks differ.
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((7, wcls.cols)) * np.geomspace(1e-3, 30, 7)[:, None]).astype(np.float32)
+    got = _kernels.q8_matmul(x, wcls.blocks, wcls.cols)
+    for r in range(7):
+        want = float64_row(x[r], wcls)
+        assert np.abs(got[r] - want).max() <= 1e-5 * np.abs(want).max(), r
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0"])
+def test_every_simd_level_gives_the_same_bits(tmp_path: Path, kind: str) -> None:
+    model_path = quantised(tmp_path, kind)
+    ids = [1, *np.random.default_rng(3).integers(3, 512, 40).tolist()]
+    best = _kernels.simd_level()
+    levels = _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]
+    results = []
+    try:
+        for level in levels:
+            _kernels.set_simd_level(level)
+            model = Model.load(model_path)
+            kv = model.new_kv_pool(model.blocks_needed(len(ids)))
+            table = list(range(kv.shape[0]))
+            rows = [model.step([SeqChunk(table, p, [t])], kv).logits[0] for p, t in enumerate(ids)]
+            batch = model.step([SeqChunk(table, 0, ids)], model.new_kv_pool(kv.shape[0])).logits[0]
+            results.append(np.concatenate([np.stack(rows).ravel(), batch]).view(np.uint32))
+    finally:
+        _kernels.set_simd_level(best)
+    for level, got in zip(levels, results, strict=True):
+        assert np.array_equal(got, results[0]), level
