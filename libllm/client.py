@@ -317,6 +317,11 @@ class Session:
             raise InvalidRequest("stop must be a list of non-empty strings")
         if timeout is not None and timeout <= 0:
             raise InvalidRequest(f"timeout must be positive, got {timeout!r}")
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: no text a model could read
+                raise InvalidRequest(f"prompt is not valid Unicode text ({exc.reason} at {exc.start})") from None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)
         if len(ids) >= self.info.context_length:
             raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of "

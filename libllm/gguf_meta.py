@@ -58,6 +58,8 @@ class _Cursor:
     def string_array(self, count: int) -> list[bytes]:
         # The hot loop for vocabularies: local names, one unpack per element.
         buf, pos, unpack = self.buf, self.pos, self._u64.unpack_from
+        if count * 8 > len(buf) - pos:  # every element has at least its 8-byte length
+            raise ValueError(f"{self.path}: truncated GGUF header (a string array of {count} elements runs past the end of the file)")
         out: list[bytes] = [b""] * count
         for i in range(count):
             (n,) = unpack(buf, pos)
@@ -78,8 +80,12 @@ class _Cursor:
             if etype == _STRING:
                 return self.string_array(count)
             if etype == _ARRAY:
+                if count * 12 > len(self.buf) - self.pos:  # each nested array has a 12-byte head
+                    raise ValueError(f"{self.path}: truncated GGUF header (an array of {count} arrays runs past the end)")
                 return [self.value(_ARRAY) for _ in range(count)]
             dtype = np.dtype(self.endian + self._code(etype))
+            if count * dtype.itemsize > len(self.buf) - self.pos:
+                raise ValueError(f"{self.path}: truncated GGUF header (an array of {count} values runs past the end)")
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
             self.pos += count * dtype.itemsize
             return arr.tolist()
@@ -139,6 +145,8 @@ def _read(path: str | Path, *, tensors: bool) -> GGUFContents:
         # A big-endian file has its version's bytes swapped: little-endian reads it as >= 2**16.
         (version,) = struct.unpack_from("<I", buf, 4)
         endian = "<" if version < 1 << 16 else ">"
+        if tensors and endian == ">":  # metadata reads either way; tensor data would be garbage
+            raise ValueError(f"{path}: a big-endian GGUF file; llmos computes with little-endian ones")
         cur = _Cursor(buf, str(path), endian)
         cur.pos = 8
         if cur.endian == ">":

@@ -37,6 +37,8 @@ cdef class Engine:
     cdef const unsigned char *emb_q8
     cdef const unsigned char *wcls_q8
     cdef const unsigned char *layer_q8[W_PER_LAYER * MAX_LAYERS]
+    cdef int emb_kind, wcls_kind  # 0 float, 1 Q8_0, 2 Q8S
+    cdef int layer_kind[W_PER_LAYER * MAX_LAYERS]
     cdef const float *layer_ptrs[W_PER_LAYER * MAX_LAYERS]  # NULL: the family has no such tensor
     cdef int layer_window[MAX_LAYERS]  # 0: every position; else the sliding window's length
     cdef int layer_rope[MAX_LAYERS]  # which rope table: 0 global, 1 local (sliding-window) layers
@@ -47,3 +49,4 @@ cdef class Engine:
     cdef int scratch_rows
     cdef float[:, ::1] x, xb, xb2, q, k, v, hb, hb2, att, logits, xd
     cdef signed char[:, ::1] xq
+    cdef int[:, ::1] xs

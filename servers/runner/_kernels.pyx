@@ -14,699 +14,15 @@ import numpy as np
 from libc.math cimport sqrtf
 from libc.string cimport memcpy
 
-cdef extern from *:
-    """
-    /* Batch invariance: a row's sums never depend on how many rows share the step or
-       where in the step it sits. Each dot product, softmax and weighted sum has one fixed
-       order (documented at each function). Where code comes in several widths (SSE, AVX,
-       AVX2; 8, 4 or 1 slot at a time), each lane performs the same IEEE operations in
-       the same order as the narrow code, and no path fuses a multiply-add (no FMA target,
-       no fast-math), so every path gives the same bits; tests check this. exp is our own
-       polynomial, not a libm variant picked at run time, so an x86-64 machine with or
-       without AVX computes the same logits. */
-
-    typedef float llm_v4 __attribute__((vector_size(16)));
-    typedef float llm_v4u __attribute__((vector_size(16), aligned(4)));
-    typedef int llm_v4i __attribute__((vector_size(16)));
-
-    static inline llm_v4 llm_ld(const float *p) { return *(const llm_v4u *)p; }
-    static inline void llm_st(float *p, llm_v4 v) { *(llm_v4u *)p = v; }
-    static inline llm_v4 llm_splat(float x) { llm_v4 v = {x, x, x, x}; return v; }
-
-    /* The fixed reduction every long dot product ends with: 8 lanes -> 4 -> a pairwise tree. */
-    static inline float llm_hsum(llm_v4 a, llm_v4 b) {
-        llm_v4 s = a + b;
-        return (s[0] + s[1]) + (s[2] + s[3]);
-    }
-
-    /* Lanes of a where mask is set (all ones), else lanes of b. */
-    static inline llm_v4 llm_select(llm_v4i mask, llm_v4 a, llm_v4 b) {
-        llm_v4i ai, bi, ri;
-        llm_v4 r;
-        __builtin_memcpy(&ai, &a, sizeof a);
-        __builtin_memcpy(&bi, &b, sizeof b);
-        ri = (ai & mask) | (bi & ~mask);
-        __builtin_memcpy(&r, &ri, sizeof r);
-        return r;
-    }
-
-    /* exp of 4 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5
-       polynomial, 2**n through the exponent bits); within 2 ulp of exp on [-87, 88], and a
-       pure function of its input on every machine (no libm variant chosen at run time). */
-    static inline llm_v4 llm_exp4(llm_v4 x) {
-        const llm_v4 hi = llm_splat(88.0f), lo = llm_splat(-87.0f);
-        x = llm_select(x > hi, hi, x);
-        x = llm_select(x < lo, lo, x);
-        llm_v4 fx = x * llm_splat(1.44269504088896341f) + llm_splat(0.5f);
-        llm_v4i n = __builtin_convertvector(fx, llm_v4i);   /* truncates toward zero */
-        llm_v4 nf = __builtin_convertvector(n, llm_v4);
-        llm_v4i too_big = nf > fx;                            /* -1 where trunc > floor */
-        n = n + too_big;
-        nf = __builtin_convertvector(n, llm_v4);
-        llm_v4 r = x - nf * llm_splat(0.693359375f) - nf * llm_splat(-2.12194440e-4f);
-        llm_v4 p = llm_splat(1.9875691500e-4f);
-        p = p * r + llm_splat(1.3981999507e-3f);
-        p = p * r + llm_splat(8.3334519073e-3f);
-        p = p * r + llm_splat(4.1665795894e-2f);
-        p = p * r + llm_splat(1.6666665459e-1f);
-        p = p * r + llm_splat(5.0000001201e-1f);
-        llm_v4 y = p * (r * r) + r + llm_splat(1.0f);
-        llm_v4i bits = (n + 127) << 23;
-        llm_v4 scale;
-        __builtin_memcpy(&scale, &bits, sizeof scale);
-        return y * scale;
-    }
-
-    /* out[r*os + j] = dot(x[r*xs ...], w[j*n_in ...]) for r < n_rows (a multiple of 4).
-       Lane l of a row's two accumulators sums elements 8k+l in order of k; a 4-wide tail
-       adds into the low accumulator; a scalar tail sums in order; then llm_hsum. Rows are
-       blocked by four only to share the weight loads: no row ever reads another's sums,
-       so the bits of a row do not depend on its block-mates. */
-    static void llm_matmul_sse(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                               const float *w, int n_rows, int n_in, int n_out)
-    {
-        const int n8 = n_in & ~7;
-        const int n4 = (n_in - n8) >= 4 ? n8 + 4 : n8;
-        for (int r = 0; r < n_rows; r += 4) {
-            const float *x0 = x + (Py_ssize_t)r * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
-            float *o = out + (Py_ssize_t)r * os;
-            for (int j = 0; j < n_out; j++) {
-                const float *wj = w + (Py_ssize_t)j * n_in;
-                llm_v4 a0 = {0, 0, 0, 0}, b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
-                for (int i = 0; i < n8; i += 8) {
-                    llm_v4 wl = llm_ld(wj + i), wh = llm_ld(wj + i + 4);
-                    a0 += wl * llm_ld(x0 + i); b0 += wh * llm_ld(x0 + i + 4);
-                    a1 += wl * llm_ld(x1 + i); b1 += wh * llm_ld(x1 + i + 4);
-                    a2 += wl * llm_ld(x2 + i); b2 += wh * llm_ld(x2 + i + 4);
-                    a3 += wl * llm_ld(x3 + i); b3 += wh * llm_ld(x3 + i + 4);
-                }
-                if (n4 > n8) {
-                    llm_v4 wl = llm_ld(wj + n8);
-                    a0 += wl * llm_ld(x0 + n8); a1 += wl * llm_ld(x1 + n8);
-                    a2 += wl * llm_ld(x2 + n8); a3 += wl * llm_ld(x3 + n8);
-                }
-                float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
-                for (int i = n4; i < n_in; i++) {
-                    t0 += wj[i] * x0[i]; t1 += wj[i] * x1[i];
-                    t2 += wj[i] * x2[i]; t3 += wj[i] * x3[i];
-                }
-                o[j] = llm_hsum(a0, b0) + t0;
-                o[os + j] = llm_hsum(a1, b1) + t1;
-                o[2 * os + j] = llm_hsum(a2, b2) + t2;
-                o[3 * os + j] = llm_hsum(a3, b3) + t3;
-            }
-        }
-    }
-
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    #define LLM_HAVE_AVX 1
-    typedef float llm_v8 __attribute__((vector_size(32)));
-    typedef float llm_v8u __attribute__((vector_size(32), aligned(4)));
-
-    /* The same sums as llm_matmul_sse, bit for bit: 8-lane accumulators are the SSE
-       version's two 4-lane ones side by side, the 4-wide tail still adds into lanes 0-3,
-       and the reduction is llm_hsum. AVX (not FMA: no fused rounding) only does the work
-       of two SSE instructions in one, and two outputs share each x load. */
-    __attribute__((target("avx")))
-    static void llm_dot_tail_avx(float *o, llm_v8 acc, const float *wj, const float *xr,
-                                 int n8, int n4, int n_in) {
-        llm_v4 a, b;
-        __builtin_memcpy(&a, &acc, sizeof a);
-        __builtin_memcpy(&b, (const char *)&acc + sizeof a, sizeof b);
-        if (n4 > n8) a += llm_ld(wj + n8) * llm_ld(xr + n8);
-        float t = 0.0f;
-        for (int i = n4; i < n_in; i++) t += wj[i] * xr[i];
-        *o = llm_hsum(a, b) + t;
-    }
-
-    __attribute__((target("avx")))
-    static void llm_matmul_avx(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                               const float *w, int n_rows, int n_in, int n_out)
-    {
-        const int n8 = n_in & ~7;
-        const int n4 = (n_in - n8) >= 4 ? n8 + 4 : n8;
-        for (int r = 0; r < n_rows; r += 4) {
-            const float *xr[4] = {x + (Py_ssize_t)r * xs, x + (Py_ssize_t)(r + 1) * xs,
-                                  x + (Py_ssize_t)(r + 2) * xs, x + (Py_ssize_t)(r + 3) * xs};
-            float *o = out + (Py_ssize_t)r * os;
-            int j = 0;
-            for (; j + 2 <= n_out; j += 2) {
-                const float *w0 = w + (Py_ssize_t)j * n_in, *w1 = w0 + n_in;
-                llm_v8 z = {0, 0, 0, 0, 0, 0, 0, 0};
-                llm_v8 a0 = z, a1 = z, a2 = z, a3 = z, c0 = z, c1 = z, c2 = z, c3 = z;
-                for (int i = 0; i < n8; i += 8) {
-                    llm_v8 u = *(const llm_v8u *)(w0 + i), v = *(const llm_v8u *)(w1 + i);
-                    llm_v8 x0 = *(const llm_v8u *)(xr[0] + i), x1 = *(const llm_v8u *)(xr[1] + i);
-                    llm_v8 x2 = *(const llm_v8u *)(xr[2] + i), x3 = *(const llm_v8u *)(xr[3] + i);
-                    a0 += u * x0; a1 += u * x1; a2 += u * x2; a3 += u * x3;
-                    c0 += v * x0; c1 += v * x1; c2 += v * x2; c3 += v * x3;
-                }
-                llm_dot_tail_avx(o + j, a0, w0, xr[0], n8, n4, n_in);
-                llm_dot_tail_avx(o + os + j, a1, w0, xr[1], n8, n4, n_in);
-                llm_dot_tail_avx(o + 2 * os + j, a2, w0, xr[2], n8, n4, n_in);
-                llm_dot_tail_avx(o + 3 * os + j, a3, w0, xr[3], n8, n4, n_in);
-                llm_dot_tail_avx(o + j + 1, c0, w1, xr[0], n8, n4, n_in);
-                llm_dot_tail_avx(o + os + j + 1, c1, w1, xr[1], n8, n4, n_in);
-                llm_dot_tail_avx(o + 2 * os + j + 1, c2, w1, xr[2], n8, n4, n_in);
-                llm_dot_tail_avx(o + 3 * os + j + 1, c3, w1, xr[3], n8, n4, n_in);
-            }
-            for (; j < n_out; j++) {
-                const float *w0 = w + (Py_ssize_t)j * n_in;
-                for (int k = 0; k < 4; k++) {
-                    llm_v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
-                    for (int i = 0; i < n8; i += 8)
-                        acc += *(const llm_v8u *)(w0 + i) * *(const llm_v8u *)(xr[k] + i);
-                    llm_dot_tail_avx(o + k * os + j, acc, w0, xr[k], n8, n4, n_in);
-                }
-            }
-        }
-    }
-    #endif
-
-    /* 3: AVX-VNNI (8-bit matmuls), 2: AVX2 (attention 8 lanes wide, 8-bit matmuls),
-       1: AVX (float matmul), 0: SSE; chosen once per process. Every level gives the same
-       bits. */
-    static int llm_simd_level = -1;
-
-    static int llm_detect_simd(void) {
-    #ifdef LLM_HAVE_AVX
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni")) return 3;
-        if (__builtin_cpu_supports("avx2")) return 2;
-        return __builtin_cpu_supports("avx") ? 1 : 0;
-    #else
-        return 0;
-    #endif
-    }
-
-    static void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                           const float *w, int n_rows, int n_in, int n_out)
-    {
-    #ifdef LLM_HAVE_AVX
-        if (llm_simd_level > 0) {
-            llm_matmul_avx(out, os, x, xs, w, n_rows, n_in, n_out);
-            return;
-        }
-    #endif
-        llm_matmul_sse(out, os, x, xs, w, n_rows, n_in, n_out);
-    }
-
-    /* A short dot product (one attention head): 4 lanes over chunks of 4, scalar tail. */
-    static inline float llm_dot_head(const float *a, const float *b, int n) {
-        const int n4 = n & ~3;
-        llm_v4 acc = {0, 0, 0, 0};
-        for (int i = 0; i < n4; i += 4) acc += llm_ld(a + i) * llm_ld(b + i);
-        float t = 0.0f;
-        for (int i = n4; i < n; i++) t += a[i] * b[i];
-        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + t;
-    }
-
-    /* Sum of squares for RMSNorm, with the same lane structure as llm_matmul. */
-    static inline float llm_sumsq(const float *x, int n) {
-        const int n8 = n & ~7;
-        llm_v4 a = {0, 0, 0, 0}, b = a;
-        for (int i = 0; i < n8; i += 8) {
-            llm_v4 l = llm_ld(x + i), h = llm_ld(x + i + 4);
-            a += l * l; b += h * h;
-        }
-        float t = 0.0f;
-        for (int i = n8; i < n; i++) t += x[i] * x[i];
-        return llm_hsum(a, b) + t;
-    }
-
-    /* f(x[i]) for i < n in groups of 4 lanes; the last partial group goes through the same
-       lane code with padding (lanes beyond n are computed and dropped). */
-    #define LLM_MAP4(x, n, F)                                                      \
-        do {                                                                       \
-            int i_ = 0;                                                            \
-            for (; i_ + 4 <= (n); i_ += 4) llm_st((x) + i_, F(llm_ld((x) + i_)));  \
-            if (i_ < (n)) {                                                        \
-                float t_[4] = {0.0f, 0.0f, 0.0f, 0.0f};                            \
-                for (int j_ = i_; j_ < (n); j_++) t_[j_ - i_] = (x)[j_];           \
-                llm_v4 r_ = F(llm_ld(t_));                                         \
-                for (int j_ = i_; j_ < (n); j_++) (x)[j_] = r_[j_ - i_];           \
-            }                                                                      \
-        } while (0)
-
-    static inline llm_v4 llm_silu4(llm_v4 v) {
-        return v * (llm_splat(1.0f) / (llm_splat(1.0f) + llm_exp4(-v)));
-    }
-
-    /* hb[i] = silu(hb[i]) * hb2[i], SwiGLU as llama2.c writes it. */
-    static void llm_swiglu(float *hb, const float *hb2, int n) {
-        LLM_MAP4(hb, n, llm_silu4);
-        for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
-    }
-
-    /* GELU, tanh form: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), which
-       is x * sigmoid(2u): the silu code path with our exp, no libm tanh. */
-    static inline llm_v4 llm_gelu_tanh4(llm_v4 v) {
-        llm_v4 u2 = llm_splat(1.5957691216057308f) * v * (llm_splat(1.0f) + llm_splat(0.044715f) * v * v);
-        return v * (llm_splat(1.0f) / (llm_splat(1.0f) + llm_exp4(-u2)));
-    }
-
-    /* hb[i] = gelu_tanh(hb[i]) * hb2[i], GeGLU as Gemma computes it. */
-    static void llm_geglu(float *hb, const float *hb2, int n) {
-        LLM_MAP4(hb, n, llm_gelu_tanh4);
-        for (int i = 0; i < n; i++) hb[i] = hb[i] * hb2[i];
-    }
-
-    /* Softmax's shared parts. The maximum is exact in any order: take it four lanes at a
-       time. The finish exps from element i on by lanes of 4 (padding lanes add exact zeros)
-       into acc, then adds the lanes in a fixed tree and divides: every SIMD level calls the
-       same code, so their results agree bit for bit. */
-    static inline float llm_row_max(const float *x, int n) {
-        llm_v4 vmax = llm_splat(x[0]);
-        int i = 0;
-        for (; i + 4 <= n; i += 4) {
-            llm_v4 v = llm_ld(x + i);
-            vmax = llm_select(v > vmax, v, vmax);
-        }
-        float m = vmax[0];
-        for (int l = 1; l < 4; l++) if (vmax[l] > m) m = vmax[l];
-        for (; i < n; i++) if (x[i] > m) m = x[i];
-        return m;
-    }
-
-    static inline void llm_softmax_finish(float *x, int n, int i, float m, llm_v4 acc) {
-        const llm_v4 vm = llm_splat(m);
-        for (; i + 4 <= n; i += 4) {
-            llm_v4 e = llm_exp4(llm_ld(x + i) - vm);
-            llm_st(x + i, e);
-            acc += e;
-        }
-        if (i < n) {
-            float t[4] = {m, m, m, m};
-            for (int j = i; j < n; j++) t[j - i] = x[j];
-            llm_v4 e = llm_exp4(llm_ld(t) - vm);
-            for (int j = i; j < 4 + i; j++) {
-                if (j < n) x[j] = e[j - i]; else e[j - i] = 0.0f;
-            }
-            acc += e;
-        }
-        const float total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        for (int j = 0; j < n; j++) x[j] = x[j] / total;
-    }
-
-    /* Softmax in place. exp by lanes of 4; lane l sums t = 4k + l in order of k (padding
-       lanes add exact zeros); then the fixed tree; then one division per element. */
-    static void llm_softmax(float *x, int n) {
-        const float m = llm_row_max(x, n);
-        const llm_v4 vm = llm_splat(m);
-        llm_v4 acc = {0, 0, 0, 0};
-        int i = 0;
-        /* Two independent exps per iteration for the CPU to overlap; acc still adds them
-           in order of t. */
-        for (; i + 8 <= n; i += 8) {
-            llm_v4 e0 = llm_exp4(llm_ld(x + i) - vm);
-            llm_v4 e1 = llm_exp4(llm_ld(x + i + 4) - vm);
-            llm_st(x + i, e0);
-            llm_st(x + i + 4, e1);
-            acc += e0;
-            acc += e1;
-        }
-        llm_softmax_finish(x, n, i, m, acc);
-    }
-
-    /* Page layout, per block and layer: [2][n_kv][head_size * block_size] floats; the K
-       of head g stores dimension d of slot s at d * bs + s (so four slots' scores are four
-       lanes), the V stores it at s * hs + d (so a weighted sum runs along d). */
-    static void llm_write_kv(float *page, const float *k, const float *v, int slot,
-                             int bs, int n_kv, int hs)
-    {
-        const Py_ssize_t head = (Py_ssize_t)hs * bs;
-        float *kp = page, *vp = page + (Py_ssize_t)n_kv * head;
-        for (int g = 0; g < n_kv; g++)
-            for (int d = 0; d < hs; d++) {
-                kp[g * head + (Py_ssize_t)d * bs + slot] = k[g * hs + d];
-                vp[g * head + (Py_ssize_t)slot * hs + d] = v[g * hs + d];
-            }
-    }
-
-
-    #define LLM_MAX_HEAD 256  /* model.py refuses larger heads */
-
-    static inline __attribute__((always_inline))
-    void llm_attend_impl(float *out, const float *q, const float *layer, const int *bt,
-                         int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                         int group, const int hs, float *att, int att_stride)
-    {
-        const Py_ssize_t head = (Py_ssize_t)hs * bs;
-        const int hs4 = hs & ~3;
-        for (int g = 0; g < n_kv; g++) {
-            for (int h = 0; h < group; h++) {
-                const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
-                float *ah = att + (Py_ssize_t)h * att_stride;
-                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                    const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
-                    float *ab = ah + b * bs - first_pos;  /* score of slot s is ab[s] */
-                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
-                    int s = t - b * bs;
-                    for (; s + 4 <= m; s += 4) {
-                        llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
-                        for (int d = 1; d < hs; d++)
-                            acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
-                        llm_st(ab + s, acc);
-                    }
-                    for (; s < m; s++) {
-                        float acc = qh[0] * kt[s];
-                        for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
-                        ab[s] = acc;
-                    }
-                    t = b * bs + m;
-                }
-                llm_softmax(ah, n_pos - first_pos);
-                /* out[d] = sum over t, in order, of p_t * V[t][d]; accumulators stay in
-                   registers when hs is a compile-time constant (see llm_attend). */
-                llm_v4 acc[LLM_MAX_HEAD / 4];
-                float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int d = 0; d < hs4; d += 4) acc[d / 4] = llm_splat(0.0f);
-                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                    const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
-                                      + (Py_ssize_t)n_kv * head + g * head;
-                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
-                    for (int s = t - b * bs; s < m; s++, t++) {
-                        const float *vp = vb + (Py_ssize_t)s * hs;
-                        const float a = ah[t - first_pos];
-                        const llm_v4 va = llm_splat(a);
-                        for (int d = 0; d < hs4; d += 4) acc[d / 4] += va * llm_ld(vp + d);
-                        for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
-                    }
-                }
-                float *o = out + (Py_ssize_t)(g * group + h) * hs;
-                for (int d = 0; d < hs4; d += 4) llm_st(o + d, acc[d / 4]);
-                for (int d = hs4; d < hs; d++) o[d] = tail[d - hs4];
-            }
-        }
-    }
-
-    #ifdef LLM_HAVE_AVX
-    /* The attention above with 8 lanes where it had 4 (AVX2): each lane performs the same
-       operations in the same order as before, so the bits are those of the SSE code. */
-    typedef int llm_v8i __attribute__((vector_size(32)));
-    #define LLM_AVX2 __attribute__((target("avx2"), always_inline)) static inline
-
-    LLM_AVX2 llm_v8 llm_ld8(const float *p) { return *(const llm_v8u *)p; }
-    LLM_AVX2 void llm_st8(float *p, llm_v8 v) { *(llm_v8u *)p = v; }
-    LLM_AVX2 llm_v8 llm_splat8(float x) { llm_v8 v = {x, x, x, x, x, x, x, x}; return v; }
-    LLM_AVX2 llm_v4 llm_lo4(llm_v8 v) { llm_v4 r; __builtin_memcpy(&r, &v, sizeof r); return r; }
-    LLM_AVX2 llm_v4 llm_hi4(llm_v8 v) {
-        llm_v4 r; __builtin_memcpy(&r, (const char *)&v + sizeof r, sizeof r); return r;
-    }
-    LLM_AVX2 llm_v8 llm_select8(llm_v8i mask, llm_v8 a, llm_v8 b) {
-        llm_v8i ai, bi, ri;
-        llm_v8 r;
-        __builtin_memcpy(&ai, &a, sizeof a);
-        __builtin_memcpy(&bi, &b, sizeof b);
-        ri = (ai & mask) | (bi & ~mask);
-        __builtin_memcpy(&r, &ri, sizeof r);
-        return r;
-    }
-
-    /* llm_exp4 on 8 lanes, operation for operation. */
-    LLM_AVX2 llm_v8 llm_exp8(llm_v8 x) {
-        const llm_v8 hi = llm_splat8(88.0f), lo = llm_splat8(-87.0f);
-        x = llm_select8(x > hi, hi, x);
-        x = llm_select8(x < lo, lo, x);
-        llm_v8 fx = x * llm_splat8(1.44269504088896341f) + llm_splat8(0.5f);
-        llm_v8i n = __builtin_convertvector(fx, llm_v8i);
-        llm_v8 nf = __builtin_convertvector(n, llm_v8);
-        llm_v8i too_big = nf > fx;
-        n = n + too_big;
-        nf = __builtin_convertvector(n, llm_v8);
-        llm_v8 r = x - nf * llm_splat8(0.693359375f) - nf * llm_splat8(-2.12194440e-4f);
-        llm_v8 p = llm_splat8(1.9875691500e-4f);
-        p = p * r + llm_splat8(1.3981999507e-3f);
-        p = p * r + llm_splat8(8.3334519073e-3f);
-        p = p * r + llm_splat8(4.1665795894e-2f);
-        p = p * r + llm_splat8(1.6666665459e-1f);
-        p = p * r + llm_splat8(5.0000001201e-1f);
-        llm_v8 y = p * (r * r) + r + llm_splat8(1.0f);
-        llm_v8i bits = (n + 127) << 23;
-        llm_v8 scale;
-        __builtin_memcpy(&scale, &bits, sizeof scale);
-        return y * scale;
-    }
-
-    /* llm_softmax: the 8-element steps add their low then high half into the 4-lane sum,
-       as the SSE code adds e0 then e1. */
-    LLM_AVX2 void llm_softmax_avx2(float *x, int n) {
-        const float m = llm_row_max(x, n);
-        const llm_v8 vm8 = llm_splat8(m);
-        llm_v4 acc = {0, 0, 0, 0};
-        int i = 0;
-        for (; i + 8 <= n; i += 8) {
-            llm_v8 e = llm_exp8(llm_ld8(x + i) - vm8);
-            llm_st8(x + i, e);
-            acc += llm_lo4(e);
-            acc += llm_hi4(e);
-        }
-        llm_softmax_finish(x, n, i, m, acc);
-    }
-
-    LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *layer,
-                                      const int *bt, int first_pos, int n_pos, Py_ssize_t block_stride,
-                                      int bs, int n_kv, int group, const int hs,
-                                      float *att, int att_stride)
-    {
-        const Py_ssize_t head = (Py_ssize_t)hs * bs;
-        const int hs8 = hs & ~7;
-        const int hs4 = hs & ~3;
-        for (int g = 0; g < n_kv; g++) {
-            for (int h = 0; h < group; h++) {
-                const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
-                float *ah = att + (Py_ssize_t)h * att_stride;
-                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                    const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
-                    float *ab = ah + b * bs - first_pos;
-                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
-                    int s = t - b * bs;
-                    for (; s + 8 <= m; s += 8) {
-                        llm_v8 acc = llm_splat8(qh[0]) * llm_ld8(kt + s);
-                        for (int d = 1; d < hs; d++)
-                            acc += llm_splat8(qh[d]) * llm_ld8(kt + (Py_ssize_t)d * bs + s);
-                        llm_st8(ab + s, acc);
-                    }
-                    for (; s + 4 <= m; s += 4) {
-                        llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
-                        for (int d = 1; d < hs; d++)
-                            acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
-                        llm_st(ab + s, acc);
-                    }
-                    for (; s < m; s++) {
-                        float acc = qh[0] * kt[s];
-                        for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
-                        ab[s] = acc;
-                    }
-                    t = b * bs + m;
-                }
-                llm_softmax_avx2(ah, n_pos - first_pos);
-                llm_v8 acc8[LLM_MAX_HEAD / 8];
-                llm_v4 acc4 = llm_splat(0.0f);
-                float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int d = 0; d < hs8; d += 8) acc8[d / 8] = llm_splat8(0.0f);
-                for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                    const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
-                                      + (Py_ssize_t)n_kv * head + g * head;
-                    const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
-                    for (int s = t - b * bs; s < m; s++, t++) {
-                        const float *vp = vb + (Py_ssize_t)s * hs;
-                        const float a = ah[t - first_pos];
-                        const llm_v8 va = llm_splat8(a);
-                        for (int d = 0; d < hs8; d += 8) acc8[d / 8] += va * llm_ld8(vp + d);
-                        if (hs4 > hs8) acc4 += llm_splat(a) * llm_ld(vp + hs8);
-                        for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
-                    }
-                }
-                float *o = out + (Py_ssize_t)(g * group + h) * hs;
-                for (int d = 0; d < hs8; d += 8) llm_st8(o + d, acc8[d / 8]);
-                if (hs4 > hs8) llm_st(o + hs8, acc4);
-                for (int d = hs4; d < hs; d++) o[d] = tail[d - hs4];
-            }
-        }
-    }
-
-    __attribute__((target("avx2")))
-    static void llm_attend_avx2(float *out, const float *q, const float *layer, const int *bt,
-                                int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                                int group, int hs, float *att, int att_stride)
-    {
-        switch (hs) {
-        case 8:
-            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
-            break;
-        case 64:
-            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
-            break;
-        case 128:
-            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
-            break;
-        case 256:
-            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
-            break;
-        default:
-            llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
-        }
-    }
-    #endif
-
-    /* One row's attention at one layer. q holds the row's query heads, already scaled;
-       layer points at this layer's page in block 0, and block b's page is bt[b] *
-       block_stride floats further. Per query head: scores for t = first_pos..n_pos-1 (a
-       sliding window starts after 0; a row's window depends only on its position)
-       (score t sums d = 0..hs-1 in order; slots go 8 (AVX2) or 4 to a vector and the rest
-       through a scalar loop, all performing the same operations per score), a softmax,
-       then V weighted and summed in order of t. Common head sizes get their own copy
-       with hs constant, which changes the speed only. */
-    static void llm_attend(float *out, const float *q, const float *layer, const int *bt,
-                           int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                           int group, int hs, float *att, int att_stride)
-    {
-    #ifdef LLM_HAVE_AVX
-        if (llm_simd_level > 1) {
-            llm_attend_avx2(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
-            return;
-        }
-    #endif
-        switch (hs) {
-        case 8:
-            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
-            break;
-        case 64:
-            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
-            break;
-        case 128:
-            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
-            break;
-        case 256:
-            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
-            break;
-        default:
-            llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
-        }
-    }
-
-    /* Threads inside a step (llm_pool.h). Each output of a matmul is computed by exactly
-       one thread with the code one thread would run (columns [j0, j1) per thread, a fixed
-       partition), and each row's attention by one thread into its own scratch, so results
-       never depend on the thread count. Small products stay on the calling thread: waking
-       others costs more than they save. */
-    #include "llm_pool.h"
-    #define LLM_PAR_MIN_MACS (1 << 18)
-    static int llm_threads = 1;
-
-    typedef struct {
-        float *out; Py_ssize_t os; const float *x; Py_ssize_t xs; const float *w;
-        int n_rows, n_in, n_out;
-    } llm_matmul_job;
-
-    static void llm_matmul_share(void *p, int t, int n) {
-        const llm_matmul_job *j = (const llm_matmul_job *)p;
-        const int j0 = (int)((long long)j->n_out * t / n) & ~7;
-        const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~7;
-        if (j1 > j0)
-            llm_matmul(j->out + j0, j->os, j->x, j->xs, j->w + (Py_ssize_t)j0 * j->n_in,
-                       j->n_rows, j->n_in, j1 - j0);
-    }
-
-    static void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                               const float *w, int n_rows, int n_in, int n_out)
-    {
-        const int nt = llm_threads;
-        llm_matmul_job job = {out, os, x, xs, w, n_rows, n_in, n_out};
-        if (nt <= 1 || n_out < 16 * nt || (double)n_rows * n_in * n_out < LLM_PAR_MIN_MACS)
-            llm_matmul_share(&job, 0, 1);
-        else
-            llm_parallel(llm_matmul_share, &job, nt);
-    }
-
-    typedef struct {
-        float *out; Py_ssize_t os; const float *q; int qd; const float *layer; const int *bt;
-        int bt_width; const int *row_seq; const int *positions; int n, window;
-        Py_ssize_t block_stride; int bs, n_kv, group, hs; float *att; int att_stride, att_rows;
-    } llm_attend_job;
-
-    /* Thread t takes rows t, t + n, ...; its scores go to att + t * att_rows * att_stride. */
-    static void llm_attend_share(void *p, int t, int n) {
-        const llm_attend_job *j = (const llm_attend_job *)p;
-        float *att = j->att + (Py_ssize_t)t * j->att_rows * j->att_stride;
-        for (int r = t; r < j->n; r += n) {
-            const int pos = j->positions[r];
-            const int first = j->window && pos >= j->window ? pos + 1 - j->window : 0;
-            llm_attend(j->out + r * j->os, j->q + (Py_ssize_t)r * j->qd, j->layer,
-                       j->bt + j->row_seq[r] * j->bt_width, first, pos + 1, j->block_stride,
-                       j->bs, j->n_kv, j->group, j->hs, att, j->att_stride);
-        }
-    }
-
-    /* Every row's attention at one layer; a row at position p reads positions from
-       p + 1 - window on (0: all). */
-    static void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd,
-                                const float *layer, const int *bt, int bt_width,
-                                const int *row_seq, const int *positions, int n, int window,
-                                Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
-                                float *att, int att_stride, int att_rows)
-    {
-        llm_attend_job job = {out, os, q, qd, layer, bt, bt_width, row_seq, positions, n, window,
-                              block_stride, bs, n_kv, group, hs, att, att_stride, att_rows};
-        const int nt = llm_threads < n ? llm_threads : n;
-        if (nt <= 1)
-            llm_attend_share(&job, 0, 1);
-        else
-            llm_parallel(llm_attend_share, &job, nt);
-    }
-
-    /* Q8_0 weights (llm_q8.h): the step's activation rows are quantised once per matmul,
-       then each thread takes a fixed share of the outputs, as for float weights. */
-    #include "llm_q8.h"
-
-    typedef struct {
-        float *out; Py_ssize_t os; const int8_t *xq; const float *xd; int n_rows, n_in;
-        const uint8_t *w; int n_out;
-    } llm_q8_job;
-
-    static void llm_q8_share(void *p, int t, int n) {
-        const llm_q8_job *j = (const llm_q8_job *)p;
-        const int j0 = (int)((long long)j->n_out * t / n) & ~7;
-        const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~7;
-        const Py_ssize_t row_bytes = (Py_ssize_t)(j->n_in / LLM_QK) * LLM_Q8_BLOCK;
-        if (j1 > j0)
-            llm_matmul_q8(llm_simd_level, j->out + j0, j->os, j->xq, j->xd, j->n_rows, j->n_in,
-                          j->w + j0 * row_bytes, j1 - j0);
-    }
-
-    /* out = x . W for W in float32 (w) or Q8_0 blocks (wq; then xq, xd are scratch for
-       n_rows quantised rows of n_in). n_rows is padded to a multiple of 4 for the float
-       kernel; the 8-bit one computes only the first n_real rows (a lone decode row costs one
-       row, not four) and zeroes the padding's outputs. */
-    static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
-                             int n_rows, int n_real, int n_in, int n_out, const float *w,
-                             const uint8_t *wq, int8_t *xq, float *xd)
-    {
-        if (wq == NULL) {
-            llm_matmul_par(out, os, x, xs, w, n_rows, n_in, n_out);
-            return;
-        }
-        for (int r = n_real; r < n_rows; r++) memset(out + (Py_ssize_t)r * os, 0, n_out * sizeof(float));
-        n_rows = n_real;
-        const int nb = n_in / LLM_QK;
-        for (int r = 0; r < n_rows; r++)
-            llm_quantize_row_q8(x + r * xs, n_in, xq + (Py_ssize_t)r * n_in, xd + (Py_ssize_t)r * nb);
-        llm_q8_job job = {out, os, xq, xd, n_rows, n_in, wq, n_out};
-        const int nt = llm_threads;
-        if (nt <= 1 || n_out < 16 * nt || (double)n_rows * n_in * n_out < LLM_PAR_MIN_MACS)
-            llm_q8_share(&job, 0, 1);
-        else
-            llm_parallel(llm_q8_share, &job, nt);
-    }
-    """
+cdef extern from "llm_kernels.h":
     void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
     int llm_simd_level
     int llm_detect_simd() noexcept nogil
+    void llm_dequantize_row_q8s(const unsigned char *w, int n, float *out) noexcept nogil
     void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs, int n_rows, int n_real, int n_in,
-                      int n_out, const float *w, const unsigned char *wq, signed char *xq,
-                      float *xd) noexcept nogil
+                      int n_out, const float *w, const unsigned char *wq, int kind, signed char *xq,
+                      float *xd, int *xsum) noexcept nogil
     void llm_dequantize_row_q8(const unsigned char *w, int n, float *out) noexcept nogil
     int llm_threads
     int LLM_MAX_THREADS
@@ -715,7 +31,7 @@ cdef extern from *:
     void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd, const float *layer,
                          const int *bt, int bt_width, const int *row_seq, const int *positions,
                          int n, int window, Py_ssize_t block_stride, int bs, int n_kv, int group,
-                         int hs, float *att, int att_stride, int att_rows) noexcept nogil
+                         int hs, float *att, int att_stride, int att_rows, int threads) noexcept nogil
     float llm_sumsq(const float *x, int n) noexcept nogil
     void llm_swiglu(float *hb, const float *hb2, int n) noexcept nogil
     void llm_geglu(float *hb, const float *hb2, int n) noexcept nogil
@@ -770,27 +86,34 @@ cdef const float *_ptr(object array, list keep) except? NULL:
     return &mv[0]
 
 
-def q8_matmul(const float[:, ::1] x, const unsigned char[:, ::1] blocks, int cols):
-    """x @ W.T for W in Q8_0 blocks (rows of ``cols`` values): the runner's 8-bit matmul on
-    its own, for tests. Returns float32 (len(x), len(blocks))."""
+def q8_matmul(const float[:, ::1] x, const unsigned char[:, ::1] blocks, int cols, int kind=1):
+    """x @ W.T for W in 8-bit blocks (kind 1: Q8_0, 2: Q8S; rows of ``cols`` values): the
+    runner's 8-bit matmul on its own, for tests. Returns float32 (len(x), len(blocks))."""
     cdef int n = x.shape[0], n4 = (x.shape[0] + 3) & ~3, n_out = blocks.shape[0]
-    if x.shape[1] != cols or cols % 32 or blocks.shape[1] != cols // 32 * 34:
-        raise ValueError("x, blocks and cols do not agree")
+    if kind not in (1, 2) or x.shape[1] != cols or cols % 32 or blocks.shape[1] != cols // 32 * (34 if kind == 1 else 44):
+        raise ValueError("x, blocks, cols and kind do not agree")
     padded = np.zeros((n4, cols), np.float32)
     padded[:n] = x
     out = np.empty((n4, n_out), np.float32)
     xq = np.empty((n4, cols), np.int8)
     xd = np.empty((n4, cols // 32 + 1), np.float32)
+    xs = np.empty((n4, cols // 32 + 1), np.int32)
     cdef float[:, ::1] p = padded, o = out, d = xd
     cdef signed char[:, ::1] q = xq
+    cdef int[:, ::1] sums = xs
     with nogil:
-        llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0, 0],
-                     &q[0, 0], &d[0, 0])
+        llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0, 0], kind,
+                     &q[0, 0], &d[0, 0], &sums[0, 0])
     return out[:n]
 
 
+cdef int _kind(object matrix):
+    # 0: float32 (or absent), 1: Q8_0 blocks, 2: Q8S blocks (servers/runner/q8.py).
+    return getattr(matrix, "KIND", 0)
+
+
 cdef const unsigned char *_q8_ptr(object matrix, list keep) except? NULL:
-    # A Q8Matrix's blocks (file-mapped or widened at load); None or a float matrix: NULL.
+    # An 8-bit matrix's blocks (file-mapped or widened at load); None or a float matrix: NULL.
     if matrix is None or not hasattr(matrix, "blocks"):
         return NULL
     cdef const unsigned char[::1] mv = matrix.blocks.reshape(-1)
@@ -882,15 +205,18 @@ cdef class Engine:
         self.keep = []
         self.emb = _f32_ptr(weights.tok_embeddings, self.keep)
         self.emb_q8 = _q8_ptr(weights.tok_embeddings, self.keep)
+        self.emb_kind = _kind(weights.tok_embeddings)
         self.rms_final = _ptr(weights.rms_final, self.keep)
         self.wcls = _f32_ptr(weights.wcls, self.keep)
         self.wcls_q8 = _q8_ptr(weights.wcls, self.keep)
+        self.wcls_kind = _kind(weights.wcls)
         cdef int l, f
         for l in range(self.n_layers):
             layer = weights.layers[l]
             for f in range(W_PER_LAYER):
                 self.layer_ptrs[l * W_PER_LAYER + f] = _f32_ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
                 self.layer_q8[l * W_PER_LAYER + f] = _q8_ptr(getattr(layer, LAYER_FIELDS[f]), self.keep)
+                self.layer_kind[l * W_PER_LAYER + f] = _kind(getattr(layer, LAYER_FIELDS[f]))
             # A local layer reads the last `sliding_window` positions, with rope table 1.
             local = config.is_local(l)
             self.layer_window[l] = config.sliding_window if local else 0
@@ -922,7 +248,8 @@ cdef class Engine:
         widest = max(self.dim, self.q_dim, self.hidden_dim)
         self.xq = z((rows, widest), np.int8)
         self.xd = z((rows, widest // 32 + 1), np.float32)
-        self.att = z((self.n_heads, self.seq_len), np.float32)
+        self.xs = z((rows, widest // 32 + 1), np.int32)
+        self.att = z((self.n_heads // self.n_kv_heads, self.seq_len), np.float32)
         self.scratch_rows = rows
 
     def forward(self, const int[::1] tokens, const int[::1] positions, const int[::1] row_seq,
@@ -938,8 +265,12 @@ cdef class Engine:
         cdef int n = tokens.shape[0]
         cdef int m_rows = logit_rows.shape[0]
         self._grow(max(n, m_rows))
-        if self.att.shape[0] < llm_threads * self.n_heads:  # scores: one set of heads per thread
-            self.att = np.zeros((llm_threads * self.n_heads, self.seq_len), np.float32)
+        # Scores: each thread needs one row per query head of a KV group. The count is read
+        # once here, so the buffer always matches what the kernels are told.
+        cdef int threads = llm_threads
+        cdef int group_rows = self.n_heads // self.n_kv_heads
+        if self.att.shape[0] < threads * group_rows:
+            self.att = np.zeros((threads * group_rows, self.seq_len), np.float32)
         cdef int n4 = (n + 3) & ~3
         cdef int m4 = (m_rows + 3) & ~3
         cdef int dim = self.dim, hidden = self.hidden_dim, qd = self.q_dim, kvd = self.kv_dim
@@ -963,6 +294,8 @@ cdef class Engine:
         cdef const unsigned char **w8
         cdef signed char *xq = &self.xq[0, 0]
         cdef float *xd = &self.xd[0, 0]
+        cdef int *xs = &self.xs[0, 0]
+        cdef const int *wk
         cdef int r, l, i, pos, blk
         cdef float *att = &self.att[0, 0]
         # Floats between one block and the next, and between one layer and the next.
@@ -972,9 +305,12 @@ cdef class Engine:
         cdef float escale = self.embed_scale, qscale = self.query_scale
         with nogil:
             for r in range(n):
-                if self.emb_q8 != NULL:
+                if self.emb_kind == 1:
                     llm_dequantize_row_q8(self.emb_q8 + <Py_ssize_t>tokens[r] * (dim // 32) * 34,
                                           dim, x + r * dim)
+                elif self.emb_kind == 2:
+                    llm_dequantize_row_q8s(self.emb_q8 + <Py_ssize_t>tokens[r] * (dim // 32) * 44,
+                                           dim, x + r * dim)
                 else:
                     memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
                 if escale != <float>1.0:
@@ -983,13 +319,14 @@ cdef class Engine:
             for l in range(n_layers):
                 w = &self.layer_ptrs[l * W_PER_LAYER]
                 w8 = &self.layer_q8[l * W_PER_LAYER]
+                wk = &self.layer_kind[l * W_PER_LAYER]
                 window = self.layer_window[l]
                 tab = self.layer_rope[l]
                 for r in range(n):
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_ATT], dim, eps)
-                llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], xq, xd)
-                llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], xq, xd)
-                llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], xq, xd)
+                llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], wk[W_Q], xq, xd, xs)
+                llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], wk[W_K], xq, xd, xs)
+                llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], wk[W_V], xq, xd, xs)
                 _add_bias(q, w[W_BQ], n, qd)
                 _add_bias(k, w[W_BK], n, kvd)
                 _add_bias(v, w[W_BV], n, kvd)
@@ -1011,22 +348,22 @@ cdef class Engine:
                                  v + r * kvd, pos % block_size, block_size, n_kv, hs)
                 llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
                                 &positions[0], n, window, block_stride, block_size, n_kv, group,
-                                hs, att, self.seq_len, n_heads)
-                llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], xq, xd)
+                                hs, att, self.seq_len, group_rows, threads)
+                llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs)
                 for r in range(n):
                     if w[W_POST_ATT] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_ATT], dim, eps)
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_FFN], dim, eps)
-                llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], xq, xd)
-                llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], xq, xd)
+                llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], wk[W_1], xq, xd, xs)
+                llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], wk[W_3], xq, xd, xs)
                 for r in range(n):
                     if self.gelu:
                         llm_geglu(hb + r * hidden, hb2 + r * hidden, hidden)
                     else:
                         llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
-                llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], xq, xd)
+                llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], wk[W_2], xq, xd, xs)
                 for r in range(n):
                     if w[W_POST_FFN] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_FFN], dim, eps)
@@ -1036,7 +373,7 @@ cdef class Engine:
             for i in range(m_rows):
                 _rmsnorm(xb + i * xbs, x + logit_rows[i] * dim, self.rms_final, dim, eps)
             if m_rows:
-                llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, self.wcls_q8, xq, xd)
+                llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, self.wcls_q8, self.wcls_kind, xq, xd, xs)
             for i in range(m_rows):
                 memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
 

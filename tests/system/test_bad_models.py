@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers.runner.loaders import check_model, load_model
+from servers.runner.loaders import check_model, default_model_path, load_model
 from tests.servers.runner.helpers import rewrite_gguf, shared_models
 from tests.system.cli import Cli
 
@@ -35,6 +35,9 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     header_only.write_bytes(whole[:4000])
     text = tmp_path / "notes.gguf"
     text.write_text("these are my notes, not a model\n" * 4)
+    lonely = tmp_path / "lonely" / "model.bin"  # a llama2.c checkpoint without its tokenizer.bin
+    lonely.parent.mkdir()
+    lonely.write_bytes(default_model_path().read_bytes())
     return {
         "missing tensor": (
             variant(tmp_path, "missing", lambda n, d: None if n == "blk.1.ffn_up.weight" else d),
@@ -52,6 +55,7 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "truncated header": (header_only, "truncated GGUF header"),
         "not a model": (text, "not a model file"),
         "no such file": (tmp_path / "nowhere.gguf", "no such model file"),
+        "no vocabulary": (lonely, "its vocabulary is expected in"),
     }
 
 
@@ -60,7 +64,7 @@ def test_each_bad_file_is_refused_by_the_loader_with_its_cause(tmp_path: Path) -
         with pytest.raises(ValueError) as info:
             check_model(path)
         assert str(path) in str(info.value) and message in str(info.value), what
-        if path.exists():
+        if path.exists() and path.suffix == ".gguf":
             with pytest.raises(ValueError, match=message):
                 load_model(path)
 

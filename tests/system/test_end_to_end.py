@@ -151,6 +151,8 @@ def test_bad_requests_are_refused_with_the_field_named(instance: str) -> None:
                 session.generate("Zoo", **kwargs)
         with pytest.raises(libllm.InvalidRequest, match="context"):
             session.generate("word " * 600)
+        with pytest.raises(libllm.InvalidRequest, match="not valid Unicode"):
+            session.generate("Zoo \ud800 zoo")
         assert session.generate("Zoo", max_tokens=3).usage.completion_tokens == 3
 
 

@@ -53,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests in the workload (None: 16 per worker)")
     p.add_argument("--policies", default="fcfs", help="comma-separated, each on a fresh instance: fcfs,priority,rr,fair")
     p.add_argument("--runners", type=int, default=1, help="runner processes per instance")
+    p.add_argument("--threads", type=int, default=1, help="threads per runner ([runner] threads)")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second (0: closed loop)")
     p.add_argument("--prompt-len", default="uniform:16:128", help="tokens: fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA")
     p.add_argument("--output-len", default="uniform:32:256", help="max_tokens, as --prompt-len")
@@ -90,8 +91,8 @@ def check(ns: argparse.Namespace) -> str:
     bad = [x for x in ns.policies if x not in POLICIES]
     if bad or not ns.policies:
         return f"--policies: {', '.join(bad) or 'none given'}; choose from {', '.join(POLICIES)}"
-    if min(ns.workers, ns.requests, ns.runners, ns.reps) < 1 or ns.naive_requests < 0 or ns.sample_interval <= 0:
-        return "--workers, --requests, --runners and --reps must be >= 1, --naive-requests >= 0"
+    if min(ns.workers, ns.requests, ns.runners, ns.reps, ns.threads) < 1 or ns.naive_requests < 0 or ns.sample_interval <= 0:
+        return "--workers, --requests, --runners, --threads and --reps must be >= 1, --naive-requests >= 0"
     return ""
 
 
@@ -143,7 +144,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 ns.rate, model.config.seq_len)
     items = make_workload(spec, load_tokenizer(default_tokenizer_path()).encode)
     stop_ids = stop_ids_of(model)
-    options = RunOptions(ns.workers, ns.runners, ns.pages, ns.http, ns.stream, ns.rate > 0, ns.sample_interval)
+    options = RunOptions(ns.workers, ns.runners, ns.pages, ns.http, ns.stream, ns.rate > 0, ns.sample_interval,
+                         ns.threads)
     in_proc = []
     runs: dict[str, list[SystemRun]] = {p: [] for p in ns.policies}
     naive = None

@@ -28,6 +28,7 @@ class RunOptions:
     stream: bool = False
     open_loop: bool = False
     sample_s: float = 0.5  # how often the instance's KV use is sampled
+    threads: int = 1  # per runner
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,7 +46,8 @@ class SystemRun:
 
 
 def config_text(policy: str, options: RunOptions) -> str:
-    head = f'[memory]\npages = "{options.pages}"\n[scheduler]\npolicy = "{policy}"\n'
+    head = (f'[memory]\npages = "{options.pages}"\n[scheduler]\npolicy = "{policy}"\n'
+            f"[runner]\nthreads = {options.threads}\n")
     if options.http:
         head += "[gateway]\nport = 0\n"  # a free port, written to the run dir's gateway.url
     return head + servers_toml(options.runners, gateway=options.http)

@@ -6,7 +6,9 @@
  *
  * Why not OpenMP: libgomp's threads do not survive fork, and a forked child that enters a
  * parallel region hangs for ever. libllm programs and the benchmarks fork after computing;
- * this pool notices it is in a new process (its owner pid differs) and starts afresh.
+ * a fork handler marks this pool empty in the child, which starts its own workers afresh.
+ * (On Python 3.12+ a later os.fork() in a process whose pool has workers warns that the
+ * process is multi-threaded: it is, and the child is still safe.)
  *
  * Workers spin briefly on the generation counter before sleeping on a condition variable,
  * so the ~100 hand-offs of a step cost microseconds, and an idle runner uses no CPU.
@@ -16,7 +18,6 @@
 
 #include <pthread.h>
 #include <stdint.h>
-#include <unistd.h>
 
 #define LLM_MAX_THREADS 64
 #define LLM_SPIN 20000
@@ -31,7 +32,7 @@ typedef void (*llm_task)(void *ctx, int t, int n);
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
-    pid_t owner;              /* the process whose workers these are; 0: none yet */
+    int started;              /* mutex and condvars made, fork handler registered */
     int workers;              /* started, each waits for the next generation */
     long generation;          /* bumped once per llm_parallel call */
     long born;                /* the generation a worker being started has already seen */
@@ -59,23 +60,31 @@ static void *llm_worker(void *arg) {
         pthread_mutex_unlock(&llm_pool.mu);
         if (id < n) fn(ctx, id, n);
         pthread_mutex_lock(&llm_pool.mu);
-        if (--llm_pool.pending == 0) pthread_cond_signal(&llm_pool.done);
+        if (__atomic_sub_fetch(&llm_pool.pending, 1, __ATOMIC_ACQ_REL) == 0)
+            pthread_cond_signal(&llm_pool.done);
         pthread_mutex_unlock(&llm_pool.mu);
     }
     return NULL;
 }
 
+static void llm_pool_init(void) {
+    pthread_mutex_init(&llm_pool.mu, NULL);
+    pthread_cond_init(&llm_pool.go, NULL);
+    pthread_cond_init(&llm_pool.done, NULL);
+    llm_pool.workers = 0;
+    llm_pool.pending = 0;
+}
+
+/* In a forked child only the forking thread exists: no workers, fresh locks. */
+static void llm_pool_after_fork_child(void) { llm_pool_init(); }
+
 /* Workers 1..n-1 exist in this process. Returns how many threads may take part (fewer if a
    thread could not be started: the caller's shares then run on fewer threads, same bits). */
 static int llm_pool_ready(int n) {
-    if (llm_pool.owner != getpid()) {
-        /* First use, or a forked child: the parent's workers are not here. */
-        pthread_mutex_init(&llm_pool.mu, NULL);
-        pthread_cond_init(&llm_pool.go, NULL);
-        pthread_cond_init(&llm_pool.done, NULL);
-        llm_pool.owner = getpid();
-        llm_pool.workers = 0;
-        llm_pool.pending = 0;
+    if (!llm_pool.started) {
+        llm_pool_init();
+        pthread_atfork(NULL, NULL, llm_pool_after_fork_child);
+        llm_pool.started = 1;
     }
     llm_pool.born = llm_pool.generation;
     while (llm_pool.workers < n - 1) {

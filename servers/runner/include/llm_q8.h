@@ -65,8 +65,9 @@ static inline float llm_round_f16(float x) {
     return x;
 }
 
-/* One row of n floats (n a multiple of 32) -> q[n], d[n / 32]. */
-static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d) {
+/* One row of n floats (n a multiple of 32) -> q[n], d[n / 32], and each block's sum of q
+   in sums[n / 32] (the min term of llm_q8s.h's blocks needs it). */
+static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d, int32_t *sums) {
     for (int b = 0; b < n / LLM_QK; b++) {
         const float *xb = x + b * LLM_QK;
         float amax = 0.0f;
@@ -76,8 +77,13 @@ static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d) {
         }
         const float scale = amax / 127.0f;
         const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;  /* as llama.cpp's x86 code */
-        for (int i = 0; i < LLM_QK; i++) q[b * LLM_QK + i] = (int8_t)nearbyintf(xb[i] * inv);
+        int32_t sum = 0;
+        for (int i = 0; i < LLM_QK; i++) {
+            q[b * LLM_QK + i] = (int8_t)nearbyintf(xb[i] * inv);
+            sum += q[b * LLM_QK + i];
+        }
         d[b] = llm_round_f16(scale);
+        sums[b] = sum;
     }
 }
 

@@ -12,21 +12,25 @@ from tools.bench import model as bench
 
 def test_bench_model_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model.json"
-    assert (
-        bench.main(["--batches", "1,3", "--max-pos", "12", "--repeats", "2", "--json", str(out)])
-        == 0
-    )
+    argv = ["--batches", "1,3", "--max-pos", "12", "--prompt", "4", "--prefill", "32", "--repeats", "2",
+            "--threads", "2", "--json", str(out)]
+    assert bench.main(argv) == 0
     table = capsys.readouterr().out
-    assert "ours tok/s" in table and "ratio" in table
+    assert "ours tok/s" in table and "ours/numpy" in table and "peak RSS" in table
     data = json.loads(out.read_text())
-    assert [r["batch"] for r in data["results"]] == [1, 3]
+    assert [r["metric"] for r in data["results"]] == ["prefill 32", "decode B=1", "decode B=3"]
     for row in data["results"]:
-        assert len(row["ours_runs"]) == len(row["numpy_runs"]) == 2
-        assert row["ours_tok_s"]["median"] > 0 and row["ratio"]["median"] > 0
-        assert row["same_greedy_text"]  # both implementations pick the same tokens
+        assert len(row["ours"]["runs"]) == 2 and row["ours"]["median"] > 0
+    for row in data["results"][1:]:
+        assert len(row["numpy"]["runs"]) == 2 and row["ours_over_numpy"]["median"] > 0
+    # Both implementations pick the same greedy tokens after the same prompts.
+    assert data["same_greedy_text_as_numpy"] == {"1": True, "3": True}
+    assert data["weight_bytes"] > 0 and data["peak_rss_bytes"] > 0
 
 
 def test_bench_model_rejects_bad_options() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--batches", "0"])
     assert bench.main(["--max-pos", "100000", "--repeats", "1"]) == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--llama-cpp", "/nonexistent"])

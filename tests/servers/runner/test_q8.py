@@ -1,5 +1,7 @@
-"""The 8-bit weight path: Q4_0 and Q5_0 widen to Q8_0 blocks exactly, the kernels equal a
-float64 computation of the same integer sums, and every SIMD level gives the same bits."""
+"""The 8-bit weight path: Q4_0 and Q5_0 widen to Q8_0 blocks exactly and the K-quants and
+Q4_1/Q5_1 to Q8S blocks, the kernels equal a float64 computation of the same integer sums,
+and every SIMD level gives the same bits (the K-quant fixtures' bits across levels are in
+test_architectures.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ import pytest
 from servers.runner import _kernels
 from servers.runner.loaders import load_model
 from servers.runner.model import Model, SeqChunk
-from servers.runner.q8 import Q8Matrix, q8_row_bytes, widen
+from servers.runner.q8 import (
+    Q8S_TYPES,
+    Q8Matrix,
+    Q8SMatrix,
+    q8_row_bytes,
+    q8s_row_bytes,
+    widen,
+    widen_q8s,
+)
 from tests.servers.runner.helpers import rewrite_gguf, shared_models
 
 STORIES = shared_models() / "derived" / "stories260K-f32.gguf"
@@ -29,6 +39,65 @@ def test_widening_keeps_every_value(kind: str) -> None:
     assert np.array_equal(Q8Matrix(out, 256).dequantize(), gguf.quants.dequantize(raw, qtype))
 
 
+def random_superblocks(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n blocks of ``kind`` with random bits (every bit pattern is a valid block) and sane
+    f16 scales (gguf cannot write K-quants; llama-quantize is not here)."""
+    size = Q8S_TYPES[kind][0]
+    raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+
+    def f16(scale: float) -> np.ndarray:
+        return rng.uniform(-scale, scale, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    if kind in ("Q4_K", "Q5_K"):
+        raw[:, 0:2], raw[:, 2:4] = f16(0.1), f16(0.1)
+    elif kind == "Q6_K":
+        raw[:, 208:210] = f16(0.01)
+    else:
+        raw[:, 0:2], raw[:, 2:4] = f16(0.1), f16(1.0)
+    return raw
+
+
+@pytest.mark.parametrize("kind", sorted(Q8S_TYPES))
+def test_k_quants_widen_to_q8s_keeping_every_value(kind: str) -> None:
+    rng = np.random.default_rng(9)
+    rows, cols = 3, 512
+    raw = random_superblocks(kind, rows * cols // Q8S_TYPES[kind][1], rng).reshape(rows, -1)
+    out = np.empty((rows, q8s_row_bytes(cols)), np.uint8)
+    widen_q8s(raw, kind, out)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    assert np.array_equal(Q8SMatrix(out, cols).dequantize(), want)
+
+
+def test_a_q8s_matmul_is_its_integer_sums() -> None:
+    rng = np.random.default_rng(2)
+    rows, cols = 40, 512
+    raw = random_superblocks("Q6_K", rows * cols // 256, rng).reshape(rows, -1)
+    blocks = np.empty((rows, q8s_row_bytes(cols)), np.uint8)
+    widen_q8s(raw, "Q6_K", blocks)
+    w = Q8SMatrix(blocks, cols)
+    x = (rng.standard_normal((5, cols)) * np.geomspace(1e-2, 10, 5)[:, None]).astype(np.float32)
+    got = _kernels.q8_matmul(x, blocks, cols, kind=2)
+    for r in range(5):
+        q, d, sums = activation_blocks(x[r])
+        head = blocks.reshape(rows, -1, 44)[:, :, :12].copy().view(np.float32)  # (rows, nb, 3)
+        wq = blocks.reshape(rows, -1, 44)[:, :, 12:].view(np.int8).astype(np.float64)
+        halves = np.stack([np.einsum("obk,bk->ob", wq[:, :, h * 16:(h + 1) * 16], q[:, h * 16:(h + 1) * 16])
+                           for h in (0, 1)], axis=-1)
+        want = ((halves * head[:, :, :2]).sum(-1) * d - head[:, :, 2] * d * sums).sum(axis=1)
+        assert np.abs(got[r] - want).max() <= 1e-5 * np.abs(want).max(), r
+    assert np.abs(got - x @ w.dequantize().T).max() < 0.05 * np.abs(x @ w.dequantize().T).max()
+
+
+def activation_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's 8-bit blocks of one activation row: values, scales (f16-rounded), sums."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[:, None])
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    return q.astype(np.float64), d, q.sum(axis=1)
+
+
 def quantised(tmp_path: Path, kind: str) -> Path:
     qtype = int(gguf.GGMLQuantizationType[kind])
 
@@ -39,13 +108,8 @@ def quantised(tmp_path: Path, kind: str) -> Path:
 
 
 def float64_row(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
-    """What the 8-bit matmul computes for one activation row, in float64: llama.cpp's
-    activation blocks (scale amax/127 rounded to f16; values round-half-even(x * 127/amax))."""
-    blocks = x.reshape(-1, 32).astype(np.float32)
-    amax = np.abs(blocks).max(axis=1)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(blocks * inv[:, None])
-    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    """What the 8-bit matmul computes for one activation row, in float64."""
+    q, d, _ = activation_blocks(x)
     wb = w.blocks.reshape(w.shape[0], -1, 34)
     wd = wb[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64)
     wq = wb[:, :, 2:].view(np.int8).astype(np.float64)
