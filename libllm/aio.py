@@ -60,7 +60,13 @@ class AsyncSession:
             if pending.fresh or pending.finished is not None or pending.error is not None:
                 return pending.finished is not None or pending.error is not None
             self._changed.clear()
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), _WAIT_SLICE_S)
+            except asyncio.TimeoutError:
+                # Look again: news the waker saw can have been drained by a call on the loop
+                # (a submit waiting for window space) before this wait began, and a slice is
+                # the most a missed wake-up may cost.
+                pass
 
     async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
         """As `Session.generate` (text or token ids); the loop runs other tasks while it waits."""

@@ -341,6 +341,10 @@ def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
 
     import libllm.aio
 
+    conversation = [{"role": "user", "content": "Zoo"}]
+    with libllm.connect(instance) as sync:  # never a blocking call on the event loop's session
+        chat_reply = sync.chat(conversation, max_tokens=20).text
+
     async def main() -> tuple[list[str], str, str, list[str]]:
         async with libllm.aio.connect(instance) as session:
             texts = await asyncio.gather(*(session.generate("Zoo", max_tokens=20 + i) for i in range(8)))
@@ -348,8 +352,8 @@ def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
             async for _ in session.stream("Once upon a time", max_tokens=300):
                 break  # leaving early cancels it
             choices = await session.generate_n("Zoo", 3, max_tokens=20)
-            replied = await session.chat([{"role": "user", "content": "Zoo"}], max_tokens=20)
-            assert replied.text == session.session.chat([{"role": "user", "content": "Zoo"}], max_tokens=20).text
+            replied = await session.chat(conversation, max_tokens=20)
+            assert replied.text == chat_reply
             return ([t.text for t in texts], "".join(pieces), (await session.generate("Zoo", max_tokens=20)).text,
                     [c.text for c in choices])
 

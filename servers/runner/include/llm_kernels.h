@@ -181,8 +181,10 @@ static int llm_simd_level = -1;
 static int llm_detect_simd(void) {
 #ifdef LLM_HAVE_AVX
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni")) return 3;
-    if (__builtin_cpu_supports("avx2")) return 2;
+    /* The 8-bit kernels read f16 scales with F16C (every AVX2 CPU has it; checked anyway). */
+    const int f16c = __builtin_cpu_supports("f16c");
+    if (__builtin_cpu_supports("avx2") && f16c && __builtin_cpu_supports("avxvnni")) return 3;
+    if (__builtin_cpu_supports("avx2") && f16c) return 2;
     return __builtin_cpu_supports("avx") ? 1 : 0;
 #else
     return 0;

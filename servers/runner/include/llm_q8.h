@@ -135,7 +135,9 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
                              _mm256_setzero_ps()};                                             \
             for (int b = 0; b < nb; b++) {                                                     \
                 const uint8_t *blk = wj + (Py_ssize_t)b * LLM_Q8_BLOCK;                        \
-                const float dw = llm_q8_scale(blk);                                            \
+                uint16_t half;                                                                 \
+                memcpy(&half, blk, 2);                                                         \
+                const float dw = _cvtsh_ss(half); /* F16C: exact, as llm_f16_to_f32 */         \
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + 2));             \
                 const __m256i aw = _mm256_sign_epi8(wv, wv);                                   \
                 for (int k = 0; k < rows; k++) {                                               \
@@ -155,24 +157,24 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
         }                                                                                      \
     }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx2,f16c")))
 static inline __m256i llm_dot4_avx2(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avxvnni")))
+__attribute__((target("avxvnni,f16c")))
 static inline __m256i llm_dot4_vnni(__m256i u, __m256i s) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx2,f16c")))
 static void llm_matmul_q8_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
     LLM_Q8_BODY(llm_dot4_avx2)
 }
 
-__attribute__((target("avxvnni")))
+__attribute__((target("avxvnni,f16c")))
 static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
@@ -180,7 +182,7 @@ static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, cons
 }
 #endif
 
-/* level: 0-1 portable, 2 AVX2, 3 AVX-VNNI (the caller checked the CPU has it). */
+/* level: 0-1 portable, 2 AVX2 + F16C, 3 AVX-VNNI + F16C (the caller checked the CPU). */
 static void llm_matmul_q8(int level, float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                           int n_rows, int n_in, const uint8_t *w, int n_out)
 {

@@ -89,14 +89,14 @@ static void llm_matmul_q8s_portable(float *out, Py_ssize_t os, const int8_t *xq,
         }                                                                                      \
     }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx2,f16c")))
 static void llm_matmul_q8s_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                 const int32_t *xs, int n_rows, int n_in, const uint8_t *w, int n_out)
 {
     LLM_Q8S_BODY(llm_dot4_avx2)
 }
 
-__attribute__((target("avxvnni")))
+__attribute__((target("avxvnni,f16c")))
 static void llm_matmul_q8s_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                 const int32_t *xs, int n_rows, int n_in, const uint8_t *w, int n_out)
 {
