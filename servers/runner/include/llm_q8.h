@@ -123,37 +123,51 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
 #include <immintrin.h>
 #define LLM_HAVE_Q8_X86 1
 
-/* Rows four at a time share each weight block's load and its absolute value; the sign of
-   each weight moves onto the activation, so maddubs (u8 x s8) sums exact products. */
+/* Tiles of four rows by two outputs: each weight block's load and absolute value serve four
+   rows, each activation block's load two outputs. The sign of each weight moves onto the
+   activation, so maddubs (u8 x s8) or dpbusd sums exact products. An odd last output runs
+   as its own pair (its twin's sums are computed and dropped). Each output's sums are the
+   same operations in the same order whatever its tile: the bits do not depend on tiling. */
 #define LLM_Q8_BODY(DOT4)                                                                      \
     const int nb = n_in / LLM_QK;                                                              \
+    const Py_ssize_t row_bytes = (Py_ssize_t)nb * LLM_Q8_BLOCK;                                \
     for (int r = 0; r < n_rows; r += 4) {                                                      \
         const int rows = n_rows - r < 4 ? n_rows - r : 4;                                      \
-        for (int j = 0; j < n_out; j++) {                                                      \
-            const uint8_t *wj = w + (Py_ssize_t)j * nb * LLM_Q8_BLOCK;                         \
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),    \
-                             _mm256_setzero_ps()};                                             \
+        for (int j = 0; j < n_out; j += 2) {                                                   \
+            const int outs = n_out - j < 2 ? n_out - j : 2;                                    \
+            const uint8_t *w0 = w + (Py_ssize_t)j * row_bytes;                                 \
+            const uint8_t *w1 = outs == 2 ? w0 + row_bytes : w0;                               \
+            __m256 acc[4][2];                                                                  \
+            for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();           \
             for (int b = 0; b < nb; b++) {                                                     \
-                const uint8_t *blk = wj + (Py_ssize_t)b * LLM_Q8_BLOCK;                        \
-                uint16_t half;                                                                 \
-                memcpy(&half, blk, 2);                                                         \
-                const float dw = _cvtsh_ss(half); /* F16C: exact, as llm_f16_to_f32 */         \
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + 2));             \
-                const __m256i aw = _mm256_sign_epi8(wv, wv);                                   \
+                const uint8_t *b0 = w0 + (Py_ssize_t)b * LLM_Q8_BLOCK;                         \
+                const uint8_t *b1 = w1 + (Py_ssize_t)b * LLM_Q8_BLOCK;                         \
+                uint16_t h0, h1;                                                               \
+                memcpy(&h0, b0, 2);                                                            \
+                memcpy(&h1, b1, 2);                                                            \
+                const float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1); /* F16C: exact */          \
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));              \
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));              \
+                const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);    \
                 for (int k = 0; k < rows; k++) {                                               \
                     const Py_ssize_t row = (Py_ssize_t)(r + k);                                \
                     const __m256i xv = _mm256_loadu_si256(                                     \
                         (const __m256i *)(xq + row * n_in + b * LLM_QK));                      \
-                    const __m256i lanes = DOT4(aw, _mm256_sign_epi8(xv, wv));                  \
-                    const __m256 s = _mm256_set1_ps(dw * xd[row * nb + b]);                    \
-                    acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), s)); \
+                    const float dx = xd[row * nb + b];                                         \
+                    const __m256i l0 = DOT4(a0, _mm256_sign_epi8(xv, v0));                     \
+                    const __m256i l1 = DOT4(a1, _mm256_sign_epi8(xv, v1));                     \
+                    acc[k][0] = _mm256_add_ps(acc[k][0], _mm256_mul_ps(_mm256_cvtepi32_ps(l0), \
+                                                                       _mm256_set1_ps(d0 * dx))); \
+                    acc[k][1] = _mm256_add_ps(acc[k][1], _mm256_mul_ps(_mm256_cvtepi32_ps(l1), \
+                                                                       _mm256_set1_ps(d1 * dx))); \
                 }                                                                              \
             }                                                                                  \
-            for (int k = 0; k < rows; k++) {                                                   \
-                float lane[8];                                                                 \
-                _mm256_storeu_ps(lane, acc[k]);                                                \
-                out[(Py_ssize_t)(r + k) * os + j] = llm_q8_finish(lane);                       \
-            }                                                                                  \
+            for (int k = 0; k < rows; k++)                                                     \
+                for (int o = 0; o < outs; o++) {                                               \
+                    float lane[8];                                                             \
+                    _mm256_storeu_ps(lane, acc[k][o]);                                         \
+                    out[(Py_ssize_t)(r + k) * os + j + o] = llm_q8_finish(lane);               \
+                }                                                                              \
         }                                                                                      \
     }
 
