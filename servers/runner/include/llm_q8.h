@@ -128,46 +128,69 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
    activation, so maddubs (u8 x s8) or dpbusd sums exact products. An odd last output runs
    as its own pair (its twin's sums are computed and dropped). Each output's sums are the
    same operations in the same order whatever its tile: the bits do not depend on tiling. */
-#define LLM_Q8_BODY(DOT4)                                                                      \
+/* One tile: `rows` (1-4, a constant where it is inlined, so the accumulators stay in
+   registers) by two outputs starting at w0 (w1: the second output's row, or w0 again). */
+#define LLM_Q8_TILE(NAME, DOT4, TARGET)                                                        \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME(                   \
+        float *out, Py_ssize_t os, const int8_t *xq, const float *xd, int n_in,               \
+        const uint8_t *w0, const uint8_t *w1, int outs, const int rows)                       \
+    {                                                                                          \
+        const int nb = n_in / LLM_QK;                                                          \
+        __m256 acc[4][2];                                                                      \
+        for (int k = 0; k < rows; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();            \
+        for (int b = 0; b < nb; b++) {                                                         \
+            const uint8_t *b0 = w0 + (Py_ssize_t)b * LLM_Q8_BLOCK;                             \
+            const uint8_t *b1 = w1 + (Py_ssize_t)b * LLM_Q8_BLOCK;                             \
+            uint16_t h0, h1;                                                                   \
+            memcpy(&h0, b0, 2);                                                                \
+            memcpy(&h1, b1, 2);                                                                \
+            const float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1); /* F16C: exact */              \
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));                  \
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));                  \
+            const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);        \
+            for (int k = 0; k < rows; k++) {                                                   \
+                const __m256i xv = _mm256_loadu_si256(                                         \
+                    (const __m256i *)(xq + (Py_ssize_t)k * n_in + b * LLM_QK));                \
+                const float dx = xd[(Py_ssize_t)k * nb + b];                                   \
+                const __m256i l0 = DOT4(a0, _mm256_sign_epi8(xv, v0));                         \
+                const __m256i l1 = DOT4(a1, _mm256_sign_epi8(xv, v1));                         \
+                acc[k][0] = _mm256_add_ps(acc[k][0], _mm256_mul_ps(_mm256_cvtepi32_ps(l0),     \
+                                                                   _mm256_set1_ps(d0 * dx)));  \
+                acc[k][1] = _mm256_add_ps(acc[k][1], _mm256_mul_ps(_mm256_cvtepi32_ps(l1),     \
+                                                                   _mm256_set1_ps(d1 * dx)));  \
+            }                                                                                  \
+        }                                                                                      \
+        for (int k = 0; k < rows; k++)                                                         \
+            for (int o = 0; o < outs; o++) {                                                   \
+                float lane[8];                                                                 \
+                _mm256_storeu_ps(lane, acc[k][o]);                                             \
+                out[(Py_ssize_t)k * os + o] = llm_q8_finish(lane);                             \
+            }                                                                                  \
+    }
+
+/* Tiles of four rows by two outputs: each weight block's load and absolute value serve four
+   rows, each activation block's load two outputs. The sign of each weight moves onto the
+   activation, so maddubs (u8 x s8) or dpbusd sums exact products. An odd last output runs
+   as its own pair (its twin's sums are computed and dropped). Each output's sums are the
+   same operations in the same order whatever its tile: the bits do not depend on tiling. */
+#define LLM_Q8_BODY(TILE)                                                                      \
     const int nb = n_in / LLM_QK;                                                              \
     const Py_ssize_t row_bytes = (Py_ssize_t)nb * LLM_Q8_BLOCK;                                \
     for (int r = 0; r < n_rows; r += 4) {                                                      \
         const int rows = n_rows - r < 4 ? n_rows - r : 4;                                      \
+        const int8_t *x = xq + (Py_ssize_t)r * n_in;                                           \
+        const float *d = xd + (Py_ssize_t)r * nb;                                              \
         for (int j = 0; j < n_out; j += 2) {                                                   \
             const int outs = n_out - j < 2 ? n_out - j : 2;                                    \
             const uint8_t *w0 = w + (Py_ssize_t)j * row_bytes;                                 \
             const uint8_t *w1 = outs == 2 ? w0 + row_bytes : w0;                               \
-            __m256 acc[4][2];                                                                  \
-            for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();           \
-            for (int b = 0; b < nb; b++) {                                                     \
-                const uint8_t *b0 = w0 + (Py_ssize_t)b * LLM_Q8_BLOCK;                         \
-                const uint8_t *b1 = w1 + (Py_ssize_t)b * LLM_Q8_BLOCK;                         \
-                uint16_t h0, h1;                                                               \
-                memcpy(&h0, b0, 2);                                                            \
-                memcpy(&h1, b1, 2);                                                            \
-                const float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1); /* F16C: exact */          \
-                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));              \
-                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));              \
-                const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);    \
-                for (int k = 0; k < rows; k++) {                                               \
-                    const Py_ssize_t row = (Py_ssize_t)(r + k);                                \
-                    const __m256i xv = _mm256_loadu_si256(                                     \
-                        (const __m256i *)(xq + row * n_in + b * LLM_QK));                      \
-                    const float dx = xd[row * nb + b];                                         \
-                    const __m256i l0 = DOT4(a0, _mm256_sign_epi8(xv, v0));                     \
-                    const __m256i l1 = DOT4(a1, _mm256_sign_epi8(xv, v1));                     \
-                    acc[k][0] = _mm256_add_ps(acc[k][0], _mm256_mul_ps(_mm256_cvtepi32_ps(l0), \
-                                                                       _mm256_set1_ps(d0 * dx))); \
-                    acc[k][1] = _mm256_add_ps(acc[k][1], _mm256_mul_ps(_mm256_cvtepi32_ps(l1), \
-                                                                       _mm256_set1_ps(d1 * dx))); \
-                }                                                                              \
+            float *o = out + (Py_ssize_t)r * os + j;                                           \
+            switch (rows) {                                                                    \
+            case 4: TILE(o, os, x, d, n_in, w0, w1, outs, 4); break;                           \
+            case 3: TILE(o, os, x, d, n_in, w0, w1, outs, 3); break;                           \
+            case 2: TILE(o, os, x, d, n_in, w0, w1, outs, 2); break;                           \
+            default: TILE(o, os, x, d, n_in, w0, w1, outs, 1);                                 \
             }                                                                                  \
-            for (int k = 0; k < rows; k++)                                                     \
-                for (int o = 0; o < outs; o++) {                                               \
-                    float lane[8];                                                             \
-                    _mm256_storeu_ps(lane, acc[k][o]);                                         \
-                    out[(Py_ssize_t)(r + k) * os + j + o] = llm_q8_finish(lane);               \
-                }                                                                              \
         }                                                                                      \
     }
 
@@ -181,18 +204,21 @@ static inline __m256i llm_dot4_vnni(__m256i u, __m256i s) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 }
 
+LLM_Q8_TILE(llm_q8_tile_avx2, llm_dot4_avx2, "avx2,f16c")
+LLM_Q8_TILE(llm_q8_tile_vnni, llm_dot4_vnni, "avxvnni,f16c")
+
 __attribute__((target("avx2,f16c")))
 static void llm_matmul_q8_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
-    LLM_Q8_BODY(llm_dot4_avx2)
+    LLM_Q8_BODY(llm_q8_tile_avx2)
 }
 
 __attribute__((target("avxvnni,f16c")))
 static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
-    LLM_Q8_BODY(llm_dot4_vnni)
+    LLM_Q8_BODY(llm_q8_tile_vnni)
 }
 #endif
 
