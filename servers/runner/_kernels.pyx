@@ -1,6 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False
-"""Batch-invariant Llama forward pass over a paged KV pool, in C loops without the GIL.
+"""Batch-invariant forward pass (every family in architectures.py) over a paged KV pool, in C
+loops without the GIL; the C is in include/ (llm_kernels.h: float kernels, attention, the
+thread dispatch; llm_q8.h, llm_q8s.h: 8-bit weights; llm_pool.h: the threads).
 
 Runs inside a runner process. Owns only its scratch buffers; it reads weights the caller
 keeps alive and writes the KV pages and logits rows the caller names. It never allocates KV,

@@ -1,4 +1,5 @@
-"""The Llama model a runner computes with: batched prefill/decode steps over a paged KV pool.
+"""The model a runner computes with (any family of architectures.py): batched prefill and
+decode steps over a paged KV pool.
 
 Runs inside a runner process. Owns its weights (memory-mapped or in a dequant buffer) and
 scratch; the KV pool belongs to the caller (the scheduler's blocks in the arena, or a test's
