@@ -62,7 +62,10 @@ class MemorySection:
     block_tokens: int = 16  # token slots per KV block
     block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header
     model: str = ""  # model file whose header sizes a block ("" = the built-in model)
-    weights_bytes: int = 0  # a segment reserved for shared dequantised weights (owner 0); -1: what the model needs
+    # A segment reserved at start for the instance (owner 0), meant for weights runners would
+    # share; no runner maps it yet (each maps the model file and widens what it must itself),
+    # so 0 by default. -1: the bytes the model's dequantised/widened tensors need.
+    weights_bytes: int = 0
     quota_blocks: int = 0  # per client; 0 = unlimited
     quota_segment_bytes: int = 0
     sweep_interval_s: float = 5.0
@@ -79,7 +82,7 @@ class MemorySection:
             raise ConfigError("memory.sweep_interval_s must be positive")
 
     def resolved_weights_bytes(self) -> int:
-        """Bytes of dequantised weights the runners share (0 when all float32, memory-mapped)."""
+        """Bytes of the instance's weights segment (see weights_bytes)."""
         if self.weights_bytes >= 0:
             return self.weights_bytes
         from servers.runner.loaders import default_model_path, dequantised_nbytes

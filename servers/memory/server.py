@@ -59,7 +59,7 @@ class MemoryServer(Server):
             log.info("formatted the memory tables: %d blocks of %d bytes", self.memory.tables.geometry.num_blocks,
                      config.block_bytes)
             if weights_bytes:
-                # The dequantised weights every runner shares belong to the instance (owner 0):
+                # A segment for weights runners may share belongs to the instance (owner 0):
                 # the first segment of a fresh instance, never reclaimed.
                 handle = self.memory.segments.allocate(weights_bytes, INSTANCE_ID)
                 log.info("reserved %d bytes for the shared weights as segment %d", weights_bytes, handle.segment_id)
