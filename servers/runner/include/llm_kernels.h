@@ -181,8 +181,9 @@ static int llm_simd_level = -1;
 static int llm_detect_simd(void) {
 #ifdef LLM_HAVE_AVX
     __builtin_cpu_init();
-    /* The 8-bit kernels read f16 scales with F16C (every AVX2 CPU has it; checked anyway). */
-    const int f16c = __builtin_cpu_supports("f16c");
+    /* The 8-bit kernels read f16 scales with F16C and sum with FMA (every AVX2 CPU has
+       both; checked anyway). */
+    const int f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
     if (__builtin_cpu_supports("avx2") && f16c && __builtin_cpu_supports("avxvnni")) return 3;
     if (__builtin_cpu_supports("avx2") && f16c) return 2;
     return __builtin_cpu_supports("avx") ? 1 : 0;

@@ -7,7 +7,8 @@
  * (scale amax/127, used rounded to f16; values round-half-even(x / scale)), so a block's dot
  * product is an exact integer. The float part has one fixed order, the same at every SIMD
  * level: 8 lanes, lane l adding, block after block, float(sum of bytes 4l..4l+3's products)
- * times (weight scale * activation scale), with no fused multiply-add; then the lanes add as
+ * times (weight scale * activation scale) in one fused multiply-add (fmaf in the portable
+ * code: the same single rounding as the vector instruction); then the lanes add as
  * llm_hsum does. Integer sums are exact in any order, so the portable code, AVX2's
  * maddubs/madd and VNNI's dpbusd give the same lanes and so the same bits; tests check this.
  * A row's result depends on that row alone (batch invariance).
@@ -111,7 +112,7 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
                 for (int l = 0; l < 8; l++) {
                     const int8_t *wl = (const int8_t *)(blk + 2) + 4 * l, *xl = x + b * LLM_QK + 4 * l;
                     const int isum = wl[0] * xl[0] + wl[1] * xl[1] + wl[2] * xl[2] + wl[3] * xl[3];
-                    acc[l] = acc[l] + (float)isum * s;
+                    acc[l] = fmaf((float)isum, s, acc[l]);
                 }
             }
             out[(Py_ssize_t)r * os + j] = llm_q8_finish(acc);
@@ -148,16 +149,15 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));                  \
             const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));                  \
             const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);        \
+            const __m256 s0 = _mm256_set1_ps(d0), s1 = _mm256_set1_ps(d1);                     \
             for (int k = 0; k < rows; k++) {                                                   \
                 const __m256i xv = _mm256_loadu_si256(                                         \
                     (const __m256i *)(xq + (Py_ssize_t)k * n_in + b * LLM_QK));                \
-                const float dx = xd[(Py_ssize_t)k * nb + b];                                   \
+                const __m256 dx = _mm256_set1_ps(xd[(Py_ssize_t)k * nb + b]);                  \
                 const __m256i l0 = DOT4(a0, _mm256_sign_epi8(xv, v0));                         \
                 const __m256i l1 = DOT4(a1, _mm256_sign_epi8(xv, v1));                         \
-                acc[k][0] = _mm256_add_ps(acc[k][0], _mm256_mul_ps(_mm256_cvtepi32_ps(l0),     \
-                                                                   _mm256_set1_ps(d0 * dx)));  \
-                acc[k][1] = _mm256_add_ps(acc[k][1], _mm256_mul_ps(_mm256_cvtepi32_ps(l1),     \
-                                                                   _mm256_set1_ps(d1 * dx)));  \
+                acc[k][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(s0, dx), acc[k][0]); \
+                acc[k][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(s1, dx), acc[k][1]); \
             }                                                                                  \
         }                                                                                      \
         for (int k = 0; k < rows; k++)                                                         \
@@ -194,27 +194,27 @@ static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, 
         }                                                                                      \
     }
 
-__attribute__((target("avx2,f16c")))
+__attribute__((target("avx2,fma,f16c")))
 static inline __m256i llm_dot4_avx2(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avxvnni,f16c")))
+__attribute__((target("avxvnni,fma,f16c")))
 static inline __m256i llm_dot4_vnni(__m256i u, __m256i s) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 }
 
-LLM_Q8_TILE(llm_q8_tile_avx2, llm_dot4_avx2, "avx2,f16c")
-LLM_Q8_TILE(llm_q8_tile_vnni, llm_dot4_vnni, "avxvnni,f16c")
+LLM_Q8_TILE(llm_q8_tile_avx2, llm_dot4_avx2, "avx2,fma,f16c")
+LLM_Q8_TILE(llm_q8_tile_vnni, llm_dot4_vnni, "avxvnni,fma,f16c")
 
-__attribute__((target("avx2,f16c")))
+__attribute__((target("avx2,fma,f16c")))
 static void llm_matmul_q8_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
     LLM_Q8_BODY(llm_q8_tile_avx2)
 }
 
-__attribute__((target("avxvnni,f16c")))
+__attribute__((target("avxvnni,fma,f16c")))
 static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                int n_rows, int n_in, const uint8_t *w, int n_out)
 {
@@ -222,7 +222,7 @@ static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, cons
 }
 #endif
 
-/* level: 0-1 portable, 2 AVX2 + F16C, 3 AVX-VNNI + F16C (the caller checked the CPU). */
+/* level: 0-1 portable, 2 AVX2 + FMA + F16C, 3 AVX-VNNI + FMA + F16C (the caller checked the CPU). */
 static void llm_matmul_q8(int level, float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                           int n_rows, int n_in, const uint8_t *w, int n_out)
 {

@@ -7,9 +7,9 @@
  *
  * Activations are llm_q8.h's blocks (with their sums). The fixed order, the same at every
  * SIMD level: lane l of 8 adds, block after block, float(sum of bytes 4l..4l+3's products)
- * times (its half's scale * activation scale); a separate sum adds, block after block,
- * (min * activation scale) * float(the activation block's sum); the result is the lanes'
- * llm_q8_finish minus that sum. No fused multiply-add anywhere.
+ * times (its half's scale * activation scale), in one fused multiply-add as llm_q8.h's; a
+ * separate sum adds, block after block, (min * activation scale) * float(the activation
+ * block's sum), multiply then add; the result is the lanes' llm_q8_finish minus that sum.
  */
 #ifndef LLM_Q8S_H
 #define LLM_Q8S_H
@@ -44,7 +44,7 @@ static void llm_matmul_q8s_portable(float *out, Py_ssize_t os, const int8_t *xq,
                 for (int l = 0; l < 8; l++) {
                     const int8_t *wl = (const int8_t *)(blk + 12) + 4 * l, *xl = x + b * LLM_QK + 4 * l;
                     const int isum = wl[0] * xl[0] + wl[1] * xl[1] + wl[2] * xl[2] + wl[3] * xl[3];
-                    acc[l] = acc[l] + (float)isum * (l < 4 ? s_lo : s_hi);
+                    acc[l] = fmaf((float)isum, l < 4 ? s_lo : s_hi, acc[l]);
                 }
                 mins = mins + (mn * dx[b]) * (float)sx[b];
             }
@@ -77,7 +77,7 @@ static void llm_matmul_q8s_portable(float *out, Py_ssize_t os, const int8_t *xq,
                     const __m256i lanes = DOT4(aw, _mm256_sign_epi8(xv, wv));                  \
                     const float d = xd[row * nb + b];                                          \
                     const __m256 s = _mm256_mul_ps(halves, _mm256_set1_ps(d));                 \
-                    acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), s)); \
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), s, acc[k]);             \
                     mins[k] = mins[k] + (mn * d) * (float)xs[row * nb + b];                    \
                 }                                                                              \
             }                                                                                  \
@@ -89,14 +89,14 @@ static void llm_matmul_q8s_portable(float *out, Py_ssize_t os, const int8_t *xq,
         }                                                                                      \
     }
 
-__attribute__((target("avx2,f16c")))
+__attribute__((target("avx2,fma,f16c")))
 static void llm_matmul_q8s_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                 const int32_t *xs, int n_rows, int n_in, const uint8_t *w, int n_out)
 {
     LLM_Q8S_BODY(llm_dot4_avx2)
 }
 
-__attribute__((target("avxvnni,f16c")))
+__attribute__((target("avxvnni,fma,f16c")))
 static void llm_matmul_q8s_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
                                 const int32_t *xs, int n_rows, int n_in, const uint8_t *w, int n_out)
 {
