@@ -22,7 +22,6 @@ from libllm.gguf_vocab import (
     GgufVocab,
     decode_texts,
 )
-from libllm.special import SpecialTokens
 from libllm.tokenizer import Tokenizer
 
 __all__ = ["BpeTokenizer", "byte_to_unicode"]
@@ -99,11 +98,7 @@ class BpeTokenizer(Tokenizer):
                 decoded[i] = bytes([int(text[3:5], 16)])
             else:
                 silent.add(i)  # unused and undefined tokens render as nothing
-        super().__init__(
-            decoded, bos_id=vocab.bos_id, eos_id=vocab.eos_id, stop_ids=vocab.stop_ids,
-            special_ids=silent, bos_token=texts[vocab.bos_id], eos_token=texts[vocab.eos_id],
-            add_bos=vocab.add_bos, add_eos=vocab.add_eos,
-            specials=SpecialTokens(texts, vocab.attrs), chat_template=vocab.chat_template)
+        super().__init__(decoded, special_ids=silent, **vocab.tokenizer_arguments(texts))
 
     def _encode_fragment(self, text: str, after_special: bool) -> list[int]:
         ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids

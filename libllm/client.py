@@ -322,7 +322,9 @@ class Session:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as exc:  # a lone surrogate: no text a model could read
                 raise InvalidRequest(f"prompt is not valid Unicode text ({exc.reason} at {exc.start})") from None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self._checked_ids(prompt)
         if len(ids) >= self.info.context_length:
             raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of "
                                  f"{self.info.context_length} tokens")

@@ -103,6 +103,17 @@ class GgufVocab:
     def texts(self) -> list[str]:
         return decode_texts(self.tokens)
 
+    def tokenizer_arguments(self, texts: list[str]) -> dict[str, Any]:
+        """The Tokenizer settings every GGUF vocabulary kind takes from the file alike."""
+        from libllm.special import SpecialTokens  # special.py reads this module's ATTR_* bits
+
+        return {
+            "bos_id": self.bos_id, "eos_id": self.eos_id, "stop_ids": self.stop_ids,
+            "bos_token": texts[self.bos_id], "eos_token": texts[self.eos_id],
+            "add_bos": self.add_bos, "add_eos": self.add_eos,
+            "specials": SpecialTokens(texts, self.attrs), "chat_template": self.chat_template,
+        }
+
 
 def decode_texts(raw: Sequence[bytes]) -> list[str]:
     """Token texts as str; bytes that are not UTF-8 survive as surrogate escapes. One join

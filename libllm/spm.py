@@ -21,7 +21,6 @@ from libllm.gguf_vocab import (
     ATTR_USER_DEFINED,
     GgufVocab,
 )
-from libllm.special import SpecialTokens
 from libllm.tokenizer import Tokenizer
 
 __all__ = ["SpmTokenizer"]
@@ -67,11 +66,8 @@ class SpmTokenizer(Tokenizer):
             else:
                 silent.add(i)  # unused and undefined tokens render as nothing
         self._byte_ids = [self._byte_token(b, vocab) for b in range(256)]
-        super().__init__(
-            decoded, bos_id=vocab.bos_id, eos_id=vocab.eos_id, stop_ids=vocab.stop_ids,
-            special_ids=silent, bos_token=texts[vocab.bos_id], eos_token=texts[vocab.eos_id],
-            add_bos=vocab.add_bos, add_eos=vocab.add_eos, space_prefix=vocab.add_space_prefix,
-            specials=SpecialTokens(texts, vocab.attrs), chat_template=vocab.chat_template)
+        super().__init__(decoded, special_ids=silent, space_prefix=vocab.add_space_prefix,
+                         **vocab.tokenizer_arguments(texts))
 
     def _byte_token(self, b: int, vocab: GgufVocab) -> int:
         """llama.cpp's byte_to_token: <0xXX>, else the byte itself as a token, else (where

@@ -21,11 +21,13 @@ cdef extern from "llm_kernels.h":
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
     int llm_simd_level
     int llm_detect_simd() noexcept nogil
-    void llm_dequantize_row_q8s(const unsigned char *w, int n, float *out) noexcept nogil
+    void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_in, signed char *xq,
+                           float *xd, int *xsum) noexcept nogil
     void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs, int n_rows, int n_real, int n_in,
-                      int n_out, const float *w, const unsigned char *wq, int kind, signed char *xq,
-                      float *xd, int *xsum) noexcept nogil
-    void llm_dequantize_row_q8(const unsigned char *w, int n, float *out) noexcept nogil
+                      int n_out, const float *w, const unsigned char *wq, int kind, const signed char *xq,
+                      const float *xd, const int *xsum) noexcept nogil
+    void llm_embedding_row(int kind, const float *wf, const unsigned char *wq, int token, int dim,
+                           float *out) noexcept nogil
     int llm_threads
     int LLM_MAX_THREADS
     void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
@@ -104,6 +106,7 @@ def q8_matmul(const float[:, ::1] x, const unsigned char[:, ::1] blocks, int col
     cdef signed char[:, ::1] q = xq
     cdef int[:, ::1] sums = xs
     with nogil:
+        llm_quantize_rows(&p[0, 0], cols, n, cols, &q[0, 0], &d[0, 0], &sums[0, 0])
         llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0, 0], kind,
                      &q[0, 0], &d[0, 0], &sums[0, 0])
     return out[:n]
@@ -307,14 +310,7 @@ cdef class Engine:
         cdef float escale = self.embed_scale, qscale = self.query_scale
         with nogil:
             for r in range(n):
-                if self.emb_kind == 1:
-                    llm_dequantize_row_q8(self.emb_q8 + <Py_ssize_t>tokens[r] * (dim // 32) * 34,
-                                          dim, x + r * dim)
-                elif self.emb_kind == 2:
-                    llm_dequantize_row_q8s(self.emb_q8 + <Py_ssize_t>tokens[r] * (dim // 32) * 44,
-                                           dim, x + r * dim)
-                else:
-                    memcpy(x + r * dim, self.emb + <Py_ssize_t>tokens[r] * dim, dim * sizeof(float))
+                llm_embedding_row(self.emb_kind, self.emb, self.emb_q8, tokens[r], dim, x + r * dim)
                 if escale != <float>1.0:
                     for i in range(dim):
                         x[r * dim + i] = x[r * dim + i] * escale
@@ -326,6 +322,8 @@ cdef class Engine:
                 tab = self.layer_rope[l]
                 for r in range(n):
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_ATT], dim, eps)
+                if wk[W_Q] or wk[W_K] or wk[W_V]:  # once for the three projections
+                    llm_quantize_rows(xb, xbs, n, dim, xq, xd, xs)
                 llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], wk[W_Q], xq, xd, xs)
                 llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], wk[W_K], xq, xd, xs)
                 llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], wk[W_V], xq, xd, xs)
@@ -351,6 +349,8 @@ cdef class Engine:
                 llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
                                 &positions[0], n, window, block_stride, block_size, n_kv, group,
                                 hs, att, self.seq_len, group_rows, threads)
+                if wk[W_O]:
+                    llm_quantize_rows(xb, xbs, n, qd, xq, xd, xs)
                 llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs)
                 for r in range(n):
                     if w[W_POST_ATT] != NULL:
@@ -358,6 +358,8 @@ cdef class Engine:
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_FFN], dim, eps)
+                if wk[W_1] or wk[W_3]:  # once for gate and up
+                    llm_quantize_rows(xb, xbs, n, dim, xq, xd, xs)
                 llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], wk[W_1], xq, xd, xs)
                 llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], wk[W_3], xq, xd, xs)
                 for r in range(n):
@@ -365,6 +367,8 @@ cdef class Engine:
                         llm_geglu(hb + r * hidden, hb2 + r * hidden, hidden)
                     else:
                         llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
+                if wk[W_2]:
+                    llm_quantize_rows(hb, hidden, n, hidden, xq, xd, xs)
                 llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], wk[W_2], xq, xd, xs)
                 for r in range(n):
                     if w[W_POST_FFN] != NULL:
@@ -374,6 +378,8 @@ cdef class Engine:
             # Classifier only for the rows that asked: gather their normed states first.
             for i in range(m_rows):
                 _rmsnorm(xb + i * xbs, x + logit_rows[i] * dim, self.rms_final, dim, eps)
+            if m_rows and self.wcls_kind:
+                llm_quantize_rows(xb, xbs, m_rows, dim, xq, xd, xs)
             if m_rows:
                 llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, self.wcls_q8, self.wcls_kind, xq, xd, xs)
             for i in range(m_rows):

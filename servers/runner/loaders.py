@@ -122,7 +122,7 @@ def check_model(path: str | Path) -> ModelConfig:
     for name, (shape, _, dtype) in plan.deferred.items():
         arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
     try:
-        assemble(config, arrays, None, plan.q8_cols, plan.q8_kinds)
+        assemble(config, arrays, None, plan.q8)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     # The vocabulary clients will load: readable, and one piece per row of the embeddings.
@@ -174,7 +174,7 @@ def load_model(
     fmt, config, plan = _plan(p, rope_layout)
     arrays, flat = plan.realise(buffer, fill)
     try:
-        weights = assemble(config, arrays, flat, plan.q8_cols, plan.q8_kinds)
+        weights = assemble(config, arrays, flat, plan.q8)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     return LoadedModel(

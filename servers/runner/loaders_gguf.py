@@ -172,11 +172,6 @@ def _gguf_config(
 _DEQUANTISABLE = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
 
 
-# Our matrices that stay float32 whatever their file type (none yet: every matmul, the
-# classifier and the embedding lookup take Q8_0 blocks).
-_FLOAT_ONLY: frozenset[str] = frozenset()
-
-
 def _gguf_tensor(path: Path, mm: np.ndarray, plan: Plan, name: str, t: TensorInfo) -> None:
     import gguf  # imported here: a llama2.c-only runner never pays for it
 
@@ -212,10 +207,9 @@ def _gguf_tensor(path: Path, mm: np.ndarray, plan: Plan, name: str, t: TensorInf
     if qtype.name not in _DEQUANTISABLE:
         raise ValueError(f"{path}: tensor {t.name} has type {qtype.name}, which llmos does not compute")
     rows = raw.reshape(-1, shape[-1] // block * block_bytes)
-    if qtype.name in WIDENED and len(shape) == 2 and name not in _FLOAT_ONLY:
+    if qtype.name in WIDENED and len(shape) == 2:
         # Computed as 8-bit blocks: Q8_0 straight from the file, Q4_0/Q5_0 widened exactly.
-        plan.q8_cols[name] = shape[1]
-        plan.q8_kinds[name] = Q8Matrix.KIND
+        plan.q8[name] = (Q8Matrix, shape[1])
         if qtype.name == "Q8_0":
             plan.add_ready(name, rows)
         else:
@@ -223,10 +217,9 @@ def _gguf_tensor(path: Path, mm: np.ndarray, plan: Plan, name: str, t: TensorInf
             plan.add_deferred(name, (shape[0], q8_row_bytes(shape[1])),
                               lambda out: widen(np.asarray(rows), kind, out), np.uint8)
         return
-    if qtype.name in Q8S_TYPES and len(shape) == 2 and name not in _FLOAT_ONLY:
+    if qtype.name in Q8S_TYPES and len(shape) == 2:
         # K-quants and Q4_1/Q5_1: widened exactly to Q8S blocks (scales per 16, a min).
-        plan.q8_cols[name] = shape[1]
-        plan.q8_kinds[name] = Q8SMatrix.KIND
+        plan.q8[name] = (Q8SMatrix, shape[1])
         kind = qtype.name
         plan.add_deferred(name, (shape[0], q8s_row_bytes(shape[1])),
                           lambda out: widen_q8s(np.asarray(rows), kind, out), np.uint8)

@@ -23,19 +23,30 @@ WIDENED = ("Q8_0", "Q4_0", "Q5_0")
 
 
 @dataclass(slots=True, frozen=True)
-class Q8Matrix:
-    """A (rows, cols) matrix: each row is cols / 32 Q8_0 blocks, ``blocks`` (rows, cols/32*34)."""
+class BlockMatrix:
+    """A (rows, cols) matrix held as 8-bit blocks of 32 values: ``blocks`` is (rows, bytes of
+    a row), C-contiguous uint8. ``KIND`` tells the kernels the block format."""
 
-    blocks: np.ndarray  # uint8, C-contiguous
+    blocks: np.ndarray
     cols: int
-    KIND = 1  # the kernels' LLM_W_Q8_0
+    KIND = 0
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.blocks.shape[0]), self.cols)
 
     def dequantize(self) -> np.ndarray:
-        """The float32 values (for oracles and tests): scale times value, exact."""
+        """The float32 values (for oracles and tests), exact."""
+        raise NotImplementedError
+
+
+class Q8Matrix(BlockMatrix):
+    """Q8_0 blocks (34 bytes: f16 scale, 32 int8): value i is scale * q[i]."""
+
+    __slots__ = ()
+    KIND = 1  # the kernels' LLM_W_Q8_0
+
+    def dequantize(self) -> np.ndarray:
         b = self.blocks.reshape(-1, Q8_BYTES)
         d = b[:, :2].copy().view(np.float16).astype(np.float32)
         q = b[:, 2:].view(np.int8).astype(np.float32)
@@ -43,18 +54,12 @@ class Q8Matrix:
         return values
 
 
-@dataclass(slots=True, frozen=True)
-class Q8SMatrix:
-    """A (rows, cols) matrix of Q8S blocks (44 bytes: float scale_lo, scale_hi, min; 32 int8):
-    value i of a block is (scale_lo if i < 16 else scale_hi) * q[i] - min."""
+class Q8SMatrix(BlockMatrix):
+    """Q8S blocks (44 bytes: float scale_lo, scale_hi, min; 32 int8): value i is
+    (scale_lo if i < 16 else scale_hi) * q[i] - min."""
 
-    blocks: np.ndarray  # uint8 (rows, cols/32*44), C-contiguous
-    cols: int
+    __slots__ = ()
     KIND = 2  # the kernels' LLM_W_Q8S
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.blocks.shape[0]), self.cols)
 
     def dequantize(self) -> np.ndarray:
         b = self.blocks.reshape(-1, Q8S_BYTES)
@@ -138,6 +143,6 @@ def widen(raw: np.ndarray, kind: str, out: np.ndarray) -> None:
     dst[:, 2:] = values.astype(np.int8).view(np.uint8)
 
 
-def as_float(matrix: np.ndarray | Q8Matrix | Q8SMatrix) -> np.ndarray:
+def as_float(matrix: np.ndarray | BlockMatrix) -> np.ndarray:
     """A matrix's float32 values, whichever way it is held."""
     return matrix if isinstance(matrix, np.ndarray) else matrix.dequantize()

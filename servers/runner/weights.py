@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from servers.runner.architectures import Activation, RopeLayout
-from servers.runner.q8 import Q8Matrix, Q8SMatrix
+from servers.runner.q8 import BlockMatrix
 
 # Start of every dequantised tensor inside the buffer: a cache line, so that the vector
 # loads of one row never straddle two tensors' lines and a shared segment maps cleanly.
@@ -109,7 +109,7 @@ class ModelConfig:
 
 @dataclass(slots=True, frozen=True)
 class LayerWeights:
-    """One transformer block; matrices are float32 (out, in), rows contiguous, or Q8Matrix
+    """One transformer block; matrices are float32 (out, in), rows contiguous, or a BlockMatrix
     (8-bit blocks; typed Any below so both read the same). The optional
     tensors are there exactly when the family uses them (qk_norm, post_norms, qkv_bias)."""
 
@@ -135,7 +135,7 @@ class LayerWeights:
 class Weights:
     """All weights as float32 arrays: memory-mapped views or views into the dequant buffer."""
 
-    tok_embeddings: Any  # (vocab_size, dim): float32 or Q8Matrix
+    tok_embeddings: Any  # (vocab_size, dim): float32 or a BlockMatrix (q8.py)
     layers: tuple[LayerWeights, ...]
     rms_final: np.ndarray  # (dim,)
     wcls: Any  # (vocab_size, dim); the same array as tok_embeddings when tied
@@ -159,8 +159,8 @@ class LoadedModel:
 # uint8 Q8_0 blocks) or a (shape, fill function, dtype) triple that writes values into a
 # destination view (float32 dequantised, or widened Q8_0 blocks). Only the second kind takes
 # buffer space, so the plan tells the caller how big a shared segment to allocate before
-# anything is dequantised. ``q8_cols`` names the tensors held as 8-bit blocks (their kind in
-# ``q8_kinds``).
+# anything is dequantised. ``q8`` names the tensors held as 8-bit blocks, with the matrix
+# class that wraps them and their number of columns.
 
 Fill = Callable[[np.ndarray], None]
 
@@ -170,8 +170,7 @@ class Plan:
         self.ready: dict[str, np.ndarray] = {}
         self.deferred: dict[str, tuple[tuple[int, ...], Fill, type]] = {}
         self.offsets: dict[str, int] = {}
-        self.q8_cols: dict[str, int] = {}
-        self.q8_kinds: dict[str, int] = {}  # Q8Matrix.KIND or Q8SMatrix.KIND
+        self.q8: dict[str, tuple[type[BlockMatrix], int]] = {}
         self.nbytes = 0
 
     def add_ready(self, name: str, array: np.ndarray) -> None:
@@ -233,57 +232,41 @@ def assemble(
     config: ModelConfig,
     arrays: dict[str, np.ndarray],
     buffer: np.ndarray | None,
-    q8_cols: dict[str, int] | None = None,
-    q8_kinds: dict[str, int] | None = None,
+    q8: dict[str, tuple[type[BlockMatrix], int]] | None = None,
 ) -> Weights:
     c = config
-    q8_cols = q8_cols or {}
-    q8_kinds = q8_kinds or {}
+    shapes = expected_shapes(c)
+    q8 = q8 or {}
 
-    def get(name: str, shape: tuple[int, ...]) -> Any:
-        a = arrays[name]
-        if name in q8_cols:
-            if (a.shape[0], q8_cols[name]) != shape:
-                raise ValueError(f"tensor {name} has shape {(a.shape[0], q8_cols[name])}; the model's header implies {shape}")
-            kind = Q8SMatrix if q8_kinds.get(name) == Q8SMatrix.KIND else Q8Matrix
-            return kind(a, q8_cols[name])
+    def get(name: str) -> Any:
+        a, shape = arrays[name], shapes[name]
+        if name in q8:
+            matrix, cols = q8[name]
+            if (a.shape[0], cols) != shape:
+                raise ValueError(f"tensor {name} has shape {(a.shape[0], cols)}; the model's header implies {shape}")
+            return matrix(a, cols)
         if a.shape != shape:
             if a.size != int(np.prod(shape)):
                 raise ValueError(f"tensor {name} has shape {a.shape}; the model's header implies {shape}")
             a = a.reshape(shape)  # e.g. a (1, n) norm vector; never copies a contiguous array
         return a
 
-    def opt(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        return get(name, shape) if name in arrays else None
+    def opt(name: str) -> Any:  # None where the family has no such tensor
+        return get(name) if name in arrays else None
 
+    required = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
+    optional = ("q_norm", "k_norm", "post_att_norm", "post_ffn_norm", "bq", "bk", "bv")
     layers = tuple(
-        LayerWeights(
-            rms_att=get(f"{i}.rms_att", (c.dim,)),
-            wq=get(f"{i}.wq", (c.q_dim, c.dim)),
-            wk=get(f"{i}.wk", (c.kv_dim, c.dim)),
-            wv=get(f"{i}.wv", (c.kv_dim, c.dim)),
-            wo=get(f"{i}.wo", (c.dim, c.q_dim)),
-            rms_ffn=get(f"{i}.rms_ffn", (c.dim,)),
-            w1=get(f"{i}.w1", (c.hidden_dim, c.dim)),
-            w2=get(f"{i}.w2", (c.dim, c.hidden_dim)),
-            w3=get(f"{i}.w3", (c.hidden_dim, c.dim)),
-            q_norm=opt(f"{i}.q_norm", (c.head_size,)),
-            k_norm=opt(f"{i}.k_norm", (c.head_size,)),
-            post_att_norm=opt(f"{i}.post_att_norm", (c.dim,)),
-            post_ffn_norm=opt(f"{i}.post_ffn_norm", (c.dim,)),
-            bq=opt(f"{i}.bq", (c.q_dim,)),
-            bk=opt(f"{i}.bk", (c.kv_dim,)),
-            bv=opt(f"{i}.bv", (c.kv_dim,)),
-        )
+        LayerWeights(**{f: get(f"{i}.{f}") for f in required}, **{f: opt(f"{i}.{f}") for f in optional})
         for i in range(c.n_layers)
     )
-    emb = get("tok_embeddings", (c.vocab_size, c.dim))
-    wcls = emb if c.shared_classifier else get("wcls", (c.vocab_size, c.dim))
+    emb = get("tok_embeddings")
+    wcls = emb if c.shared_classifier else get("wcls")
     return Weights(
         tok_embeddings=emb,
         layers=layers,
-        rms_final=get("rms_final", (c.dim,)),
+        rms_final=get("rms_final"),
         wcls=wcls,
-        rope_freqs=opt("rope_freqs", (c.head_size // 2,)),
+        rope_freqs=opt("rope_freqs"),
         buffer=buffer,
     )

@@ -12,8 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from microkernel.endpoint import Endpoint
+from microkernel.messages import MsgType
 from tests.conftest import unique_instance
 
 WAIT = 60.0
@@ -62,3 +65,16 @@ def running_instance(tmp_path_factory: pytest.TempPathFactory, config: str, tag:
     finally:
         patch.undo()
         cli("down", "--instance", name)
+
+
+def scheduler_stats(instance: str) -> dict[str, Any]:
+    with Endpoint.connect(instance) as ep:
+        stats: dict[str, Any] = msgspec.msgpack.decode(
+            ep.open_channel("scheduler").call(MsgType.SCHED_STATS, timeout=WAIT).payload)
+    return stats
+
+
+def all_blocks_free(instance: str) -> bool:
+    stats = scheduler_stats(instance)
+    return bool(stats["num_running"] == 0 and stats["num_waiting"] == 0
+                and stats["num_free_blocks"] == stats["num_leased_blocks"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from servers.runner.loaders import check_model, default_model_path, load_model
-from tests.servers.runner.helpers import rewrite_gguf, shared_models
+from tests.servers.runner.helpers import rewrite_gguf, shared_models, write_gguf_of_architecture
 from tests.system.cli import Cli
 
 TINY = shared_models() / "derived" / "stories260K-f32.gguf"
@@ -70,16 +70,9 @@ def test_each_bad_file_is_refused_by_the_loader_with_its_cause(tmp_path: Path) -
 
 
 def test_an_architecture_we_do_not_run_is_named(tmp_path: Path) -> None:
-    import gguf
-
-    w = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf_of_architecture(tmp_path / "mamba.gguf", "mamba")
     with pytest.raises(ValueError, match=r"mamba.gguf: architecture 'mamba' is not supported \(supported: gemma3, llama, qwen2, qwen3\)"):
-        check_model(tmp_path / "mamba.gguf")
+        check_model(path)
 
 
 def test_llmos_up_refuses_a_bad_model_and_leaves_nothing(tmp_path: Path, cli: Cli) -> None:

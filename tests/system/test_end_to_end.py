@@ -9,9 +9,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import msgspec
 import pytest
 
 import libllm
@@ -21,7 +19,7 @@ from microkernel.messages import MsgType
 from servers.runner.model import Model, generate
 from servers.runner.sampling import SamplingParams
 from tests.microkernel.procs import wait_until
-from tests.system.cli import running_instance
+from tests.system.cli import all_blocks_free, running_instance, scheduler_stats
 from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
@@ -46,19 +44,6 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def model() -> Model:
     return Model.load()
-
-
-def scheduler_stats(instance: str) -> dict[str, Any]:
-    with Endpoint.connect(instance) as ep:
-        stats: dict[str, Any] = msgspec.msgpack.decode(
-            ep.open_channel("scheduler").call(MsgType.SCHED_STATS, timeout=WAIT).payload)
-    return stats
-
-
-def all_blocks_free(instance: str) -> bool:
-    stats = scheduler_stats(instance)
-    return bool(stats["num_running"] == 0 and stats["num_waiting"] == 0
-                and stats["num_free_blocks"] == stats["num_leased_blocks"])
 
 
 def test_greedy_texts_equal_the_models_own(instance: str) -> None:

@@ -15,8 +15,7 @@ import pytest
 
 import libllm
 from tests.microkernel.procs import wait_until
-from tests.system.cli import running_instance
-from tests.system.test_end_to_end import all_blocks_free
+from tests.system.cli import all_blocks_free, running_instance
 from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow

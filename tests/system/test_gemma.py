@@ -19,8 +19,7 @@ import libllm
 from servers.runner.model import Model, generate
 from servers.runner.sampling import SamplingParams
 from tests.models import gemma3_270m
-from tests.system.cli import Cli, running_instance
-from tests.system.test_end_to_end import scheduler_stats
+from tests.system.cli import Cli, running_instance, scheduler_stats
 from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow

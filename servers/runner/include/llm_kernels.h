@@ -393,6 +393,17 @@ void llm_attend_impl(float *out, const float *q, const float *layer, const int *
     }
 }
 
+/* Common head sizes get their own copy of IMPL with hs a constant, which changes the speed
+   only (the accumulators of a head stay in registers). */
+#define LLM_ATTEND_BY_HEAD_SIZE(IMPL)                                                          \
+    switch (hs) {                                                                              \
+    case 8: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride); break;     \
+    case 64: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride); break;   \
+    case 128: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride); break; \
+    case 256: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride); break; \
+    default: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);          \
+    }
+
 #ifdef LLM_HAVE_AVX
 /* The attention above with 8 lanes where it had 4 (AVX2): each lane performs the same
    operations in the same order as before, so the bits are those of the SSE code. */
@@ -524,22 +535,7 @@ static void llm_attend_avx2(float *out, const float *q, const float *layer, cons
                             int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
                             int group, int hs, float *att, int att_stride)
 {
-    switch (hs) {
-    case 8:
-        llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
-        break;
-    case 64:
-        llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
-        break;
-    case 128:
-        llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
-        break;
-    case 256:
-        llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
-        break;
-    default:
-        llm_attend_avx2_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
-    }
+    LLM_ATTEND_BY_HEAD_SIZE(llm_attend_avx2_impl)
 }
 #endif
 
@@ -549,8 +545,7 @@ static void llm_attend_avx2(float *out, const float *q, const float *layer, cons
    sliding window starts after 0; a row's window depends only on its position)
    (score t sums d = 0..hs-1 in order; slots go 8 (AVX2) or 4 to a vector and the rest
    through a scalar loop, all performing the same operations per score), a softmax,
-   then V weighted and summed in order of t. Common head sizes get their own copy
-   with hs constant, which changes the speed only. */
+   then V weighted and summed in order of t. */
 static void llm_attend(float *out, const float *q, const float *layer, const int *bt,
                        int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
                        int group, int hs, float *att, int att_stride)
@@ -561,22 +556,7 @@ static void llm_attend(float *out, const float *q, const float *layer, const int
         return;
     }
 #endif
-    switch (hs) {
-    case 8:
-        llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride);
-        break;
-    case 64:
-        llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride);
-        break;
-    case 128:
-        llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride);
-        break;
-    case 256:
-        llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride);
-        break;
-    default:
-        llm_attend_impl(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
-    }
+    LLM_ATTEND_BY_HEAD_SIZE(llm_attend_impl)
 }
 
 /* Threads inside a step (llm_pool.h). Each output of a matmul is computed by exactly
@@ -695,30 +675,50 @@ static void llm_q8_share(void *p, int t, int n) {
     }
 }
 
-/* out = x . W for W in float32 (w, kind LLM_W_F32) or 8-bit blocks (wq, of `kind`; then
-   xq, xd, xs are scratch for n_rows quantised rows of n_in). n_rows is padded to a multiple
-   of 4 for the float kernel; the 8-bit ones compute only the first n_real rows (a lone
-   decode row costs one row, not four) and zero the padding's outputs. */
+/* Rows of activations quantised for the 8-bit matmuls (llm_q8.h's blocks, with their sums).
+   One call serves every matmul that reads the same rows (q, k and v; gate and up). */
+static void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_in, int8_t *xq,
+                              float *xd, int32_t *xsum)
+{
+    const int nb = n_in / LLM_QK;
+    for (int r = 0; r < n_rows; r++)
+        llm_quantize_row_q8(x + r * xs, n_in, xq + (Py_ssize_t)r * n_in, xd + (Py_ssize_t)r * nb,
+                            xsum + (Py_ssize_t)r * nb);
+}
+
+/* out = x . W for W in float32 (w, kind LLM_W_F32) or 8-bit blocks (wq, of `kind`; then xq,
+   xd, xsum hold the first n_real rows of x as llm_quantize_rows left them). n_rows is padded
+   to a multiple of 4 for the float kernel; the 8-bit ones compute only the first n_real rows
+   (a lone decode row costs one row, not four) and zero the padding's outputs. */
 static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                          int n_rows, int n_real, int n_in, int n_out, const float *w,
-                         const uint8_t *wq, int kind, int8_t *xq, float *xd, int32_t *xsum)
+                         const uint8_t *wq, int kind, const int8_t *xq, const float *xd,
+                         const int32_t *xsum)
 {
     if (kind == LLM_W_F32) {
         llm_matmul_par(out, os, x, xs, w, n_rows, n_in, n_out);
         return;
     }
     for (int r = n_real; r < n_rows; r++) memset(out + (Py_ssize_t)r * os, 0, n_out * sizeof(float));
-    n_rows = n_real;
-    const int nb = n_in / LLM_QK;
-    for (int r = 0; r < n_rows; r++)
-        llm_quantize_row_q8(x + r * xs, n_in, xq + (Py_ssize_t)r * n_in, xd + (Py_ssize_t)r * nb,
-                            xsum + (Py_ssize_t)r * nb);
-    llm_q8_job job = {out, os, xq, xd, xsum, n_rows, n_in, wq, n_out, kind};
+    llm_q8_job job = {out, os, xq, xd, xsum, n_real, n_in, wq, n_out, kind};
     const int nt = llm_threads;
-    if (nt <= 1 || n_out < 16 * nt || (double)n_rows * n_in * n_out < LLM_PAR_MIN_MACS)
+    if (nt <= 1 || n_out < 16 * nt || (double)n_real * n_in * n_out < LLM_PAR_MIN_MACS)
         llm_q8_share(&job, 0, 1);
     else
         llm_parallel(llm_q8_share, &job, nt);
+}
+
+/* Row `token` of the embedding table, in floats, however the table is held. */
+static void llm_embedding_row(int kind, const float *wf, const uint8_t *wq, int token, int dim,
+                              float *out)
+{
+    const Py_ssize_t blocks = (Py_ssize_t)token * (dim / LLM_QK);
+    if (kind == LLM_W_Q8_0)
+        llm_dequantize_row_q8(wq + blocks * LLM_Q8_BLOCK, dim, out);
+    else if (kind == LLM_W_Q8S)
+        llm_dequantize_row_q8s(wq + blocks * LLM_Q8S_BLOCK, dim, out);
+    else
+        memcpy(out, wf + (Py_ssize_t)token * dim, dim * sizeof(float));
 }
 
 #endif

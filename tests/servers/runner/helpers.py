@@ -187,3 +187,43 @@ def gguf_field(reader: Any, key: str) -> Any:
     decoded = [bytes(v).decode("utf-8") if v.dtype == np.uint8 else v.tolist()[0] for v in values]
     is_array = len(f.types) > 1 or (f.types and int(f.types[0]) == 9)
     return decoded if is_array else decoded[0]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """Compare floats bit for bit (NaN == NaN, 0.0 != -0.0)."""
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def per_simd_level(compute: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+    """``compute()`` at every SIMD level this CPU has, the best one restored after."""
+    from servers.runner import _kernels
+
+    best = _kernels.simd_level()
+    results = {}
+    try:
+        for level in _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]:
+            _kernels.set_simd_level(level)
+            results[level] = compute()
+    finally:
+        _kernels.set_simd_level(best)
+    return results
+
+
+def assert_same_bits(results: dict[str, np.ndarray]) -> None:
+    """Every level's result has the bits of the first one's."""
+    first = next(iter(results.values()))
+    for level, got in results.items():
+        assert np.array_equal(bits(got), bits(first)), level
+
+
+def write_gguf_of_architecture(path: Path, arch: str) -> Path:
+    """A GGUF that names ``arch`` and holds one tensor: enough to be refused for its family."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

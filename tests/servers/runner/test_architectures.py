@@ -14,16 +14,13 @@ import pytest
 from servers.runner.loaders import load_model
 from servers.runner.model import Model, SeqChunk
 from servers.runner.reference import NumpyLlama
+from tests.servers.runner.helpers import assert_same_bits, bits, per_simd_level
 from tools.fixtures.make_models import SPECS, write_model
 
 ARCHES = sorted(SPECS)
 QUANTISED = ["llama-tiny-q8_0.gguf", "gemma3-tiny-q4_k_m.gguf"]
 FIXTURES = Path(__file__).parents[2] / "fixtures" / "llama_cpp"
 POSITIONS = 48  # past gemma3's window of 16 in the CI shapes, over several KV blocks
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 @pytest.fixture(scope="module", params=ARCHES + QUANTISED)
@@ -112,20 +109,8 @@ def test_chunked_prefill_gives_the_same_bits(model: Model, ids: list[int]) -> No
 
 
 def test_every_simd_level_gives_the_same_bits(model_file: Path, ids: list[int]) -> None:
-    from servers.runner import _kernels
-
-    best = _kernels.simd_level()
-    levels = _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]
-    results = []
-    try:
-        for level in levels:
-            _kernels.set_simd_level(level)
-            # block size 13: the window starts mid-block, through the 8-, 4- and 1-slot loops
-            results.append(bits(forced(Model.load(model_file, block_size=13), ids)))
-    finally:
-        _kernels.set_simd_level(best)
-    for level, got in zip(levels, results, strict=True):
-        assert np.array_equal(got, results[0]), level
+    # block size 13: the window starts mid-block, through the 8-, 4- and 1-slot loops
+    assert_same_bits(per_simd_level(lambda: forced(Model.load(model_file, block_size=13), ids)))
 
 
 def test_a_window_layer_reads_only_the_window(tmp_path: Path) -> None:

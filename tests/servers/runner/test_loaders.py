@@ -25,6 +25,7 @@ from .helpers import (
     q8_where_possible,
     rewrite_gguf,
     shared_models,
+    write_gguf_of_architecture,
     write_legacy_unshared,
     write_llama2c_v1,
     write_llama2c_v2,
@@ -216,16 +217,8 @@ def test_rejects_bad_files(tmp_path: Path) -> None:
 
 
 def test_rejects_unknown_gguf_architecture(tmp_path: Path) -> None:
-    import gguf
-
-    w = gguf.GGUFWriter(tmp_path / "x.gguf", "gpt2")
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
-        load_model(tmp_path / "x.gguf")
+        load_model(write_gguf_of_architecture(tmp_path / "x.gguf", "gpt2"))
 
 
 def test_gguf_with_a_separate_classifier(tmp_path: Path, legacy: LoadedModel) -> None:

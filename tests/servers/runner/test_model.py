@@ -17,16 +17,14 @@ from servers.runner.sampling import GREEDY
 from .helpers import (
     EXPECTED_FROM_BOS,
     EXPECTED_ZOO,
+    assert_same_bits,
+    bits,
     f16_everywhere,
+    per_simd_level,
     q8_where_possible,
     rewrite_gguf,
     shared_models,
 )
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    """Compare floats bit for bit (NaN == NaN, 0.0 != -0.0)."""
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 def teacher_forced_logits(model: Model, ids: list[int]) -> np.ndarray:
@@ -281,26 +279,13 @@ def test_quantised_load_shares_one_buffer(tmp_path: Path) -> None:
 
 
 def test_every_simd_level_gives_the_same_bits(model: Model, story: list[int]) -> None:
-    from servers.runner import _kernels
-
-    best = _kernels.simd_level()
-    levels = _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]
-    if len(levels) == 1:
+    # odd block sizes exercise the 8-, 4- and 1-slot score loops
+    odd = Model.load(default_model_path(), block_size=13)
+    results = per_simd_level(lambda: teacher_forced_logits(model, story))
+    if len(results) == 1:
         pytest.skip("this CPU has only the SSE path")
-    results = []
-    try:
-        for level in levels:
-            _kernels.set_simd_level(level)
-            results.append(bits(teacher_forced_logits(model, story)))
-            # odd block sizes exercise the 8-, 4- and 1-slot score loops
-            odd = Model.load(default_model_path(), block_size=13)
-            results.append(bits(teacher_forced_logits(odd, story)))
-    finally:
-        _kernels.set_simd_level(best)
-    for level, got in zip(levels, results[::2], strict=True):
-        assert np.array_equal(got, results[0]), level
-    for level, got in zip(levels, results[1::2], strict=True):
-        assert np.array_equal(got, results[1]), level
+    assert_same_bits(results)
+    assert_same_bits(per_simd_level(lambda: teacher_forced_logits(odd, story)))
 
 
 def test_kv_layout_matches_the_reference(model: Model, story: list[int]) -> None:

@@ -23,7 +23,12 @@ from servers.runner.q8 import (
     widen,
     widen_q8s,
 )
-from tests.servers.runner.helpers import rewrite_gguf, shared_models
+from tests.servers.runner.helpers import (
+    assert_same_bits,
+    per_simd_level,
+    rewrite_gguf,
+    shared_models,
+)
 
 STORIES = shared_models() / "derived" / "stories260K-f32.gguf"
 
@@ -133,19 +138,13 @@ def test_an_8_bit_matmul_is_its_integer_sums(tmp_path: Path) -> None:
 def test_every_simd_level_gives_the_same_bits(tmp_path: Path, kind: str) -> None:
     model_path = quantised(tmp_path, kind)
     ids = [1, *np.random.default_rng(3).integers(3, 512, 40).tolist()]
-    best = _kernels.simd_level()
-    levels = _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]
-    results = []
-    try:
-        for level in levels:
-            _kernels.set_simd_level(level)
-            model = Model.load(model_path)
-            kv = model.new_kv_pool(model.blocks_needed(len(ids)))
-            table = list(range(kv.shape[0]))
-            rows = [model.step([SeqChunk(table, p, [t])], kv).logits[0] for p, t in enumerate(ids)]
-            batch = model.step([SeqChunk(table, 0, ids)], model.new_kv_pool(kv.shape[0])).logits[0]
-            results.append(np.concatenate([np.stack(rows).ravel(), batch]).view(np.uint32))
-    finally:
-        _kernels.set_simd_level(best)
-    for level, got in zip(levels, results, strict=True):
-        assert np.array_equal(got, results[0]), level
+
+    def logits() -> np.ndarray:
+        model = Model.load(model_path)
+        kv = model.new_kv_pool(model.blocks_needed(len(ids)))
+        table = list(range(kv.shape[0]))
+        rows = [model.step([SeqChunk(table, p, [t])], kv).logits[0] for p, t in enumerate(ids)]
+        batch = model.step([SeqChunk(table, 0, ids)], model.new_kv_pool(kv.shape[0])).logits[0]
+        return np.concatenate([np.stack(rows).ravel(), batch])
+
+    assert_same_bits(per_simd_level(logits))
