@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, SupportsIndex
 
@@ -50,15 +51,43 @@ PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock 
 WAIT_SLICE_S = 1.0  # a parked waiter looks at its deadline (and the kernel) at least this often
 FAILOVER_TIMEOUT_S = 120.0  # how long a failover waits for the instance to come back
 RECONNECT_PAUSE_S = 0.05
+
+
 class ServerGone(PeerGone):
     """The scheduler (or the whole instance) went away while a request was open."""
+
+
+@dataclass(slots=True, frozen=True)
+class Options:
+    """A request's settings, as `Session.submit` takes them (defaults included)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    priority: int = 0
+    timeout: float | None = None
+    tenant: str = ""
+
+
+@dataclass(slots=True)
+class _Wired:
+    """A submit as bytes for one connection: a failover makes it again for the next."""
+
+    submit: P.Submit
+    endpoint: Endpoint
+    payload: bytes
+    segment: P.SegmentRef | None
 
 
 class Session:
     """A connection to one instance's scheduler. Use `libllm.connect()`."""
 
-    def __init__(self, endpoint: Endpoint, channel: Channel) -> None:
+    def __init__(self, endpoint: Endpoint, channel: Channel, window: int = 0) -> None:
         self.instance = endpoint.instance
+        self._window = window  # asked of the kernel for each channel to the scheduler (0: its default)
         self._use_connection(endpoint, channel)
         self.num_failovers = 0  # reconnections after the scheduler or the instance went away
         info = self._call(MsgType.SCHED_MODEL_INFO, b"", DEFAULT_CONNECT_TIMEOUT_S)
@@ -112,17 +141,10 @@ class Session:
         Raises:
             InvalidRequest: a bad parameter (the message names it), or n < 1.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidRequest(f"n must be a positive int, got {n!r}")
-        if seed is None:
-            seed = secrets.randbits(62)
-        elif isinstance(seed, int) and seed + n > 2**64:
-            raise InvalidRequest(f"seed + n - 1 must stay below 2**64 (the n seeds are seed, seed+1, ...), got "
-                                 f"seed {seed!r}")
         started: list[Request] = []
         try:
-            for i in range(n):
-                started.append(self._start(prompt, max_tokens, temperature, top_k, top_p, seed + i, stop, priority,
+            for one_seed in self._seeds(n, seed):
+                started.append(self._start(prompt, max_tokens, temperature, top_k, top_p, one_seed, stop, priority,
                                            timeout, stream, tenant))
         except BaseException:  # all or none: a caller without the handles could not stop them
             for request in started:
@@ -132,6 +154,20 @@ class Session:
                     pass  # the connection went: so did they
             raise
         return started
+
+    @staticmethod
+    def _seeds(n: int, seed: int | None) -> list[int | None]:
+        """The n requests' seeds: seed, seed+1, ... (a random start when None)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InvalidRequest(f"n must be a positive int, got {n!r}")
+        if seed is None:
+            seed = secrets.randbits(62)
+        elif not isinstance(seed, int) or isinstance(seed, bool):
+            return [seed] * n  # not a seed: the first request's checks name it
+        elif seed + n > 2**64:
+            raise InvalidRequest(f"seed + n - 1 must stay below 2**64 (the n seeds are seed, seed+1, ...), got "
+                                 f"seed {seed!r}")
+        return [seed + i for i in range(n)]
 
     def generate_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
@@ -218,36 +254,71 @@ class Session:
     def _start(self, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_k: int,
                top_p: float, seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
                stream: bool, tenant: str = "") -> Request:
-        self._check_open()
-        self._ensure_process()
-        prompt_ids = self._validate(prompt, max_tokens, temperature, top_k, top_p, seed, stop, timeout)
-        if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
-            seed = secrets.randbits(63)
-        # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
-        submit = P.Submit(prompt_ids, max_tokens, float(temperature), top_k, float(top_p), seed, priority,
-                          stream, timeout, tenant)
+        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant)
+        submit = self._prepare(prompt, options, stream)
         deadline = None if timeout is None else time.monotonic() + timeout
-        wired_on = self._endpoint
-        payload, segment = self._memory.wire(submit, timeout)
+        wired = self._wire(submit, timeout)
         try:
             while True:
                 with self._lock:
-                    if wired_on is not self._endpoint:  # a failover replaced the connection, and its segments
-                        wired_on = self._endpoint
-                        payload, segment = self._memory.wire(submit, timeout)
+                    if wired.endpoint is not self._endpoint:  # a failover replaced the connection, and its segments
+                        wired = self._wire(submit, timeout)
                     try:
-                        txid = self._channel.request(MsgType.SCHED_SUBMIT, payload, timeout=timeout)
-                    except WouldBlock:  # the channel's window is full: take replies until a slot frees
-                        self._receive_slice(deadline)
+                        pending = self._try_send(wired)
+                    except PeerGone:  # an idle session learns of a restart here: fail over, then send
+                        self._failover()
                         continue
-                    pending = Pending(txid, submit, segment=segment)
-                    self._requests[txid] = pending
-                    break
+                    if pending is not None:
+                        break
+                    self._receive_slice(deadline)  # the window is full: take replies until a slot frees
         except BaseException:
-            if segment is not None and wired_on is self._endpoint:
-                self._memory.free_prompt(segment)
+            self._unwire(wired)
             raise
-        return Request(self, pending, self.tokenizer.decoder(prompt_ids), list(stop or ()), deadline)
+        return self._handle(pending, stop, deadline)
+
+    def _prepare(self, prompt: str | Sequence[int], options: Options, stream: bool) -> P.Submit:
+        """Check the arguments and tokenise: the request as it will travel (no lock, no I/O)."""
+        self._check_open()
+        self._ensure_process()
+        o = options
+        prompt_ids = self._validate(prompt, o.max_tokens, o.temperature, o.top_k, o.top_p, o.seed, o.stop, o.timeout)
+        seed = o.seed
+        if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
+            seed = secrets.randbits(63)
+        # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
+        return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
+                        stream, o.timeout, o.tenant)
+
+    def _wire(self, submit: P.Submit, timeout: float | None) -> _Wired:
+        """The submit's bytes on the current connection; a long prompt gets a segment (a call
+        to the memory server: blocking, so async callers run this on a worker thread)."""
+        endpoint = self._endpoint
+        payload, segment = self._memory.wire(submit, timeout)
+        return _Wired(submit, endpoint, payload, segment)
+
+    def _unwire(self, wired: _Wired) -> None:
+        if wired.segment is not None and wired.endpoint is self._endpoint:
+            self._memory.free_prompt(wired.segment)
+        wired.segment = None
+
+    def _try_send(self, wired: _Wired) -> Pending | None:
+        """Send a submit wired for the current connection if the window has room; None when
+        it is full (lock held). Never waits: the window keeps the ring from filling.
+
+        Raises:
+            PeerGone: the scheduler is gone (the caller fails over, then tries again).
+        """
+        try:
+            txid = self._channel.request(MsgType.SCHED_SUBMIT, wired.payload, timeout=0)
+        except (WouldBlock, Timeout):  # Timeout: the ring itself is full (the scheduler is behind)
+            return None
+        pending = Pending(txid, wired.submit, segment=wired.segment)
+        wired.segment = None  # the request holds it now
+        self._requests[txid] = pending
+        return pending
+
+    def _handle(self, pending: Pending, stop: list[str] | None, deadline: float | None) -> Request:
+        return Request(self, pending, self.tokenizer.decoder(pending.submit.prompt_ids), list(stop or ()), deadline)
 
     def _ensure_process(self) -> None:
         """After a fork, the child gets a connection of its own on first use; the parent's
@@ -256,7 +327,7 @@ class Session:
         if self._pid == os.getpid():
             return
         endpoint = Endpoint.connect(self.instance, name=self._endpoint.name)
-        self._use_connection(endpoint, endpoint.open_channel("scheduler", wait=True))
+        self._use_connection(endpoint, endpoint.open_channel("scheduler", wait=True, window=self._window))
 
     def _use_connection(self, endpoint: Endpoint, channel: Channel) -> None:
         """Start afresh on a connection of this process's own (at creation, or in a forked
@@ -360,6 +431,9 @@ class Session:
                         sent_on = self._channel
                     except WouldBlock:  # the window is full: take replies until a slot frees
                         pass
+                    except PeerGone:  # an idle session learns of a restart here
+                        self._failover()
+                        continue
                 try:
                     self._receive_slice(deadline)
                 except DeadlineExceeded:
@@ -397,16 +471,25 @@ class Session:
             self._drain()
 
     def _drain(self) -> None:
-        """Route every reply that is already there (lock held). The kernel's news on the
-        control ring (names registered, peers gone) is for servers; a client drains it so the
-        kernel keeps no backlog for it (a gone scheduler shows on its own ring)."""
+        """Route every reply that is already there, failing over if the scheduler is gone
+        (lock held)."""
         try:
-            self._endpoint.poll_control()
-            while (message := self._channel.try_receive()) is not None:
-                self._route(message)
-            self._send_unsent()
+            self._route_ready()
         except PeerGone:
             self._failover()
+
+    def _route_ready(self) -> None:
+        """Route every reply that is already there (lock held); never waits. The kernel's news
+        on the control ring (names registered, peers gone) is for servers; a client drains it
+        so the kernel keeps no backlog for it (a gone scheduler shows on its own ring).
+
+        Raises:
+            PeerGone: the scheduler is gone (the caller fails over).
+        """
+        self._endpoint.poll_control()
+        while (message := self._channel.try_receive()) is not None:
+            self._route(message)
+        self._send_unsent()
 
     def _check_kernel(self) -> None:
         with self._lock:
@@ -471,7 +554,7 @@ class Session:
         try:
             self._endpoint.drop_channel(self._channel.channel_id)
             self._endpoint.poll_control()  # the kernel's news of the restart: nothing to act on
-            self._channel = self._endpoint.open_channel("scheduler", wait=True,
+            self._channel = self._endpoint.open_channel("scheduler", wait=True, window=self._window,
                                                         timeout=max(1.0, deadline - time.monotonic()))
         except (LlmosError, OSError):
             return False
@@ -496,7 +579,7 @@ class Session:
                 endpoint = None
             if endpoint is not None:
                 try:
-                    self._channel = endpoint.open_channel("scheduler", wait=True,
+                    self._channel = endpoint.open_channel("scheduler", wait=True, window=self._window,
                                                           timeout=max(1.0, deadline - time.monotonic()))
                     self._endpoint = self._memory.endpoint = endpoint
                     break
@@ -557,19 +640,23 @@ class Session:
             self._channel.send(MsgType.SCHED_CANCEL, P.pack(P.Cancel(request.txid)), flags=MsgFlag.WAKE)
 
 
-def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "") -> Session:
+def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "",
+            window: int = 0) -> Session:
     """Connect to the instance's scheduler (default instance: $LLMOS_INSTANCE or "default").
 
     Args:
         name: register this connection under a server name (the gateway does, so the
             scheduler believes the tenants it names); plain clients leave it empty.
+        window: requests this session may have in flight at the scheduler at once (0: the
+            instance's `window`); a larger one costs ring memory (~16 KiB per request).
     Raises:
         KernelUnavailable: no instance runs; the message says how to start one.
+        Overloaded: the kernel has no ring space for a channel of that window.
     """
     endpoint = Endpoint.connect(instance, name=name, timeout=timeout)
     try:
-        channel = endpoint.open_channel("scheduler", wait=True, timeout=timeout)
-        return Session(endpoint, channel)
+        channel = endpoint.open_channel("scheduler", wait=True, timeout=timeout, window=window)
+        return Session(endpoint, channel, window)
     except BaseException:
         endpoint.close()
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,8 @@ class Request:
         self._emitted = 0  # how much of it the caller has been given
         self._stopped_by_string = False
         self._num_kept = 0
+        # How a stop string cancels the request: the session's call, or libllm.aio's (never waits).
+        self._canceller: Callable[[Pending], None] = session._cancel
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -125,7 +127,7 @@ class Request:
         if hits:
             cut = min(hits)
             self._stopped_by_string = True
-            self._session._cancel(self._request)
+            self._canceller(self._request)
             self._text = self._text[:cut]
             safe = cut
         else:

@@ -35,6 +35,7 @@ class Connect(msgspec.Struct, frozen=True):
 
     server: str
     wait: bool = False  # wait for the server to register instead of failing at once
+    window: int = 0  # requests in flight this client wants on the channel; 0: the kernel's default
 
 
 class ChannelInfo(msgspec.Struct, frozen=True):

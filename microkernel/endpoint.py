@@ -274,14 +274,16 @@ class Endpoint:
             self._next_txid += 1
             return _socket_call(self._sock, self._next_txid, type, payload, timeout)
 
-    def open_channel(self, server: str, *, wait: bool = False, timeout: float = 10.0) -> Channel:
-        """Ask the kernel for a ring pair to `server`.
+    def open_channel(self, server: str, *, wait: bool = False, timeout: float = 10.0, window: int = 0) -> Channel:
+        """Ask the kernel for a ring pair to `server`, with room for `window` requests in
+        flight (0: the instance's default; the kernel caps it, `channel.window` says).
 
         Raises:
             PeerGone: no such server is registered (and `wait` is False).  Timeout.
+            Overloaded: no ring space left for a channel that large.
         """
-        info = C.unpack(self._kernel_call(MsgType.KERNEL_CONNECT, C.pack(C.Connect(server, wait)), timeout),
-                        C.ChannelInfo)
+        info = C.unpack(self._kernel_call(MsgType.KERNEL_CONNECT, C.pack(C.Connect(server, wait, window)),
+                                          timeout), C.ChannelInfo)
         channel = Channel(self, info, "client")
         self.channels[info.channel_id] = channel
         return channel

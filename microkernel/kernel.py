@@ -42,11 +42,25 @@ CONTROL_CAPACITY = 16 << 10
 # Control messages queued for an endpoint whose ring is full; past this it is not reading
 # (a server reads its ring every loop pass), and only its newest news is kept.
 MAX_CONTROL_BACKLOG = 4096
-CHANNEL_CAPACITY = 64 << 10
+CHANNEL_CAPACITY = 64 << 10  # the ring size of a channel with the default window
 MAX_INLINE_REPLY = 4096  # a reply ring holds `window` replies of this size (flow rules)
+MAX_WINDOW = 1024  # the most a client may ask for (the gateway asks for its max_in_flight)
 MAX_PACKET = 1 << 20
 TICK_S = 0.1
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def channel_shape(asked: int, default: int) -> tuple[int, int]:
+    """The window granted and the ring capacity that keeps the flow rule: each ring holds
+    `window` records of the largest inline size (twice over, for wrap-around), so a reply,
+    or a request within the window, can always be written. A client that asks nothing gets
+    the instance's default within the standard ring; one that asks (the gateway) gets rings
+    sized for its window."""
+    per_record = 2 * (MAX_INLINE_REPLY + 56)
+    if asked <= 0:
+        return max(1, min(default, CHANNEL_CAPACITY // per_record)), CHANNEL_CAPACITY
+    window = min(asked, MAX_WINDOW)
+    return window, max(CHANNEL_CAPACITY, 1 << (window * per_record - 1).bit_length())
 
 
 @dataclass(slots=True)
@@ -87,13 +101,14 @@ class Kernel:
         self.endpoints: dict[int, EndpointRecord] = {}
         self.by_name: dict[str, int] = {}
         self.channels: dict[int, ChannelRecord] = {}
-        self.pending_connects: dict[str, list[tuple[socket.socket, int, int]]] = {}
+        # Clients waiting for a server to register: (socket, txid, endpoint id, window asked).
+        self.pending_connects: dict[str, list[tuple[socket.socket, int, int, int]]] = {}
         self._next_endpoint = 1
         self._next_channel = 1
         self._next_generation = 1
         self._free_doorbells: list[int] = []
         self._free_control: list[int] = []
-        self._free_channel_rings: list[int] = []
+        self._free_channel_rings: dict[int, list[int]] = {}  # ring capacity -> offsets to reuse
         self._retired: list[ChannelRecord] = []
         self._stopping = False
         self.selector = selectors.DefaultSelector()
@@ -149,7 +164,7 @@ class Kernel:
         for record in list(self.endpoints.values()):
             self._retire(record)
         for conn_list in self.pending_connects.values():
-            for conn, _, _ in conn_list:
+            for conn, *_ in conn_list:
                 conn.close()
         self.selector.close()
         self.listener.close()
@@ -257,46 +272,48 @@ class Kernel:
             for other in self.endpoints.values():
                 if other is not record and other.control is not None:
                     self._notify(other, event)
-            for conn, txid, client_id in self.pending_connects.pop(hello.name, []):
+            for conn, txid, client_id, window in self.pending_connects.pop(hello.name, []):
                 client = self.endpoints.get(client_id)
                 if client is not None and client.sock is conn:
-                    self._open_channel(client, Header(MsgType.KERNEL_CONNECT, txid=txid), record)
+                    self._open_channel(client, Header(MsgType.KERNEL_CONNECT, txid=txid), record, window)
 
     def _connect(self, record: EndpointRecord, header: Header, request: C.Connect) -> None:
         server_id = self.by_name.get(request.server)
         if server_id is None:
             if request.wait:
                 self.pending_connects.setdefault(request.server, []).append(
-                    (record.sock, header.txid, record.endpoint_id))
+                    (record.sock, header.txid, record.endpoint_id, request.window))
                 return
             self._reply_error(record.sock, header, ErrorCode.PEER_GONE,
                               f"no server named {request.server!r} is registered")
             return
-        self._open_channel(record, header, self.endpoints[server_id])
+        self._open_channel(record, header, self.endpoints[server_id], request.window)
 
-    def _open_channel(self, client: EndpointRecord, header: Header, server: EndpointRecord) -> None:
+    def _open_channel(self, client: EndpointRecord, header: Header, server: EndpointRecord, asked: int) -> None:
+        window, capacity = channel_shape(asked, self.window)
         try:
             client_bell = Doorbell.attach(self.arena, client.doorbell)
             server_bell = Doorbell.attach(self.arena, server.doorbell)
-            req_off = self._alloc_channel_ring()
+            req_off = self._alloc_channel_ring(capacity)
             try:
-                rep_off = self._alloc_channel_ring()
+                rep_off = self._alloc_channel_ring(capacity)
             except ArenaError:
-                self._free_channel_rings.append(req_off)
+                self._free_channel_rings.setdefault(capacity, []).append(req_off)
                 raise
         except ArenaError as exc:
-            self._reply_error(client.sock, header, ErrorCode.OVERLOADED, f"kernel out of ring space: {exc}")
+            self._reply_error(client.sock, header, ErrorCode.OVERLOADED,
+                              f"kernel out of ring space for a channel of window {window}: {exc}")
             return
         req_gen, rep_gen = self._generation(), self._generation()
-        request = Ring.format(self.arena, req_off, CHANNEL_CAPACITY, consumer_doorbell=server_bell,
+        request = Ring.format(self.arena, req_off, capacity, consumer_doorbell=server_bell,
                               producer_doorbell=client_bell, generation=req_gen)
-        reply = Ring.format(self.arena, rep_off, CHANNEL_CAPACITY, consumer_doorbell=client_bell,
+        reply = Ring.format(self.arena, rep_off, capacity, consumer_doorbell=client_bell,
                             producer_doorbell=server_bell, generation=rep_gen)
         info = C.ChannelInfo(
             channel_id=self._next_channel, client_id=client.endpoint_id, client_name=client.name,
             client_uid=client.uid, client_pid=client.pid, server_id=server.endpoint_id, server_name=server.name,
             request_ring=req_off, request_generation=req_gen, reply_ring=rep_off, reply_generation=rep_gen,
-            window=min(self.window, CHANNEL_CAPACITY // (2 * (MAX_INLINE_REPLY + 56))),
+            window=window,
         )
         self._next_channel += 1
         self.channels[info.channel_id] = ChannelRecord(info, request, reply)
@@ -368,11 +385,12 @@ class Kernel:
                            generation=generation, side="producer")
         return ring, generation
 
-    def _alloc_channel_ring(self) -> int:
+    def _alloc_channel_ring(self, capacity: int) -> int:
         self._reclaim_retired()
-        if self._free_channel_rings:
-            return self._free_channel_rings.pop()
-        return self.arena.carve(L.RegionKind.RINGS, L.ring_footprint(CHANNEL_CAPACITY))
+        free = self._free_channel_rings.get(capacity)
+        if free:
+            return free.pop()
+        return self.arena.carve(L.RegionKind.RINGS, L.ring_footprint(capacity))
 
     def _reclaim_retired(self) -> None:
         """A retired ring is reused only once its survivor closed its end too (or died)."""
@@ -384,7 +402,7 @@ class Kernel:
             closed = all(s.producer_closed and s.consumer_closed for s in stats)
             if both_gone or closed:
                 for ring in (channel.request, channel.reply):
-                    self._free_channel_rings.append(ring.offset)
+                    self._free_channel_rings.setdefault(ring.stats().capacity, []).append(ring.offset)
                     ring.close()
             else:
                 keep.append(channel)

@@ -155,16 +155,21 @@ class GatewaySection:
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no authentication
     max_body_bytes: int = 1 << 20
     max_tokens: int = 512
-    max_in_flight: int = 256  # requests at once before it answers 429
+    # Choices at the scheduler at once before it answers 429; also its channel's window (each
+    # slot costs ~16 KiB of ring memory, so 1024, the kernel's cap, takes 32 MiB of `rings`).
+    max_in_flight: int = 256
+    body_timeout_s: float = 30.0  # a request body that takes longer is dropped (408)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or min(self.max_body_bytes, self.max_tokens, self.max_in_flight) < 1:
             raise ConfigError("gateway: port in 0..65535; max_body_bytes, max_tokens, max_in_flight >= 1")
+        if self.max_in_flight > 1024 or self.body_timeout_s <= 0:
+            raise ConfigError("gateway: max_in_flight at most 1024 (the kernel's window cap); body_timeout_s > 0")
 
     def args(self) -> list[str]:
         return [f"--host={self.host}", f"--port={self.port}", f"--api-keys={json.dumps(self.api_keys)}",
                 f"--max-body-bytes={self.max_body_bytes}", f"--max-tokens={self.max_tokens}",
-                f"--max-in-flight={self.max_in_flight}"]
+                f"--max-in-flight={self.max_in_flight}", f"--body-timeout={self.body_timeout_s}"]
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,196 +1,274 @@
 """The OpenAI-compatible HTTP front door: /v1/completions, /v1/chat/completions (plain and
-SSE), /v1/models, /health, /metrics. Runs inside the gateway process, itself a libllm
-client registered as "gateway" (the only peer whose tenant the scheduler believes). Chat
-messages become prompt ids through the session's chat template (libllm/chat.py).
-Everything is validated here; errors use the OpenAI error shape.
+SSE), /v1/models, /tokenize, /detokenize, /version, /health, /metrics. Runs inside the
+gateway process, itself a libllm client registered as "gateway" (the only peer whose tenant
+the scheduler believes), with one channel whose window is `max_in_flight`. Chat messages
+become prompt ids through the session's chat template (libllm/chat.py). Bodies, keys and
+limits are checked at the door (guard.py); errors use OpenAI's shape (errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib.metadata
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from libllm.aio import AsyncSession
 from libllm.chat import ChatTemplateError
 from libllm.request import Completion
 from microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
-from servers.gateway.metrics import prometheus_text
-from servers.gateway.schemas import ChatBody, CompletionBody
+from servers.gateway.errors import ApiError, install_handlers
+from servers.gateway.metrics import GatewayMetrics
+from servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from servers.gateway.streaming import Choice, sse_stream
+
+T = TypeVar("T")
+_LONG_TEXT = 2048  # characters: longer prompts are tokenised on a worker thread
+HEALTH_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
 class GatewayConfig:
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
     max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 512
-    default_max_tokens: int = 16
-    max_in_flight: int = 256  # requests at once before answering 429
+    max_tokens_cap: int = 512  # the most a request may ask, and the default's ceiling
+    max_in_flight: int = 256  # choices at the scheduler at once before answering 429
+    body_timeout_s: float = 30.0
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
+@dataclass(slots=True)
+class Job:
+    """What one HTTP request asks of the scheduler: prompts (ids), n choices each."""
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    prompts: list[list[int]]
+    max_tokens: list[int]  # per prompt
+    options: dict[str, Any]
+    n: int
+    tenant: str
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
 
 
 def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
-    app = FastAPI(title="llmos gateway", docs_url=None, redoc_url=None)
+    app = FastAPI(title="llmos gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
     info = session.model_info()
     model_id = Path(info.model_path).stem
+    tokenizer = session.session.tokenizer
+    metrics = GatewayMetrics(model_id)
+    app.state.metrics = metrics
     in_flight = [0]
 
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, exc: ApiError) -> Response:
-        return exc.response()
+    async def off_loop(work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, work)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}").response()
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
+    async def encode(text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no text a model could read
+            raise ApiError(400, f"prompt is not valid Unicode text ({exc.reason} at {exc.start})",
+                           param="prompt") from None
+        if len(text) > _LONG_TEXT:
+            return await off_loop(lambda: tokenizer.encode(text))
+        return tokenizer.encode(text)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return ApiError(413, f"request body over {config.max_body_bytes} bytes").response()
-        if request.url.path.startswith("/v1/") and config.api_keys:
-            auth = request.headers.get("authorization", "")
-            key = auth.removeprefix("Bearer ").strip()
-            if key not in config.api_keys:
-                return ApiError(401, "invalid or missing API key", kind="authentication_error",
-                                code="invalid_api_key").response()
-            request.state.tenant = config.api_keys[key]
-        else:
-            request.state.tenant = ""
-        return await call_next(request)
-
-    def check(body: CompletionBody | ChatBody) -> int:
-        if body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} does not exist; this instance serves {model_id!r}",
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise ApiError(404, f"model {name!r} does not exist; this instance serves {model_id!r}",
                            param="model", code="model_not_found")
-        max_tokens = body.max_tokens or config.default_max_tokens
-        if max_tokens > config.max_tokens_cap:
+
+    def plan(body: CompletionBody | ChatBody, prompts: list[list[int]], tenant: str) -> Job:
+        check_model(body.model)
+        asked = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else None
+        asked = asked or body.max_tokens
+        if asked is not None and asked > config.max_tokens_cap:
             raise ApiError(400, f"max_tokens must be at most {config.max_tokens_cap}", param="max_tokens")
-        if in_flight[0] + body.n > config.max_in_flight:
+        limits = []
+        for ids in prompts:
+            left = info.context_length - len(ids)
+            if left < 1:
+                raise ApiError(400, f"prompt of {len(ids)} tokens does not fit the context of "
+                                    f"{info.context_length} tokens", param="prompt")
+            limits.append(asked if asked is not None else min(config.max_tokens_cap, left))
+        job = Job(prompts, limits, {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                                    "seed": body.seed, "stop": body.stop_list(), "priority": body.priority,
+                                    "tenant": tenant}, body.n, tenant)
+        if in_flight[0] + job.num_choices > config.max_in_flight:
             raise ApiError(429, "too many requests in flight; retry shortly", kind="rate_limit_error",
                            headers={"Retry-After": "1"})
-        return max_tokens
+        return job
 
-    async def run(prompt: str | list[int], body: CompletionBody | ChatBody, max_tokens: int,
-                  tenant: str) -> list[Completion]:
-        in_flight[0] += body.n
+    async def generate(job: Job) -> list[Completion]:
+        in_flight[0] += job.num_choices
+        started = time.monotonic()
         try:
-            return list(await asyncio.gather(*(
-                session.generate(prompt, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                 seed=None if body.seed is None else body.seed + i, stop=body.stop_list(),
-                                 priority=body.priority, tenant=tenant)
-                for i in range(body.n))))
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc)) from None
-        except (QuotaExceeded, Overloaded) as exc:
-            raise ApiError(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
-        except (Timeout, LlmosError) as exc:
-            raise ApiError(503, f"the instance could not serve the request: {exc}", kind="server_error") from None
-        finally:
-            in_flight[0] -= body.n
-
-    def usage(done: list[Completion]) -> dict[str, int]:
-        prompt_tokens = done[0].usage.prompt_tokens if done else 0
-        completion_tokens = sum(c.usage.completion_tokens for c in done)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    async def sse(prompt: str | list[int], body: CompletionBody | ChatBody, max_tokens: int, tenant: str,
-                  kind: str, rid: str) -> AsyncIterator[str]:
-        """One choice streamed as server-sent events; a client that goes away cancels it
-        (Starlette cancels this generator, and leaving libllm's stream cancels the request)."""
-        in_flight[0] += 1
-        created = int(time.time())
-        try:
-            async for piece in session.stream(prompt, max_tokens=max_tokens, temperature=body.temperature,
-                                              top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-                                              priority=body.priority, tenant=tenant):
-                yield "data: " + json.dumps(_chunk(kind, rid, created, model_id, piece, None)) + "\n\n"
-            yield "data: " + json.dumps(_chunk(kind, rid, created, model_id, "", "stop")) + "\n\n"
-            yield "data: [DONE]\n\n"
+            groups = await asyncio.gather(*(session.generate_n(ids, job.n, max_tokens=limit, **job.options)
+                                            for ids, limit in zip(job.prompts, job.max_tokens, strict=True)))
         except LlmosError as exc:
-            yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error"}}) + "\n\n"
+            raise as_api_error(exc) from None
         finally:
-            in_flight[0] -= 1
+            in_flight[0] -= job.num_choices
+        done = [c for group in groups for c in group]
+        for c in done:
+            metrics.request_done(c.usage.prompt_tokens, c.usage.completion_tokens, finish_reason(c.finish_reason),
+                                 time.monotonic() - started)
+        return done
+
+    async def stream(job: Job, kind: str, rid: str, include_usage: bool) -> StreamingResponse:
+        """Every choice of every prompt in one SSE stream, each chunk naming its index."""
+        in_flight[0] += job.num_choices
+        try:
+            choices: list[Choice] = []
+            for p, (ids, limit) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
+                requests = await session.submit_n(ids, job.n, stream=True, max_tokens=limit, **job.options)
+                choices += [Choice(p * job.n + i, r, 0 if i else len(ids)) for i, r in enumerate(requests)]
+        except LlmosError as exc:
+            in_flight[0] -= job.num_choices
+            for c in choices:
+                session.cancel(c.request)
+            raise as_api_error(exc) from None
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for event in sse_stream(session, choices, kind, rid, model_id, include_usage, metrics):
+                    yield event
+            finally:
+                in_flight[0] -= job.num_choices
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": model_id}
+    async def health() -> Response:
+        if session.failing_over:
+            return JSONResponse({"status": "unavailable", "reason": "the scheduler restarted; reconnecting"},
+                                status_code=503)
+        try:
+            await session.ping(HEALTH_TIMEOUT_S)
+        except LlmosError as exc:
+            return JSONResponse({"status": "unavailable", "reason": f"the scheduler does not answer: {exc}"},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "model": model_id})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        stats = await asyncio.get_running_loop().run_in_executor(None, session.session.stats)
-        return PlainTextResponse(prometheus_text(stats), media_type="text/plain; version=0.0.4")
+    async def metrics_route() -> Response:
+        try:
+            stats: dict[str, Any] | None = await session.stats(HEALTH_TIMEOUT_S)
+        except LlmosError:
+            stats = None  # the gateway's own figures still count
+        return PlainTextResponse(metrics.text(stats), media_type="text/plain; version=0.0.4")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": importlib.metadata.version("llmos")}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "llmos",
+                "max_model_len": info.context_length}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llmos"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict[str, Any]:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = chat_prompt(body.messages)
+        else:
+            assert body.prompt is not None
+            ids = await encode(body.prompt)
+        return {"count": len(ids), "max_model_len": info.context_length, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict[str, Any]:
+        check_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in [0, {info.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    def chat_prompt(messages: Sequence[Any]) -> list[int]:
+        try:  # the tokenizer's own ids: the template's control tokens are special tokens, not text
+            return session.session.chat_ids([m.as_template_input() for m in messages])
+        except (ChatTemplateError, InvalidRequest) as exc:
+            raise ApiError(400, str(exc), param="messages") from None
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, request: Request) -> Response | dict[str, Any]:
-        max_tokens = check(body)
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+        check_model(body.model)
+        prompts = [await encode(p) if isinstance(p, str) else checked_ids(p, info.vocab_size)
+                   for p in body.prompts()]
+        job = plan(body, prompts, request.state.tenant)
         rid = "cmpl-" + secrets.token_hex(12)
         if body.stream:
-            return StreamingResponse(sse(prompt, body, max_tokens, request.state.tenant, "text_completion", rid),
-                                     media_type="text/event-stream")
-        done = await run(prompt, body, max_tokens, request.state.tenant)
+            return await stream(job, "text_completion", rid, body.wants_usage_chunk())
+        done = await generate(job)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _reason(c)}
+                "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
                             for i, c in enumerate(done)],
-                "usage": usage(done)}
+                "usage": usage(done, job.n)}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody, request: Request) -> Response | dict[str, Any]:
-        max_tokens = check(body)
-        try:  # the tokenizer's own ids: the template's control tokens are special tokens, not text
-            prompt = session.session.chat_ids([m.model_dump() for m in body.messages])
-        except (ChatTemplateError, InvalidRequest) as exc:
-            raise ApiError(400, str(exc), param="messages") from None
+        check_model(body.model)
+        job = plan(body, [chat_prompt(body.messages)], request.state.tenant)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if body.stream:
-            return StreamingResponse(sse(prompt, body, max_tokens, request.state.tenant, "chat.completion.chunk",
-                                         rid), media_type="text/event-stream")
-        done = await run(prompt, body, max_tokens, request.state.tenant)
+            return await stream(job, "chat.completion.chunk", rid, body.wants_usage_chunk())
+        done = await generate(job)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": _reason(c)} for i, c in enumerate(done)],
-                "usage": usage(done)}
+                             "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
+                            for i, c in enumerate(done)],
+                "usage": usage(done, job.n)}
 
     return app
 
 
-def _reason(done: Completion) -> str:
-    """OpenAI's words: "length" when max_tokens ended it, else "stop"."""
-    return "length" if done.finish_reason in ("length", "context") else "stop"
+def checked_ids(ids: list[int], vocab_size: int) -> list[int]:
+    if not ids:
+        raise ApiError(400, "a token-id prompt must hold at least one id", param="prompt")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} is not in [0, {vocab_size})", param="prompt")
+    return ids
 
 
-def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: str | None) -> dict[str, Any]:
-    if kind == "text_completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+def as_api_error(exc: LlmosError) -> ApiError:
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc))
+    if isinstance(exc, (QuotaExceeded, Overloaded)):
+        return ApiError(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(exc, Timeout):
+        return ApiError(504, f"the request did not finish in time: {exc}", kind="server_error")
+    return ApiError(503, f"the instance could not serve the request: {exc}", kind="server_error")
+
+
+def usage(done: list[Completion], n: int) -> dict[str, int]:
+    """OpenAI counts each prompt once, however many choices it has."""
+    prompt_tokens = sum(c.usage.prompt_tokens for c in done[::n])
+    completion_tokens = sum(c.usage.completion_tokens for c in done)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's words: "length" when max_tokens (or the context) ended it, else "stop"."""
+    return "length" if reason in ("length", "context") else "stop"
+

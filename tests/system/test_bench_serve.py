@@ -104,10 +104,12 @@ SMALL = ["--workers", "4", "--requests", "10", "--prompt-len", "uniform:8:40", "
 def test_closed_loop_two_policies_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, plots = tmp_path / "serve.json", tmp_path / "plots"
     code = serve.main([*SMALL, "--policies", "fcfs,priority", "--naive-requests", "2", "--json", str(out),
-                       "--plot", str(plots), "--instance-prefix", unique_instance("serve")])
+                       "--plot", str(plots), "--verbose", "--instance-prefix", unique_instance("serve")])
     text = capsys.readouterr().out
     assert code == 0
     assert "llmos fcfs" in text and "llmos priority" in text and "Goals" in text
+    assert "The seed's metrics per policy" in text  # --verbose: the detailed tables too
+    assert text.count("============ Serving Benchmark Result ============") == 2  # one per policy
     report = json.loads(out.read_text())
     assert {"in_process", "naive"} <= set(report)
     assert report["naive"]["requests"] == 2 and report["naive"]["outputs_match_in_process"] == 1.0
@@ -133,6 +135,9 @@ def test_closed_loop_two_policies_with_baselines(tmp_path: Path, capsys: pytest.
                 assert r["finish_reason"] == "stop" and r["output_tokens"] < r["max_tokens"]
             assert r["ttft_s"] is not None and r["queue_s"] is not None and r["stream_ttft_s"] is None
         assert p["latency"]["all"]["requests"] == 10
+        summary = p["summary"]  # vLLM's figures, from the same records
+        assert summary["completed"] == 10 and summary["failed"] == 0 and summary["total_output_tokens"] == made
+        assert summary["mean_ttft_ms"] is not None and summary["mean_itl_ms"] is None  # not streamed
         assert p["cpu"]["runners_s"] >= 0 and "scheduler" in p["cpu"]["by_process_s"]
         assert any(link.startswith("client->scheduler") for link in p["B"]["by_link"])
         assert p["kv_timeline"]
@@ -150,12 +155,15 @@ def test_open_loop_streaming(tmp_path: Path) -> None:
     assert p["L_r"] == 0 and p["outputs_match_in_process"] == 1.0
     lat = p["latency"]["all"]
     assert lat["stream_ttft_s"]["n"] == 10 and lat["late_s"]["n"] == 10
+    assert p["summary"]["mean_itl_ms"] is not None  # streamed: the gaps between pieces
 
 
-def test_over_http(tmp_path: Path) -> None:
+def test_over_http(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "serve.json"
     assert serve.main([*SMALL, "--http", "--policies", "fcfs", "--naive-requests", "0", "--json", str(out),
                        "--instance-prefix", unique_instance("serve")]) == 0
+    text = capsys.readouterr().out
+    assert "Serving Benchmark Result" in text and "The seed's metrics" not in text  # tables: --verbose only
     p = json.loads(out.read_text())["policies"]["fcfs"]
     assert p["L_r"] == 0 and "gateway->scheduler" in p["B"]["by_link"]
     assert "gateway" in p["cpu"]["by_process_s"]

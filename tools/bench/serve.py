@@ -15,6 +15,13 @@ system spends outside the runners per generated token. `--json FILE` has every f
 under stable names; `--plot DIR` writes PNG charts. With `--reps N` the in-process
 baseline and the policies run N times interleaved (the naive server once), ratios as
 median [range]; other figures are the last repetition's.
+
+Printed: per policy, a summary in the shape of `vllm bench serve`'s (serve_summary); the
+tables above with `--verbose`. With `--base-url URL` the same workload goes instead to any
+OpenAI-compatible server already running there (llmos's gateway, llama.cpp's
+llama-server, ...; serve_openai): streaming /v1/completions from the same workers, no
+instance and no baselines, and the summary of what the clients saw. A run where any
+request failed exits 1.
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from tools.bench.report import write_json
-from tools.bench.serve_report import render
+from tools.bench.serve_report import render, render_external
 from tools.bench.serve_workload import (
     Spec,
+    WorkItem,
     WorkloadError,
     describe,
     make_workload,
@@ -75,6 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--instance-prefix", default=f"bench-serve-{os.getpid()}", help="instances are named PREFIX-POLICY-REP")
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts here (needs matplotlib)")
+    p.add_argument("--verbose", action="store_true", help="also the detailed tables (latency per class, the "
+                   "seed's metrics, rings, CPU)")
+    p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server to drive instead of llmos instances "
+                   "(e.g. http://127.0.0.1:8080): no instance, no baselines, always streaming")
+    p.add_argument("--model", help="with --base-url: the requests' model; None: the first id of GET /v1/models")
+    p.add_argument("--api-key", help="with --base-url: sent as a bearer token; None: $OPENAI_API_KEY if set")
     ns = p.parse_args(argv)
     if ns.quick:
         ns.requests = ns.requests or 4 * ns.workers
@@ -88,6 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check(ns: argparse.Namespace) -> str:
     """What is wrong with the options, or ""."""
+    if ns.base_url and (ns.http or ns.plot):
+        return "--base-url drives an external server: --http and --plot are for llmos instances"
+    if ns.base_url and not ns.base_url.startswith(("http://", "https://")):
+        return f"--base-url {ns.base_url!r}: expected http://HOST:PORT"
     bad = [x for x in ns.policies if x not in POLICIES]
     if bad or not ns.policies:
         return f"--policies: {', '.join(bad) or 'none given'}; choose from {', '.join(POLICIES)}"
@@ -129,20 +147,45 @@ def interrupted_by_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(ns: argparse.Namespace) -> dict[str, Any]:
-    """Everything the benchmark measures, as the JSON report (serve_results)."""
+def workload(ns: argparse.Namespace, context: int) -> list[WorkItem]:
+    """The seeded requests, drawn with the shipped model's tokenizer for its `context`."""
     from libllm.tokenizer import load_tokenizer
     from servers.runner.loaders import default_tokenizer_path
+
+    spec = Spec(ns.requests, ns.seed, parse_dist(ns.prompt_len), parse_dist(ns.output_len),
+                parse_priorities(ns.priorities), ns.shared_prefix, ns.num_prefixes, ns.prefix_len, ns.temperature,
+                ns.rate, context)
+    return make_workload(spec, load_tokenizer(default_tokenizer_path()).encode)
+
+
+def _config(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if k not in ("json", "plot", "instance_prefix", "api_key")}
+
+
+def run_base_url(ns: argparse.Namespace) -> dict[str, Any]:
+    """The workload against the server at --base-url, as its JSON report (serve_openai)."""
+    from servers.runner.loaders import default_model_path, read_config
+    from tools.bench.serve_openai import api_root, external_report, first_model, run_external
+
+    url = api_root(ns.base_url)
+    key = ns.api_key or os.environ.get("OPENAI_API_KEY", "")  # read here, so --help never shows it
+    model = ns.model or first_model(url, key)
+    items = workload(ns, read_config(default_model_path()).seq_len)
+    with progress_bar() as task:
+        records, duration = run_external(url, model, key, items, ns.workers, ns.rate > 0, task(url, len(items)))
+    config = _config(ns) | {"open_loop": ns.rate > 0, "base_url": url, "model": model}
+    return external_report(config, describe(items), records, duration)
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    """Everything the benchmark measures, as the JSON report (serve_results)."""
     from servers.runner.model import Model
     from tools.bench.serve_baselines import in_process, run_naive, stop_ids_of
     from tools.bench.serve_results import build
     from tools.bench.serve_system import RunOptions, SystemRun, run_system
 
     model = Model.load()
-    spec = Spec(ns.requests, ns.seed, parse_dist(ns.prompt_len), parse_dist(ns.output_len),
-                parse_priorities(ns.priorities), ns.shared_prefix, ns.num_prefixes, ns.prefix_len, ns.temperature,
-                ns.rate, model.config.seq_len)
-    items = make_workload(spec, load_tokenizer(default_tokenizer_path()).encode)
+    items = workload(ns, model.config.seq_len)
     stop_ids = stop_ids_of(model)
     options = RunOptions(ns.workers, ns.runners, ns.pages, ns.http, ns.stream, ns.rate > 0, ns.sample_interval,
                          ns.threads)
@@ -162,8 +205,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             if rep == 0 and ns.naive_requests:
                 subset = items[: ns.naive_requests]
                 naive = run_naive(subset, ns.workers, ns.rate > 0, task("naive server", len(subset)))
-    config = {k: v for k, v in vars(ns).items() if k not in ("json", "plot", "instance_prefix")}
-    config |= {"open_loop": ns.rate > 0, "model": str(model.loaded.path), "context": model.config.seq_len}
+    config = _config(ns) | {"open_loop": ns.rate > 0, "model": str(model.loaded.path), "context": model.config.seq_len}
     return build(config, describe(items), in_proc, runs, naive)
 
 
@@ -184,18 +226,32 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         with interrupted_by_sigterm():
-            report = run(ns)
+            report = run_base_url(ns) if ns.base_url else run(ns)
     except (WorkloadError, RuntimeError) as exc:
         print(f"llmos bench serve: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # every instance, worker and temporary dir is gone by now
         print("llmos bench serve: interrupted", file=sys.stderr)
         return 130
-    print(render(report))
     write_json(ns.json, report)
+    if ns.base_url:
+        print(render_external(report))
+        return _failures(report)
+    print(render(report, ns.verbose))
     if ns.plot:
         from tools.bench.serve_plot import write_plots
 
         paths = write_plots(report, ns.plot)
         print("\nCharts: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _failures(report: dict[str, Any]) -> int:
+    """1 with the reasons on stderr when any request failed (the figures do not hold then), else 0."""
+    s = report["summary"]
+    if not s["failed"]:
+        return 0
+    reasons = "; ".join(f"{n} x {message}" for message, n in list(report["errors"].items())[:3])
+    print(f"llmos bench serve: {s['failed']} of {s['failed'] + s['completed']} requests to "
+          f"{report['config']['base_url']} failed: {reasons}", file=sys.stderr)
+    return 1

@@ -1,6 +1,7 @@
 """How a worker of `llmos bench serve` sends one request and what it records: through
-libllm, through the HTTP gateway, or to the naive server's queue. Runs in the workers
-(forked by serve_harness), each of which makes one client and sends with it.
+libllm, through the HTTP gateway, to the naive server's queue, or to any OpenAI-compatible
+server (serve_openai). Runs in the workers (forked by serve_harness), each of which makes
+one client and sends with it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class Record:
 
     queue_s, ttft_s and per_token_s are the server's (Completion.timings, or the naive
     server's clock); e2e_s is the client's, submit to result; stream_* are the client's
-    when streaming (first piece, then per token after it)."""
+    when streaming (first piece, then per token after it), with itl_s the gaps between
+    consecutive streamed pieces. A failed request (an external server's refusal, a broken
+    stream) has its reason in `error` and no tokens."""
 
     index: int
     priority: int
@@ -38,15 +41,20 @@ class Record:
     stream_ttft_s: float | None = None
     stream_per_token_s: float | None = None
     digest: int | None = None  # of the output's token ids (None over HTTP)
+    itl_s: tuple[float, ...] = ()
+    error: str = ""
+    output_tokens_from: str = ""  # external servers: "usage" (the server's count) or "chunks" (ours)
 
 
 @dataclass(slots=True, frozen=True)
 class ClientSpec:
-    kind: str  # "libllm", "http" or "naive"
+    kind: str  # "libllm", "http", "naive" or "openai" (an external server)
     instance: str = ""
     url: str = ""
     stream: bool = False
     open_loop: bool = False
+    model: str = ""  # "openai": the request's "model"
+    api_key: str = ""  # "openai": sent as a bearer token when set
 
 
 class Client(Protocol):
@@ -57,15 +65,33 @@ class Client(Protocol):
 
 def _record(item: WorkItem, output_tokens: int, reason: str, timings: tuple[float | None, float | None, float | None],
             sent: float, end: float, t0: float, late: float, stream: tuple[float | None, float | None] = (None, None),
-            token_digest: int | None = None) -> Record:
+            token_digest: int | None = None, itl: tuple[float, ...] = ()) -> Record:
     return Record(item.index, item.priority, item.prompt_tokens, item.max_tokens, output_tokens, reason, *timings,
-                  end - sent, sent - t0, late, *stream, token_digest)
+                  end - sent, sent - t0, late, *stream, token_digest, itl)
 
 
-def _stream_timings(sent: float, first: float | None, end: float, tokens: int) -> tuple[float | None, float | None]:
+def stream_timings(sent: float, first: float | None, end: float, tokens: int) -> tuple[float | None, float | None]:
+    """(TTFT, time per token after the first) of a streamed request, as the client saw them."""
     if first is None:
         return None, None
     return first - sent, ((end - first) / (tokens - 1) if tokens > 1 else None)
+
+
+class PieceClock:
+    """When each streamed piece arrived: the first one, and the gaps between the others."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+        self.gaps: list[float] = []
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
 
 
 class LibllmClient:
@@ -81,12 +107,11 @@ class LibllmClient:
         kwargs: dict[str, Any] = dict(max_tokens=item.max_tokens, temperature=item.temperature, seed=item.seed,
                                       priority=item.priority, timeout=WAIT)
         sent = time.monotonic()
-        first = None
+        clock = PieceClock()
         if self.stream:
             request = self.session.stream(item.prompt, **kwargs)
             for _piece in request:
-                if first is None:
-                    first = time.monotonic()
+                clock.tick()
             done = request.completion()
         else:
             done = self.session.submit(item.prompt, **kwargs).result()
@@ -94,8 +119,8 @@ class LibllmClient:
         n = done.usage.completion_tokens
         t = done.timings
         return _record(item, n, done.finish_reason, (t.queue_s, t.ttft_s, t.per_token_s if n > 1 else None), sent,
-                       end, self.t0(), late, _stream_timings(sent, first, end, n) if self.stream else (None, None),
-                       digest(done.token_ids))
+                       end, self.t0(), late, stream_timings(sent, clock.first, end, n) if self.stream else (None, None),
+                       digest(done.token_ids), tuple(clock.gaps))
 
     def close(self) -> None:
         self.session.close()
@@ -122,7 +147,7 @@ class HttpClient:
                 "temperature": item.temperature, "seed": item.seed, "stream": self.stream,
                 "priority": item.priority}
         sent = time.monotonic()
-        first = None
+        clock = PieceClock()
         if self.stream:
             pieces, reason = [], "length"
             with self.client.stream("POST", "/v1/completions", json=body) as response:
@@ -132,13 +157,13 @@ class HttpClient:
                         continue
                     choice = json.loads(line[6:])["choices"][0]
                     if choice["text"]:
-                        first = first or time.monotonic()
+                        clock.tick()
                         pieces.append(choice["text"])
                     reason = choice["finish_reason"] or reason
             end = time.monotonic()
             n = len(self.tokenizer.encode("".join(pieces), bos=False))
             return _record(item, n, reason, (None, None, None), sent, end, self.t0(), late,
-                           _stream_timings(sent, first, end, n))
+                           stream_timings(sent, clock.first, end, n), itl=tuple(clock.gaps))
         reply = self.client.post("/v1/completions", json=body).raise_for_status().json()
         end = time.monotonic()
         return _record(item, reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"],
@@ -176,5 +201,9 @@ def connect(spec: ClientSpec, t0: Callable[[], float], slot: int,
         return LibllmClient(spec, t0)
     if spec.kind == "http":
         return HttpClient(spec, t0)
+    if spec.kind == "openai":
+        from tools.bench.serve_openai import OpenAIClient
+
+        return OpenAIClient(spec, t0)
     assert naive is not None
     return NaiveClient(slot, naive[0], naive[1][slot], t0)

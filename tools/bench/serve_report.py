@@ -1,11 +1,14 @@
-"""The terminal tables of `llmos bench serve`, made from its JSON report (one source of
-truth: every figure printed is in the JSON under the same name). Pure text."""
+"""The terminal output of `llmos bench serve`, made from its JSON report (one source of
+truth: every figure printed is in the JSON under the same name): a `vllm bench serve`
+summary per policy (or for the --base-url server), the detailed tables with --verbose.
+Pure text."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tools.bench.report import table
+from tools.bench.serve_summary import render_summary
 
 GOAL_IN_PROCESS = 0.85  # aggregate throughput at least this share of in-process batched
 GOAL_OUTSIDE_CPU = 0.15  # CPU outside the runners at most this share of the runners'
@@ -130,30 +133,61 @@ def goals(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(report: dict[str, Any]) -> str:
+def _head(report: dict[str, Any], over: str) -> str:
     c, w = report["config"], report["workload"]
     mode = f"open loop at {c['rate']:g} req/s" if c["open_loop"] else "closed loop"
-    head = (f"llmos bench serve: {w['requests']} requests, {mode}, {c['workers']} workers over "
-            f"{'HTTP' if c['http'] else 'libllm'}, {'streaming' if c['stream'] else 'non-streaming'}, "
-            f"{c['runners']} runner(s), seed {c['seed']}, {c['reps']} repetition(s)\n"
+    return (f"llmos bench serve: {w['requests']} requests, {mode}, {c['workers']} workers {over}, seed {c['seed']}\n"
             f"workload: prompts {c['prompt_len']} ({w['prompt_tokens'] / w['requests']:.0f} tokens on average), "
             f"outputs {c['output_len']} (max_tokens {w['max_output_tokens'] / w['requests']:.0f} on average), "
             f"classes {c['priorities']}, shared prefix {w['shared_prefix_requests']} requests, "
             f"temperature {c['temperature']:g}")
-    parts = [head, "Throughput (generated tokens/s; ratios per repetition: median [range])",
-             throughput_table(report),
-             "Latency per policy and priority class (server timings; T_s: scheduling delay; "
-             "the last repetition)",
-             latency_table(report), "The seed's metrics per policy (the last repetition)", system_table(report),
-             "Rings per link (B over the run; L_s: log2-histogram bounds)", links_table(report),
-             "CPU over the run (outside = every instance process but the runners: the operating system's cost; "
-             "outside/runners: median [range] over the repetitions, the rest: the last one)",
-             cpu_table(report), "Goals", goals(report)]
+
+
+def summaries(report: dict[str, Any]) -> str:
+    c = report["config"]
+    blocks = [f"llmos {name}\n{render_summary(p['summary'])}" for name, p in report["policies"].items()]
+    if not c["stream"]:
+        blocks.append("note: not streamed, so TTFT and TPOT are the server's timings"
+                      + (" (none over HTTP)" if c["http"] else "") + " and ITL is not measured (--stream)")
+    return "\n\n".join(blocks)
+
+
+def render(report: dict[str, Any], verbose: bool = False) -> str:
+    c = report["config"]
+    over = (f"over {'HTTP' if c['http'] else 'libllm'}, {'streaming' if c['stream'] else 'non-streaming'}, "
+            f"{c['runners']} runner(s), {c['reps']} repetition(s)")
+    parts = [_head(report, over)]
+    if verbose:
+        parts += ["Throughput (generated tokens/s; ratios per repetition: median [range])",
+                  throughput_table(report),
+                  "Latency per policy and priority class (server timings; T_s: scheduling delay; "
+                  "the last repetition)",
+                  latency_table(report), "The seed's metrics per policy (the last repetition)", system_table(report),
+                  "Rings per link (B over the run; L_s: log2-histogram bounds)", links_table(report),
+                  "CPU over the run (outside = every instance process but the runners: the operating system's "
+                  "cost; outside/runners: median [range] over the repetitions, the rest: the last one)",
+                  cpu_table(report)]
+    parts += [summaries(report), "Goals", goals(report)]
     notes = []
     if c["open_loop"]:
         notes.append("open loop: throughput follows --rate, while the baselines run flat out")
     if c["http"]:
         notes.append("over HTTP: non-streaming answers carry no server timings")
-    if notes:
-        parts.append("\n".join(f"note: {n}" for n in notes))
+    if not verbose:
+        notes.append("--verbose for latency per class, the seed's metrics, rings and CPU")
+    parts.append("\n".join(f"note: {n}" for n in notes))
     return "\n\n".join(parts)
+
+
+def render_external(report: dict[str, Any]) -> str:
+    """A --base-url run: what was sent where, and the summary."""
+    c = report["config"]
+    counted = report["output_tokens_from"]
+    how = ("the server's usage" if set(counted) == {"usage"} else
+           "streamed chunks with text (the server sent no usage)" if set(counted) == {"chunks"} else
+           f"usage for {counted.get('usage', 0)} requests, chunks for {counted.get('chunks', 0)}")
+    head = _head(report, f"to {c['base_url']} (model {c['model']}), streaming /v1/completions")
+    notes = ["priority classes are not sent (OpenAI's API has none)"]
+    if counted:
+        notes.append(f"output tokens counted from {how}")
+    return "\n\n".join([head, render_summary(report["summary"]), "\n".join(f"note: {n}" for n in notes)])

@@ -3,7 +3,8 @@
 Layout: "config", "workload", "in_process" and "naive" (the baselines; "naive" is null
 when skipped), "policies" (per policy: the seed's symbols T_s, Q, U, F, H, L_s, L_r, B as
 keys, then "latency", "cpu", the throughput ratios "tokens_per_s_over_in_process" and
-"tokens_per_s_over_naive" as {median, low, high} over the repetitions, "kv_timeline" and
+"tokens_per_s_over_naive" as {median, low, high} over the repetitions, "summary" (the
+last repetition's, in `vllm bench serve`'s names: serve_summary), "kv_timeline" and
 "records", one row per request), and "goals" (per policy: the two targets and whether
 they were met). Pure: built from what the runs measured.
 """
@@ -20,6 +21,7 @@ from tools.bench.serve_baselines import InProcessResult, NaiveResult
 from tools.bench.serve_clients import Record
 from tools.bench.serve_metrics import cpu, latency, symbols
 from tools.bench.serve_report import GOAL_IN_PROCESS, GOAL_OUTSIDE_CPU
+from tools.bench.serve_summary import summarise
 from tools.bench.serve_system import SystemRun
 
 median = statistics.median
@@ -75,7 +77,7 @@ def policy_section(reps: Sequence[SystemRun], in_process: Sequence[InProcessResu
         "tokens_per_s_over_naive": _ratio(rates, [naive.tokens_per_s] * len(rates)) if naive else None,
         "outside_over_runners": {"median": median(outside), "low": min(outside), "high": max(outside)},
         "outputs_match_in_process": share_matching(last.records, in_process[-1].digests),
-        "kv_timeline": last.samples, "records": records_table(last.records)}
+        "summary": summarise(last.records, last.wall_s), "kv_timeline": last.samples, "records": records_table(last.records)}
 
 
 def goals(policy: dict[str, Any]) -> dict[str, Any]:

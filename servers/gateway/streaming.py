@@ -1,0 +1,97 @@
+"""Server-sent events for streamed completions: every choice of a request in one stream,
+each chunk naming its index, in the order tokens arrive; chat's first delta carries the
+role, the last chunk of each choice its finish reason, and a usage chunk closes the stream
+when asked (`stream_options.include_usage`). A client that goes away cancels every choice.
+Runs in the gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from libllm.aio import AsyncSession
+from libllm.request import Request
+from microkernel.errors import LlmosError
+from servers.gateway.metrics import GatewayMetrics
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    request: Request
+    prompt_tokens: int  # the prompt's length on its first choice, 0 on the others (usage counts it once)
+
+
+_DONE = object()
+
+
+async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, rid: str, model: str,
+                     include_usage: bool, metrics: GatewayMetrics) -> AsyncIterator[str]:
+    started = time.monotonic()
+    created = int(time.time())
+    arrivals: asyncio.Queue[tuple[Choice, object]] = asyncio.Queue()
+
+    async def follow(choice: Choice) -> None:
+        try:
+            async for piece in session.pieces(choice.request):
+                await arrivals.put((choice, piece))
+            await arrivals.put((choice, _DONE))
+        except LlmosError as exc:
+            await arrivals.put((choice, exc))
+
+    def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
+                                "choices": [] if choice is None else [choice]}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if kind == "text_completion":
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+        if text:
+            delta["content"] = text
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    tasks = [asyncio.create_task(follow(c)) for c in choices]
+    last_piece: dict[int, float] = {}
+    prompt_tokens = sum(c.prompt_tokens for c in choices)  # OpenAI counts each prompt once: see Choice
+    completion_tokens = 0
+    try:
+        if kind != "text_completion":
+            for c in choices:
+                yield event(chunk(c.index, None, None, role=True))
+        remaining = len(choices)
+        while remaining:
+            choice, item = await arrivals.get()
+            now = time.monotonic()
+            if isinstance(item, str):
+                before = last_piece.get(choice.index)
+                if before is None:
+                    metrics.ttft.observe(now - started)
+                else:
+                    metrics.itl.observe(now - before)
+                last_piece[choice.index] = now
+                yield event(chunk(choice.index, item, None))
+                continue
+            remaining -= 1
+            if isinstance(item, LlmosError):
+                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                continue
+            done = choice.request.completion()
+            reason = "length" if done.finish_reason in ("length", "context") else "stop"
+            completion_tokens += done.usage.completion_tokens
+            metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
+            yield event(chunk(choice.index, None, reason))
+        if include_usage:
+            yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
