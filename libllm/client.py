@@ -10,6 +10,7 @@ prompts' segments) is libllm/memory.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -70,6 +71,8 @@ class Options:
     priority: int = 0
     timeout: float | None = None
     tenant: str = ""
+    logprobs: int | None = None  # 0..20: each token's Logprob with that many top tokens
+    prompt_logprobs: bool = False  # the prompt tokens' Logprobs too (after the first)
 
 
 @dataclass(slots=True)
@@ -102,38 +105,48 @@ class Session:
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 priority: int = 0, timeout: float | None = None) -> Completion:
+                 priority: int = 0, timeout: float | None = None, logprobs: int | None = None,
+                 prompt_logprobs: bool = False) -> Completion:
         """Generate a continuation of `prompt` and return it whole. `prompt` is text (encoded
         with the model's tokenizer) or token ids as they are (e.g. from `chat_ids`).
+        `logprobs` (0..20): each token's log-probability under the model, with that many of
+        the most likely tokens at its position (`Completion.logprobs`); `prompt_logprobs`:
+        the prompt's tokens' too, after the first (`Completion.prompt_logprobs`; the prompt
+        is then computed in full, not taken from the prefix cache).
 
         Raises:
             InvalidRequest: a bad parameter (the message names it).  DeadlineExceeded: `timeout`
             passed.  ServerGone: the instance went away.
         """
-        return self.submit(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=stop, priority=priority, timeout=timeout).result()
+        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, "", logprobs,
+                          prompt_logprobs)
+        return self._start(prompt, options, False).result()
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-               priority: int = 0, timeout: float | None = None, tenant: str = "") -> Request:
+               priority: int = 0, timeout: float | None = None, tenant: str = "",
+               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
         """Start a request and return its handle at once (`result()`, `cancel()`, iterate it).
         Many may be in flight per session; tokens arrive in batches (the client is woken at
         the end), which costs least. Same arguments and errors as `generate`."""
-        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, False,
-                           tenant)
+        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
+                          prompt_logprobs)
+        return self._start(prompt, options, False)
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-               priority: int = 0, timeout: float | None = None, tenant: str = "") -> Request:
+               priority: int = 0, timeout: float | None = None, tenant: str = "",
+               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
         """Like `submit`, but tokens are sent (and this process woken) as they are made:
         iterate the result for text pieces; `result()` after for the whole Completion."""
-        return self._start(prompt, max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, True,
-                           tenant)
+        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
+                          prompt_logprobs)
+        return self._start(prompt, options, True)
 
     def submit_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                  priority: int = 0, timeout: float | None = None, stream: bool = False,
-                 tenant: str = "") -> list[Request]:
+                 tenant: str = "", logprobs: int | None = None, prompt_logprobs: bool = False) -> list[Request]:
         """`n` completions of one prompt, each its own Request, drawn with seeds seed, seed+1,
         ... (so they differ unless greedy). They share the prompt's KV: the scheduler
         computes its full blocks once and the others read them.
@@ -141,11 +154,12 @@ class Session:
         Raises:
             InvalidRequest: a bad parameter (the message names it), or n < 1.
         """
+        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
+                          prompt_logprobs)
         started: list[Request] = []
         try:
             for one_seed in self._seeds(n, seed):
-                started.append(self._start(prompt, max_tokens, temperature, top_k, top_p, one_seed, stop, priority,
-                                           timeout, stream, tenant))
+                started.append(self._start(prompt, dataclasses.replace(options, seed=one_seed), stream))
         except BaseException:  # all or none: a caller without the handles could not stop them
             for request in started:
                 try:
@@ -171,10 +185,12 @@ class Session:
 
     def generate_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                   priority: int = 0, timeout: float | None = None) -> list[Completion]:
+                   priority: int = 0, timeout: float | None = None, logprobs: int | None = None,
+                   prompt_logprobs: bool = False) -> list[Completion]:
         """`n` whole completions of one prompt (see `submit_n`)."""
         requests = self.submit_n(prompt, n, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=seed, stop=stop, priority=priority, timeout=timeout)
+                                 top_p=top_p, seed=seed, stop=stop, priority=priority, timeout=timeout,
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         return [r.result() for r in requests]
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Completion:
@@ -251,11 +267,9 @@ class Session:
         self._ensure_process()
         return self._memory.attach(handle, shape, dtype, timeout)
 
-    def _start(self, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_k: int,
-               top_p: float, seed: int | None, stop: list[str] | None, priority: int, timeout: float | None,
-               stream: bool, tenant: str = "") -> Request:
-        options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant)
+    def _start(self, prompt: str | Sequence[int], options: Options, stream: bool) -> Request:
         submit = self._prepare(prompt, options, stream)
+        timeout = options.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         wired = self._wire(submit, timeout)
         try:
@@ -274,7 +288,7 @@ class Session:
         except BaseException:
             self._unwire(wired)
             raise
-        return self._handle(pending, stop, deadline)
+        return self._handle(pending, options.stop, deadline)
 
     def _prepare(self, prompt: str | Sequence[int], options: Options, stream: bool) -> P.Submit:
         """Check the arguments and tokenise: the request as it will travel (no lock, no I/O)."""
@@ -282,12 +296,16 @@ class Session:
         self._ensure_process()
         o = options
         prompt_ids = self._validate(prompt, o.max_tokens, o.temperature, o.top_k, o.top_p, o.seed, o.stop, o.timeout)
+        if o.logprobs is not None and (not isinstance(o.logprobs, int) or isinstance(o.logprobs, bool)
+                                       or not 0 <= o.logprobs <= P.MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be None or an int in 0..{P.MAX_LOGPROBS}, got {o.logprobs!r}")
         seed = o.seed
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
         # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
         return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
-                        stream, o.timeout, o.tenant)
+                        stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs,
+                        bool(o.prompt_logprobs))
 
     def _wire(self, submit: P.Submit, timeout: float | None) -> _Wired:
         """The submit's bytes on the current connection; a long prompt gets a segment (a call
@@ -525,9 +543,8 @@ class Session:
             if made >= first.max_tokens:  # its last reply was lost, not its work
                 pending.finished = P.Finished("length", len(first.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
                 continue
-            again = P.Submit(first.prompt_ids + pending.token_ids, first.max_tokens - made, first.temperature,
-                             first.top_k, first.top_p, first.seed, first.priority, first.stream, first.timeout_s,
-                             first.tenant)
+            again = msgspec.structs.replace(first, prompt_ids=first.prompt_ids + pending.token_ids,
+                                            max_tokens=first.max_tokens - made)
             try:
                 payload, pending.segment = self._memory.wire(again, None)  # a long prompt gets a new segment
             except LlmosError as exc:  # e.g. no segment memory now: this request ends, the others go on
@@ -620,6 +637,7 @@ class Session:
         elif header.flags & MsgFlag.MORE:
             tokens: P.Tokens = P.unpack(message.payload, P.Tokens)
             request.token_ids.extend(tokens.token_ids)
+            request.logprobs.extend(tokens.logprobs)
             request.fresh.extend(tokens.token_ids)
         else:
             request.finished = P.unpack(message.payload, P.Finished)

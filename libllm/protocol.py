@@ -122,6 +122,19 @@ class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_kv_blocks: int
 
 
+class Logprob(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A made token's log-probability under the model (the raw distribution, before
+    temperature and cuts), and the `top` most likely tokens of the same logits (most likely
+    first, ties by id)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+MAX_LOGPROBS = 20  # the most top tokens a request may ask for (OpenAI's limit)
+
+
 class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One sequence's share of a step: `token_ids` at positions start_pos, start_pos+1...
     With `wants_token`, a token is sampled at the chunk's end with (seed, position); with
@@ -138,6 +151,11 @@ class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top_p: float = 1.0
     seed: int = 0
     num_steps: int = 1
+    num_logprobs: int = -1  # >= 0: each made token's Logprob with this many top tokens
+    # Also the Logprob of the token after each row (a prompt's): token_ids[1:], then
+    # next_token_id (-1: the chunk ends the prompt; the made token's Logprob covers it).
+    prompt_logprobs: bool = False
+    next_token_id: int = -1
 
 
 class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -153,6 +171,8 @@ class StepResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     step_id: int
     token_ids: list[list[int]]
     compute_s: float
+    logprobs: list[list[Logprob]] = []  # per chunk, aligned with its token_ids where asked (else empty)
+    prompt_logprobs: list[list[Logprob]] = []  # per chunk that asked: positions start_pos + 1 ...
 
 
 # --- scheduler (0x02xx) -------------------------------------------------------------------
@@ -173,6 +193,8 @@ class Submit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream: bool = False
     timeout_s: float | None = None
     tenant: str = ""  # honoured only from the gateway
+    num_logprobs: int = -1  # >= 0: each token comes with its Logprob and this many top tokens
+    prompt_logprobs: bool = False  # also every prompt token's after the first (in Finished); no prefix reuse
     # A prompt longer than libllm's inline limit travels as int32 ids in a segment of the
     # sender's (then `prompt_ids` is empty): `num_prompt_ids` of them, from its first byte.
     prompt_segment: SegmentRef | None = None
@@ -184,6 +206,7 @@ PROMPT_ID_DTYPE = "<i4"  # how a long prompt's ids lie in its segment (numpy dty
 
 class Tokens(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_ids: list[int]
+    logprobs: list[Logprob] = []  # aligned with token_ids when the request asked for them
 
 
 class Finished(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -194,6 +217,7 @@ class Finished(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     queue_s: float  # submit -> first step that included it
     ttft_s: float  # submit -> first token
     total_s: float
+    prompt_logprobs: list[Logprob] = []  # prompt positions 1 ..., when asked for
 
 
 class Cancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -48,6 +48,8 @@ class Completion:
     usage: Usage
     seed: int
     timings: Timings
+    logprobs: list[P.Logprob] | None = None  # per token, when asked for (`logprobs=` k)
+    prompt_logprobs: list[P.Logprob] | None = None  # prompt tokens 1 ..., when asked for
 
 
 @dataclass(slots=True)
@@ -60,6 +62,7 @@ class Pending:
     finished: P.Finished | None = None
     error: BaseException | None = None
     segment: P.SegmentRef | None = None  # the segment carrying the prompt (long prompts), until the end
+    logprobs: list[P.Logprob] = field(default_factory=list)  # aligned with token_ids, when asked for
 
 
 class Request:
@@ -206,8 +209,12 @@ class Request:
         assert finished is not None
         ttft, total = finished.ttft_s, finished.total_s
         per_token = (total - ttft) / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0
-        return Completion(self._text, token_ids, reason, Usage(len(request.submit.prompt_ids), len(token_ids)),
-                          finished.seed, Timings(finished.queue_s, ttft, total, per_token))
+        submit = request.submit
+        logprobs = request.logprobs[: len(token_ids)] if submit.num_logprobs >= 0 else None
+        # After a failover the prompt was resubmitted longer: its first tokens are this prompt's.
+        prompt_logprobs = finished.prompt_logprobs[: len(submit.prompt_ids) - 1] if submit.prompt_logprobs else None
+        return Completion(self._text, token_ids, reason, Usage(len(submit.prompt_ids), len(token_ids)),
+                          finished.seed, Timings(finished.queue_s, ttft, total, per_token), logprobs, prompt_logprobs)
 
 
 def _longest_stop_prefix(text: str, stops: list[str]) -> int:

@@ -15,13 +15,16 @@ class SamplingParams:
     """How to pick the next token. ``temperature == 0`` is greedy (the other fields unused).
 
     ``top_k == 0`` keeps every token; ``top_p == 1.0`` keeps the whole distribution.
-    ``seed`` is any integer (taken modulo 2**64).
+    ``seed`` is any integer (taken modulo 2**64). ``num_logprobs`` >= 0 asks the runner to
+    report the picked token's log-probability and that many top tokens with it (it changes
+    nothing in the pick; it travels with the sampling because it is about the pick).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    num_logprobs: int = -1
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
@@ -30,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not -1 <= self.num_logprobs <= 20:
+            raise ValueError(f"num_logprobs must be in -1..20, got {self.num_logprobs}")
 
     @property
     def is_greedy(self) -> bool:

@@ -25,6 +25,7 @@ from libllm.chat import ChatTemplateError
 from libllm.request import Completion
 from microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
 from servers.gateway.errors import ApiError, install_handlers
+from servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from servers.gateway.metrics import GatewayMetrics
 from servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
 from servers.gateway.streaming import Choice, sse_stream
@@ -101,7 +102,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
             limits.append(asked if asked is not None else min(config.max_tokens_cap, left))
         job = Job(prompts, limits, {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                                     "seed": body.seed, "stop": body.stop_list(), "priority": body.priority,
-                                    "tenant": tenant}, body.n, tenant)
+                                    "tenant": tenant, "logprobs": body.num_logprobs()}, body.n, tenant)
         if in_flight[0] + job.num_choices > config.max_in_flight:
             raise ApiError(429, "too many requests in flight; retry shortly", kind="rate_limit_error",
                            headers={"Retry-After": "1"})
@@ -123,14 +124,16 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
                                  time.monotonic() - started)
         return done
 
-    async def stream(job: Job, kind: str, rid: str, include_usage: bool) -> StreamingResponse:
+    async def stream(job: Job, kind: str, rid: str, include_usage: bool,
+                     echoes: Sequence[str] = ()) -> StreamingResponse:
         """Every choice of every prompt in one SSE stream, each chunk naming its index."""
         in_flight[0] += job.num_choices
         try:
             choices: list[Choice] = []
             for p, (ids, limit) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
                 requests = await session.submit_n(ids, job.n, stream=True, max_tokens=limit, **job.options)
-                choices += [Choice(p * job.n + i, r, 0 if i else len(ids)) for i, r in enumerate(requests)]
+                echo = echoes[p] if echoes else ""
+                choices += [Choice(p * job.n + i, r, 0 if i else len(ids), echo) for i, r in enumerate(requests)]
         except LlmosError as exc:
             in_flight[0] -= job.num_choices
             for c in choices:
@@ -139,7 +142,8 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for event in sse_stream(session, choices, kind, rid, model_id, include_usage, metrics):
+                async for event in sse_stream(session, choices, kind, rid, model_id, include_usage, metrics,
+                                              tokenizer):
                     yield event
             finally:
                 in_flight[0] -= job.num_choices
@@ -215,14 +219,29 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         prompts = [await encode(p) if isinstance(p, str) else checked_ids(p, info.vocab_size)
                    for p in body.prompts()]
         job = plan(body, prompts, request.state.tenant)
+        if body.echo and body.logprobs is not None:  # the prompt's own (lm-eval's loglikelihood asks this)
+            if body.stream:
+                raise ApiError(400, "echo with logprobs is answered whole: send stream: false", param="echo")
+            job.options["prompt_logprobs"] = True
         rid = "cmpl-" + secrets.token_hex(12)
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts()] if body.echo else []
         if body.stream:
-            return await stream(job, "text_completion", rid, body.wants_usage_chunk())
+            return await stream(job, "text_completion", rid, body.wants_usage_chunk(), texts)
         done = await generate(job)
+
+        def choice(i: int, c: Completion) -> dict[str, Any]:
+            echoed = texts[i // job.n] if body.echo else ""
+            logprobs = None
+            if c.logprobs is not None and c.prompt_logprobs is not None:  # echo: the prompt's tokens first
+                logprobs = completion_logprobs(tokenizer, c.token_ids, c.logprobs, leading=[None, *c.prompt_logprobs],
+                                               leading_ids=job.prompts[i // job.n])
+            elif c.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, c.token_ids, c.logprobs, offset=len(echoed))
+            return {"index": i, "text": echoed + c.text, "logprobs": logprobs,
+                    "finish_reason": finish_reason(c.finish_reason)}
+
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
-                            for i, c in enumerate(done)],
-                "usage": usage(done, job.n)}
+                "choices": [choice(i, c) for i, c in enumerate(done)], "usage": usage(done, job.n)}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody, request: Request) -> Response | dict[str, Any]:
@@ -234,8 +253,9 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         done = await generate(job)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": None, "finish_reason": finish_reason(c.finish_reason)}
-                            for i, c in enumerate(done)],
+                             "logprobs": None if c.logprobs is None else chat_logprobs(tokenizer, c.token_ids,
+                                                                                        c.logprobs),
+                             "finish_reason": finish_reason(c.finish_reason)} for i, c in enumerate(done)],
                 "usage": usage(done, job.n)}
 
     return app

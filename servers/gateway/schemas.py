@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from libllm.protocol import MAX_LOGPROBS
+
 # Field -> the values that ask for nothing (what clients send when the feature is off).
 _INERT: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
@@ -50,8 +51,6 @@ class _Body(BaseModel):
     # An llmos extension: the scheduler's priority class (higher first under `priority`).
     priority: int = Field(default=0, ge=-1000, le=1000)
     # Known to OpenAI's API, not implemented here yet: only their inert values pass.
-    logprobs: Any = None
-    top_logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     repetition_penalty: Any = None
@@ -93,9 +92,14 @@ class UnsupportedField(ValueError):
 class CompletionBody(_Body):
     # Text, token ids, or a list of either: one choice (n of them) per prompt.
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: Any = None
+    # Each token's log-probability with this many of the most likely tokens (0..20).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt's text (and, with logprobs, its tokens' log-probabilities) first
     best_of: Any = None
     suffix: Any = None
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -126,6 +130,17 @@ class ChatBody(_Body):
     # The model's chat template turns these into the prompt (libllm/chat.py).
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeBody(BaseModel):

@@ -15,7 +15,9 @@ from typing import Any
 
 from libllm.aio import AsyncSession
 from libllm.request import Request
+from libllm.tokenizer import Tokenizer
 from microkernel.errors import LlmosError
+from servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from servers.gateway.metrics import GatewayMetrics
 
 
@@ -24,13 +26,15 @@ class Choice:
     index: int
     request: Request
     prompt_tokens: int  # the prompt's length on its first choice, 0 on the others (usage counts it once)
+    echo: str = ""  # the prompt's text, sent first (completions' echo)
+    num_sent: int = 0  # tokens whose logprobs went out
 
 
 _DONE = object()
 
 
 async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, rid: str, model: str,
-                     include_usage: bool, metrics: GatewayMetrics) -> AsyncIterator[str]:
+                     include_usage: bool, metrics: GatewayMetrics, tokenizer: Tokenizer) -> AsyncIterator[str]:
     started = time.monotonic()
     created = int(time.time())
     arrivals: asyncio.Queue[tuple[Choice, object]] = asyncio.Queue()
@@ -50,22 +54,36 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def new_logprobs(choice: Choice) -> dict[str, Any] | None:
+        """The logprobs of the tokens received since the last chunk (when asked for)."""
+        pending = choice.request._request
+        if pending.submit.num_logprobs < 0:
+            return None
+        ids, values = pending.token_ids[choice.num_sent:], pending.logprobs[choice.num_sent:]
+        choice.num_sent += len(values)
         if kind == "text_completion":
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return completion_logprobs(tokenizer, ids[: len(values)], values)
+        return chat_logprobs(tokenizer, ids[: len(values)], values)
+
+    def chunk(choice: Choice, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        logprobs = None if role else new_logprobs(choice)
+        if kind == "text_completion":
+            return {"index": choice.index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     tasks = [asyncio.create_task(follow(c)) for c in choices]
     last_piece: dict[int, float] = {}
     prompt_tokens = sum(c.prompt_tokens for c in choices)  # OpenAI counts each prompt once: see Choice
     completion_tokens = 0
     try:
-        if kind != "text_completion":
-            for c in choices:
-                yield event(chunk(c.index, None, None, role=True))
+        for c in choices:
+            if kind != "text_completion":
+                yield event(chunk(c, None, None, role=True))
+            elif c.echo:
+                yield event({"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None})
         remaining = len(choices)
         while remaining:
             choice, item = await arrivals.get()
@@ -77,7 +95,7 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
                 else:
                     metrics.itl.observe(now - before)
                 last_piece[choice.index] = now
-                yield event(chunk(choice.index, item, None))
+                yield event(chunk(choice, item, None))
                 continue
             remaining -= 1
             if isinstance(item, LlmosError):
@@ -87,7 +105,7 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
             reason = "length" if done.finish_reason in ("length", "context") else "stop"
             completion_tokens += done.usage.completion_tokens
             metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
-            yield event(chunk(choice.index, None, reason))
+            yield event(chunk(choice, None, reason))
         if include_usage:
             yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                "total_tokens": prompt_tokens + completion_tokens})

@@ -17,16 +17,17 @@ every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from libllm.protocol import Logprob
 from servers.runner._kernels import Engine, pack_chunks, set_threads
 from servers.runner.architectures import RopeLayout
 from servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
-from servers.runner.sampling import SamplingParams, sample_rows
+from servers.runner.sampling import SamplingParams, logprob_of, sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -47,6 +48,10 @@ class SeqChunk:
     token_ids: Sequence[int] | np.ndarray
     wants_logits: bool = True
     sampling: SamplingParams | None = None
+    # Also the log-probability of each next token at every row (a prompt's, for echo):
+    # ``token_ids[1:]`` then ``next_token_id`` (the token after the chunk; -1: none known).
+    prompt_logprobs: bool = False
+    next_token_id: int = -1
 
     @property
     def end_pos(self) -> int:
@@ -56,11 +61,15 @@ class SeqChunk:
 
 @dataclass(slots=True, frozen=True, eq=False)
 class StepOutput:
-    """Per chunk, in input order: logits of its last token (NaN rows where not asked for)
-    and the sampled token id (-1 where not asked for)."""
+    """Per chunk, in input order: logits of its last token (NaN rows where not asked for),
+    the sampled token id (-1 where not asked for) and its Logprob (None where not asked)."""
 
     logits: np.ndarray  # (n_chunks, vocab_size) float32
     token_ids: np.ndarray  # (n_chunks,) int32
+    logprobs: list[Logprob | None]
+    # Per chunk that asked (``prompt_logprobs``): the Logprob of the token after each of its
+    # rows, for positions start_pos + 1 ...; [] for the others.
+    prompt_logprobs: list[list[Logprob]] = field(default_factory=list)
 
 
 def rope_tables(
@@ -178,18 +187,23 @@ class Model:
                 f"kv pool shape {kv.shape} does not match (N, *{self.kv_pool_shape(0)[1:]})"
             )
         if n_chunks == 0:
-            return StepOutput(np.empty((0, c.vocab_size), np.float32), np.empty(0, np.int32))
+            return StepOutput(np.empty((0, c.vocab_size), np.float32), np.empty(0, np.int32), [])
         tokens, positions, row_seq, tables, logit_rows, wants = pack_chunks(
             list(chunks), bs, kv.shape[0], c.vocab_size, c.seq_len
         )
         logits = np.empty((n_chunks, c.vocab_size), dtype=np.float32)
-        out = logits if len(wants) == n_chunks else np.empty((len(wants), c.vocab_size), np.float32)
+        spans = _prompt_spans(chunks)
+        if spans:  # every row of those chunks gets logits too, after the chunks' last rows
+            every = [np.arange(first, first + n, dtype=np.int32) for _, first, n in spans]
+            logit_rows = np.concatenate([logit_rows, *every])
+        out = logits if len(logit_rows) == n_chunks else np.empty((len(logit_rows), c.vocab_size), np.float32)
         self._engine.forward(
             tokens, positions, row_seq, tables, kv.reshape(-1), bs, logit_rows, out
         )
         if out is not logits:
             logits.fill(np.nan)
-            logits[wants] = out
+            logits[wants] = out[: len(wants)]
+        prompt_logprobs = _prompt_logprobs(chunks, spans, out[len(wants):]) if spans else []
 
         token_ids = np.full(n_chunks, -1, dtype=np.int32)
         to_sample = [i for i in wants.tolist() if chunks[i].sampling is not None]
@@ -198,7 +212,35 @@ class Model:
             token_ids[to_sample] = sample_rows(
                 logits[to_sample], params, [chunks[i].end_pos for i in to_sample]
             )
-        return StepOutput(logits=logits, token_ids=token_ids)
+        logprobs: list[Logprob | None] = [None] * n_chunks
+        for i in to_sample:
+            top = chunks[i].sampling.num_logprobs
+            if top >= 0:
+                logprobs[i] = logprob_of(logits[i], int(token_ids[i]), top)
+        return StepOutput(logits=logits, token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def _prompt_spans(chunks: Sequence[SeqChunk]) -> list[tuple[int, int, int]]:
+    """(chunk index, first row, rows) of the chunks that asked for prompt logprobs."""
+    spans, row = [], 0
+    for i, chunk in enumerate(chunks):
+        if chunk.prompt_logprobs:
+            spans.append((i, row, len(chunk.token_ids)))
+        row += len(chunk.token_ids)
+    return spans
+
+
+def _prompt_logprobs(chunks: Sequence[SeqChunk], spans: list[tuple[int, int, int]],
+                     rows: np.ndarray) -> list[list[Logprob]]:
+    out: list[list[Logprob]] = [[] for _ in chunks]
+    at = 0
+    for i, _, n in spans:
+        chunk = chunks[i]
+        top = max(0, chunk.sampling.num_logprobs) if chunk.sampling is not None else 0
+        following = [int(t) for t in chunk.token_ids[1:]] + [chunk.next_token_id]
+        out[i] = [logprob_of(rows[at + j], t, top) for j, t in enumerate(following) if t >= 0]
+        at += n
+    return out
 
 
 def run_steps(
@@ -208,10 +250,14 @@ def run_steps(
     kv: np.ndarray,
     stop_ids: Collection[int],
     between: Callable[[], None] | None = None,
+    logprobs: list[list[Logprob]] | None = None,
+    prompt_logprobs: list[list[Logprob]] | None = None,
 ) -> list[list[int]]:
     """One scheduler step: compute ``chunks``, then keep decoding each chunk that asked for
     ``num_steps`` > 1 tokens, feeding back its last token, until it has that many or samples
-    a stop id (kept as its last token). Returns the tokens per chunk ([] where none wanted).
+    a stop id (kept as its last token). Returns the tokens per chunk ([] where none wanted),
+    and fills ``logprobs`` (when given) with their Logprobs, per chunk, where asked for, and
+    ``prompt_logprobs`` with the chunks' prompt Logprobs (see StepOutput).
     ``between`` runs after every inner step (the runner heartbeats there).
 
     Each inner step is an ordinary batched step, so every token is bit-identical to what
@@ -219,6 +265,7 @@ def run_steps(
     """
     first = model.step(chunks, kv)
     made = [[int(t)] if c.wants_logits else [] for c, t in zip(chunks, first.token_ids, strict=True)]
+    reported: list[list[Logprob]] = [[lp] if lp is not None else [] for lp in first.logprobs]
     alive = [i for i, c in enumerate(chunks) if made[i] and num_steps[i] > 1 and made[i][0] not in stop_ids]
     while alive:
         if between is not None:
@@ -228,9 +275,16 @@ def run_steps(
                      sampling=chunks[i].sampling)
             for i in alive
         ]
-        for i, token in zip(alive, model.step(step, kv).token_ids, strict=True):
+        out = model.step(step, kv)
+        for i, token, lp in zip(alive, out.token_ids, out.logprobs, strict=True):
             made[i].append(int(token))
+            if lp is not None:
+                reported[i].append(lp)
         alive = [i for i in alive if len(made[i]) < num_steps[i] and made[i][-1] not in stop_ids]
+    if logprobs is not None:
+        logprobs[:] = reported
+    if prompt_logprobs is not None:
+        prompt_logprobs[:] = first.prompt_logprobs
     return made
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from libllm.protocol import Logprob
 from libllm.sampling import GREEDY as GREEDY
 from libllm.sampling import SamplingParams as SamplingParams
 
@@ -77,6 +78,23 @@ def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
     target = uniform(params.seed, position) * total
     index = int(np.searchsorted(cumulative, target, side="right"))
     return int(order[min(index, cumulative.size - 1)])
+
+
+def logprob_of(logits: np.ndarray, token: int, top: int) -> Logprob:
+    """``token``'s log-probability under one row of logits (the raw distribution: no
+    temperature, no cuts), with the ``top`` most likely tokens, ties by id. Float64, a
+    function of the row alone (batch invariance holds for it as for the pick)."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = float(z.max())
+    log_total = m + float(np.log(np.exp(z - m).sum()))
+    if top <= 0:
+        return Logprob(float(z[token]) - log_total, [], [])
+    top = min(top, z.size)
+    threshold = np.partition(z, z.size - top)[z.size - top]  # the top-th largest value
+    above = np.flatnonzero(z > threshold)
+    ids = np.concatenate([above, np.flatnonzero(z == threshold)[: top - above.size]])
+    ids = ids[np.lexsort((ids, -z[ids]))]  # most likely first, ties by id
+    return Logprob(float(z[token]) - log_total, ids.tolist(), (z[ids] - log_total).tolist())
 
 
 def sample_rows(

@@ -73,12 +73,15 @@ class RunnerServer(Server):
             raise InvalidRequest(f"bad Step payload: {exc}") from None
         chunks = [self._chunk(c) for c in step.chunks]
         started = time.perf_counter()
+        logprobs: list[list[P.Logprob]] = []
+        prompt_logprobs: list[list[P.Logprob]] = []
         made = run_steps(self.model, chunks, [c.num_steps for c in step.chunks], self.kv, self.stop_ids,
-                         between=self.heartbeat_if_due)
+                         between=self.heartbeat_if_due, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         elapsed = time.perf_counter() - started
         self.num_steps += 1
         self.busy_s += elapsed
-        return P.pack(P.StepResult(step.step_id, made, elapsed))
+        return P.pack(P.StepResult(step.step_id, made, elapsed, logprobs if any(logprobs) else [],
+                                   prompt_logprobs if any(prompt_logprobs) else []))
 
     def _chunk(self, c: P.StepChunk) -> SeqChunk:
         """Check everything a chunk names before the model touches the KV pool."""
@@ -99,10 +102,13 @@ class RunnerServer(Server):
         if any(not 0 <= t < self.info.vocab_size for t in c.token_ids):
             raise InvalidRequest(f"sequence {c.seq_id}: token id outside the vocabulary of {self.info.vocab_size}")
         try:
-            sampling = SamplingParams(c.temperature, c.top_k, c.top_p, c.seed)
+            sampling = SamplingParams(c.temperature, c.top_k, c.top_p, c.seed, c.num_logprobs)
         except ValueError as exc:
             raise InvalidRequest(f"sequence {c.seq_id}: {exc}") from None
-        return SeqChunk(c.block_table[:needed], c.start_pos, c.token_ids, c.wants_token, sampling)
+        if not -1 <= c.next_token_id < self.info.vocab_size:
+            raise InvalidRequest(f"sequence {c.seq_id}: next_token_id outside the vocabulary")
+        return SeqChunk(c.block_table[:needed], c.start_pos, c.token_ids, c.wants_token, sampling,
+                        c.prompt_logprobs, c.next_token_id)
 
     @property
     def stop_ids(self) -> frozenset[int]:

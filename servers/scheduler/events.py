@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from libllm.protocol import Logprob
 from servers.scheduler.sequence import FinishReason
 
 
@@ -19,6 +20,7 @@ class TokenEvent:
     seq_id: int
     token_id: int
     index: int
+    logprob: Logprob | None = None  # when the request asked for logprobs
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,4 +34,14 @@ class FinishEvent:
     num_output_tokens: int
 
 
-Event: TypeAlias = TokenEvent | FinishEvent
+@dataclass(slots=True, frozen=True)
+class PromptLogprobsEvent:
+    """Sequence ``seq_id``'s prompt tokens from ``first_pos`` on have these Logprobs (a
+    recomputation after a preemption sends them again: the same values)."""
+
+    seq_id: int
+    first_pos: int
+    logprobs: list[Logprob]
+
+
+Event: TypeAlias = TokenEvent | FinishEvent | PromptLogprobsEvent

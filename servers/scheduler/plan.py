@@ -32,6 +32,8 @@ class ChunkPlan:
     wants_token: bool
     sampling: Sampling
     num_steps: int = 1
+    prompt_logprobs: bool = False  # the runner also reports each next prompt token's Logprob
+    next_token_id: int = -1  # the prompt token after this chunk (-1: it ends the prompt)
 
     @property
     def num_tokens(self) -> int:

@@ -17,16 +17,21 @@ import bisect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from libllm.protocol import Logprob
 from servers.scheduler.block_cache import CachedBlocks
 from servers.scheduler.blocks import BlockSource
 from servers.scheduler.config import SchedulerConfig
-from servers.scheduler.events import Event, FinishEvent, TokenEvent
+from servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
 from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
 from servers.scheduler.policies import make_policy
 from servers.scheduler.policy import Policy
 from servers.scheduler.prefix import PrefixSharing
 from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
 from servers.scheduler.stats import Counters, SchedulerStats
+
+# A prompt whose every token's Logprob is wanted gets a logits row per token: its chunks are
+# at most this long, so a step's logits stay small (32 x Gemma's 262k vocabulary: 34 MB).
+PROMPT_LOGPROBS_CHUNK = 32
 
 
 class Scheduler:
@@ -240,7 +245,9 @@ class Scheduler:
         return plan
 
     def postprocess(
-        self, plan: StepPlan, sampled: Mapping[int, Any] | Iterable[Any]
+        self, plan: StepPlan, sampled: Mapping[int, Any] | Iterable[Any],
+        logprobs: list[list[Logprob]] | None = None,
+        prompt_logprobs: list[list[Logprob]] | None = None,
     ) -> list[Event]:
         """Apply the reply of ``plan``: its KV now counts, its sampled tokens join outputs.
 
@@ -249,6 +256,10 @@ class Scheduler:
             sampled: per chunk, aligned with ``plan.chunks``, its token or the list of tokens
                 a multi-step chunk made (any value where a chunk wants none, e.g. -1), or a
                 mapping seq_id -> such a value.
+            logprobs: per chunk, the Logprobs of those tokens where the request asked for
+                them (the runner's reply), carried on their TokenEvents.
+            prompt_logprobs: per chunk, its prompt tokens' Logprobs where asked for (a
+                PromptLogprobsEvent each).
 
         Returns:
             TokenEvents and FinishEvents, in chunk order. Finished sequences' blocks are free.
@@ -262,8 +273,12 @@ class Scheduler:
         tokens = sampled_tokens(plan, sampled, self.config.vocab_size)
         del self._in_flight[plan.step_id]
         events: list[Event] = []
-        for chunk, made in zip(plan.chunks, tokens, strict=True):
+        for i, (chunk, made) in enumerate(zip(plan.chunks, tokens, strict=True)):
             seq = self._seqs[chunk.seq_id]
+            reported = logprobs[i] if logprobs is not None and i < len(logprobs) else ()
+            if chunk.prompt_logprobs and prompt_logprobs is not None and i < len(prompt_logprobs):
+                wanted = seq.num_prompt_tokens - 1 - chunk.start_pos  # positions start + 1 .. prompt end - 1
+                events.append(PromptLogprobsEvent(seq.seq_id, chunk.start_pos + 1, prompt_logprobs[i][:wanted]))
             seq.is_in_flight = False
             if seq.is_cancel_requested:
                 events.append(self._finish(seq, "cancelled"))
@@ -275,14 +290,15 @@ class Scheduler:
             self._counters.num_computed_tokens += seq.num_computed - chunk.start_pos
             num_prompt = min(chunk.end_pos, seq.num_prompt_tokens) - chunk.start_pos
             self._counters.num_prompt_tokens += max(0, num_prompt)
-            for token in made or ():
+            for j, token in enumerate(made or ()):
                 if token in seq.stop_ids:
                     events.append(self._finish(seq, "stop"))
                     break
                 seq.output_ids.append(token)
                 self._counters.num_generated_tokens += 1
                 self.policy.on_tokens(seq, 1)
-                events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1))
+                events.append(TokenEvent(seq.seq_id, token, seq.num_output_tokens - 1,
+                                         reported[j] if j < len(reported) else None))
                 if seq.num_output_tokens >= seq.max_tokens:
                     events.append(self._finish(seq, "length"))
                     break
@@ -326,6 +342,8 @@ class Scheduler:
         bs = self.config.block_size
         start = seq.num_computed
         num_new = min(seq.num_remaining, budget)
+        if seq.prompt_logprobs and start < seq.num_prompt_tokens:  # a logits row per token: keep them few
+            num_new = min(num_new, PROMPT_LOGPROBS_CHUNK)
         assert num_new > 0
         need = max(0, self.config.blocks_needed(start + num_new) - len(seq.block_table))
         if need and not self.blocks.can_allocate(need):
@@ -348,6 +366,7 @@ class Scheduler:
         planned.add(seq.seq_id)
         end = start + num_new
         wants_token = end == seq.num_tokens
+        in_prompt = seq.prompt_logprobs and start < seq.num_prompt_tokens - 1
         num_steps = self._decode_steps(seq, end) if wants_token and num_new == 1 else 1
         return ChunkPlan(
             seq_id=seq.seq_id,
@@ -357,6 +376,8 @@ class Scheduler:
             wants_token=wants_token,
             sampling=seq.sampling,
             num_steps=num_steps,
+            prompt_logprobs=in_prompt,
+            next_token_id=seq.prompt_ids[end] if in_prompt and end < seq.num_prompt_tokens else -1,
         )
 
     def _plan_outranking_head(self, budget: int, planned: set[int]) -> ChunkPlan | None:
@@ -387,7 +408,7 @@ class Scheduler:
         no KV. Returns (None, True) when it should wait for a prefix another sequence is
         computing, (None, False) when it does not fit (it then holds no more than before)."""
         fresh = not seq.block_table
-        if fresh and self._prefix is not None and not self._prefix.reuse(seq):
+        if fresh and self._prefix is not None and not seq.prompt_logprobs and not self._prefix.reuse(seq):
             return None, True
         chunk = self._plan_chunk(seq, budget, planned)
         if chunk is None:

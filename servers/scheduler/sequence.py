@@ -65,6 +65,7 @@ class Sequence:
         "output_ids",
         "priority",
         "prompt_ids",
+        "prompt_logprobs",
         "sampling",
         "seq_id",
         "status",
@@ -83,6 +84,7 @@ class Sequence:
         priority: int = 0,
         deadline: float | None = None,
         client_id: Hashable = None,
+        prompt_logprobs: bool = False,
     ) -> None:
         self.seq_id = seq_id
         self.client_key = client_key  # the caller's handle for replies (not a share key)
@@ -94,6 +96,8 @@ class Sequence:
         self.stop_ids: frozenset[int] = frozenset(stop_ids)
         self.priority = priority
         self.deadline = deadline  # absolute, on the clock the caller passes to the scheduler
+        # Every prompt token's Logprob is wanted: its prompt is computed in full (no prefix reuse).
+        self.prompt_logprobs = prompt_logprobs
         if not self.prompt_ids:
             raise ValueError("the prompt needs at least one token (e.g. BOS)")
         if max_tokens <= 0:

@@ -27,7 +27,7 @@ from microkernel.messages import Header, MsgFlag, MsgType
 from servers.base import Server
 from servers.scheduler.block_cache import CachedBlocks
 from servers.scheduler.config import SchedulerConfig
-from servers.scheduler.events import Event, FinishEvent, TokenEvent
+from servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
 from servers.scheduler.plan import StepPlan
 from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
 from servers.scheduler.scheduler import Scheduler
@@ -67,6 +67,14 @@ class Request:
     first_step: float = 0.0
     first_token: float = 0.0
     pending: list[int] = field(default_factory=list)  # tokens not yet sent (non-streaming)
+    pending_logprobs: list[P.Logprob] = field(default_factory=list)  # theirs, when asked for
+    prompt_logprobs: dict[int, P.Logprob] = field(default_factory=dict)  # position -> Logprob, when asked for
+
+    def take_pending(self) -> bytes:
+        """The tokens not yet sent, as one Tokens payload; none are pending after."""
+        payload = P.pack(P.Tokens(self.pending, self.pending_logprobs))
+        self.pending, self.pending_logprobs = [], []
+        return payload
 
 
 class SchedulerServer(Server):
@@ -165,7 +173,7 @@ class SchedulerServer(Server):
             raise InvalidRequest(f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {submit.priority}")
         seed = submit.seed if submit.seed is not None else secrets.randbits(63)
         try:
-            sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed)
+            sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed, submit.num_logprobs)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         now = time.monotonic()
@@ -174,7 +182,8 @@ class SchedulerServer(Server):
                            client_key=(channel.channel_id, message.header.txid), sampling=sampling,
                            stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
                            client_id=self._client_of(channel, submit),
-                           deadline=None if submit.timeout_s is None else now + submit.timeout_s)
+                           deadline=None if submit.timeout_s is None else now + submit.timeout_s,
+                           prompt_logprobs=submit.prompt_logprobs)
             self.scheduler.add(seq)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
@@ -297,7 +306,7 @@ class SchedulerServer(Server):
             step = P.Step(plan.step_id, [
                 P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed,
-                            c.num_steps)
+                            c.num_steps, c.sampling.num_logprobs, c.prompt_logprobs, c.next_token_id)
                 for c in plan.chunks])
             in_flight.append(plan)
             try:
@@ -319,7 +328,8 @@ class SchedulerServer(Server):
         try:
             raise_for_status(Message(header, payload))
             result: P.StepResult = P.unpack(payload, P.StepResult)
-            events = self.scheduler.postprocess(plan, [list(t) for t in result.token_ids])
+            events = self.scheduler.postprocess(plan, [list(t) for t in result.token_ids], result.logprobs or None,
+                                                result.prompt_logprobs or None)
             self.runner_busy_s += result.compute_s
         except (LlmosError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.error("%s: step %d failed: %s", runner, plan.step_id, exc)
@@ -355,16 +365,21 @@ class SchedulerServer(Server):
                 request = self.requests.get(event.seq_id)
                 if request is not None:
                     request.pending.append(event.token_id)
+                    if event.logprob is not None:
+                        request.pending_logprobs.append(event.logprob)
                     touched[event.seq_id] = request
+            elif isinstance(event, PromptLogprobsEvent):
+                request = self.requests.get(event.seq_id)
+                if request is not None:
+                    for i, lp in enumerate(event.logprobs):
+                        request.prompt_logprobs[event.first_pos + i] = lp
         for request in touched.values():
             if not request.first_token:
                 request.first_token = now
             if request.stream:
-                self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_STREAM)
-                request.pending = []
+                self._send(request, request.take_pending(), TOKENS_STREAM)
             elif len(request.pending) >= NON_STREAM_BATCH:
-                self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_QUIET)
-                request.pending = []
+                self._send(request, request.take_pending(), TOKENS_QUIET)
         for event in events:
             if isinstance(event, FinishEvent):
                 request = self.requests.pop(event.seq_id, None)
@@ -372,11 +387,12 @@ class SchedulerServer(Server):
                     continue
                 self.by_txid.pop((request.channel.channel_id, request.txid), None)
                 if request.pending:
-                    self._send(request, P.pack(P.Tokens(request.pending)), TOKENS_QUIET)
+                    self._send(request, request.take_pending(), TOKENS_QUIET)
                 finished = P.Finished(
                     str(event.reason), event.num_prompt_tokens, event.num_output_tokens, request.seed,
                     queue_s=(request.first_step or now) - request.submitted,
-                    ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted)
+                    ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted,
+                    prompt_logprobs=[request.prompt_logprobs[p] for p in sorted(request.prompt_logprobs)])
                 _count(self.ttft_hist, finished.ttft_s)
                 if event.num_output_tokens > 1:
                     _count(self.tpot_hist, (finished.total_s - finished.ttft_s) / (event.num_output_tokens - 1))

@@ -235,7 +235,7 @@ def test_chat_takes_max_completion_tokens_and_defaults_to_the_context_left(gatew
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
+    ({"logprobs": 21}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"best_of": 3}, "best_of"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"temprature": 0.5}, "temprature"),
@@ -351,3 +351,62 @@ def test_langchain_chat_and_completion_models_including_batch(gateway: tuple[str
     assert chat.invoke("A dog").content == dog
     assert [m.content for m in chat.batch(["A dog", "A dog"])] == [dog, dog]
     assert "".join(str(c.content) for c in chat.stream("A dog")) == dog
+
+
+def test_logprobs_are_the_models_and_the_same_every_way(gateway: tuple[str, str]) -> None:
+    instance, url = gateway
+    with libllm.connect(instance) as session:
+        alone = session.generate("Zoo", max_tokens=6, logprobs=3)
+    assert alone.logprobs is not None and len(alone.logprobs) == len(alone.token_ids) == 6
+    for token, lp in zip(alone.token_ids, alone.logprobs, strict=True):  # greedy: the most likely each time
+        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob <= 0.0
+    done = client(url).completions.create(model="stories260K", prompt="Zoo", max_tokens=6, temperature=0,
+                                          logprobs=3)
+    choice = done.choices[0]
+    assert choice.text == alone.text and choice.logprobs is not None
+    assert choice.logprobs.token_logprobs == [lp.logprob for lp in alone.logprobs]
+    assert "".join(choice.logprobs.tokens or []) == alone.text
+    assert choice.logprobs.text_offset is not None and choice.logprobs.text_offset[0] == 0
+    echoed = client(url).completions.create(model="stories260K", prompt="Zoo", max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Zoo" + alone.text
+    streamed: list[float] = []
+    for chunk in client(url).completions.create(model="stories260K", prompt="Zoo", max_tokens=6, temperature=0,
+                                                logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.token_logprobs or []
+    assert streamed == choice.logprobs.token_logprobs
+    chat = client(url).chat.completions.create(model="stories260K", messages=[{"role": "user", "content": "A dog"}],
+                                               max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_alone_does(gateway: tuple[str, str]) -> None:
+    """The request lm-eval's loglikelihood sends (echo, logprobs, max_tokens 1); the prompt is
+    longer than a logprobs chunk and its prefix already cached: every token still scored."""
+    from servers.runner.model import Model, SeqChunk
+    from servers.runner.sampling import SamplingParams, logprob_of
+
+    instance, url = gateway
+    with libllm.connect(instance) as session:
+        ids = session.tokenizer.encode("Once upon a time there was a little girl who liked to play in the park "
+                                       "with her dog. One day the dog ran away and")
+        session.generate(ids, max_tokens=1)  # now its full blocks are in the prefix cache
+    assert len(ids) > 32
+    model = Model.load()
+    pool = model.new_kv_pool(model.blocks_needed(len(ids)))
+    table = list(range(model.blocks_needed(len(ids))))
+    expected = [logprob_of(model.step([SeqChunk(table, j, [ids[j]], sampling=SamplingParams())], pool).logits[0],
+                           ids[j + 1], 1).logprob for j in range(len(ids) - 1)]
+    done = client(url).completions.create(model="stories260K", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                          echo=True)
+    logprobs = done.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert logprobs.token_logprobs[0] is None and len(logprobs.token_logprobs) == len(ids) + 1
+    assert logprobs.token_logprobs[1:-1] == expected
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    refused = httpx.post(url + "/v1/completions", headers=KEY_A, timeout=WAIT, json={
+        "model": "stories260K", "prompt": "Zoo", "echo": True, "logprobs": 1, "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo"

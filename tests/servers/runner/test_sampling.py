@@ -13,6 +13,7 @@ from servers.runner.sampling import (
     GREEDY,
     SamplingParams,
     _sample_batch,
+    logprob_of,
     sample,
     sample_rows,
     splitmix64,
@@ -173,3 +174,48 @@ def test_seeded_text_is_the_same_alone_and_in_a_batch(model: Model) -> None:
                 if i == 0:
                     ours.append(seqs[i][-1])
     assert ours == alone
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(-3, 3), min_size=2, max_size=40), st.integers(0, 8), st.data())
+def test_logprob_of_is_the_log_softmax_with_the_top_tokens_ties_by_id(values: list[int], top: int,
+                                                                      data: st.DataObject) -> None:
+    row = np.array(values, dtype=np.float32) * np.float32(0.75)  # small ints: many ties
+    token = data.draw(st.integers(0, len(values) - 1))
+    got = logprob_of(row, token, top)
+    z = row.astype(np.float64)
+    log_probs = z - np.log(np.sum(np.exp(z - z.max()))) - z.max()
+    assert got.logprob == pytest.approx(log_probs[token], abs=1e-12)
+    expected = sorted(range(len(values)), key=lambda i: (-z[i], i))[:top]
+    assert got.top_ids == expected
+    assert got.top_logprobs == pytest.approx([log_probs[i] for i in expected], abs=1e-12)
+
+
+def test_logprobs_of_a_row_do_not_depend_on_its_batch() -> None:
+    model = Model.load()
+    table = list(range(4))
+    alone_pool, batch_pool = model.new_kv_pool(8), model.new_kv_pool(8)
+    params = SamplingParams(0.8, 0, 1.0, 5, num_logprobs=5)
+    alone = model.step([SeqChunk(table, 0, [1, 403, 261], sampling=params)], alone_pool)
+    batched = model.step([SeqChunk([4, 5, 6, 7], 0, [1, 99, 7, 12], sampling=GREEDY),
+                          SeqChunk(table, 0, [1, 403, 261], sampling=params)], batch_pool)
+    assert alone.logprobs[0] == batched.logprobs[1] and batched.logprobs[0] is None
+    assert alone.logprobs[0] is not None and len(alone.logprobs[0].top_ids) == 5
+
+
+def test_prompt_logprobs_of_a_chunk_equal_one_position_at_a_time() -> None:
+    """Row j of a chunk gives the Logprob of token j+1, the same bits a decode step at
+    position j gives (batch invariance: chunked and stepwise prefill agree)."""
+    model = Model.load()
+    prompt = [1, 403, 261, 378, 30, 19, 271, 16]
+    table = list(range(2))
+    params = SamplingParams(num_logprobs=3)
+    whole = model.step([SeqChunk(table, 0, prompt[:5], wants_logits=False, sampling=params, prompt_logprobs=True,
+                                 next_token_id=prompt[5]),
+                        SeqChunk([2, 3], 0, [1, 7], sampling=GREEDY)], model.new_kv_pool(4))
+    got = whole.prompt_logprobs[0]
+    assert len(got) == 5 and whole.prompt_logprobs[1] == []
+    pool = model.new_kv_pool(4)
+    for j in range(5):
+        one = model.step([SeqChunk(table, j, [prompt[j]], sampling=params)], pool)
+        assert got[j] == logprob_of(one.logits[0], prompt[j + 1], 3), j
