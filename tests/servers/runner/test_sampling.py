@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from servers.runner.model import Model, SeqChunk, generate
 from servers.runner.sampling import (
+    CANDIDATES,
     GREEDY,
     SamplingParams,
     _sample_batch,
@@ -219,3 +220,26 @@ def test_prompt_logprobs_of_a_chunk_equal_one_position_at_a_time() -> None:
     for j in range(5):
         one = model.step([SeqChunk(table, j, [prompt[j]], sampling=params)], pool)
         assert got[j] == logprob_of(one.logits[0], prompt[j + 1], 3), j
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_sampling_a_large_vocabulary_from_its_candidates_picks_what_the_whole_order_picks(
+        data: st.DataObject) -> None:
+    """Past CANDIDATES ids `sample` orders only the top ones, and the whole vocabulary when
+    the draw or the top-p cut falls past them (flat rows make that happen): the pick is the
+    one the batched form, which always sorts every row whole, makes."""
+    vocab = data.draw(st.sampled_from([CANDIDATES + 1, 3000]), "vocab")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "rng"))
+    scale = data.draw(st.sampled_from([0.01, 1.0, 6.0]), "scale")  # 0.01: nearly flat
+    logits = rng.normal(0, scale, size=(4, vocab)).astype(np.float32)
+    if data.draw(st.booleans(), "ties"):
+        logits = np.round(logits * 4) / 4
+    params = [SamplingParams(temperature=data.draw(st.sampled_from([0.3, 1.0, 2.0])),
+                             top_k=data.draw(st.sampled_from([0, 40, 2000])),
+                             top_p=data.draw(st.sampled_from([1.0, 0.9, 0.999])),
+                             seed=data.draw(st.integers(0, 2**63))) for _ in range(4)]
+    positions = [data.draw(st.integers(0, 4096)) for _ in range(4)]
+    whole = _sample_batch(logits, params, positions).tolist()
+    assert [sample(logits[i], params[i], positions[i]) for i in range(4)] == whole
+    assert sample_rows(logits, params, positions).tolist() == whole
