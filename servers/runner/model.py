@@ -116,6 +116,9 @@ class Model:
         self.block_size = block_size
         cos, sin = rope_tables(self.config, loaded.weights.rope_freqs)
         self._engine = Engine(self.config, loaded.weights, cos, sin)
+        # Logits rows reused across steps that do not keep them (run_steps): a fresh array of
+        # B x vocab floats each step is fresh pages the kernel zeroes (12% of a Gemma decode).
+        self._scratch = np.empty((0, self.config.vocab_size), np.float32)
 
     @classmethod
     def load(
@@ -160,7 +163,14 @@ class Model:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def step(self, chunks: Sequence[SeqChunk], kv: np.ndarray) -> StepOutput:
+    def _rows(self, n: int, keep: bool) -> np.ndarray:
+        if keep:
+            return np.empty((n, self.config.vocab_size), np.float32)
+        if self._scratch.shape[0] < n:
+            self._scratch = np.empty((n, self.config.vocab_size), np.float32)
+        return self._scratch[:n]
+
+    def step(self, chunks: Sequence[SeqChunk], kv: np.ndarray, *, keep_logits: bool = True) -> StepOutput:
         """Compute one batched step.
 
         Args:
@@ -168,7 +178,8 @@ class Model:
             kv: the KV pool (see the module docstring), written in place.
 
         Returns:
-            StepOutput with a row per chunk.
+            StepOutput with a row per chunk. With ``keep_logits`` False its logits live in a
+            buffer the next such step overwrites (the tokens and logprobs are the caller's).
 
         Raises:
             ValueError: a malformed chunk (token or block out of range, a block table too
@@ -191,16 +202,19 @@ class Model:
         tokens, positions, row_seq, tables, logit_rows, wants = pack_chunks(
             list(chunks), bs, kv.shape[0], c.vocab_size, c.seq_len
         )
-        logits = np.empty((n_chunks, c.vocab_size), dtype=np.float32)
         spans = _prompt_spans(chunks)
         if spans:  # every row of those chunks gets logits too, after the chunks' last rows
             every = [np.arange(first, first + n, dtype=np.int32) for _, first, n in spans]
             logit_rows = np.concatenate([logit_rows, *every])
-        out = logits if len(logit_rows) == n_chunks else np.empty((len(logit_rows), c.vocab_size), np.float32)
+        # One array for the forward's rows; the chunks' rows are its first ones when every
+        # chunk asked, else copied out of it (the scratch holds both, in that order).
+        out = self._rows(len(logit_rows) + (0 if len(wants) == n_chunks else n_chunks), keep_logits)
+        logits = out[:n_chunks] if len(wants) == n_chunks else out[len(logit_rows):]
+        out = out[: len(logit_rows)]
         self._engine.forward(
             tokens, positions, row_seq, tables, kv.reshape(-1), bs, logit_rows, out
         )
-        if out is not logits:
+        if len(wants) != n_chunks:
             logits.fill(np.nan)
             logits[wants] = out[: len(wants)]
         prompt_logprobs = _prompt_logprobs(chunks, spans, out[len(wants):]) if spans else []
@@ -263,7 +277,7 @@ def run_steps(
     Each inner step is an ordinary batched step, so every token is bit-identical to what
     one-token steps would give (batch invariance, (seed, position) sampling).
     """
-    first = model.step(chunks, kv)
+    first = model.step(chunks, kv, keep_logits=False)
     made = [[int(t)] if c.wants_logits else [] for c, t in zip(chunks, first.token_ids, strict=True)]
     reported: list[list[Logprob]] = [[lp] if lp is not None else [] for lp in first.logprobs]
     alive = [i for i, c in enumerate(chunks) if made[i] and num_steps[i] > 1 and made[i][0] not in stop_ids]
@@ -275,7 +289,7 @@ def run_steps(
                      sampling=chunks[i].sampling)
             for i in alive
         ]
-        out = model.step(step, kv)
+        out = model.step(step, kv, keep_logits=False)
         for i, token, lp in zip(alive, out.token_ids, out.logprobs, strict=True):
             made[i].append(int(token))
             if lp is not None:
