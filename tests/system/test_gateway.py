@@ -297,7 +297,10 @@ def test_a_body_that_does_not_arrive_in_time_is_dropped(gateway: tuple[str, str]
     with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        answer = sock.recv(4096).decode()  # the gateway's body_timeout_s is 2 s; this waits up to WAIT
+        received = b""  # the gateway's body_timeout_s is 2 s; each recv waits up to WAIT
+        while chunk := sock.recv(4096):  # to the end: the answer closes the connection
+            received += chunk
+        answer = received.decode()
     assert answer.startswith("HTTP/1.1 408") and "body_timeout" in answer
 
 
