@@ -401,8 +401,8 @@ class Kernel:
             stats = channel.request.stats(), channel.reply.stats()
             closed = all(s.producer_closed and s.consumer_closed for s in stats)
             if both_gone or closed:
-                for ring in (channel.request, channel.reply):
-                    self._free_channel_rings.setdefault(ring.stats().capacity, []).append(ring.offset)
+                for ring, ring_stats in zip((channel.request, channel.reply), stats, strict=True):
+                    self._free_channel_rings.setdefault(ring_stats.capacity, []).append(ring.offset)
                     ring.close()
             else:
                 keep.append(channel)

@@ -28,7 +28,7 @@ from servers.gateway.errors import ApiError, install_handlers
 from servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from servers.gateway.metrics import GatewayMetrics
 from servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
-from servers.gateway.streaming import Choice, sse_stream
+from servers.gateway.streaming import Choice, finish_reason, sse_stream
 
 T = TypeVar("T")
 _LONG_TEXT = 2048  # characters: longer prompts are tokenised on a worker thread
@@ -88,7 +88,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
                            param="model", code="model_not_found")
 
     def plan(body: CompletionBody | ChatBody, prompts: list[list[int]], tenant: str) -> Job:
-        check_model(body.model)
+        """(The routes have checked the model before tokenising.)"""
         asked = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else None
         asked = asked or body.max_tokens
         if asked is not None and asked > config.max_tokens_cap:
@@ -286,9 +286,4 @@ def usage(done: list[Completion], n: int) -> dict[str, int]:
     completion_tokens = sum(c.usage.completion_tokens for c in done)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def finish_reason(reason: str | None) -> str:
-    """OpenAI's words: "length" when max_tokens (or the context) ended it, else "stop"."""
-    return "length" if reason in ("length", "context") else "stop"
 

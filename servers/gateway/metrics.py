@@ -62,10 +62,6 @@ class GatewayMetrics:
 
     def text(self, stats: dict[str, Any] | None) -> str:
         lines: list[str] = []
-
-        def head(name: str, kind: str, doc: str) -> None:
-            lines.extend(head_of(name, kind, doc))
-
         if stats is not None:
             s, m = stats["scheduler"], stats["memory"]
             blocks = m["num_used_blocks"] + m["num_free_blocks"] + m["num_cached_blocks"]
@@ -74,14 +70,14 @@ class GatewayMetrics:
                     ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s["num_waiting"]),
                     ("vllm:kv_cache_usage_perc", "Share of KV blocks holding requests' tokens (1 = full).",
                      s["num_kv_blocks_held"] / blocks if blocks else 0.0)):
-                head(name, "gauge", doc)
+                lines += head_of(name, "gauge", doc)
                 lines.append(f"{name}{{{self.labels}}} {value}")
         for name, doc, value in (
                 ("vllm:prompt_tokens_total", "Prompt tokens of finished HTTP requests.", self.prompt_tokens),
                 ("vllm:generation_tokens_total", "Tokens generated for HTTP requests.", self.generation_tokens)):
-            head(name, "counter", doc)
+            lines += head_of(name, "counter", doc)
             lines.append(f"{name}{{{self.labels}}} {value}")
-        head("vllm:request_success_total", "counter", "Finished HTTP requests (choices) by finish reason.")
+        lines += head_of("vllm:request_success_total", "counter", "Finished HTTP requests (choices) by finish reason.")
         lines += [f'vllm:request_success_total{{{self.labels},finished_reason="{r}"}} {n}'
                   for r, n in sorted(self.finished.items())]
         for name, hist, doc in (
@@ -90,7 +86,7 @@ class GatewayMetrics:
                 ("vllm:inter_token_latency_seconds", self.itl, "Streamed requests: time between tokens."),
                 ("llmos_gateway_event_loop_lag_seconds", self.loop_lag,
                  "How late the gateway's event loop ran a timer (a blocked loop shows here).")):
-            head(name, "histogram", doc)
+            lines += head_of(name, "histogram", doc)
             lines += hist.lines(name, self.labels)
         if stats is not None:
             lines += instance_metrics(stats)

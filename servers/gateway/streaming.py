@@ -33,6 +33,11 @@ class Choice:
 _DONE = object()
 
 
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's words: "length" when max_tokens (or the context) ended it, else "stop"."""
+    return "length" if reason in ("length", "context") else "stop"
+
+
 async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, rid: str, model: str,
                      include_usage: bool, metrics: GatewayMetrics, tokenizer: Tokenizer) -> AsyncIterator[str]:
     started = time.monotonic()
@@ -102,7 +107,7 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
                 yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
                 continue
             done = choice.request.completion()
-            reason = "length" if done.finish_reason in ("length", "context") else "stop"
+            reason = finish_reason(done.finish_reason)
             completion_tokens += done.usage.completion_tokens
             metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
             yield event(chunk(choice, None, reason))

@@ -43,28 +43,33 @@ static inline llm_v4 llm_select(llm_v4i mask, llm_v4 a, llm_v4 b) {
 /* exp of 4 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5
    polynomial, 2**n through the exponent bits); within 2 ulp of exp on [-87, 88], and a
    pure function of its input on every machine (no libm variant chosen at run time). */
-static inline llm_v4 llm_exp4(llm_v4 x) {
-    const llm_v4 hi = llm_splat(88.0f), lo = llm_splat(-87.0f);
-    x = llm_select(x > hi, hi, x);
-    x = llm_select(x < lo, lo, x);
-    llm_v4 fx = x * llm_splat(1.44269504088896341f) + llm_splat(0.5f);
-    llm_v4i n = __builtin_convertvector(fx, llm_v4i);   /* truncates toward zero */
-    llm_v4 nf = __builtin_convertvector(n, llm_v4);
-    llm_v4i too_big = nf > fx;                            /* -1 where trunc > floor */
-    n = n + too_big;
-    nf = __builtin_convertvector(n, llm_v4);
-    llm_v4 r = x - nf * llm_splat(0.693359375f) - nf * llm_splat(-2.12194440e-4f);
-    llm_v4 p = llm_splat(1.9875691500e-4f);
-    p = p * r + llm_splat(1.3981999507e-3f);
-    p = p * r + llm_splat(8.3334519073e-3f);
-    p = p * r + llm_splat(4.1665795894e-2f);
-    p = p * r + llm_splat(1.6666665459e-1f);
-    p = p * r + llm_splat(5.0000001201e-1f);
-    llm_v4 y = p * (r * r) + r + llm_splat(1.0f);
-    llm_v4i bits = (n + 127) << 23;
-    llm_v4 scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
+/* The body of llm_exp4 and llm_exp8, written once: V/VI the float and int vectors, SPLAT
+   and SELECT their helpers; the same operations in the same order at either width. */
+#define LLM_EXP_BODY(V, VI, SPLAT, SELECT, x)                                      \
+    const V hi = SPLAT(88.0f), lo = SPLAT(-87.0f);                                \
+    x = SELECT(x > hi, hi, x);                                                    \
+    x = SELECT(x < lo, lo, x);                                                    \
+    V fx = x * SPLAT(1.44269504088896341f) + SPLAT(0.5f);                         \
+    VI n = __builtin_convertvector(fx, VI);   /* truncates toward zero */         \
+    V nf = __builtin_convertvector(n, V);                                         \
+    VI too_big = nf > fx;                     /* -1 where trunc > floor */        \
+    n = n + too_big;                                                              \
+    nf = __builtin_convertvector(n, V);                                           \
+    V r = x - nf * SPLAT(0.693359375f) - nf * SPLAT(-2.12194440e-4f);             \
+    V p = SPLAT(1.9875691500e-4f);                                                \
+    p = p * r + SPLAT(1.3981999507e-3f);                                          \
+    p = p * r + SPLAT(8.3334519073e-3f);                                          \
+    p = p * r + SPLAT(4.1665795894e-2f);                                          \
+    p = p * r + SPLAT(1.6666665459e-1f);                                          \
+    p = p * r + SPLAT(5.0000001201e-1f);                                          \
+    V y = p * (r * r) + r + SPLAT(1.0f);                                          \
+    VI bits = (n + 127) << 23;                                                    \
+    V scale;                                                                      \
+    __builtin_memcpy(&scale, &bits, sizeof scale);                                \
     return y * scale;
+
+static inline llm_v4 llm_exp4(llm_v4 x) {
+    LLM_EXP_BODY(llm_v4, llm_v4i, llm_splat, llm_select, x)
 }
 
 /* out[r*os + j] = dot(x[r*xs ...], w[j*n_in ...]) for r < n_rows (a multiple of 4).
@@ -429,27 +434,7 @@ LLM_AVX2 llm_v8 llm_select8(llm_v8i mask, llm_v8 a, llm_v8 b) {
 
 /* llm_exp4 on 8 lanes, operation for operation. */
 LLM_AVX2 llm_v8 llm_exp8(llm_v8 x) {
-    const llm_v8 hi = llm_splat8(88.0f), lo = llm_splat8(-87.0f);
-    x = llm_select8(x > hi, hi, x);
-    x = llm_select8(x < lo, lo, x);
-    llm_v8 fx = x * llm_splat8(1.44269504088896341f) + llm_splat8(0.5f);
-    llm_v8i n = __builtin_convertvector(fx, llm_v8i);
-    llm_v8 nf = __builtin_convertvector(n, llm_v8);
-    llm_v8i too_big = nf > fx;
-    n = n + too_big;
-    nf = __builtin_convertvector(n, llm_v8);
-    llm_v8 r = x - nf * llm_splat8(0.693359375f) - nf * llm_splat8(-2.12194440e-4f);
-    llm_v8 p = llm_splat8(1.9875691500e-4f);
-    p = p * r + llm_splat8(1.3981999507e-3f);
-    p = p * r + llm_splat8(8.3334519073e-3f);
-    p = p * r + llm_splat8(4.1665795894e-2f);
-    p = p * r + llm_splat8(1.6666665459e-1f);
-    p = p * r + llm_splat8(5.0000001201e-1f);
-    llm_v8 y = p * (r * r) + r + llm_splat8(1.0f);
-    llm_v8i bits = (n + 127) << 23;
-    llm_v8 scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
+    LLM_EXP_BODY(llm_v8, llm_v8i, llm_splat8, llm_select8, x)
 }
 
 /* llm_softmax: the 8-element steps add their low then high half into the 4-lane sum,
