@@ -29,7 +29,7 @@ def find_extensions() -> list[Extension]:
                     name,
                     [str(rel)],
                     include_dirs=["microkernel/include", "servers/runner/include", numpy.get_include()],
-                    extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-array-bounds", "-pthread"],
+                    extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-array-bounds", "-pthread"],
                     extra_link_args=["-pthread"],
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
                     + ([("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []),

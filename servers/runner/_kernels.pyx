@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Batch-invariant forward pass (every family in architectures.py) over a paged KV pool, in C
 loops without the GIL; the C is in include/ (llm_kernels.h: float kernels, attention, the
-thread dispatch; llm_q8.h, llm_q8s.h: 8-bit weights; llm_pool.h: the threads).
+thread dispatch; llm_q8.h, llm_q8_gemm.h: 8-bit weights; llm_pool.h: the threads).
 
 Runs inside a runner process. Owns only its scratch buffers; it reads weights the caller
 keeps alive and writes the KV pages and logits rows the caller names. It never allocates KV,
@@ -17,15 +17,16 @@ from libc.math cimport sqrtf
 from libc.string cimport memcpy
 
 cdef extern from "llm_kernels.h":
+    ctypedef struct llm_act_sums:  # an activation block's sums (llm_q8.h): 4 x 4 bytes
+        pass
     void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                     const float *w, int n_rows, int n_in, int n_out) noexcept nogil
     int llm_simd_level
     int llm_detect_simd() noexcept nogil
-    void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_in, signed char *xq,
-                           float *xd, int *xsum) noexcept nogil
+    int llm_simd_supported(int level) noexcept nogil
     void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs, int n_rows, int n_real, int n_in,
-                      int n_out, const float *w, const unsigned char *wq, int kind, const signed char *xq,
-                      const float *xd, const int *xsum) noexcept nogil
+                      int n_out, const float *w, const unsigned char *wq, int kind, signed char *xq,
+                      float *xd, llm_act_sums *xsum, int *acts) noexcept nogil
     void llm_embedding_row(int kind, const float *wf, const unsigned char *wq, int token, int dim,
                            float *out) noexcept nogil
     int llm_threads
@@ -50,13 +51,19 @@ cdef extern from "llm_kernels.h":
 LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
                 "q_norm", "k_norm", "post_att_norm", "post_ffn_norm", "bq", "bk", "bv")
 
-SIMD_LEVELS = ("sse", "avx", "avx2", "vnni")
+# "vnni": AVX-VNNI (256 bits); "avx512": AVX-512 with VNNI; "amx": AVX-512 and AMX tiles.
+SIMD_LEVELS = ("sse", "avx", "avx2", "vnni", "avx512", "amx")
 llm_simd_level = llm_detect_simd()
 
 
 def simd_level() -> str:
-    """The widest instruction set the kernels use in this process ("sse", "avx", "avx2", "vnni")."""
+    """The widest instruction set the kernels use in this process (one of SIMD_LEVELS)."""
     return SIMD_LEVELS[llm_simd_level]
+
+
+def supported_simd_levels() -> tuple[str, ...]:
+    """The levels this CPU can run (a CPU may have AVX-512 VNNI and not AVX-VNNI)."""
+    return tuple(name for i, name in enumerate(SIMD_LEVELS) if llm_simd_supported(i))
 
 
 def threads() -> int:
@@ -76,7 +83,7 @@ def set_simd_level(level: str) -> None:
     """Force a matmul instruction set (tests: both must give the same bits)."""
     global llm_simd_level
     wanted = SIMD_LEVELS.index(level)
-    if wanted > llm_detect_simd():
+    if not llm_simd_supported(wanted):
         raise ValueError(f"this CPU has no {level}")
     llm_simd_level = wanted
 
@@ -90,35 +97,36 @@ cdef const float *_ptr(object array, list keep) except? NULL:
     return &mv[0]
 
 
-def q8_matmul(const float[:, ::1] x, const unsigned char[:, ::1] blocks, int cols, int kind=1):
-    """x @ W.T for W in 8-bit blocks (kind 1: Q8_0, 2: Q8S; rows of ``cols`` values): the
-    runner's 8-bit matmul on its own, for tests. Returns float32 (len(x), len(blocks))."""
-    cdef int n = x.shape[0], n4 = (x.shape[0] + 3) & ~3, n_out = blocks.shape[0]
-    if kind not in (1, 2) or x.shape[1] != cols or cols % 32 or blocks.shape[1] != cols // 32 * (34 if kind == 1 else 44):
-        raise ValueError("x, blocks, cols and kind do not agree")
+def q8_matmul(const float[:, ::1] x, matrix):
+    """x @ W.T for W an 8-bit matrix (q8.py's Q8Matrix or Q8SMatrix): the runner's 8-bit
+    matmul on its own, for tests. Returns float32 (len(x), rows of W)."""
+    cdef int n = x.shape[0], n4 = (x.shape[0] + 3) & ~3, cols = matrix.cols, n_out = matrix.rows
+    if x.shape[1] != cols:
+        raise ValueError(f"x has {x.shape[1]} columns; the matrix {cols}")
+    cdef const unsigned char[::1] blocks = matrix.blocks.reshape(-1)
     padded = np.zeros((n4, cols), np.float32)
     padded[:n] = x
     out = np.empty((n4, n_out), np.float32)
     xq = np.empty((n4, cols), np.int8)
     xd = np.empty((n4, cols // 32 + 1), np.float32)
-    xs = np.empty((n4, cols // 32 + 1), np.int32)
+    xs = np.empty((n4, (cols // 32 + 1) * 4), np.int32)  # llm_act_sums per block
     cdef float[:, ::1] p = padded, o = out, d = xd
     cdef signed char[:, ::1] q = xq
     cdef int[:, ::1] sums = xs
+    cdef int kind = matrix.KIND, acts = -1
     with nogil:
-        llm_quantize_rows(&p[0, 0], cols, n, cols, &q[0, 0], &d[0, 0], &sums[0, 0])
-        llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0, 0], kind,
-                     &q[0, 0], &d[0, 0], &sums[0, 0])
+        llm_matmul_w(&o[0, 0], n_out, &p[0, 0], cols, n4, n, cols, n_out, NULL, &blocks[0], kind,
+                     &q[0, 0], &d[0, 0], <llm_act_sums *>&sums[0, 0], &acts)
     return out[:n]
 
 
 cdef int _kind(object matrix):
-    # 0: float32 (or absent), 1: Q8_0 blocks, 2: Q8S blocks (servers/runner/q8.py).
+    # 0: float32 (or absent), 1: packed Q8_0, 2: packed Q8S (servers/runner/q8.py).
     return getattr(matrix, "KIND", 0)
 
 
 cdef const unsigned char *_q8_ptr(object matrix, list keep) except? NULL:
-    # An 8-bit matrix's blocks (file-mapped or widened at load); None or a float matrix: NULL.
+    # An 8-bit matrix's packed blocks; None or a float matrix: NULL.
     if matrix is None or not hasattr(matrix, "blocks"):
         return NULL
     cdef const unsigned char[::1] mv = matrix.blocks.reshape(-1)
@@ -253,7 +261,7 @@ cdef class Engine:
         widest = max(self.dim, self.q_dim, self.hidden_dim)
         self.xq = z((rows, widest), np.int8)
         self.xd = z((rows, widest // 32 + 1), np.float32)
-        self.xs = z((rows, widest // 32 + 1), np.int32)
+        self.xs = z((rows, (widest // 32 + 1) * 4), np.int32)  # llm_act_sums per block
         self.att = z((self.n_heads // self.n_kv_heads, self.seq_len), np.float32)
         self.scratch_rows = rows
 
@@ -299,9 +307,9 @@ cdef class Engine:
         cdef const unsigned char **w8
         cdef signed char *xq = &self.xq[0, 0]
         cdef float *xd = &self.xd[0, 0]
-        cdef int *xs = &self.xs[0, 0]
+        cdef llm_act_sums *xs = <llm_act_sums *>&self.xs[0, 0]
         cdef const int *wk
-        cdef int r, l, i, pos, blk
+        cdef int r, l, i, pos, blk, acts = -1
         cdef float *att = &self.att[0, 0]
         # Floats between one block and the next, and between one layer and the next.
         cdef Py_ssize_t block_stride = <Py_ssize_t>n_layers * 2 * block_size * kvd
@@ -322,11 +330,10 @@ cdef class Engine:
                 tab = self.layer_rope[l]
                 for r in range(n):
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_ATT], dim, eps)
-                if wk[W_Q] or wk[W_K] or wk[W_V]:  # once for the three projections
-                    llm_quantize_rows(xb, xbs, n, dim, xq, xd, xs)
-                llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], wk[W_Q], xq, xd, xs)
-                llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], wk[W_K], xq, xd, xs)
-                llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], wk[W_V], xq, xd, xs)
+                acts = -1  # new rows in xb: the projections quantise them once
+                llm_matmul_w(q, qd, xb, xbs, n4, n, dim, qd, w[W_Q], w8[W_Q], wk[W_Q], xq, xd, xs, &acts)
+                llm_matmul_w(k, kvd, xb, xbs, n4, n, dim, kvd, w[W_K], w8[W_K], wk[W_K], xq, xd, xs, &acts)
+                llm_matmul_w(v, kvd, xb, xbs, n4, n, dim, kvd, w[W_V], w8[W_V], wk[W_V], xq, xd, xs, &acts)
                 _add_bias(q, w[W_BQ], n, qd)
                 _add_bias(k, w[W_BK], n, kvd)
                 _add_bias(v, w[W_BV], n, kvd)
@@ -349,27 +356,24 @@ cdef class Engine:
                 llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
                                 &positions[0], n, window, block_stride, block_size, n_kv, group,
                                 hs, att, self.seq_len, group_rows, threads)
-                if wk[W_O]:
-                    llm_quantize_rows(xb, xbs, n, qd, xq, xd, xs)
-                llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs)
+                acts = -1
+                llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs, &acts)
                 for r in range(n):
                     if w[W_POST_ATT] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_ATT], dim, eps)
                     for i in range(dim):
                         x[r * dim + i] += xb2[r * dim + i]
                     _rmsnorm(xb + r * xbs, x + r * dim, w[W_RMS_FFN], dim, eps)
-                if wk[W_1] or wk[W_3]:  # once for gate and up
-                    llm_quantize_rows(xb, xbs, n, dim, xq, xd, xs)
-                llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], wk[W_1], xq, xd, xs)
-                llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], wk[W_3], xq, xd, xs)
+                acts = -1
+                llm_matmul_w(hb, hidden, xb, xbs, n4, n, dim, hidden, w[W_1], w8[W_1], wk[W_1], xq, xd, xs, &acts)
+                llm_matmul_w(hb2, hidden, xb, xbs, n4, n, dim, hidden, w[W_3], w8[W_3], wk[W_3], xq, xd, xs, &acts)
                 for r in range(n):
                     if self.gelu:
                         llm_geglu(hb + r * hidden, hb2 + r * hidden, hidden)
                     else:
                         llm_swiglu(hb + r * hidden, hb2 + r * hidden, hidden)
-                if wk[W_2]:
-                    llm_quantize_rows(hb, hidden, n, hidden, xq, xd, xs)
-                llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], wk[W_2], xq, xd, xs)
+                acts = -1
+                llm_matmul_w(xb2, dim, hb, hidden, n4, n, hidden, dim, w[W_2], w8[W_2], wk[W_2], xq, xd, xs, &acts)
                 for r in range(n):
                     if w[W_POST_FFN] != NULL:
                         _rmsnorm(xb2 + r * dim, xb2 + r * dim, w[W_POST_FFN], dim, eps)
@@ -378,12 +382,14 @@ cdef class Engine:
             # Classifier only for the rows that asked: gather their normed states first.
             for i in range(m_rows):
                 _rmsnorm(xb + i * xbs, x + logit_rows[i] * dim, self.rms_final, dim, eps)
-            if m_rows and self.wcls_kind:
-                llm_quantize_rows(xb, xbs, m_rows, dim, xq, xd, xs)
-            if m_rows:
-                llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, self.wcls_q8, self.wcls_kind, xq, xd, xs)
-            for i in range(m_rows):
-                memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
+            acts = -1
+            if m_rows and self.wcls_kind:  # 8-bit: no padding rows, so straight into logits_out
+                llm_matmul_w(&logits_out[0, 0], vocab, xb, xbs, m_rows, m_rows, dim, vocab, NULL,
+                             self.wcls_q8, self.wcls_kind, xq, xd, xs, &acts)
+            elif m_rows:
+                llm_matmul_w(lg, vocab, xb, xbs, m4, m_rows, dim, vocab, self.wcls, NULL, 0, xq, xd, xs, &acts)
+                for i in range(m_rows):
+                    memcpy(&logits_out[i, 0], lg + i * vocab, vocab * sizeof(float))
 
 
 cdef int _copy_ints(object values, long long *out, Py_ssize_t n) except -1:

@@ -17,10 +17,11 @@ from servers.runner.architectures import Architecture, RopeLayout, architecture
 from servers.runner.q8 import (
     Q8S_TYPES,
     WIDENED,
+    BlockMatrix,
+    Q8KMatrix,
     Q8Matrix,
     Q8SMatrix,
-    q8_row_bytes,
-    q8s_row_bytes,
+    pack_widened,
     widen,
     widen_q8s,
 )
@@ -166,9 +167,9 @@ def _gguf_config(
         raise ValueError(f"{path}: {e}") from None
 
 
-# Stored types we compute with: Q8_0, Q4_0 and Q5_0 matrices as 8-bit blocks (q8.py); the
-# rest dequantised to float32 once, at load (F16 and BF16 here, the other block formats
-# through gguf's reference dequantisers).
+# Stored types we compute with: matrices of Q8_0, Q4_0, Q5_0, Q4_1, Q5_1 and the K-quants as
+# packed 8-bit blocks (q8.py); the rest dequantised to float32 once, at load (F16 and BF16
+# here, other block formats, e.g. 1-D ones, through gguf's reference dequantisers).
 _DEQUANTISABLE = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
 
 
@@ -207,22 +208,15 @@ def _gguf_tensor(path: Path, mm: np.ndarray, plan: Plan, name: str, t: TensorInf
     if qtype.name not in _DEQUANTISABLE:
         raise ValueError(f"{path}: tensor {t.name} has type {qtype.name}, which llmos does not compute")
     rows = raw.reshape(-1, shape[-1] // block * block_bytes)
-    if qtype.name in WIDENED and len(shape) == 2:
-        # Computed as 8-bit blocks: Q8_0 straight from the file, Q4_0/Q5_0 widened exactly.
-        plan.q8[name] = (Q8Matrix, shape[1])
-        if qtype.name == "Q8_0":
-            plan.add_ready(name, rows)
-        else:
-            kind = qtype.name
-            plan.add_deferred(name, (shape[0], q8_row_bytes(shape[1])),
-                              lambda out: widen(np.asarray(rows), kind, out), np.uint8)
-        return
-    if qtype.name in Q8S_TYPES and len(shape) == 2:
-        # K-quants and Q4_1/Q5_1: widened exactly to Q8S blocks (scales per 16, a min).
-        plan.q8[name] = (Q8SMatrix, shape[1])
+    if len(shape) == 2 and (qtype.name in WIDENED or qtype.name in Q8S_TYPES):
+        # Computed as packed 8-bit blocks: Q8_0 as in the file, Q4_0/Q5_0 widened exactly to
+        # Q8_0, the K-quants and Q4_1/Q5_1 to Q8S (scales per 16, a min).
         kind = qtype.name
-        plan.add_deferred(name, (shape[0], q8s_row_bytes(shape[1])),
-                          lambda out: widen_q8s(np.asarray(rows), kind, out), np.uint8)
+        matrix: type[BlockMatrix] = Q8Matrix if kind in WIDENED else Q8KMatrix if kind.endswith("_K") else Q8SMatrix
+        widen_kind = widen if kind in WIDENED else widen_q8s
+        plan.q8[name] = (matrix, shape[1])
+        fill_packed = pack_widened(matrix, rows, shape[1], lambda part, out: widen_kind(part, kind, out))
+        plan.add_deferred(name, matrix.packed_shape(*shape), fill_packed, np.uint8)
         return
 
     def fill(out: np.ndarray) -> None:

@@ -1,9 +1,9 @@
 """What a model file becomes: its config (shape and family switches), its weights, and the
 plan a loader makes before anything is read or dequantised.
 
-Runs inside a runner process (and in tools that size an instance). Float32 tensors and Q8_0
-blocks stay memory-mapped from the file; anything else is dequantised once into one flat
-buffer the caller may provide. Nothing here reads a file: loaders_llama2c.py and
+Runs inside a runner process (and in tools that size an instance). Float32 tensors stay
+memory-mapped from the file; 8-bit matrices are packed (q8.py) and anything else is
+dequantised, once, into one flat buffer the caller may provide. Nothing here reads a file: loaders_llama2c.py and
 loaders_gguf.py do, and loaders.py is the public API over both.
 """
 
@@ -155,12 +155,12 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- the plan
-# A loader first builds a plan: for every tensor, either a ready view (mmap: float32, or
-# uint8 Q8_0 blocks) or a (shape, fill function, dtype) triple that writes values into a
-# destination view (float32 dequantised, or widened Q8_0 blocks). Only the second kind takes
+# A loader first builds a plan: for every tensor, either a ready view (mmap: float32) or a
+# (shape, fill function, dtype) triple that writes values into a destination view (float32
+# dequantised, or packed 8-bit blocks). Only the second kind takes
 # buffer space, so the plan tells the caller how big a shared segment to allocate before
-# anything is dequantised. ``q8`` names the tensors held as 8-bit blocks, with the matrix
-# class that wraps them and their number of columns.
+# anything is dequantised. ``q8`` names the tensors held as packed 8-bit blocks, with the
+# matrix class that wraps them and their number of columns.
 
 Fill = Callable[[np.ndarray], None]
 
@@ -242,9 +242,10 @@ def assemble(
         a, shape = arrays[name], shapes[name]
         if name in q8:
             matrix, cols = q8[name]
-            if (a.shape[0], cols) != shape:
-                raise ValueError(f"tensor {name} has shape {(a.shape[0], cols)}; the model's header implies {shape}")
-            return matrix(a, cols)
+            rows = shape[0]
+            if cols != shape[1] or a.shape != matrix.packed_shape(rows, cols):
+                raise ValueError(f"tensor {name} has {cols} columns in {a.shape} packed bytes; the model's header implies {shape}")
+            return matrix(a, cols, rows)
         if a.shape != shape:
             if a.size != int(np.prod(shape)):
                 raise ValueError(f"tensor {name} has shape {a.shape}; the model's header implies {shape}")

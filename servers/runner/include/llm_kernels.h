@@ -1,6 +1,6 @@
 /* The C of servers/runner/_kernels.pyx: the batch-invariant float kernels (matmul, attention,
  * softmax, norms, activations), their SIMD variants, and the dispatch that splits a step over
- * threads (llm_pool.h) and sends 8-bit weights to llm_q8.h. Included by _kernels.pyx only.
+ * threads (llm_pool.h) and sends 8-bit weights to llm_q8_gemm.h. Included by _kernels.pyx only.
  * Python.h (Py_ssize_t) comes first, from Cython.
  */
 #ifndef LLM_KERNELS_H
@@ -178,23 +178,58 @@ static void llm_matmul_avx(float *out, Py_ssize_t os, const float *x, Py_ssize_t
 }
 #endif
 
-/* 3: AVX-VNNI (8-bit matmuls), 2: AVX2 (attention 8 lanes wide, 8-bit matmuls),
-   1: AVX (float matmul), 0: SSE; chosen once per process. Every level gives the same
-   bits. */
+/* 5: AMX, 4: AVX-512 VNNI and 3: AVX-VNNI (8-bit matmuls), 2: AVX2 (attention 8 lanes wide, 8-bit
+   matmuls), 1: AVX (float matmul), 0: SSE; the best is chosen once per process. Every level
+   gives the same bits. */
 static int llm_simd_level = -1;
 
-static int llm_detect_simd(void) {
+#ifdef LLM_HAVE_AVX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* AMX needs the CPU's tiles (CPUID leaf 7: AMX-TILE, AMX-INT8) and, on Linux, the kernel's
+   leave to use their 8 KiB of state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), asked
+   once per process (children inherit it). */
+static int llm_amx_permitted(void) {
+    static int answer = -1;
+    if (answer >= 0) return answer;
+    unsigned a, b, c, d;
+    answer = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 25))) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+        answer = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#endif
+    }
+    return answer;
+}
+#endif
+
+/* Whether this CPU runs level `level`'s code. The 8-bit kernels read f16 scales with F16C and
+   sum with FMA (every AVX2 CPU has both; checked anyway). */
+static int llm_simd_supported(int level) {
 #ifdef LLM_HAVE_AVX
     __builtin_cpu_init();
-    /* The 8-bit kernels read f16 scales with F16C and sum with FMA (every AVX2 CPU has
-       both; checked anyway). */
-    const int f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
-    if (__builtin_cpu_supports("avx2") && f16c && __builtin_cpu_supports("avxvnni")) return 3;
-    if (__builtin_cpu_supports("avx2") && f16c) return 2;
-    return __builtin_cpu_supports("avx") ? 1 : 0;
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                     __builtin_cpu_supports("fma");
+    switch (level) {
+    case 0: return 1;
+    case 1: return __builtin_cpu_supports("avx");
+    case 2: return avx2;
+    case 3: return avx2 && __builtin_cpu_supports("avxvnni");
+    case 4: return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case 5: return llm_simd_supported(4) && llm_amx_permitted();
+    default: return 0;
+    }
 #else
-    return 0;
+    return level == 0;
 #endif
+}
+
+static int llm_detect_simd(void) {
+    for (int level = 5; level > 0; level--)
+        if (llm_simd_supported(level)) return level;
+    return 0;
 }
 
 static void llm_matmul(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
@@ -628,61 +663,73 @@ static void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd,
         llm_parallel(llm_attend_share, &job, nt);
 }
 
-/* 8-bit weights: Q8_0 blocks (llm_q8.h) or Q8S blocks (llm_q8s.h). The step's activation
+/* 8-bit weights: packed Q8_0 or Q8S groups (llm_q8.h, llm_q8_gemm.h). The step's activation
    rows are quantised once per matmul, then each thread takes a fixed share of the outputs,
    a panel at a time, as for float weights. */
-#include "llm_q8s.h"
+#include "llm_q8_gemm.h"
 
 #define LLM_W_F32 0
-#define LLM_W_Q8_0 1
-#define LLM_W_Q8S 2
+#define LLM_W_Q8_0 1  /* packed Q8_0 */
+#define LLM_W_Q8S 2   /* packed Q8S from Q4_1/Q5_1: activations in blocks of 32 */
+#define LLM_W_Q8K 3   /* packed Q8S from a K-quant: activations in blocks of 256 */
 
 typedef struct {
-    float *out; Py_ssize_t os; const int8_t *xq; const float *xd; const int32_t *xs;
+    float *out; Py_ssize_t os; const int8_t *xq; const float *xd; const llm_act_sums *xs;
     int n_rows, n_in; const uint8_t *w; int n_out, kind;
 } llm_q8_job;
 
 static void llm_q8_share(void *p, int t, int n) {
     const llm_q8_job *j = (const llm_q8_job *)p;
-    const int j0 = (int)((long long)j->n_out * t / n) & ~7;
-    const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~7;
-    const int block = j->kind == LLM_W_Q8S ? LLM_Q8S_BLOCK : LLM_Q8_BLOCK;
-    const Py_ssize_t row_bytes = (Py_ssize_t)(j->n_in / LLM_QK) * block;
-    const int panel = llm_panel(row_bytes);
+    const int j0 = (int)((long long)j->n_out * t / n) & ~(LLM_GROUP - 1);
+    const int j1 = t == n - 1 ? j->n_out : (int)((long long)j->n_out * (t + 1) / n) & ~(LLM_GROUP - 1);
+    const int q8s = j->kind != LLM_W_Q8_0;
+    const Py_ssize_t group_bytes = (Py_ssize_t)(j->n_in / LLM_QK) * (q8s ? LLM_Q8SP_BLOCK : LLM_Q8P_BLOCK);
+    const int panel = (llm_panel(group_bytes / LLM_GROUP) + LLM_GROUP - 1) & ~(LLM_GROUP - 1);
     for (int p0 = j0; p0 < j1; p0 += panel) {
         const int width = j1 - p0 < panel ? j1 - p0 : panel;
-        if (j->kind == LLM_W_Q8S)
-            llm_matmul_q8s(llm_simd_level, j->out + p0, j->os, j->xq, j->xd, j->xs, j->n_rows,
-                           j->n_in, j->w + p0 * row_bytes, width);
-        else
-            llm_matmul_q8(llm_simd_level, j->out + p0, j->os, j->xq, j->xd, j->n_rows, j->n_in,
-                          j->w + p0 * row_bytes, width);
+        llm_gemm_q8(llm_simd_level, q8s, j->out + p0, j->os, j->xq, j->xd, j->xs, j->n_rows,
+                    j->n_in, j->w + (Py_ssize_t)(p0 / LLM_GROUP) * group_bytes, width);
     }
 }
 
-/* Rows of activations quantised for the 8-bit matmuls (llm_q8.h's blocks, with their sums).
-   One call serves every matmul that reads the same rows (q, k and v; gate and up). */
-static void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_in, int8_t *xq,
-                              float *xd, int32_t *xsum)
+/* Rows of activations quantised for the 8-bit matmuls (llm_q8.h's blocks, with their sums),
+   in blocks of 256 for K-quant weights. */
+static void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_in, int k_quant,
+                              int8_t *xq, float *xd, llm_act_sums *xsum)
 {
     const int nb = n_in / LLM_QK;
-    for (int r = 0; r < n_rows; r++)
-        llm_quantize_row_q8(x + r * xs, n_in, xq + (Py_ssize_t)r * n_in, xd + (Py_ssize_t)r * nb,
-                            xsum + (Py_ssize_t)r * nb);
+    for (int r = 0; r < n_rows; r++) {
+        const float *row = x + r * xs;
+        int8_t *q = xq + (Py_ssize_t)r * n_in;
+        float *d = xd + (Py_ssize_t)r * nb;
+        llm_act_sums *a = xsum + (Py_ssize_t)r * nb;
+        if (k_quant)
+            llm_quantize_row_q8k(row, n_in, q, d, a);
+        else
+            llm_quantize_row_q8(row, n_in, q, d, a);
+    }
 }
 
-/* out = x . W for W in float32 (w, kind LLM_W_F32) or 8-bit blocks (wq, of `kind`; then xq,
-   xd, xsum hold the first n_real rows of x as llm_quantize_rows left them). n_rows is padded
-   to a multiple of 4 for the float kernel; the 8-bit ones compute only the first n_real rows
-   (a lone decode row costs one row, not four) and zero the padding's outputs. */
+/* out = x . W for W in float32 (w, kind LLM_W_F32) or packed 8-bit blocks (wq, of `kind`).
+   xq, xd, xsum hold the first n_real rows of x quantised as *acts says (-1: not yet; 0: in
+   blocks of 32; 1: of 256): quantised here when this kind wants another form, so matmuls that
+   read the same rows (q, k and v; gate and up) share one quantisation; the caller sets *acts
+   to -1 when x changes. n_rows is padded to a multiple of 4 for the float kernel; the 8-bit
+   ones compute only the first n_real rows (a lone decode row costs one row, not four) and
+   zero the padding's outputs. */
 static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                          int n_rows, int n_real, int n_in, int n_out, const float *w,
-                         const uint8_t *wq, int kind, const int8_t *xq, const float *xd,
-                         const int32_t *xsum)
+                         const uint8_t *wq, int kind, int8_t *xq, float *xd, llm_act_sums *xsum,
+                         int *acts)
 {
     if (kind == LLM_W_F32) {
         llm_matmul_par(out, os, x, xs, w, n_rows, n_in, n_out);
         return;
+    }
+    const int want = kind == LLM_W_Q8K;
+    if (*acts != want) {
+        llm_quantize_rows(x, xs, n_real, n_in, want, xq, xd, xsum);
+        *acts = want;
     }
     for (int r = n_real; r < n_rows; r++) memset(out + (Py_ssize_t)r * os, 0, n_out * sizeof(float));
     llm_q8_job job = {out, os, xq, xd, xsum, n_real, n_in, wq, n_out, kind};
@@ -697,13 +744,10 @@ static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t x
 static void llm_embedding_row(int kind, const float *wf, const uint8_t *wq, int token, int dim,
                               float *out)
 {
-    const Py_ssize_t blocks = (Py_ssize_t)token * (dim / LLM_QK);
-    if (kind == LLM_W_Q8_0)
-        llm_dequantize_row_q8(wq + blocks * LLM_Q8_BLOCK, dim, out);
-    else if (kind == LLM_W_Q8S)
-        llm_dequantize_row_q8s(wq + blocks * LLM_Q8S_BLOCK, dim, out);
-    else
+    if (kind == LLM_W_F32)
         memcpy(out, wf + (Py_ssize_t)token * dim, dim * sizeof(float));
+    else
+        llm_dequantize_packed_row(wq, kind != LLM_W_Q8_0, token, dim, out);
 }
 
 #endif

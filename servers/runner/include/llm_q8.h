@@ -1,17 +1,23 @@
-/* Matmuls with 8-bit weights in GGUF's own Q8_0 blocks: 34 bytes, an f16 scale then 32 int8
- * values. A Q8_0 tensor is used where it lies in the memory-mapped file (no copy; every
- * runner shares the page cache); Q4_0 and Q5_0 widen to Q8_0 blocks exactly (same scale,
- * values in a narrower range).
+/* 8-bit weights and activations: the packed weight layouts, the activations' blocks, and
+ * rows of a packed matrix back to floats. The matmuls are in llm_q8_gemm.h.
  *
- * Activations are quantised per row into the same blocks, as llama.cpp does for these types
- * (scale amax/127, used rounded to f16; values round-half-even(x / scale)), so a block's dot
- * product is an exact integer. The float part has one fixed order, the same at every SIMD
- * level: 8 lanes, lane l adding, block after block, float(sum of bytes 4l..4l+3's products)
- * times (weight scale * activation scale) in one fused multiply-add (fmaf in the portable
- * code: the same single rounding as the vector instruction); then the lanes add as
- * llm_hsum does. Integer sums are exact in any order, so the portable code, AVX2's
- * maddubs/madd and VNNI's dpbusd give the same lanes and so the same bits; tests check this.
- * A row's result depends on that row alone (batch invariance).
+ * Weights (servers/runner/q8.py packs them at load, exactly):
+ * - Q8_0 (GGUF's Q8_0; Q4_0 and Q5_0 widen to it: same scale, narrower values): a value is
+ *   scale * q, one f16 scale per block of 32.
+ * - Q8S (the K-quants and Q4_1/Q5_1): a value is (scale_lo for values 0-15, scale_hi for
+ *   16-31) * q - min, float scales and min per block of 32.
+ * Both are packed in groups of 16 output rows (the last group padded with zeros), block by
+ * block: a group-block is a head of floats, 16 per field (Q8_0: the scales; Q8S: scale_lo,
+ * scale_hi, min), then 8 rows of 64 bytes, row t holding values 4t..4t+3 of each of the 16
+ * outputs in turn, each stored as q + 128 (unsigned). One vector load then holds 4 values of
+ * 16 (or 8) outputs, and one dpbusd against 4 activation bytes broadcast adds each output's
+ * products into its own lane: a lane ends a block holding that output's whole integer sum.
+ *
+ * Activations are quantised per row as llama.cpp quantises them for the same weights, so the
+ * integer sums are llama.cpp's: blocks of 32 (scale amax/127, used rounded to f16; values
+ * round-half-even(x / scale)) for Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1; blocks of 256 with a float
+ * scale for the K-quants (its Q8_K). Values are in -127..127; each block's sums are kept, as
+ * the kernels use them (llm_act_sums).
  */
 #ifndef LLM_Q8_H
 #define LLM_Q8_H
@@ -20,32 +26,13 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LLM_QK 32
-#define LLM_Q8_BLOCK 34  /* bytes: f16 scale, 32 int8 */
-
-/* An f16 value, exactly, as a float. */
-static inline float llm_f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t u;
-    float f;
-    if (exp == 0x1fu) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp == 0) {             /* zero or subnormal: man * 2**-24, exact in float */
-        f = (float)man * 5.9604644775390625e-8f;
-        memcpy(&u, &f, 4);
-        u |= sign;
-    } else {
-        u = sign | ((exp + 112u) << 23) | (man << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float llm_q8_scale(const uint8_t *block) {
-    uint16_t h;
-    memcpy(&h, block, 2);
-    return llm_f16_to_f32(h);
-}
+#define LLM_QK 32            /* values per block */
+#define LLM_GROUP 16         /* output rows per packed group */
+#define LLM_PACKED_VALUES 512 /* 8 rows of 16 outputs x 4 values */
+#define LLM_Q8P_HEAD 64      /* Q8_0: 16 float scales */
+#define LLM_Q8SP_HEAD 192    /* Q8S: 16 scale_lo, 16 scale_hi, 16 min */
+#define LLM_Q8P_BLOCK (LLM_Q8P_HEAD + LLM_PACKED_VALUES)
+#define LLM_Q8SP_BLOCK (LLM_Q8SP_HEAD + LLM_PACKED_VALUES)
 
 /* x rounded to the nearest half-precision value (ties to even), back in float. */
 static inline float llm_round_f16(float x) {
@@ -66,9 +53,31 @@ static inline float llm_round_f16(float x) {
     return x;
 }
 
-/* One row of n floats (n a multiple of 32) -> q[n], d[n / 32], and each block's sum of q
-   in sums[n / 32] (the min term of llm_q8s.h's blocks needs it). */
-static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d, int32_t *sums) {
+/* x rounded to the nearest integer, ties to even, for |x| <= 2**22: adding 1.5 * 2**23 leaves
+   no fraction bits, so the float addition itself rounds (as llama.cpp's nearest_int). Plain
+   float operations, unlike a call to nearbyintf, so the loops below vectorise (setup.py
+   builds with -ffp-contract=off: no multiply before it is fused into the addition). */
+static inline float llm_round_even(float x) {
+    return (x + 12582912.0f) - 12582912.0f;
+}
+
+/* What the kernels need of an activation block's sums, ready to broadcast: the +128 of the
+   packed weights adds 128 * sum(x) to a dot product, so an integer sum starts at `all` (or at
+   `lo`, `hi` for the halves); a Q8S block's min term is min * dsum. */
+typedef struct {
+    int32_t all, lo, hi;  /* -128 * the sum of the block's values, of values 0-15, of 16-31 */
+    float dsum;           /* the block's scale * float(the sum of its values) */
+} llm_act_sums;
+
+static inline void llm_set_sums(llm_act_sums *a, int32_t lo, int32_t hi, float d) {
+    a->all = -128 * (lo + hi);
+    a->lo = -128 * lo;
+    a->hi = -128 * hi;
+    a->dsum = d * (float)(lo + hi);
+}
+
+/* One row of n floats (n a multiple of 32) -> q[n], d[n / 32] and sums[n / 32]. */
+static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d, llm_act_sums *sums) {
     for (int b = 0; b < n / LLM_QK; b++) {
         const float *xb = x + b * LLM_QK;
         float amax = 0.0f;
@@ -78,167 +87,62 @@ static void llm_quantize_row_q8(const float *x, int n, int8_t *q, float *d, int3
         }
         const float scale = amax / 127.0f;
         const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;  /* as llama.cpp's x86 code */
-        int32_t sum = 0;
+        int32_t sum[2] = {0, 0};
         for (int i = 0; i < LLM_QK; i++) {
-            q[b * LLM_QK + i] = (int8_t)nearbyintf(xb[i] * inv);
-            sum += q[b * LLM_QK + i];
+            q[b * LLM_QK + i] = (int8_t)llm_round_even(xb[i] * inv);
+            sum[i / 16] += q[b * LLM_QK + i];
         }
         d[b] = llm_round_f16(scale);
-        sums[b] = sum;
+        llm_set_sums(&sums[b], sum[0], sum[1], d[b]);
     }
 }
 
-/* The fixed end of every row's sum: lanes 0-3 plus 4-7, then a pairwise tree. */
-static inline float llm_q8_finish(const float acc[8]) {
-    const float s0 = acc[0] + acc[4], s1 = acc[1] + acc[5], s2 = acc[2] + acc[6], s3 = acc[3] + acc[7];
-    return (s0 + s1) + (s2 + s3);
-}
-
-/* out[r*os + j] = row r of (xq, xd) . row j of the Q8_0 matrix w, for r < n_rows,
-   j < n_out; a weight row is n_in / 32 blocks. */
-static void llm_matmul_q8_portable(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
-                                   int n_rows, int n_in, const uint8_t *w, int n_out)
-{
-    const int nb = n_in / LLM_QK;
-    for (int r = 0; r < n_rows; r++) {
-        const int8_t *x = xq + (Py_ssize_t)r * n_in;
-        const float *dx = xd + (Py_ssize_t)r * nb;
-        for (int j = 0; j < n_out; j++) {
-            const uint8_t *wj = w + (Py_ssize_t)j * nb * LLM_Q8_BLOCK;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = wj + (Py_ssize_t)b * LLM_Q8_BLOCK;
-                const float s = llm_q8_scale(blk) * dx[b];
-                for (int l = 0; l < 8; l++) {
-                    const int8_t *wl = (const int8_t *)(blk + 2) + 4 * l, *xl = x + b * LLM_QK + 4 * l;
-                    const int isum = wl[0] * xl[0] + wl[1] * xl[1] + wl[2] * xl[2] + wl[3] * xl[3];
-                    acc[l] = fmaf((float)isum, s, acc[l]);
-                }
+/* The same for K-quant weights, as llama.cpp quantises activations for them (its Q8_K):
+   blocks of 256 with one float scale, from the value of largest magnitude m: iscale =
+   -127 / m, values nearest(iscale * x) (ties to even), scale 1 / iscale. n is a multiple of
+   256 (a K-quant's rows are); d gets the scale once per block of 32, like the others. */
+static void llm_quantize_row_q8k(const float *x, int n, int8_t *q, float *d, llm_act_sums *sums) {
+    for (int s = 0; s < n / 256; s++) {
+        const float *xs = x + s * 256;
+        float amax = 0.0f, max = 0.0f;
+        for (int i = 0; i < 256; i++) {
+            const float a = fabsf(xs[i]);
+            if (a > amax) { amax = a; max = xs[i]; }
+        }
+        const float iscale = amax != 0.0f ? -127.0f / max : 0.0f;
+        const float scale = amax != 0.0f ? 1.0f / iscale : 0.0f;
+        for (int b = 0; b < 8; b++) {
+            int32_t half[2] = {0, 0};
+            for (int i = 32 * b; i < 32 * b + 32; i++) {
+                const float v = llm_round_even(iscale * xs[i]);
+                q[s * 256 + i] = (int8_t)(v > 127.0f ? 127.0f : v);
+                half[(i / 16) & 1] += q[s * 256 + i];
             }
-            out[(Py_ssize_t)r * os + j] = llm_q8_finish(acc);
+            d[s * 8 + b] = scale;
+            llm_set_sums(&sums[s * 8 + b], half[0], half[1], scale);
         }
     }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define LLM_HAVE_Q8_X86 1
-
-/* Tiles of four rows by two outputs: each weight block's load and absolute value serve four
-   rows, each activation block's load two outputs. The sign of each weight moves onto the
-   activation, so maddubs (u8 x s8) or dpbusd sums exact products. An odd last output runs
-   as its own pair (its twin's sums are computed and dropped). Each output's sums are the
-   same operations in the same order whatever its tile: the bits do not depend on tiling. */
-/* One tile: `rows` (1-4, a constant where it is inlined, so the accumulators stay in
-   registers) by two outputs starting at w0 (w1: the second output's row, or w0 again). */
-#define LLM_Q8_TILE(NAME, DOT4, TARGET)                                                        \
-    __attribute__((target(TARGET), always_inline)) static inline void NAME(                   \
-        float *out, Py_ssize_t os, const int8_t *xq, const float *xd, int n_in,               \
-        const uint8_t *w0, const uint8_t *w1, int outs, const int rows)                       \
-    {                                                                                          \
-        const int nb = n_in / LLM_QK;                                                          \
-        __m256 acc[4][2];                                                                      \
-        for (int k = 0; k < rows; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();            \
-        for (int b = 0; b < nb; b++) {                                                         \
-            const uint8_t *b0 = w0 + (Py_ssize_t)b * LLM_Q8_BLOCK;                             \
-            const uint8_t *b1 = w1 + (Py_ssize_t)b * LLM_Q8_BLOCK;                             \
-            uint16_t h0, h1;                                                                   \
-            memcpy(&h0, b0, 2);                                                                \
-            memcpy(&h1, b1, 2);                                                                \
-            const float d0 = _cvtsh_ss(h0), d1 = _cvtsh_ss(h1); /* F16C: exact */              \
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));                  \
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));                  \
-            const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);        \
-            const __m256 s0 = _mm256_set1_ps(d0), s1 = _mm256_set1_ps(d1);                     \
-            for (int k = 0; k < rows; k++) {                                                   \
-                const __m256i xv = _mm256_loadu_si256(                                         \
-                    (const __m256i *)(xq + (Py_ssize_t)k * n_in + b * LLM_QK));                \
-                const __m256 dx = _mm256_set1_ps(xd[(Py_ssize_t)k * nb + b]);                  \
-                const __m256i l0 = DOT4(a0, _mm256_sign_epi8(xv, v0));                         \
-                const __m256i l1 = DOT4(a1, _mm256_sign_epi8(xv, v1));                         \
-                acc[k][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), _mm256_mul_ps(s0, dx), acc[k][0]); \
-                acc[k][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), _mm256_mul_ps(s1, dx), acc[k][1]); \
-            }                                                                                  \
-        }                                                                                      \
-        for (int k = 0; k < rows; k++)                                                         \
-            for (int o = 0; o < outs; o++) {                                                   \
-                float lane[8];                                                                 \
-                _mm256_storeu_ps(lane, acc[k][o]);                                             \
-                out[(Py_ssize_t)k * os + o] = llm_q8_finish(lane);                             \
-            }                                                                                  \
-    }
-
-/* Tiles of four rows by two outputs: each weight block's load and absolute value serve four
-   rows, each activation block's load two outputs. The sign of each weight moves onto the
-   activation, so maddubs (u8 x s8) or dpbusd sums exact products. An odd last output runs
-   as its own pair (its twin's sums are computed and dropped). Each output's sums are the
-   same operations in the same order whatever its tile: the bits do not depend on tiling. */
-#define LLM_Q8_BODY(TILE)                                                                      \
-    const int nb = n_in / LLM_QK;                                                              \
-    const Py_ssize_t row_bytes = (Py_ssize_t)nb * LLM_Q8_BLOCK;                                \
-    for (int r = 0; r < n_rows; r += 4) {                                                      \
-        const int rows = n_rows - r < 4 ? n_rows - r : 4;                                      \
-        const int8_t *x = xq + (Py_ssize_t)r * n_in;                                           \
-        const float *d = xd + (Py_ssize_t)r * nb;                                              \
-        for (int j = 0; j < n_out; j += 2) {                                                   \
-            const int outs = n_out - j < 2 ? n_out - j : 2;                                    \
-            const uint8_t *w0 = w + (Py_ssize_t)j * row_bytes;                                 \
-            const uint8_t *w1 = outs == 2 ? w0 + row_bytes : w0;                               \
-            float *o = out + (Py_ssize_t)r * os + j;                                           \
-            switch (rows) {                                                                    \
-            case 4: TILE(o, os, x, d, n_in, w0, w1, outs, 4); break;                           \
-            case 3: TILE(o, os, x, d, n_in, w0, w1, outs, 3); break;                           \
-            case 2: TILE(o, os, x, d, n_in, w0, w1, outs, 2); break;                           \
-            default: TILE(o, os, x, d, n_in, w0, w1, outs, 1);                                 \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
-__attribute__((target("avx2,fma,f16c")))
-static inline __m256i llm_dot4_avx2(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+/* Value i of output o in a packed group-block's values: its q. */
+static inline int llm_packed_q(const uint8_t *values, int o, int i) {
+    return (int)values[(i / 4) * 64 + o * 4 + i % 4] - 128;
 }
 
-__attribute__((target("avxvnni,fma,f16c")))
-static inline __m256i llm_dot4_vnni(__m256i u, __m256i s) {
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-}
-
-LLM_Q8_TILE(llm_q8_tile_avx2, llm_dot4_avx2, "avx2,fma,f16c")
-LLM_Q8_TILE(llm_q8_tile_vnni, llm_dot4_vnni, "avxvnni,fma,f16c")
-
-__attribute__((target("avx2,fma,f16c")))
-static void llm_matmul_q8_avx2(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
-                               int n_rows, int n_in, const uint8_t *w, int n_out)
-{
-    LLM_Q8_BODY(llm_q8_tile_avx2)
-}
-
-__attribute__((target("avxvnni,fma,f16c")))
-static void llm_matmul_q8_vnni(float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
-                               int n_rows, int n_in, const uint8_t *w, int n_out)
-{
-    LLM_Q8_BODY(llm_q8_tile_vnni)
-}
-#endif
-
-/* level: 0-1 portable, 2 AVX2 + FMA + F16C, 3 AVX-VNNI + FMA + F16C (the caller checked the CPU). */
-static void llm_matmul_q8(int level, float *out, Py_ssize_t os, const int8_t *xq, const float *xd,
-                          int n_rows, int n_in, const uint8_t *w, int n_out)
-{
-#ifdef LLM_HAVE_Q8_X86
-    if (level >= 3) { llm_matmul_q8_vnni(out, os, xq, xd, n_rows, n_in, w, n_out); return; }
-    if (level == 2) { llm_matmul_q8_avx2(out, os, xq, xd, n_rows, n_in, w, n_out); return; }
-#endif
-    llm_matmul_q8_portable(out, os, xq, xd, n_rows, n_in, w, n_out);
-}
-
-/* One row of a Q8_0 matrix back to floats (the embedding lookup): exact. */
-static void llm_dequantize_row_q8(const uint8_t *w, int n, float *out) {
-    for (int b = 0; b < n / LLM_QK; b++) {
-        const uint8_t *blk = w + (Py_ssize_t)b * LLM_Q8_BLOCK;
-        const float d = llm_q8_scale(blk);
-        for (int i = 0; i < LLM_QK; i++) out[b * LLM_QK + i] = d * (float)((const int8_t *)(blk + 2))[i];
+/* Row `row` of a packed matrix of n columns back to floats (the embedding lookup): exact.
+   q8s: 0 for Q8_0, 1 for Q8S. */
+static void llm_dequantize_packed_row(const uint8_t *w, int q8s, int row, int n, float *out) {
+    const int nb = n / LLM_QK, o = row % LLM_GROUP;
+    const int block = q8s ? LLM_Q8SP_BLOCK : LLM_Q8P_BLOCK, head = q8s ? LLM_Q8SP_HEAD : LLM_Q8P_HEAD;
+    const uint8_t *g = w + (Py_ssize_t)(row / LLM_GROUP) * nb * block;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = g + (Py_ssize_t)b * block;
+        float f[3] = {0, 0, 0};
+        for (int k = 0; k < (q8s ? 3 : 1); k++) memcpy(&f[k], p + (16 * k + o) * 4, 4);
+        for (int i = 0; i < LLM_QK; i++) {
+            const float q = (float)llm_packed_q(p + head, o, i);
+            out[b * LLM_QK + i] = q8s ? (i < 16 ? f[0] : f[1]) * q - f[2] : f[0] * q;
+        }
     }
 }
 

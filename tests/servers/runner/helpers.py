@@ -201,7 +201,7 @@ def per_simd_level(compute: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
     best = _kernels.simd_level()
     results = {}
     try:
-        for level in _kernels.SIMD_LEVELS[: _kernels.SIMD_LEVELS.index(best) + 1]:
+        for level in _kernels.supported_simd_levels():
             _kernels.set_simd_level(level)
             results[level] = compute()
     finally:

@@ -72,10 +72,10 @@ QUANTISED_BOUNDS = {
     # Every matrix Q8_0: the same integer sums as llama.cpp (activations quantised the same
     # way); what is left is the fixture's float16 storage.
     "llama-tiny-q8_0": (0.99, 1e-3),
-    # Q4_K and Q6_K matrices are dequantised to float32 and meet float activations, where
-    # llama.cpp rounds activations to 8 bits: near-ties may choose differently (measured:
-    # every disagreement at a margin under 0.15).
-    "gemma3-tiny-q4_k_m": (0.9, 0.1),
+    # The same integer sums too (K-quant matrices meet activations in llama.cpp's Q8_K
+    # blocks); what is left is float order and llama.cpp's fp16 GELU table, which move
+    # near-ties (measured: top-1 0.985, largest difference 0.029).
+    "gemma3-tiny-q4_k_m": (0.95, 0.05),
 }
 
 
@@ -135,7 +135,23 @@ def test_gemma3_270m_greedy_continuations_match_llama_cpp(two_threads: int) -> N
                 f"{want[first_diff]}) with margins ours {mine[first_diff]:.2f}, "
                 f"llama.cpp {p['margins'][first_diff]:.2f}"
             )
-    # llama.cpp's own settings (F16 KV, flash attention) change 7-8 of these 13 continuations
-    # (fixture notes); we differ from it as much as it differs from itself, no more.
-    identical = sum(first is None for _, first, _ in report)
-    assert identical >= len(prompts) // 2, report
+    # How many continuations stay identical to the end is noise: llama.cpp's own settings (F16
+    # KV, flash attention) change 7-8 of these 13 (fixture notes). The logits are the measure.
+
+
+def test_gemma3_270m_logits_match_llama_cpp(two_threads: int) -> None:
+    """The first prompt and its continuation in one prefill, against llama.cpp's top 5 logits
+    at every position (its one-batch run): the same top token wherever llama.cpp's own top-2
+    margin is clear, and the logits within its own noise (batch vs one token at a time moves
+    its margins by median 0.09, p99 0.56)."""
+    forced = json.loads((FIXTURES / "gemma3_270m_greedy.json").read_text())["teacher_forced_top5"]
+    model = Model.load(gemma3_270m(), threads=two_threads)
+    ours = teacher_forced(model, forced["tokens"])  # one step a token: the bits of one prefill
+    theirs = np.asarray(forced["logits"])
+    top = np.asarray(forced["ids"])
+    clear = theirs[:, 0] - theirs[:, 1] >= CLEAR_MARGIN
+    assert clear.mean() >= 0.5
+    assert np.array_equal(ours.argmax(-1)[clear], top[clear, 0])
+    difference = np.abs(np.take_along_axis(ours, top, axis=1) - theirs)
+    assert np.median(difference) <= 0.2  # measured 0.11
+    assert difference.max() <= 1.5  # measured 0.7

@@ -1,6 +1,7 @@
 """The 8-bit weight path: Q4_0 and Q5_0 widen to Q8_0 blocks exactly and the K-quants and
-Q4_1/Q5_1 to Q8S blocks, the kernels equal a float64 computation of the same integer sums,
-and every SIMD level gives the same bits (the K-quant fixtures' bits across levels are in
+Q4_1/Q5_1 to Q8S blocks, packing keeps every block, the kernels equal a float64 computation
+of the same integer sums (activations quantised as llama.cpp does for each type), and every
+SIMD level gives the same bits (the K-quant fixtures' bits across levels are in
 test_architectures.py)."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from servers.runner.loaders import load_model
 from servers.runner.model import Model, SeqChunk
 from servers.runner.q8 import (
     Q8S_TYPES,
+    BlockMatrix,
+    Q8KMatrix,
     Q8Matrix,
     Q8SMatrix,
     q8_row_bytes,
@@ -41,7 +44,9 @@ def test_widening_keeps_every_value(kind: str) -> None:
     raw = gguf.quants.quantize(values, qtype)
     out = np.empty((8, q8_row_bytes(256)), np.uint8)
     widen(raw, kind, out)
-    assert np.array_equal(Q8Matrix(out, 256).dequantize(), gguf.quants.dequantize(raw, qtype))
+    packed = Q8Matrix.pack(out, 256)
+    assert np.array_equal(packed.row_blocks(), out)
+    assert np.array_equal(packed.dequantize(), gguf.quants.dequantize(raw, qtype))
 
 
 def random_superblocks(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -70,22 +75,25 @@ def test_k_quants_widen_to_q8s_keeping_every_value(kind: str) -> None:
     out = np.empty((rows, q8s_row_bytes(cols)), np.uint8)
     widen_q8s(raw, kind, out)
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-    assert np.array_equal(Q8SMatrix(out, cols).dequantize(), want)
+    packed = Q8SMatrix.pack(out, cols)
+    assert np.array_equal(packed.row_blocks(), out)
+    assert np.array_equal(packed.dequantize(), want)
 
 
-def test_a_q8s_matmul_is_its_integer_sums() -> None:
+@pytest.mark.parametrize(("kind", "matrix"), [("Q6_K", Q8KMatrix), ("Q4_K", Q8KMatrix), ("Q5_1", Q8SMatrix)])
+def test_a_q8s_matmul_is_its_integer_sums(kind: str, matrix: type[Q8SMatrix]) -> None:
     rng = np.random.default_rng(2)
-    rows, cols = 40, 512
-    raw = random_superblocks("Q6_K", rows * cols // 256, rng).reshape(rows, -1)
+    rows, cols = 40, 512  # 40: two whole groups of 16 and a part one
+    raw = random_superblocks(kind, rows * cols // Q8S_TYPES[kind][1], rng).reshape(rows, -1)
     blocks = np.empty((rows, q8s_row_bytes(cols)), np.uint8)
-    widen_q8s(raw, "Q6_K", blocks)
-    w = Q8SMatrix(blocks, cols)
+    widen_q8s(raw, kind, blocks)
+    w = matrix.pack(blocks, cols)
     x = (rng.standard_normal((5, cols)) * np.geomspace(1e-2, 10, 5)[:, None]).astype(np.float32)
-    got = _kernels.q8_matmul(x, blocks, cols, kind=2)
+    got = _kernels.q8_matmul(x, w)
+    head = blocks.reshape(rows, -1, 44)[:, :, :12].copy().view(np.float32)  # (rows, nb, 3)
+    wq = blocks.reshape(rows, -1, 44)[:, :, 12:].view(np.int8).astype(np.float64)
     for r in range(5):
-        q, d, sums = activation_blocks(x[r])
-        head = blocks.reshape(rows, -1, 44)[:, :, :12].copy().view(np.float32)  # (rows, nb, 3)
-        wq = blocks.reshape(rows, -1, 44)[:, :, 12:].view(np.int8).astype(np.float64)
+        q, d, sums = activation_blocks_k(x[r]) if matrix is Q8KMatrix else activation_blocks(x[r])
         halves = np.stack([np.einsum("obk,bk->ob", wq[:, :, h * 16:(h + 1) * 16], q[:, h * 16:(h + 1) * 16])
                            for h in (0, 1)], axis=-1)
         want = ((halves * head[:, :, :2]).sum(-1) * d - head[:, :, 2] * d * sums).sum(axis=1)
@@ -103,6 +111,16 @@ def activation_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return q.astype(np.float64), d, q.sum(axis=1)
 
 
+def activation_blocks_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's Q8_K blocks (256 values, a float scale) of one row, per block of 32."""
+    supers = x.reshape(-1, 256).astype(np.float32)
+    biggest = supers[np.arange(len(supers)), np.abs(supers).argmax(axis=1)]
+    iscale = np.float32(-127) / biggest
+    q = np.minimum(np.rint(supers * iscale[:, None]), 127).reshape(-1, 32)
+    d = np.repeat((np.float32(1) / iscale).astype(np.float64), 8)
+    return q.astype(np.float64), d, q.sum(axis=1)
+
+
 def quantised(tmp_path: Path, kind: str) -> Path:
     qtype = int(gguf.GGMLQuantizationType[kind])
 
@@ -115,7 +133,7 @@ def quantised(tmp_path: Path, kind: str) -> Path:
 def float64_row(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
     """What the 8-bit matmul computes for one activation row, in float64."""
     q, d, _ = activation_blocks(x)
-    wb = w.blocks.reshape(w.shape[0], -1, 34)
+    wb = w.row_blocks().reshape(w.shape[0], -1, 34)
     wd = wb[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64)
     wq = wb[:, :, 2:].view(np.int8).astype(np.float64)
     isums = np.einsum("obk,bk->ob", wq, q)
@@ -128,7 +146,7 @@ def test_an_8_bit_matmul_is_its_integer_sums(tmp_path: Path) -> None:
     # 7 rows: a tile of four and a partial one; rows scaled apart so their blocks differ.
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((7, wcls.cols)) * np.geomspace(1e-3, 30, 7)[:, None]).astype(np.float32)
-    got = _kernels.q8_matmul(x, wcls.blocks, wcls.cols)
+    got = _kernels.q8_matmul(x, wcls)
     for r in range(7):
         want = float64_row(x[r], wcls)
         assert np.abs(got[r] - want).max() <= 1e-5 * np.abs(want).max(), r
@@ -148,3 +166,23 @@ def test_every_simd_level_gives_the_same_bits(tmp_path: Path, kind: str) -> None
         return np.concatenate([np.stack(rows).ravel(), batch])
 
     assert_same_bits(per_simd_level(logits))
+
+
+@pytest.mark.parametrize(("kind", "matrix"), [("Q8_0", Q8Matrix), ("Q6_K", Q8KMatrix), ("Q4_1", Q8SMatrix)])
+def test_every_simd_level_gives_the_same_bits_at_odd_sizes(kind: str, matrix: type[BlockMatrix]) -> None:
+    # 37 outputs: two groups of 16 and 5 of a third (a part of a 256-bit half); 1-6 rows:
+    # every tile height and a tile and a part; 16, 21 and 37 rows: AMX's tiles of 16 rows
+    # and what is left of them.
+    rng = np.random.default_rng(4)
+    rows, cols = 37, 512
+    if kind == "Q8_0":
+        values = rng.standard_normal((rows, cols)).astype(np.float32)
+        blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+    else:
+        raw = random_superblocks(kind, rows * cols // Q8S_TYPES[kind][1], rng).reshape(rows, -1)
+        blocks = np.empty((rows, q8s_row_bytes(cols)), np.uint8)
+        widen_q8s(raw, kind, blocks)
+    w = matrix.pack(blocks, cols)
+    for n in (1, 2, 3, 4, 5, 6, 16, 21, 37):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        assert_same_bits(per_simd_level(lambda: _kernels.q8_matmul(x, w)))  # noqa: B023
