@@ -485,11 +485,15 @@ def _type_name(type_: int) -> str:
 
 
 def parse_size(text: str) -> int:
+    """"16M", "512k", "1.5G" or plain bytes -> bytes; ValueError for anything else,
+    negative sizes and NaN included."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.strip().lower()
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    scale = units.get(text[-1:], 1)
+    number = float(text[:-1] if scale > 1 else text)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"not a size: {text!r}")
+    return int(number * scale)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for LLM serving.")
     parser.add_argument("--version", action="version", version=f"llmos {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from tools import serve
+
+    serve.add_arguments(commands.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI's API): one command, flags over the config",
+        description="Start an instance serving MODEL over HTTP; prints its URL. Flags override --config."))
     up = commands.add_parser("up", help="start an instance: the kernel, then the configured servers")
     up.add_argument("--config", help="TOML config (defaults built in)")
     up.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
@@ -69,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "bench":
         module = importlib.import_module(BENCHMARKS[ns.name])
         return int(module.main(ns.args))
+    if ns.command == "serve":
+        from tools import serve
+
+        return serve.main(ns)
     from tools import lifecycle
 
     if ns.command == "up":

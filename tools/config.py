@@ -46,22 +46,79 @@ def servers_toml(num_runners: int, *, scheduler: bool = True, gateway: bool = Fa
     return "".join(f'[[servers]]\nname = "{name}"\nmodule = "{module}"\n' for name, module in specs)
 
 
-def default_servers() -> tuple[ServerSpec, ...]:
-    """The whole system: the memory server, one runner per core, the scheduler, the gateway."""
-    runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(max(1, os.cpu_count() or 1))]
+def standard_servers(num_runners: int) -> tuple[ServerSpec, ...]:
+    """The whole system: the memory server, the runners, the scheduler, the gateway."""
+    runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(num_runners)]
     return (ServerSpec("memory", "servers.memory"), *runners, ServerSpec("scheduler", "servers.scheduler"),
             ServerSpec("gateway", "servers.gateway"))
+
+
+# A model file at least this big is "large": its matrices are big enough that one runner
+# using every core beats one runner per core (below).
+LARGE_MODEL_BYTES = 64 << 20
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSection:
+    """[model]: the model every runner serves, and how the runners compute it."""
+
+    path: str = ""  # a GGUF or llama2.c file; "": the built-in stories260K
+    # Runners, and threads per runner step (the results are the same bits for any count).
+    # 0 and 0: chosen for the machine and the model. A large model (a file of 64 MiB or more)
+    # gets one runner with a thread per core: one stream then uses every core (Gemma 3 270M on
+    # 2 cores decodes 88 tokens/s alone against ~45 with a core per runner, and batches as
+    # fast), and the packed weights are held once, not once per runner. A small one gets a
+    # runner per core with one thread: its matrices are too small to split (the built-in model:
+    # 11.4k tokens/s with 2 runners against 7.1k with 1 runner x 2 threads). One of the two
+    # given: the other fills the cores.
+    runners: int = 0
+    threads: int = 0
+    context: int = 0  # positions a sequence may hold; 0: the model file's context length
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.runners <= 64 or not 0 <= self.threads <= 64 or self.context < 0:
+            raise ConfigError("model: runners and threads in 0..64 (0: chosen for the machine), context >= 0")
+        if self.context == 1:
+            raise ConfigError("model.context must be at least 2 (a prompt and a token), or 0 for the file's")
+
+    def model_path(self) -> Path:
+        from servers.runner.loaders import default_model_path
+
+        return Path(self.path) if self.path else default_model_path()
+
+    def layout(self, cores: int | None = None) -> tuple[int, int]:
+        """(runners, threads per runner) for this machine's cores."""
+        cores = max(1, cores or os.cpu_count() or 1)
+        if self.runners and self.threads:
+            return self.runners, self.threads
+        if self.threads:
+            return max(1, cores // self.threads), self.threads
+        if self.runners:
+            return self.runners, max(1, cores // self.runners)
+        try:
+            large = self.model_path().stat().st_size >= LARGE_MODEL_BYTES
+        except OSError:
+            large = False  # a missing file is refused before anything starts
+        return (1, cores) if large else (cores, 1)
+
+    def args(self, threads: int) -> list[str]:
+        return [f"--threads={threads}", *([f"--model={self.path}"] if self.path else []),
+                *([f"--context={self.context}"] if self.context else [])]
+
+
+AUTO_PAGE_BLOCKS = 256  # KV blocks `pages = "auto"` makes room for
 
 
 @dataclass(slots=True, frozen=True)
 class MemorySection:
     """[memory]: the arena's KV pages and segments, and the memory server's settings."""
 
-    pages: str = "16M"  # bytes of KV blocks
+    # Bytes of KV blocks. "auto": room for AUTO_PAGE_BLOCKS blocks of the model, at least 16M
+    # (stories260K: 16M, ~33k tokens; Gemma 3 270M: 144M, 4096 tokens).
+    pages: str = "auto"
     segments: str = "16M"  # bytes for client tensors and shared weights
     block_tokens: int = 16  # token slots per KV block
-    block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header
-    model: str = ""  # model file whose header sizes a block ("" = the built-in model)
+    block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header ([model] path)
     # A segment reserved at start for the instance (owner 0), meant for weights runners would
     # share; no runner maps it yet (each maps the model file and widens what it must itself),
     # so 0 by default. -1: the bytes the model's dequantised/widened tensors need.
@@ -72,6 +129,8 @@ class MemorySection:
 
     def __post_init__(self) -> None:
         for name in ("pages", "segments"):
+            if name == "pages" and self.pages == "auto":
+                continue
             try:
                 parse_size(getattr(self, name))
             except ValueError:
@@ -81,21 +140,27 @@ class MemorySection:
         if self.sweep_interval_s <= 0:
             raise ConfigError("memory.sweep_interval_s must be positive")
 
-    def resolved_weights_bytes(self) -> int:
+    def resolved_pages(self, model_path: Path) -> int:
+        """Bytes of the KV region (see pages)."""
+        if self.pages != "auto":
+            return parse_size(self.pages)
+        return max(16 << 20, AUTO_PAGE_BLOCKS * self.resolved_block_bytes(model_path))
+
+    def resolved_weights_bytes(self, model_path: Path) -> int:
         """Bytes of the instance's weights segment (see weights_bytes)."""
         if self.weights_bytes >= 0:
             return self.weights_bytes
-        from servers.runner.loaders import default_model_path, dequantised_nbytes
+        from servers.runner.loaders import dequantised_nbytes
 
-        return dequantised_nbytes(self.model or default_model_path())
+        return dequantised_nbytes(model_path)
 
-    def resolved_block_bytes(self) -> int:
+    def resolved_block_bytes(self, model_path: Path) -> int:
         """A block holds K and V of every layer for `block_tokens` tokens, in float32."""
         if self.block_bytes:
             return self.block_bytes
-        from servers.runner.loaders import default_model_path, read_config
+        from servers.runner.loaders import read_config
 
-        model = read_config(self.model or default_model_path())
+        model = read_config(model_path)
         kv_dim = model.n_kv_heads * model.head_size
         return model.n_layers * 2 * kv_dim * self.block_tokens * 4
 
@@ -127,23 +192,6 @@ class SchedulerSection:
                 f"--weights={json.dumps(self.weights)}", f"--max-batch-size={self.max_batch_size}",
                 f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}",
                 *([] if self.prefix_cache else ["--no-prefix-cache"])]
-
-
-@dataclass(slots=True, frozen=True)
-class RunnerSection:
-    """[runner]: how each runner process computes."""
-
-    # Threads per runner step. Results are the same bits for any count. One runner per core
-    # with one thread each keeps every core busy under load with no handoffs; more threads
-    # per runner make one stream (and prefill) faster at the same core count.
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.threads <= 64:
-            raise ConfigError(f"runner.threads must be in 1..64, got {self.threads}")
-
-    def args(self) -> list[str]:
-        return [f"--threads={self.threads}"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -182,11 +230,12 @@ class Config:
     restart_window_s: float = 30.0  # ... before the whole instance stops
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
+    model: ModelSection = field(default_factory=ModelSection)
     memory: MemorySection = field(default_factory=MemorySection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
-    runner: RunnerSection = field(default_factory=RunnerSection)
     gateway: GatewaySection = field(default_factory=GatewaySection)
-    servers: tuple[ServerSpec, ...] = field(default_factory=default_servers)
+    # The processes; none listed: the standard ones (standard_servers), with [model]'s runners.
+    servers: tuple[ServerSpec, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -197,6 +246,8 @@ class Config:
             raise ConfigError("window and blas_threads must be >= 1, max_restarts >= 0")
         if self.heartbeat_timeout_s < 2.0 or self.restart_window_s <= 0 or self.restart_backoff_s < 0:
             raise ConfigError("heartbeat_timeout_s must be >= 2 s; restart windows must be positive")
+        if self.start_timeout_s < 1.0:
+            raise ConfigError("start_timeout_s must be >= 1 s (a runner loads its model in it)")
         names = [s.name for s in self.servers]
         if len(set(names)) != len(names):
             raise ConfigError(f"server names must be unique: {names}")
@@ -205,14 +256,25 @@ class Config:
     def rings_bytes(self) -> int:
         return parse_size(self.rings)
 
+    def server_specs(self) -> tuple[ServerSpec, ...]:
+        return self.servers or standard_servers(self.model.layout()[0])
+
+    def runner_threads(self) -> int:
+        """Threads per runner step: [model] threads, else the cores shared by the runners."""
+        if self.model.threads or not self.servers:
+            return self.model.layout()[1]
+        runners = sum(s.module == "servers.runner" for s in self.servers)
+        return max(1, (os.cpu_count() or 1) // max(1, runners))
+
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate keys (unknown ones are an error) and types, then the values."""
+    _refuse_moved_keys(data, source)
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    sections = (("memory", MemorySection), ("scheduler", SchedulerSection), ("runner", RunnerSection),
+    sections = (("model", ModelSection), ("memory", MemorySection), ("scheduler", SchedulerSection),
                 ("gateway", GatewaySection))
     for section, cls in sections:
         table = data.get(section, {})
@@ -228,6 +290,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _refuse_moved_keys(data: dict[str, Any], source: str) -> None:
+    """Keys of earlier versions, with what to write instead."""
+    memory, runner = data.get("memory"), data.get("runner")
+    if isinstance(memory, dict) and "model" in memory:
+        raise ConfigError(f"{source}: [memory] model has moved: write [model] path = {json.dumps(memory['model'])}")
+    if isinstance(runner, dict):
+        moved = "".join(f"{key} = {json.dumps(value)}" for key, value in runner.items() if key == "threads")
+        raise ConfigError(f"{source}: [runner] has moved into [model]: write [model] {moved or 'threads = N'}")
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -3,8 +3,10 @@ instance's state file. Run in the user's shell."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,28 +25,35 @@ from tools.cleanup import (
     read_state,
     supervisor_alive,
 )
-from tools.config import ConfigError, load_config
+from tools.config import Config, ConfigError, load_config
 
 DOWN_TIMEOUT_S = 60.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def up(instance: str | None, config_path: str | None, detach: bool) -> int:
-    from servers.runner.loaders import check_model, default_model_path
-
-    name = I.instance_name(instance)
     try:
         config = load_config(config_path)
-        check_model(config.memory.model or default_model_path())
+    except ConfigError as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 2
+    return start(config, instance, detach, ["--config", config_path] if config_path else [])
+
+
+def start(config: Config, instance: str | None, detach: bool, config_argv: list[str]) -> int:
+    """Bring an instance up with `config` (the detached supervisor reads it again from
+    `config_argv`). Everything that can be checked before a process starts is, and a failure
+    is one line with its cause and exit status 2."""
+    name = I.instance_name(instance)
+    try:
+        check_before_start(config)
     except (ConfigError, ValueError, OSError) as exc:
         # Refused before anything starts: nothing to clean up.
         print(f"llmos: {exc}", file=sys.stderr)
         return 2
     if not detach:
         return supervisor.run(config, name, foreground=True)
-    argv = [*supervisor.PYTHON, "-m", "tools.supervisor", "--instance", name]
-    if config_path:
-        argv += ["--config", config_path]
+    argv = [*supervisor.PYTHON, "-m", "tools.supervisor", "--instance", name, *config_argv]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
     # in the run dir; until then its stderr comes to us, to show if it fails.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -62,6 +71,22 @@ def up(instance: str | None, config_path: str | None, detach: bool) -> int:
     print(line.strip() or errors.strip() or f"llmos: the supervisor exited with code {proc.returncode}",
           file=sys.stderr)
     return 1
+
+
+def check_before_start(config: Config) -> None:
+    """The model can be served and the gateway's port is free (raises with the cause)."""
+    from servers.runner.loaders import check_model
+
+    check_model(config.model.model_path())
+    if any(s.module == "servers.gateway" for s in config.server_specs()) and config.gateway.port:
+        host, port = config.gateway.host, config.gateway.port
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as exc:
+            why = "the port is in use (another server? choose one with --port, or [gateway] port)" \
+                if exc.errno == errno.EADDRINUSE else os.strerror(exc.errno or 0) if exc.errno else str(exc)
+            raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def down(instance: str | None) -> int:
@@ -137,7 +162,7 @@ def status_report(instance: str | None) -> dict[str, Any]:
         for p in state.get("processes", [])
     ]
     report: dict[str, Any] = {"instance": name, "running": running, "supervisor_pid": state.get("supervisor_pid"),
-                              "processes": processes}
+                              "model": state.get("model"), "url": state.get("url"), "processes": processes}
     if failure_path(name).exists():
         report["last_failure"] = failure_path(name).read_text().strip()
     if running:
@@ -166,7 +191,8 @@ def status(instance: str | None, as_json: bool) -> int:
         if "last_failure" in report:
             print(f"it stopped on its own: {report['last_failure']}")
         return 1
-    print(f"instance {report['instance']!r}, supervisor pid {report['supervisor_pid']}")
+    serving = f"serving {report['model']} at {report['url']}, " if report.get("url") else ""
+    print(f"instance {report['instance']!r}, {serving}supervisor pid {report['supervisor_pid']}")
     print(f"{'process':<16}{'pid':>8}{'uptime s':>10}{'restarts':>10}{'cpu s':>8}")
     for p in report["processes"]:
         print(f"{p['name']:<16}{p['pid'] or '-':>8}{p['uptime_s']:>10}{p['restarts']:>10}{p['cpu_s']:>8}")

@@ -118,11 +118,11 @@ class Supervisor:
             log_fd = os.open(self.run_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(log_fd, 2)
             os.close(log_fd)
-        self.children = [self._kernel_child()] + [self._server_child(s) for s in self.config.servers]
+        self.children = [self._kernel_child()] + [self._server_child(s) for s in self.config.server_specs()]
         self._start_all()
 
     def has_memory_server(self) -> bool:
-        return any(s.module in ("servers.memory", "servers.runner") for s in self.config.servers)
+        return any(s.module in ("servers.memory", "servers.runner") for s in self.config.server_specs())
 
     def region_sizes(self) -> dict[str, int]:
         """The arena's regions: rings always; KV pages, their tables and segments when a
@@ -130,8 +130,8 @@ class Supervisor:
         sizes = {"rings": self.config.rings_bytes}
         if self.has_memory_server():
             memory = self.config.memory
-            pages, segments = parse_size(memory.pages), parse_size(memory.segments)
-            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(), segments)
+            pages, segments = memory.resolved_pages(self.config.model.model_path()), parse_size(memory.segments)
+            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(self.config.model.model_path()), segments)
             sizes["pages"] = pages
             sizes["segments"] = segments
         return sizes
@@ -148,21 +148,21 @@ class Supervisor:
 
     def _builtin_args(self, spec: ServerSpec) -> list[str]:
         """What the built-in servers need from the instance's config."""
+        model = self.config.model
         if spec.module == "servers.memory":
             memory = self.config.memory
-            return [f"--block-bytes={memory.resolved_block_bytes()}", f"--block-tokens={memory.block_tokens}",
-                    f"--quota-blocks={memory.quota_blocks}", f"--quota-segment-bytes={memory.quota_segment_bytes}",
+            return [f"--block-bytes={memory.resolved_block_bytes(model.model_path())}",
+                    f"--block-tokens={memory.block_tokens}", f"--quota-blocks={memory.quota_blocks}",
+                    f"--quota-segment-bytes={memory.quota_segment_bytes}",
                     f"--sweep-interval={memory.sweep_interval_s}",
-                    f"--weights-bytes={memory.resolved_weights_bytes()}"]
+                    f"--weights-bytes={memory.resolved_weights_bytes(model.model_path())}"]
         if spec.module == "servers.scheduler":
-            runners = [s.name for s in self.config.servers if s.module == "servers.runner"]
+            runners = [s.name for s in self.config.server_specs() if s.module == "servers.runner"]
             return [f"--runners={','.join(runners)}", *self.config.scheduler.args()]
         if spec.module == "servers.gateway":
             return self.config.gateway.args()
         if spec.module == "servers.runner":
-            memory = self.config.memory
-            return [f"--block-tokens={memory.block_tokens}", *self.config.runner.args(),
-                    *([f"--model={memory.model}"] if memory.model else [])]
+            return [f"--block-tokens={self.config.memory.block_tokens}", *model.args(self.config.runner_threads())]
         return []
 
     def _env(self) -> dict[str, str]:
@@ -179,9 +179,23 @@ class Supervisor:
 
     def _start_all(self) -> None:
         for child in self.children:
-            self._start(child)
+            self._start_counted(child)
         self.endpoint = Endpoint.connect(self.instance)
         self.write_state()
+
+    def _start_counted(self, child: Child) -> None:
+        """Start a process; a start that fails is a crash like any other (it counts against
+        max_restarts, with the same backoff), so a transient failure does not stop the
+        instance and a lasting one stops it with the reason."""
+        while True:
+            try:
+                self._start(child)
+                return
+            except InstanceFailed as exc:
+                self._crashed(child, str(exc), restart_all=False)
+                assert child.restart_at is not None
+                time.sleep(max(0.0, child.restart_at - time.monotonic()))
+                child.restarts += 1
 
     def _start(self, child: Child) -> None:
         """Start one process and wait for its ready line (an event, with a timeout)."""
@@ -233,20 +247,22 @@ class Supervisor:
                 last_heartbeat_check = now
                 self._check_heartbeats()
 
-    def _crashed(self, child: Child, why: str) -> None:
+    def _crashed(self, child: Child, why: str, *, restart_all: bool = True) -> None:
         now = time.monotonic()
         child.proc = None
         child.crashes.append(now)
         while child.crashes and now - child.crashes[0] > self.config.restart_window_s:
             child.crashes.popleft()
         if len(child.crashes) > self.config.max_restarts:
+            if why.startswith(f"{child.name} did not start: "):
+                raise InstanceFailed(why)  # its own words say more than the log's tail
             raise InstanceFailed(
                 f"{child.name} crashed {len(child.crashes)} times within {self.config.restart_window_s:g} s "
                 f"(limit {self.config.max_restarts}); stopping instance {self.instance!r}. "
                 f"Last log lines:\n{_tail(child.log_path)}")
         delay = min(MAX_BACKOFF_S, self.config.restart_backoff_s * 2 ** (len(child.crashes) - 1))
         log.warning("%s %s; restarting in %.1f s", child.name, why, delay)
-        if child.name == "kernel":
+        if child.name == "kernel" and restart_all:
             # Every channel died with the kernel: restart the whole instance.
             self._stop_servers()
             for other in self.children:
@@ -259,13 +275,16 @@ class Supervisor:
             if self.endpoint is not None:
                 self.endpoint.close()
                 self.endpoint = None
-            self._start(child)
+            self._start_counted(child)
             self.endpoint = Endpoint.connect(self.instance)
             for server in self.children[1:]:
                 server.restarts += 1
-                self._start(server)
+                self._start_counted(server)
         else:
-            self._start(child)
+            try:
+                self._start(child)
+            except InstanceFailed as exc:
+                self._crashed(child, str(exc))  # due again after its backoff, or the end
         self.write_state()
 
     def _check_heartbeats(self) -> None:
@@ -309,6 +328,8 @@ class Supervisor:
     def write_state(self) -> None:
         state = {
             "instance": self.instance,
+            "model": self.config.model.model_path().stem,
+            "url": self.url(),
             "supervisor_pid": os.getpid(),
             "supervisor_start": start_ticks(os.getpid()),
             "processes": [
@@ -320,6 +341,13 @@ class Supervisor:
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.run_dir / STATE_FILE)
+
+    def url(self) -> str | None:
+        """Where the gateway listens, once it has said so (port 0 picks one)."""
+        try:
+            return (self.run_dir / "gateway.url").read_text().strip() or None
+        except OSError:
+            return None
 
     def _echo_logs(self) -> None:
         """In the foreground, show what the processes log, prefixed with their name."""
@@ -371,7 +399,9 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
     try:
         supervisor.up()
         servers = ", ".join(c.name for c in supervisor.children[1:]) or "no servers"
-        ready.write(f"llmos up: instance {supervisor.instance!r} ready; kernel socket "
+        url = supervisor.url()
+        serving = f"serving {supervisor.config.model.model_path().stem} at {url}; " if url else ""
+        ready.write(f"llmos up: instance {supervisor.instance!r} ready; {serving}kernel socket "
                     f"{I.socket_path(supervisor.instance)}; {servers}\n")
         ready.flush()
         supervisor.monitor()
@@ -393,17 +423,18 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.config import ConfigError, load_config
+    from tools.config import ConfigError, config_from_dict, load_config
 
     parser = argparse.ArgumentParser(prog="python -m tools.supervisor")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--config", default=None)
+    parser.add_argument("--config-json", default=None, help="the whole config as JSON (llmos serve)")
     parser.add_argument("--foreground", action="store_true")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
     try:
-        config = load_config(ns.config)
+        config = config_from_dict(json.loads(ns.config_json), "serve") if ns.config_json else load_config(ns.config)
     except ConfigError as exc:
         print(f"llmos error: {exc}", flush=True)
         return 2

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -43,6 +44,11 @@ async def serve(ns: argparse.Namespace) -> int:
     keys = json.loads(ns.api_keys)
     config = GatewayConfig(api_keys=keys, max_body_bytes=ns.max_body_bytes, max_tokens_cap=ns.max_tokens,
                            max_in_flight=ns.max_in_flight, body_timeout_s=ns.body_timeout)
+    try:  # bound here, so a taken port is one line, not uvicorn's traceback
+        listener = socket.create_server((ns.host, ns.port), backlog=4096)
+    except OSError as exc:
+        print(f"llmos error: cannot listen on {ns.host}:{ns.port}: {exc.strerror or exc}", flush=True)
+        return 2
     async with aio.connect(ns.instance, name=ns.name, window=ns.max_in_flight) as session:
         app = make_app(session, config)
         guarded = Guard(app, GuardConfig(keys, ns.max_body_bytes, ns.body_timeout))
@@ -52,7 +58,7 @@ async def serve(ns: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[listener]))
         while not server.started:
             if task.done():
                 return 1

@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="llama2.c .bin or .gguf (default: the built-in model)")
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="threads per step (same results for any count)")
+    parser.add_argument("--context", type=int, default=0, help="positions a sequence may hold (0: the file's)")
     ns = parser.parse_args(argv)
     configure_logging(ns.name)
     model = Path(ns.model) if ns.model else default_model_path()
-    server = RunnerServer(ns.instance, model, block_tokens=ns.block_tokens, name=ns.name, threads=ns.threads)
+    server = RunnerServer(ns.instance, model, block_tokens=ns.block_tokens, name=ns.name, threads=ns.threads,
+                          context=ns.context or None)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

@@ -84,6 +84,9 @@ def _plan(path: Path, rope_layout: RopeLayout | None) -> tuple[str, ModelConfig,
     if is_gguf(path):
         config, plan = gguf_plan(path, rope_layout)
         return "gguf", config, plan
+    if path.suffix.lower() == ".gguf":
+        raise ValueError(f"{path}: not a model file: a GGUF file begins with the bytes 'GGUF' and this one "
+                         "does not")
     try:
         config, plan = llama2c_plan(path)
     except ValueError as e:

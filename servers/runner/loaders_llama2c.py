@@ -41,7 +41,9 @@ def llama2c_plan(path: Path) -> tuple[ModelConfig, Plan]:
 
 def _llama2c_config(dims: tuple[int, ...], shared: bool) -> ModelConfig:
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
+    # A header no model has (text, say): each size in a sane range, heads that divide.
+    if (min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or max(dim, hidden, vocab) > 1 << 20
+            or max(n_layers, n_heads, n_kv) > 4096 or seq_len > 1 << 24 or dim % n_heads or n_heads % n_kv):
         raise ValueError(f"not a model file: neither GGUF nor a llama2.c checkpoint (header {dims})")
     return ModelConfig(
         dim=dim,

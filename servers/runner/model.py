@@ -17,7 +17,7 @@ every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +105,20 @@ class Model:
     """A loaded model plus its compiled kernels. ``step`` is the whole compute API."""
 
     def __init__(
-        self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None
+        self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None,
+        context: int | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if context is not None and context < 2:
+            raise ValueError(f"context must be at least 2, got {context}")
         if threads is not None:
             set_threads(threads)  # per process: a runner computes one model
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
+        if context is not None and context < self.config.seq_len:
+            # Fewer positions than the file allows: smaller rope tables and score rows too.
+            self.config = replace(self.config, seq_len=context)
         self.block_size = block_size
         cos, sin = rope_tables(self.config, loaded.weights.rope_freqs)
         self._engine = Engine(self.config, loaded.weights, cos, sin)
@@ -130,13 +136,15 @@ class Model:
         fill: bool = True,
         rope_layout: RopeLayout | None = None,
         threads: int | None = None,
+        context: int | None = None,
     ) -> Model:
         """Load ``path`` (default: the shipped stories260K); see loaders.load_model.
-        ``threads`` sets this process's threads per step (None: leave as is)."""
+        ``threads`` sets this process's threads per step (None: leave as is); ``context``
+        caps the positions a sequence may hold (None: the file's context length)."""
         loaded = load_model(
             path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout
         )
-        return cls(loaded, block_size=block_size, threads=threads)
+        return cls(loaded, block_size=block_size, threads=threads, context=context)
 
     def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
         c = self.config

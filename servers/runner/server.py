@@ -35,9 +35,9 @@ class RunnerServer(Server):
     name = "runner.0"
 
     def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, context: int | None = None) -> None:
         # Load first, register after: once the name is taken, the scheduler may send steps.
-        self.model = Model.load(model_path, block_size=block_tokens, threads=threads)
+        self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context)
         super().__init__(instance, name=name, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,

@@ -78,7 +78,7 @@ def test_an_architecture_we_do_not_run_is_named(tmp_path: Path) -> None:
 def test_llmos_up_refuses_a_bad_model_and_leaves_nothing(tmp_path: Path, cli: Cli) -> None:
     shm_before = set(os.listdir("/dev/shm"))
     for what, (path, message) in bad_files(tmp_path).items():
-        config = cli.config(f'[memory]\nmodel = "{path}"\n')
+        config = cli.config(f'[model]\npath = "{path}"\n')
         proc = cli("up", "--detach", "--instance", "badmodel", "--config", config, check=False)
         assert proc.returncode == 2, (what, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()

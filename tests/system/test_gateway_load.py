@@ -28,11 +28,11 @@ CLIENTS = 256
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     config = f"""
-[memory]
-model = "{gemma3_270m()}"
-pages = "128M"
-[runner]
+[model]
+path = "{gemma3_270m()}"
 threads = 2
+[memory]
+pages = "128M"
 [gateway]
 port = 0
 max_tokens = 64

@@ -43,8 +43,9 @@ def instance(tmp_path_factory: pytest.TempPathFactory, gemma: Path) -> Iterator[
     # Two runners, so a killed one's sequences move to the other while it restarts.
     config = f"""
 heartbeat_timeout_s = 10.0
+[model]
+path = "{gemma}"
 [memory]
-model = "{gemma}"
 pages = "96M"
 [scheduler]
 decode_steps = 4

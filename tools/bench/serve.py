@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests in the workload (None: 16 per worker)")
     p.add_argument("--policies", default="fcfs", help="comma-separated, each on a fresh instance: fcfs,priority,rr,fair")
     p.add_argument("--runners", type=int, default=1, help="runner processes per instance")
-    p.add_argument("--threads", type=int, default=1, help="threads per runner ([runner] threads)")
+    p.add_argument("--threads", type=int, default=1, help="threads per runner ([model] threads)")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second (0: closed loop)")
     p.add_argument("--prompt-len", default="uniform:16:128", help="tokens: fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA")
     p.add_argument("--output-len", default="uniform:32:256", help="max_tokens, as --prompt-len")

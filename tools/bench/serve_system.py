@@ -46,8 +46,8 @@ class SystemRun:
 
 
 def config_text(policy: str, options: RunOptions) -> str:
-    head = (f'[memory]\npages = "{options.pages}"\n[scheduler]\npolicy = "{policy}"\n'
-            f"[runner]\nthreads = {options.threads}\n")
+    head = (f'[model]\nthreads = {options.threads}\n[memory]\npages = "{options.pages}"\n'
+            f'[scheduler]\npolicy = "{policy}"\n')
     if options.http:
         head += "[gateway]\nport = 0\n"  # a free port, written to the run dir's gateway.url
     return head + servers_toml(options.runners, gateway=options.http)

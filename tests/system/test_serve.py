@@ -1,0 +1,75 @@
+"""`llmos serve` driven as a user drives it: a subprocess, the official openai client against
+the URL it prints, `status`, `down`; and the start-ups that must fail in one line with their
+cause and exit status 2 (a busy port, a bad file, a config of an earlier version), leaving
+nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import unique_instance
+from tests.system.cli import WAIT, Cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_prints_its_url_and_model_and_answers_the_openai_client(cli: Cli) -> None:
+    import openai
+
+    instance = unique_instance("serve")
+    up = cli("serve", "--port", "0", "--runners", "1", "--threads", "1", "--api-key", "k1=alice",
+             "--instance", instance, "--detach")
+    found = re.search(r"serving (\S+) at (http://\S+);", up.stdout)
+    assert found, up.stdout
+    model, url = found.groups()
+    assert model == "stories260K"
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", timeout=WAIT)
+        done = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert done.choices[0].text and done.usage is not None and done.usage.completion_tokens == 8
+        assert httpx.get(f"{url}/v1/models", timeout=WAIT).status_code == 401  # the key is asked for
+        status = cli("status", "--instance", instance).stdout
+        assert f"serving stories260K at {url}" in status
+        names = [p["name"] for p in cli.status(instance)["processes"]]
+        assert names == ["kernel", "memory", "runner.0", "scheduler", "gateway"]
+    finally:
+        cli("down", "--instance", instance)
+    assert not Path(f"/dev/shm/llmos.{instance}").exists()
+
+
+def refused(cli: Cli, *args: str) -> str:
+    """`llmos serve ARGS` fails before anything starts: its one line."""
+    instance = unique_instance("refused")
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = cli("serve", *args, "--instance", instance, "--detach", check=False)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert not cli.status(instance)["processes"]
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    return lines[0]
+
+
+def test_a_busy_port_is_one_line(cli: Cli) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = refused(cli, "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in line
+
+
+def test_a_file_that_is_not_a_model_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("not weights\n" * 10)
+    assert f"{notes}: not a model file" in refused(cli, str(notes))
+    assert "no such model file" in refused(cli, str(tmp_path / "nowhere.gguf"))
+
+
+def test_a_config_of_an_earlier_version_says_what_to_write(cli: Cli) -> None:
+    old = cli.config('[memory]\nmodel = "my.gguf"\n')
+    assert '[memory] model has moved: write [model] path = "my.gguf"' in refused(cli, "--config", old)
