@@ -106,7 +106,7 @@ class ModelSection:
                 *([f"--context={self.context}"] if self.context else [])]
 
 
-AUTO_PAGE_BLOCKS = 256  # KV blocks `pages = "auto"` makes room for
+AUTO_PAGE_BLOCKS = 512  # KV blocks `pages = "auto"` makes room for
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,7 +114,7 @@ class MemorySection:
     """[memory]: the arena's KV pages and segments, and the memory server's settings."""
 
     # Bytes of KV blocks. "auto": room for AUTO_PAGE_BLOCKS blocks of the model, at least 16M
-    # (stories260K: 16M, ~33k tokens; Gemma 3 270M: 144M, 4096 tokens).
+    # (stories260K: 20M, 8192 tokens; Gemma 3 270M: 288M, 8192 tokens).
     pages: str = "auto"
     segments: str = "16M"  # bytes for client tensors and shared weights
     block_tokens: int = 16  # token slots per KV block

@@ -107,7 +107,7 @@ def q8_matmul(const float[:, ::1] x, matrix):
     padded = np.zeros((n4, cols), np.float32)
     padded[:n] = x
     out = np.empty((n4, n_out), np.float32)
-    xq = np.empty((n4, cols), np.int8)
+    xq = np.zeros((n4 + 16, cols), np.int8)  # 16 rows of room: AMX reads whole tiles
     xd = np.empty((n4, cols // 32 + 1), np.float32)
     xs = np.empty((n4, (cols // 32 + 1) * 4), np.int32)  # llm_act_sums per block
     cdef float[:, ::1] p = padded, o = out, d = xd
@@ -259,7 +259,7 @@ cdef class Engine:
         self.logits = z((rows, self.vocab_size), np.float32)
         # Quantised activation rows for Q8_0 matmuls: the widest input any matmul has.
         widest = max(self.dim, self.q_dim, self.hidden_dim)
-        self.xq = z((rows, widest), np.int8)
+        self.xq = z((rows + 16, widest), np.int8)  # 16 rows of room: AMX reads whole tiles
         self.xd = z((rows, widest // 32 + 1), np.float32)
         self.xs = z((rows, (widest // 32 + 1) * 4), np.int32)  # llm_act_sums per block
         self.att = z((self.n_heads // self.n_kv_heads, self.seq_len), np.float32)

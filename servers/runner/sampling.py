@@ -9,6 +9,7 @@ its batch-mates, its runner or a resume after a crash; never Python's hash() or 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -72,14 +73,19 @@ def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
         return int(np.argmax(row))  # first index of the maximum
     vocab = row.size
     keep_k = params.top_k if 0 < params.top_k < vocab else vocab
-    z = row.astype(np.float64) / params.temperature
+    z = row.astype(np.float64)
+    z /= params.temperature
     z_max = float(z.max())
-    total_k = float(np.exp(z - z_max).sum()) if keep_k == vocab else 0.0
+    weights = None  # exp(z - z_max) of every id, when the whole mass is needed anyway
+    if keep_k == vocab:
+        weights = z - z_max
+        np.exp(weights, out=weights)
+    total_k = float(weights.sum()) if weights is not None else 0.0
     draw = uniform(params.seed, position)
     size = keep_k if keep_k < vocab else min(CANDIDATES, vocab)
     while True:
         order = top_order(row, size)
-        cumulative = np.cumsum(np.exp(z[order] - z_max))
+        cumulative = np.cumsum(weights[order] if weights is not None else np.exp(z[order] - z_max))
         total = float(cumulative[-1]) if keep_k < vocab else total_k
         keep = keep_k
         if params.top_p < 1.0:
@@ -142,7 +148,11 @@ def sample_rows(
     rows = np.flatnonzero(~greedy)
     # A few rows: numpy's per-call cost dominates; a large vocabulary: `sample` orders only
     # the candidates it needs, where the batched form sorts every row whole.
-    if 0 < rows.size < BATCHED_FROM_ROWS or (rows.size and logits.shape[1] > CANDIDATES):
+    if rows.size and logits.shape[1] > CANDIDATES and _threads() > 1 and rows.size > 1:
+        # Rows are independent and numpy's big loops let go of the GIL: one row per thread.
+        picks = _pool().map(lambda i: sample(logits[i], params[i], positions[i]), rows.tolist())
+        out[rows] = list(picks)
+    elif 0 < rows.size < BATCHED_FROM_ROWS or (rows.size and logits.shape[1] > CANDIDATES):
         for i in rows.tolist():
             out[i] = sample(logits[i], params[i], positions[i])
     elif rows.size:
@@ -150,6 +160,22 @@ def sample_rows(
         out[rows] = _sample_batch(np.asarray(logits[rows], dtype=np.float32), drawn,
                                   [positions[i] for i in rows.tolist()])
     return out
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}  # by size: the step's thread count, made on first use
+
+
+def _threads() -> int:
+    from servers.runner._kernels import threads
+
+    return threads()
+
+
+def _pool() -> ThreadPoolExecutor:
+    size = _threads()
+    if size not in _POOL:
+        _POOL[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="llmos-sample")
+    return _POOL[size]
 
 
 def _descending_order(logits: np.ndarray) -> np.ndarray:

@@ -714,7 +714,7 @@ static void llm_quantize_rows(const float *x, Py_ssize_t xs, int n_rows, int n_i
    xq, xd, xsum hold the first n_real rows of x quantised as *acts says (-1: not yet; 0: in
    blocks of 32; 1: of 256): quantised here when this kind wants another form, so matmuls that
    read the same rows (q, k and v; gate and up) share one quantisation; the caller sets *acts
-   to -1 when x changes. n_rows is padded to a multiple of 4 for the float kernel; the 8-bit
+   to -1 when x changes. xq has room for 16 rows past n_real (AMX reads whole tiles). n_rows is padded to a multiple of 4 for the float kernel; the 8-bit
    ones compute only the first n_real rows (a lone decode row costs one row, not four) and
    zero the padding's outputs. */
 static void llm_matmul_w(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,

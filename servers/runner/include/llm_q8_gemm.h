@@ -203,7 +203,11 @@ LLM_GEMM_FN(llm_gemm_q8s_avx512, LLM_AVX512_TARGET, llm_tile_avx512, 16, 1)
    block (Q8S: a half-block) into 16 x 16 exact int32 sums, the same integers the vector code
    makes; the packed values are already the B tile's layout (4 values of each of 16 outputs
    per 64-byte row). The float part is the AVX-512 code's, lane for lane, so the bits are the
-   same. Only whole tiles of 16 rows go this way; fewer rows take the AVX-512 code. */
+   same. A tile of fewer rows (at least LLM_AMX_MIN_ROWS) still loads 16 activation rows, the
+   rest of them whatever the buffer holds past the step's rows (llm_matmul_w's callers leave
+   16 rows of room), and keeps the sums of its own rows only; fewer rows take the AVX-512
+   code. */
+#define LLM_AMX_MIN_ROWS 4
 #define LLM_AMX_TARGET "amx-tile,amx-int8," LLM_AVX512_TARGET
 
 typedef struct {
@@ -229,12 +233,12 @@ __attribute__((target(LLM_AMX_TARGET))) static void llm_amx_configure(int k) {
 /* Blocks whose sums one pass of tile products leaves for the float pass (in L1). */
 #define LLM_AMX_CHUNK 16
 
-/* 16 rows (x: the first, d, h: their scales and half sums) by one group of 16 outputs. The
+/* `rows` (<= 16; x: the first, d, a: their scales and sums) by one group of 16 outputs. The
    tile products of a chunk of blocks run first, alternating two sets of sum tiles so one
    block's product overlaps the previous one's store; then the float pass reads them. */
 __attribute__((target(LLM_AMX_TARGET), always_inline)) static inline void llm_amx_tile(
     float *out, Py_ssize_t os, const int8_t *xq, const float *xd, const llm_act_sums *xa, int n_in,
-    const uint8_t *wg, int outs, const int q8s)
+    const uint8_t *wg, int outs, int rows, const int q8s)
 {
     const int nb = n_in / LLM_QK;
     const int block = q8s ? LLM_Q8SP_BLOCK : LLM_Q8P_BLOCK, head = q8s ? LLM_Q8SP_HEAD : LLM_Q8P_HEAD;
@@ -268,6 +272,7 @@ __attribute__((target(LLM_AMX_TARGET), always_inline)) static inline void llm_am
             const __m512 s0 = _mm512_loadu_ps(f);
             const __m512 s1 = q8s ? _mm512_loadu_ps(f + 16) : s0, s2 = q8s ? _mm512_loadu_ps(f + 32) : s0;
             for (int k = 0; k < 16; k++) {
+                if (k >= rows) break;
                 const float dx = xd[(Py_ssize_t)k * nb + b];
                 const llm_act_sums *a = xa + (Py_ssize_t)k * nb + b;
                 const __m512 sdx = _mm512_set1_ps(dx);
@@ -287,7 +292,7 @@ __attribute__((target(LLM_AMX_TARGET), always_inline)) static inline void llm_am
             }
         }
     }
-    for (int k = 0; k < 16; k++) {
+    for (int k = 0; k < rows; k++) {
         const __m512 res = q8s ? _mm512_sub_ps(_mm512_add_ps(lo[k], hi[k]), mn[k]) : lo[k];
         float lane[16];
         _mm512_storeu_ps(lane, res);
@@ -300,21 +305,23 @@ __attribute__((target(LLM_AMX_TARGET), always_inline)) static inline void llm_am
         float *out, Py_ssize_t os, const int8_t *xq, const float *xd, const llm_act_sums *xa,        \
         int n_rows, int n_in, const uint8_t *w, int n_out)                                      \
     {                                                                                           \
-        const int nb = n_in / LLM_QK, whole = n_rows / 16 * 16;                                 \
+        const int nb = n_in / LLM_QK, tail = n_rows % 16;                                      \
+        const int tiled = tail >= LLM_AMX_MIN_ROWS ? n_rows : n_rows - tail;                    \
         const Py_ssize_t group_bytes = (Py_ssize_t)nb * (Q8S ? LLM_Q8SP_BLOCK : LLM_Q8P_BLOCK); \
-        if (whole) {                                                                            \
+        if (tiled) {                                                                            \
             llm_amx_configure(Q8S ? 16 : 32);                                                   \
-            for (int r = 0; r < whole; r += 16)                                                 \
+            for (int r = 0; r < tiled; r += 16)                                                 \
                 for (int j = 0; j < n_out; j += LLM_GROUP)                                      \
                     llm_amx_tile(out + (Py_ssize_t)r * os + j, os, xq + (Py_ssize_t)r * n_in,   \
-                                 xd + (Py_ssize_t)r * nb, xa + (Py_ssize_t)r * nb, n_in,    \
+                                 xd + (Py_ssize_t)r * nb, xa + (Py_ssize_t)r * nb, n_in,        \
                                  w + (Py_ssize_t)(j / LLM_GROUP) * group_bytes,                 \
-                                 n_out - j < LLM_GROUP ? n_out - j : LLM_GROUP, Q8S);           \
+                                 n_out - j < LLM_GROUP ? n_out - j : LLM_GROUP,                 \
+                                 tiled - r < 16 ? tiled - r : 16, Q8S);                         \
             _tile_release();                                                                    \
         }                                                                                       \
-        if (whole < n_rows)                                                                     \
-            REST(out + (Py_ssize_t)whole * os, os, xq + (Py_ssize_t)whole * n_in,               \
-                 xd + (Py_ssize_t)whole * nb, xa + (Py_ssize_t)whole * nb, n_rows - whole,  \
+        if (tiled < n_rows)                                                                     \
+            REST(out + (Py_ssize_t)tiled * os, os, xq + (Py_ssize_t)tiled * n_in,               \
+                 xd + (Py_ssize_t)tiled * nb, xa + (Py_ssize_t)tiled * nb, n_rows - tiled,      \
                  n_in, w, n_out);                                                               \
     }
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from servers.runner import _kernels
 from servers.runner.model import Model, SeqChunk, generate
 from servers.runner.sampling import (
     CANDIDATES,
@@ -243,3 +244,9 @@ def test_sampling_a_large_vocabulary_from_its_candidates_picks_what_the_whole_or
     whole = _sample_batch(logits, params, positions).tolist()
     assert [sample(logits[i], params[i], positions[i]) for i in range(4)] == whole
     assert sample_rows(logits, params, positions).tolist() == whole
+    before = _kernels.threads()
+    try:  # a runner with threads samples a row per thread: the same picks
+        _kernels.set_threads(2)
+        assert sample_rows(logits, params, positions).tolist() == whole
+    finally:
+        _kernels.set_threads(before)
