@@ -73,6 +73,9 @@ class Options:
     tenant: str = ""
     logprobs: int | None = None  # 0..20: each token's Logprob with that many top tokens
     prompt_logprobs: bool = False  # the prompt tokens' Logprobs too (after the first)
+    presence_penalty: float = 0.0  # libllm.sampling.SamplingParams defines the three
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(slots=True)
@@ -106,47 +109,54 @@ class Session:
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                  priority: int = 0, timeout: float | None = None, logprobs: int | None = None,
-                 prompt_logprobs: bool = False) -> Completion:
+                 prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0) -> Completion:
         """Generate a continuation of `prompt` and return it whole. `prompt` is text (encoded
         with the model's tokenizer) or token ids as they are (e.g. from `chat_ids`).
         `logprobs` (0..20): each token's log-probability under the model, with that many of
         the most likely tokens at its position (`Completion.logprobs`); `prompt_logprobs`:
         the prompt's tokens' too, after the first (`Completion.prompt_logprobs`; the prompt
-        is then computed in full, not taken from the prefix cache).
+        is then computed in full, not taken from the prefix cache). `presence_penalty`,
+        `frequency_penalty` (each in [-2, 2]) and `repetition_penalty` (in (0, 10]) are
+        OpenAI's and vLLM's (libllm.sampling.SamplingParams says how they apply).
 
         Raises:
             InvalidRequest: a bad parameter (the message names it).  DeadlineExceeded: `timeout`
             passed.  ServerGone: the instance went away.
         """
         options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, "", logprobs,
-                          prompt_logprobs)
+                          prompt_logprobs, presence_penalty, frequency_penalty, repetition_penalty)
         return self._start(prompt, options, False).result()
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                priority: int = 0, timeout: float | None = None, tenant: str = "",
-               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
+               logprobs: int | None = None, prompt_logprobs: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Request:
         """Start a request and return its handle at once (`result()`, `cancel()`, iterate it).
         Many may be in flight per session; tokens arrive in batches (the client is woken at
         the end), which costs least. Same arguments and errors as `generate`."""
         options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
-                          prompt_logprobs)
+                          prompt_logprobs, presence_penalty, frequency_penalty, repetition_penalty)
         return self._start(prompt, options, False)
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                priority: int = 0, timeout: float | None = None, tenant: str = "",
-               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
+               logprobs: int | None = None, prompt_logprobs: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Request:
         """Like `submit`, but tokens are sent (and this process woken) as they are made:
         iterate the result for text pieces; `result()` after for the whole Completion."""
         options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
-                          prompt_logprobs)
+                          prompt_logprobs, presence_penalty, frequency_penalty, repetition_penalty)
         return self._start(prompt, options, True)
 
     def submit_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                  priority: int = 0, timeout: float | None = None, stream: bool = False,
-                 tenant: str = "", logprobs: int | None = None, prompt_logprobs: bool = False) -> list[Request]:
+                 tenant: str = "", logprobs: int | None = None, prompt_logprobs: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0) -> list[Request]:
         """`n` completions of one prompt, each its own Request, drawn with seeds seed, seed+1,
         ... (so they differ unless greedy). They share the prompt's KV: the scheduler
         computes its full blocks once and the others read them.
@@ -155,7 +165,7 @@ class Session:
             InvalidRequest: a bad parameter (the message names it), or n < 1.
         """
         options = Options(max_tokens, temperature, top_k, top_p, seed, stop, priority, timeout, tenant, logprobs,
-                          prompt_logprobs)
+                          prompt_logprobs, presence_penalty, frequency_penalty, repetition_penalty)
         started: list[Request] = []
         try:
             for one_seed in self._seeds(n, seed):
@@ -186,11 +196,14 @@ class Session:
     def generate_n(self, prompt: str | Sequence[int], n: int, *, max_tokens: int = 64, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                    priority: int = 0, timeout: float | None = None, logprobs: int | None = None,
-                   prompt_logprobs: bool = False) -> list[Completion]:
+                   prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                   repetition_penalty: float = 1.0) -> list[Completion]:
         """`n` whole completions of one prompt (see `submit_n`)."""
         requests = self.submit_n(prompt, n, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop=stop, priority=priority, timeout=timeout,
-                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 repetition_penalty=repetition_penalty)
         return [r.result() for r in requests]
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Completion:
@@ -299,13 +312,24 @@ class Session:
         if o.logprobs is not None and (not isinstance(o.logprobs, int) or isinstance(o.logprobs, bool)
                                        or not 0 <= o.logprobs <= P.MAX_LOGPROBS):
             raise InvalidRequest(f"logprobs must be None or an int in 0..{P.MAX_LOGPROBS}, got {o.logprobs!r}")
+        penalties = {}
+        for name, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                                ("repetition_penalty", 0.0, 10.0)):
+            value = getattr(o, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high
+                    or (name == "repetition_penalty" and value <= 0)):
+                bounds = "(0, 10]" if name == "repetition_penalty" else "[-2, 2]"
+                raise InvalidRequest(f"{name} must be a number in {bounds}, got {value!r}")
+            penalties[name] = float(value)
         seed = o.seed
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
         # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
         return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
                         stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs,
-                        bool(o.prompt_logprobs))
+                        bool(o.prompt_logprobs), presence_penalty=penalties["presence_penalty"],
+                        frequency_penalty=penalties["frequency_penalty"],
+                        repetition_penalty=penalties["repetition_penalty"])
 
     def _wire(self, submit: P.Submit, timeout: float | None) -> _Wired:
         """The submit's bytes on the current connection; a long prompt gets a segment (a call
@@ -544,7 +568,7 @@ class Session:
                 pending.finished = P.Finished("length", len(first.prompt_ids), made, first.seed or 0, 0.0, 0.0, 0.0)
                 continue
             again = msgspec.structs.replace(first, prompt_ids=first.prompt_ids + pending.token_ids,
-                                            max_tokens=first.max_tokens - made)
+                                            max_tokens=first.max_tokens - made, num_resumed_ids=made)
             try:
                 payload, pending.segment = self._memory.wire(again, None)  # a long prompt gets a new segment
             except LlmosError as exc:  # e.g. no segment memory now: this request ends, the others go on

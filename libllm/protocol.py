@@ -156,6 +156,12 @@ class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # next_token_id (-1: the chunk ends the prompt; the made token's Logprob covers it).
     prompt_logprobs: bool = False
     next_token_id: int = -1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # With penalties: the request's prompt (without tokens it made) and the tokens it has made.
+    penalty_prompt_ids: list[int] = []
+    penalty_output_ids: list[int] = []
 
 
 class Step(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -199,6 +205,12 @@ class Submit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # sender's (then `prompt_ids` is empty): `num_prompt_ids` of them, from its first byte.
     prompt_segment: SegmentRef | None = None
     num_prompt_ids: int = 0
+    presence_penalty: float = 0.0  # SamplingParams has their definitions
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # A resubmission after a failover: the last this many prompt ids are tokens it made before
+    # (the penalties count them as made, so the text goes on as it would have).
+    num_resumed_ids: int = 0
 
 
 PROMPT_ID_DTYPE = "<i4"  # how a long prompt's ids lie in its segment (numpy dtype string)

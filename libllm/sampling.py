@@ -25,6 +25,13 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     num_logprobs: int = -1
+    # Penalties on the logits before anything else (vLLM's definitions, as OpenAI's API):
+    # presence subtracts once from every token made so far, frequency once per time it was
+    # made; repetition divides a positive logit (multiplies a negative one) of every token in
+    # the prompt or made so far. 0, 0 and 1: none.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
@@ -35,6 +42,15 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not -1 <= self.num_logprobs <= 20:
             raise ValueError(f"num_logprobs must be in -1..20, got {self.num_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def is_greedy(self) -> bool:

@@ -102,7 +102,8 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
             limits.append(asked if asked is not None else min(config.max_tokens_cap, left))
         job = Job(prompts, limits, {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                                     "seed": body.seed, "stop": body.stop_list(), "priority": body.priority,
-                                    "tenant": tenant, "logprobs": body.num_logprobs()}, body.n, tenant)
+                                    "tenant": tenant, "logprobs": body.num_logprobs(), **body.penalties()},
+                  body.n, tenant)
         if in_flight[0] + job.num_choices > config.max_in_flight:
             raise ApiError(429, "too many requests in flight; retry shortly", kind="rate_limit_error",
                            headers={"Retry-After": "1"})

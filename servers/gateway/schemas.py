@@ -17,7 +17,6 @@ from libllm.protocol import MAX_LOGPROBS
 
 # Field -> the values that ask for nothing (what clients send when the feature is off).
 _INERT: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, True, False),
@@ -50,10 +49,11 @@ class _Body(BaseModel):
     user: str | None = None
     # An llmos extension: the scheduler's priority class (higher first under `priority`).
     priority: int = Field(default=0, ge=-1000, le=1000)
+    # OpenAI's penalties, and vLLM's repetition penalty (libllm.sampling.SamplingParams).
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     # Known to OpenAI's API, not implemented here yet: only their inert values pass.
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
     logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -71,6 +71,11 @@ class _Body(BaseModel):
         if self.stop is not None and not all(self.stop_list() or [""]):
             raise ValueError("stop strings must not be empty")
         return self
+
+    def penalties(self) -> dict[str, float]:
+        """The penalties as libllm takes them (defaults where not given)."""
+        return {"presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty}
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:

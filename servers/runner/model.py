@@ -27,7 +27,7 @@ from libllm.protocol import Logprob
 from servers.runner._kernels import Engine, pack_chunks, set_threads
 from servers.runner.architectures import RopeLayout
 from servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
-from servers.runner.sampling import SamplingParams, logprob_of, sample_rows
+from servers.runner.sampling import SamplingParams, logprob_of, penalised, sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -52,6 +52,10 @@ class SeqChunk:
     # ``token_ids[1:]`` then ``next_token_id`` (the token after the chunk; -1: none known).
     prompt_logprobs: bool = False
     next_token_id: int = -1
+    # What ``sampling``'s penalties count (when it has any): the request's prompt and the
+    # tokens it has made before this chunk.
+    penalty_prompt_ids: Sequence[int] = ()
+    penalty_output_ids: Sequence[int] = ()
 
     @property
     def end_pos(self) -> int:
@@ -231,9 +235,12 @@ class Model:
         to_sample = [i for i in wants.tolist() if chunks[i].sampling is not None]
         if to_sample:
             params = [p for i in to_sample if (p := chunks[i].sampling) is not None]
-            token_ids[to_sample] = sample_rows(
-                logits[to_sample], params, [chunks[i].end_pos for i in to_sample]
-            )
+            rows = logits[to_sample]  # a copy: penalties change it, never the logits reported
+            for k, i in enumerate(to_sample):
+                if params[k].has_penalties:
+                    rows[k] = penalised(rows[k], params[k], chunks[i].penalty_prompt_ids,
+                                        chunks[i].penalty_output_ids)
+            token_ids[to_sample] = sample_rows(rows, params, [chunks[i].end_pos for i in to_sample])
         logprobs: list[Logprob | None] = [None] * n_chunks
         for i in to_sample:
             top = chunks[i].sampling.num_logprobs
@@ -294,7 +301,8 @@ def run_steps(
             between()
         step = [
             SeqChunk(chunks[i].block_table, chunks[i].end_pos + len(made[i]) - 1, (made[i][-1],),
-                     sampling=chunks[i].sampling)
+                     sampling=chunks[i].sampling, penalty_prompt_ids=chunks[i].penalty_prompt_ids,
+                     penalty_output_ids=(*chunks[i].penalty_output_ids, *made[i]))
             for i in alive
         ]
         out = model.step(step, kv, keep_logits=False)
@@ -342,7 +350,8 @@ def generate(
         last = model.step(
             [
                 SeqChunk(
-                    table, pos, chunk, wants_logits=is_last, sampling=params if is_last else None
+                    table, pos, chunk, wants_logits=is_last, sampling=params if is_last else None,
+                    penalty_prompt_ids=prompt_ids,
                 )
             ],
             kv,
@@ -355,6 +364,8 @@ def generate(
         out.append(token)
         if len(out) >= max_new_tokens or pos >= total:
             break  # never step for a token nobody will read
-        token = int(model.step([SeqChunk(table, pos, [token], sampling=params)], kv).token_ids[0])
+        decode = SeqChunk(table, pos, [token], sampling=params, penalty_prompt_ids=prompt_ids,
+                          penalty_output_ids=out)
+        token = int(model.step([decode], kv).token_ids[0])
         pos += 1
     return out

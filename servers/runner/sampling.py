@@ -134,6 +134,25 @@ def logprob_of(logits: np.ndarray, token: int, top: int) -> Logprob:
     return Logprob(float(z[token]) - log_total, ids.tolist(), (z[ids] - log_total).tolist())
 
 
+def penalised(row: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
+              output_ids: Sequence[int]) -> np.ndarray:
+    """A new row: ``row`` with ``params``' penalties applied in vLLM's order and float32
+    arithmetic: the repetition penalty on every id in the prompt or made (a positive logit
+    divided by it, a negative one multiplied), then frequency times each made id's count
+    plus presence subtracted. A function of the row and the ids only (batch invariance)."""
+    z = np.array(row, dtype=np.float32, copy=True)
+    made = np.asarray(output_ids, dtype=np.intp)
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.concatenate([np.asarray(prompt_ids, dtype=np.intp), made]))
+        r = np.float32(params.repetition_penalty)
+        values = z[seen]
+        z[seen] = np.where(values > 0, values / r, values * r)
+    if made.size and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = np.unique(made, return_counts=True)
+        z[ids] -= np.float32(params.frequency_penalty) * counts.astype(np.float32) + np.float32(params.presence_penalty)
+    return z
+
+
 def sample_rows(
     logits: np.ndarray, params: Sequence[SamplingParams], positions: Sequence[int]
 ) -> np.ndarray:

@@ -102,13 +102,16 @@ class RunnerServer(Server):
         if any(not 0 <= t < self.info.vocab_size for t in c.token_ids):
             raise InvalidRequest(f"sequence {c.seq_id}: token id outside the vocabulary of {self.info.vocab_size}")
         try:
-            sampling = SamplingParams(c.temperature, c.top_k, c.top_p, c.seed, c.num_logprobs)
+            sampling = SamplingParams(c.temperature, c.top_k, c.top_p, c.seed, c.num_logprobs, c.presence_penalty,
+                                      c.frequency_penalty, c.repetition_penalty)
         except ValueError as exc:
             raise InvalidRequest(f"sequence {c.seq_id}: {exc}") from None
         if not -1 <= c.next_token_id < self.info.vocab_size:
             raise InvalidRequest(f"sequence {c.seq_id}: next_token_id outside the vocabulary")
+        if any(not 0 <= t < self.info.vocab_size for t in (*c.penalty_prompt_ids, *c.penalty_output_ids)):
+            raise InvalidRequest(f"sequence {c.seq_id}: a penalty's token id outside the vocabulary")
         return SeqChunk(c.block_table[:needed], c.start_pos, c.token_ids, c.wants_token, sampling,
-                        c.prompt_logprobs, c.next_token_id)
+                        c.prompt_logprobs, c.next_token_id, c.penalty_prompt_ids, c.penalty_output_ids)
 
     @property
     def stop_ids(self) -> frozenset[int]:

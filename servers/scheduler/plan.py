@@ -34,6 +34,9 @@ class ChunkPlan:
     num_steps: int = 1
     prompt_logprobs: bool = False  # the runner also reports each next prompt token's Logprob
     next_token_id: int = -1  # the prompt token after this chunk (-1: it ends the prompt)
+    # With penalties (sampling.has_penalties): what they count, Sequence.penalty_history's.
+    penalty_prompt_ids: tuple[int, ...] = ()
+    penalty_output_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:

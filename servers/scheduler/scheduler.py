@@ -368,6 +368,7 @@ class Scheduler:
         wants_token = end == seq.num_tokens
         in_prompt = seq.prompt_logprobs and start < seq.num_prompt_tokens - 1
         num_steps = self._decode_steps(seq, end) if wants_token and num_new == 1 else 1
+        penalised, made = seq.penalty_history() if wants_token and seq.sampling.has_penalties else ((), ())
         return ChunkPlan(
             seq_id=seq.seq_id,
             block_table=tuple(seq.block_table),
@@ -378,6 +379,8 @@ class Scheduler:
             num_steps=num_steps,
             prompt_logprobs=in_prompt,
             next_token_id=seq.prompt_ids[end] if in_prompt and end < seq.num_prompt_tokens else -1,
+            penalty_prompt_ids=penalised,
+            penalty_output_ids=made,
         )
 
     def _plan_outranking_head(self, budget: int, planned: set[int]) -> ChunkPlan | None:

@@ -61,6 +61,7 @@ class Sequence:
         "num_computed",
         "num_preemptions",
         "num_published",
+        "num_resumed",
         "num_yields",
         "output_ids",
         "priority",
@@ -85,6 +86,7 @@ class Sequence:
         deadline: float | None = None,
         client_id: Hashable = None,
         prompt_logprobs: bool = False,
+        num_resumed: int = 0,
     ) -> None:
         self.seq_id = seq_id
         self.client_key = client_key  # the caller's handle for replies (not a share key)
@@ -98,6 +100,8 @@ class Sequence:
         self.deadline = deadline  # absolute, on the clock the caller passes to the scheduler
         # Every prompt token's Logprob is wanted: its prompt is computed in full (no prefix reuse).
         self.prompt_logprobs = prompt_logprobs
+        # A resubmission after a failover: its last num_resumed prompt ids are tokens it made.
+        self.num_resumed = num_resumed
         if not self.prompt_ids:
             raise ValueError("the prompt needs at least one token (e.g. BOS)")
         if max_tokens <= 0:
@@ -151,6 +155,13 @@ class Sequence:
             return self.prompt_ids[start:stop]
         head = self.prompt_ids[start:] if start < p else ()
         return head + tuple(self.output_ids[max(start - p, 0) : stop - p])
+
+    def penalty_history(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What the sampling penalties count: the request's own prompt (only when the
+        repetition penalty reads it) and every token it has made, before a failover too."""
+        first = len(self.prompt_ids) - self.num_resumed
+        prompt = self.prompt_ids[:first] if self.sampling.repetition_penalty != 1.0 else ()
+        return prompt, self.prompt_ids[first:] + tuple(self.output_ids)
 
     def __repr__(self) -> str:
         return (

@@ -173,7 +173,11 @@ class SchedulerServer(Server):
             raise InvalidRequest(f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {submit.priority}")
         seed = submit.seed if submit.seed is not None else secrets.randbits(63)
         try:
-            sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed, submit.num_logprobs)
+            sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed, submit.num_logprobs,
+                                submit.presence_penalty, submit.frequency_penalty, submit.repetition_penalty)
+            if not 0 <= submit.num_resumed_ids < len(submit.prompt_ids):
+                raise ValueError(f"num_resumed_ids must be in [0, {len(submit.prompt_ids)}), got "
+                                 f"{submit.num_resumed_ids}")
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         now = time.monotonic()
@@ -183,7 +187,7 @@ class SchedulerServer(Server):
                            stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
                            client_id=self._client_of(channel, submit),
                            deadline=None if submit.timeout_s is None else now + submit.timeout_s,
-                           prompt_logprobs=submit.prompt_logprobs)
+                           prompt_logprobs=submit.prompt_logprobs, num_resumed=submit.num_resumed_ids)
             self.scheduler.add(seq)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
@@ -306,7 +310,10 @@ class SchedulerServer(Server):
             step = P.Step(plan.step_id, [
                 P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed,
-                            c.num_steps, c.sampling.num_logprobs, c.prompt_logprobs, c.next_token_id)
+                            c.num_steps, c.sampling.num_logprobs, c.prompt_logprobs, c.next_token_id,
+                            c.sampling.presence_penalty, c.sampling.frequency_penalty,
+                            c.sampling.repetition_penalty, list(c.penalty_prompt_ids),
+                            list(c.penalty_output_ids))
                 for c in plan.chunks])
             in_flight.append(plan)
             try:

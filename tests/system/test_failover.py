@@ -43,7 +43,7 @@ def expected() -> list[str]:
     with libllm_tokenizer() as tok:
         texts = []
         for i in range(CLIENTS):
-            sampling = SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, seed=500 + i)
+            sampling = SamplingParams(**client_sampling(i))
             ids = tok.encode(PROMPTS[i % len(PROMPTS)])
             out = generate(model, ids, 150, sampling, stop_ids=tok.stop_ids)
             texts.append(tok.decoder(ids).push_many(out))
@@ -51,6 +51,15 @@ def expected() -> list[str]:
 
 
 PROMPTS = ["Once upon a time", "Zoo", "The little dog", "One day", "Tom and Sue"]
+
+
+def client_sampling(i: int) -> dict[str, float | int]:
+    """Client i's sampling: greedy or seeded, and every third with penalties, which count the
+    tokens made before a failover as made (the resubmission says how many there were)."""
+    sampling: dict[str, float | int] = {} if i % 2 == 0 else {"temperature": 0.8, "seed": 500 + i}
+    if i % 3 == 2:
+        sampling |= {"frequency_penalty": 0.8, "presence_penalty": 0.3, "repetition_penalty": 1.2}
+    return sampling
 
 
 class libllm_tokenizer:
@@ -73,7 +82,7 @@ def run_clients(instance: str, kill: object) -> tuple[list[str], list[int], floa
     gaps: list[float] = []
 
     def client(i: int) -> tuple[str, int]:
-        sampling = {} if i % 2 == 0 else {"temperature": 0.8, "seed": 500 + i}
+        sampling = client_sampling(i)
         with libllm.connect(instance) as session:
             pieces = []
             prompt: str | list[int] = PROMPTS[i % len(PROMPTS)]

@@ -15,6 +15,8 @@ import openai
 import pytest
 
 import libllm
+from libllm.sampling import SamplingParams
+from servers.runner.model import Model, SeqChunk
 from tests.microkernel.procs import wait_until
 from tests.system.cli import all_blocks_free, running_instance
 from tools.config import servers_toml
@@ -66,6 +68,32 @@ def test_greedy_text_over_http_equals_libllms(gateway: tuple[str, str]) -> None:
     streamed = client(url).completions.create(model="stories260K", prompt="Zoo", max_tokens=30, temperature=0,
                                               stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == expected
+
+
+def test_penalties_reach_the_runner_and_follow_its_definition(gateway: tuple[str, str]) -> None:
+    """OpenAI's presence and frequency penalties and vLLM's repetition penalty, over HTTP and
+    through libllm: the same text, another than without them, and the one this process makes
+    a token at a time with the model and the penalties' history (over the scheduler's
+    multi-token steps, which keep the history themselves)."""
+    instance, url = gateway
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    with libllm.connect(instance) as session:
+        expected = session.generate("Once upon a time", max_tokens=40, **penalties)
+        plain = session.generate("Once upon a time", max_tokens=40).text
+        prompt = session.tokenizer.encode("Once upon a time")
+    over_http = httpx.post(url + "/v1/completions", headers=KEY_A, timeout=WAIT, json={
+        "model": "stories260K", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, **penalties})
+    assert over_http.status_code == 200, over_http.text
+    assert over_http.json()["choices"][0]["text"] == expected.text != plain
+    model = Model.load()
+    params = SamplingParams(**penalties)
+    kv = model.new_kv_pool(model.blocks_needed(len(prompt) + 40))
+    table, made = list(range(kv.shape[0])), []
+    while len(made) < len(expected.token_ids):  # 40, or fewer with a stop token
+        chunk = SeqChunk(table, 0, prompt + made, sampling=params, penalty_prompt_ids=prompt,
+                         penalty_output_ids=made)
+        made.append(int(model.step([chunk], kv).token_ids[0]))
+    assert made == expected.token_ids
 
 
 def test_chat_plain_and_streaming_and_n(gateway: tuple[str, str]) -> None:
@@ -236,7 +264,7 @@ def test_chat_takes_max_completion_tokens_and_defaults_to_the_context_left(gatew
 
 @pytest.mark.parametrize(("extra", "field"), [
     ({"logprobs": 21}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"best_of": 3}, "best_of"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"temprature": 0.5}, "temprature"),
 ])

@@ -16,6 +16,7 @@ from servers.runner.sampling import (
     SamplingParams,
     _sample_batch,
     logprob_of,
+    penalised,
     sample,
     sample_rows,
     splitmix64,
@@ -250,3 +251,31 @@ def test_sampling_a_large_vocabulary_from_its_candidates_picks_what_the_whole_or
         assert sample_rows(logits, params, positions).tolist() == whole
     finally:
         _kernels.set_threads(before)
+
+
+def test_penalties_are_vllms_arithmetic_on_the_row() -> None:
+    row = np.array([2.0, -2.0, 1.0, 0.5, 3.0], np.float32)
+    # Repetition 2 on ids seen in the prompt (0, 1) or made (2): positive / 2, negative * 2.
+    rep = penalised(row, SamplingParams(repetition_penalty=2.0), [0, 1], [2])
+    assert rep.tolist() == [1.0, -4.0, 0.5, 0.5, 3.0]
+    # Frequency 0.5 per time made, presence 1 once: id 4 made twice, id 3 once; the prompt not.
+    made = penalised(row, SamplingParams(frequency_penalty=0.5, presence_penalty=1.0), [0], [4, 3, 4])
+    assert made.tolist() == [2.0, -2.0, 1.0, 0.5 - 1.5, 3.0 - 2.0]
+    assert row.tolist() == [2.0, -2.0, 1.0, 0.5, 3.0]  # a new row: the logits stay as they were
+
+
+def test_a_penalised_pick_is_the_argmax_of_the_penalised_logits(model: Model) -> None:
+    """Through the runner's own step: the pick follows the penalties, the reported logprobs
+    stay the model's (as vLLM reports them)."""
+    params = SamplingParams(frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=1.5, num_logprobs=0)
+    prompt, made = [1, 403, 407, 403], [407, 407, 9]
+    kv = model.new_kv_pool(model.blocks_needed(len(prompt) + len(made) + 1))
+    table = list(range(kv.shape[0]))
+    ids = prompt + made
+    raw = model.step([SeqChunk(table, 0, ids)], kv).logits[0]
+    made += [int(np.argmax(raw))] * 2  # as if the model's favourite had been made twice
+    out = model.step([SeqChunk(table, 0, ids, sampling=params, penalty_prompt_ids=prompt,
+                               penalty_output_ids=made)], model.new_kv_pool(kv.shape[0]))
+    assert out.token_ids[0] == int(np.argmax(penalised(raw, params, prompt, made)))
+    assert out.token_ids[0] != int(np.argmax(raw))  # the penalties changed the pick
+    assert out.logprobs[0] == logprob_of(raw, int(out.token_ids[0]), 0)
