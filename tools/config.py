@@ -86,6 +86,12 @@ class ModelSection:
 
         return Path(self.path) if self.path else default_model_path()
 
+    def is_large(self) -> bool:
+        try:
+            return self.model_path().stat().st_size >= LARGE_MODEL_BYTES
+        except OSError:
+            return False  # a missing file is refused before anything starts
+
     def layout(self, cores: int | None = None) -> tuple[int, int]:
         """(runners, threads per runner) for this machine's cores."""
         cores = max(1, cores or os.cpu_count() or 1)
@@ -95,11 +101,7 @@ class ModelSection:
             return max(1, cores // self.threads), self.threads
         if self.runners:
             return self.runners, max(1, cores // self.runners)
-        try:
-            large = self.model_path().stat().st_size >= LARGE_MODEL_BYTES
-        except OSError:
-            large = False  # a missing file is refused before anything starts
-        return (1, cores) if large else (cores, 1)
+        return (1, cores) if self.is_large() else (cores, 1)
 
     def args(self, threads: int) -> list[str]:
         return [f"--threads={threads}", *([f"--model={self.path}"] if self.path else []),
@@ -177,6 +179,10 @@ class SchedulerSection:
     token_budget: int = 512  # tokens per step
     decode_steps: int = 16  # tokens a runner makes in a row per decoding sequence
     prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes already computed
+    # Steps in flight per runner; 0: 2 for a small model (the next step is planned while one
+    # computes), 1 for a large one (its batch is not split in halves: one step of 32
+    # sequences computes faster than two of 16).
+    pipeline_depth: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority", "rr", "fair"):
@@ -184,14 +190,17 @@ class SchedulerSection:
         for name in ("aging_steps", "quantum", "max_batch_size", "token_budget", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"scheduler.{name} must be >= 1")
+        if not 0 <= self.pipeline_depth <= 8:
+            raise ConfigError("scheduler.pipeline_depth must be in 0..8 (0: chosen for the model)")
         if any(not w > 0 for w in self.weights.values()):
             raise ConfigError("scheduler.weights must be positive")
 
-    def args(self) -> list[str]:
+    def args(self, large_model: bool) -> list[str]:
+        depth = self.pipeline_depth or (1 if large_model else 2)
         return [f"--policy={self.policy}", f"--aging-steps={self.aging_steps}", f"--quantum={self.quantum}",
                 f"--weights={json.dumps(self.weights)}", f"--max-batch-size={self.max_batch_size}",
                 f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}",
-                *([] if self.prefix_cache else ["--no-prefix-cache"])]
+                f"--pipeline-depth={depth}", *([] if self.prefix_cache else ["--no-prefix-cache"])]
 
 
 @dataclass(slots=True, frozen=True)

@@ -158,7 +158,7 @@ class Supervisor:
                     f"--weights-bytes={memory.resolved_weights_bytes(model.model_path())}"]
         if spec.module == "servers.scheduler":
             runners = [s.name for s in self.config.server_specs() if s.module == "servers.runner"]
-            return [f"--runners={','.join(runners)}", *self.config.scheduler.args()]
+            return [f"--runners={','.join(runners)}", *self.config.scheduler.args(model.is_large())]
         if spec.module == "servers.gateway":
             return self.config.gateway.args()
         if spec.module == "servers.runner":

@@ -235,7 +235,11 @@ class Model:
         to_sample = [i for i in wants.tolist() if chunks[i].sampling is not None]
         if to_sample:
             params = [p for i in to_sample if (p := chunks[i].sampling) is not None]
-            rows = logits[to_sample]  # a copy: penalties change it, never the logits reported
+            penalties = any(p.has_penalties for p in params)
+            if not penalties and to_sample == list(range(n_chunks)):
+                rows = logits  # every row, in order: no copy of B x vocab floats
+            else:
+                rows = logits[to_sample]  # a copy: penalties change it, never the logits reported
             for k, i in enumerate(to_sample):
                 if params[k].has_penalties:
                     rows[k] = penalised(rows[k], params[k], chunks[i].penalty_prompt_ids,

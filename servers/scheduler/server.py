@@ -36,8 +36,11 @@ from servers.scheduler.sequence import Sampling, Sequence
 log = logging.getLogger("llmos.scheduler")
 LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
 STARTUP_TIMEOUT_S = 60.0
-# Steps in flight per runner. With two, the runner computes one half of the batch while
-# this loop handles the other half's reply: the scheduler's work hides behind compute.
+# Steps in flight per runner (the default). With two, the runner computes one half of the
+# batch while this loop handles the other half's reply: the scheduler's work hides behind
+# compute. That pays where steps are short (a small model); where they are long, one step
+# with the whole batch computes faster than two halves (the supervisor passes 1 for large
+# models: Gemma 3 270M over HTTP, 32 clients, 266 against 229 tokens/s).
 PIPELINE_DEPTH = 2
 # Tokens a runner makes in a row for a decoding sequence per step: this loop's work per token
 # divides by it, at the price of tokens arriving in small bursts and a cancel taking effect
@@ -83,7 +86,8 @@ class SchedulerServer(Server):
     def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
                  token_budget: int = 512, decode_steps: int = DECODE_STEPS, policy: str = "fcfs",
                  aging_steps: int = 64, quantum: int = 16, weights: dict[str, float] | None = None,
-                 prefix_caching: bool = True, name: str | None = None) -> None:
+                 prefix_caching: bool = True, name: str | None = None,
+                 pipeline_depth: int = PIPELINE_DEPTH) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
@@ -95,7 +99,10 @@ class SchedulerServer(Server):
         self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
         self.runner_names = list(runners)
         self.runners: dict[str, Channel] = {}
-        self.busy: dict[str, list[StepPlan]] = {}  # runner -> its steps in flight (at most PIPELINE_DEPTH)
+        if not 1 <= pipeline_depth <= 8:
+            raise ValueError(f"pipeline_depth must be in 1..8, got {pipeline_depth}")
+        self.pipeline_depth = pipeline_depth
+        self.busy: dict[str, list[StepPlan]] = {}  # runner -> its steps in flight (at most pipeline_depth)
         for runner in runners:
             self._connect_runner(runner)
         info = self.runners[runners[0]].call(MsgType.RUNNER_MODEL_INFO, timeout=STARTUP_TIMEOUT_S)
@@ -105,7 +112,7 @@ class SchedulerServer(Server):
         client_weights: dict[Hashable, float] = dict((weights or {}).items())
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
-            block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // PIPELINE_DEPTH),
+            block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // pipeline_depth),
             token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps,
             policy=policy, aging_steps=aging_steps, quantum=quantum, client_weights=client_weights,
             prefix_caching=prefix_caching),
@@ -290,11 +297,11 @@ class SchedulerServer(Server):
         ready sequences evenly over the free slots (a step never waits on a busy runner
         while another is idle, and every runner keeps its pipeline full)."""
         slots = [(len(self.busy.setdefault(r, [])), r) for r in self.runners]
-        free = sum(PIPELINE_DEPTH - n for n, _ in slots if n < PIPELINE_DEPTH)
+        free = sum(self.pipeline_depth - n for n, _ in slots if n < self.pipeline_depth)
         for _, runner in sorted(slots):
             channel = self.runners[runner]
             in_flight = self.busy[runner]
-            if len(in_flight) >= PIPELINE_DEPTH or free <= 0:
+            if len(in_flight) >= self.pipeline_depth or free <= 0:
                 continue
             share = -(-self.scheduler.num_schedulable // free)
             free -= 1
