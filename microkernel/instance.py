@@ -41,6 +41,19 @@ def run_dir(instance: str) -> Path:
     return runtime_base() / instance_name(instance)
 
 
+def log_dir(instance: str) -> Path:
+    """The instance's logs, beside its run dir: kept after `llmos down` (`down --purge`
+    removes them), so the evidence of a crash outlives the instance."""
+    return runtime_base() / f"{instance_name(instance)}.logs"
+
+
+def make_log_dir(instance: str) -> Path:
+    path = log_dir(instance)
+    path.mkdir(mode=0o700, exist_ok=True)
+    check_private_dir(path)
+    return path
+
+
 def socket_path(instance: str) -> Path:
     return run_dir(instance) / SOCKET_NAME
 

@@ -41,8 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="TOML config (defaults built in)")
     up.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
     up.add_argument("--detach", action="store_true", help="return once everything is ready")
-    down = commands.add_parser("down", help="stop an instance and remove everything it made")
+    down = commands.add_parser("down", help="stop an instance and remove everything it made but its logs")
     down.add_argument("--instance")
+    down.add_argument("--purge", action="store_true", help="remove its logs too")
+    logs = commands.add_parser("logs", help="the instance's logs (kept after down): one process's or all")
+    logs.add_argument("process", nargs="?", help="e.g. gateway, runner.0, kernel, supervisor (default: all)")
+    logs.add_argument("--instance")
+    logs.add_argument("-f", "--follow", action="store_true", help="go on printing what is written")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="last lines of each log (0: all)")
     status = commands.add_parser("status", help="processes, restarts, CPU, ring fill, arena use")
     status.add_argument("--instance")
     status.add_argument("--json", action="store_true", help="machine-readable")
@@ -83,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "up":
         return lifecycle.up(ns.instance, ns.config, ns.detach)
     if ns.command == "down":
-        return lifecycle.down(ns.instance)
+        return lifecycle.down(ns.instance, ns.purge)
+    if ns.command == "logs":
+        return lifecycle.logs(ns.instance, ns.process, ns.follow, ns.lines)
     if ns.command == "generate":
         return lifecycle.generate(ns)
     if ns.command == "top":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
         return supervisor.run(config, name, foreground=True)
     argv = [*supervisor.PYTHON, "-m", "tools.supervisor", "--instance", name, *config_argv]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
-    # in the run dir; until then its stderr comes to us, to show if it fails.
+    # with the others' logs; until then its stderr comes to us, to show if it fails.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -89,8 +90,17 @@ def check_before_start(config: Config) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
 
 
-def down(instance: str | None) -> int:
+def down(instance: str | None, purge: bool = False) -> int:
     name = I.instance_name(instance)
+    code = _stop(name)
+    if purge:
+        shutil.rmtree(I.log_dir(name), ignore_errors=True)
+    elif I.log_dir(name).exists():
+        print(f"its logs are kept in {I.log_dir(name)} (`llmos logs`; `llmos down --purge` removes them)")
+    return code
+
+
+def _stop(name: str) -> int:
     state = read_state(name)
     pid = state.get("supervisor_pid")
     if supervisor_alive(name) and isinstance(pid, int):
@@ -133,6 +143,46 @@ def generate(ns: Any) -> int:
     except LlmosError as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def logs(instance: str | None, process: str | None, follow: bool, lines: int) -> int:
+    """`llmos logs [PROCESS]`: the last lines of one process's log, or of every log (each
+    line names its process), from the running or the last run of the instance; `-f` goes on
+    printing what is written until Ctrl-C."""
+    name = I.instance_name(instance)
+    directory = I.log_dir(name)
+    files = sorted(directory.glob("*.log")) if directory.is_dir() else []
+    if process is not None:
+        files = [f for f in files if f.stem == process]
+        if not files:
+            known = ", ".join(f.stem for f in sorted(directory.glob("*.log"))) if directory.is_dir() else ""
+            print(f"llmos: instance {name!r} has no log of {process!r}" + (f" (it has: {known})" if known else ""),
+                  file=sys.stderr)
+            return 2
+    if not files:
+        print(f"llmos: instance {name!r} has no logs in {directory}", file=sys.stderr)
+        return 1
+    offsets = {}
+    for path in files:
+        text = path.read_text(errors="replace")
+        for line in text.splitlines()[-lines:] if lines else text.splitlines():
+            print(line if len(files) == 1 or line[:1].isdigit() else f"{path.stem} | {line}")
+        offsets[path] = len(text.encode())
+    sys.stdout.flush()
+    try:
+        while follow:
+            time.sleep(0.2)
+            for path in files:
+                with open(path, "rb") as f:
+                    f.seek(offsets[path])
+                    data = f.read()
+                    offsets[path] = f.tell()
+                for line in data.decode(errors="replace").splitlines():
+                    print(line if len(files) == 1 or line[:1].isdigit() else f"{path.stem} | {line}")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

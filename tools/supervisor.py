@@ -76,6 +76,7 @@ class Supervisor:
         self.instance = I.instance_name(instance)
         self.foreground = foreground
         self.run_dir = I.run_dir(self.instance)
+        self.log_dir = I.log_dir(self.instance)
         self.children: list[Child] = []
         self.endpoint: Endpoint | None = None
         self._stopping = False
@@ -112,10 +113,12 @@ class Supervisor:
             log.warning("cleaned what a crashed instance %r left behind", self.instance)
         self.check_resources()
         I.make_run_dir(self.instance)
+        I.make_log_dir(self.instance)
+        rotate_logs(self.log_dir)
         self.write_state()  # from now on `llmos status` and `down` know us
         if not self.foreground:
             # Detached: from here on our own log lives in the run dir with the others'.
-            log_fd = os.open(self.run_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            log_fd = os.open(self.log_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(log_fd, 2)
             os.close(log_fd)
         self.children = [self._kernel_child()] + [self._server_child(s) for s in self.config.server_specs()]
@@ -139,12 +142,12 @@ class Supervisor:
     def _kernel_child(self) -> Child:
         regions = [f"--{name}={size}" for name, size in self.region_sizes().items()]
         argv = ["-m", "microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window)]
-        return Child("kernel", argv, "llmos kernel ready", self.run_dir / "kernel.log")
+        return Child("kernel", argv, "llmos kernel ready", self.log_dir / "kernel.log")
 
     def _server_child(self, spec: ServerSpec) -> Child:
         argv = ["-m", spec.module, "--instance", self.instance, "--name", spec.name, *self._builtin_args(spec),
                 *spec.args]
-        return Child(spec.name, argv, f"llmos {spec.name} ready", self.run_dir / f"{spec.name}.log")
+        return Child(spec.name, argv, f"llmos {spec.name} ready", self.log_dir / f"{spec.name}.log")
 
     def _builtin_args(self, spec: ServerSpec) -> list[str]:
         """What the built-in servers need from the instance's config."""
@@ -362,7 +365,23 @@ class Supervisor:
             except FileNotFoundError:
                 continue
             for line in data.decode(errors="replace").splitlines():
-                sys.stderr.write(f"{child.name:>10} | {line}\n")
+                # Log lines name their process already; the rest (a traceback) gets its name.
+                sys.stderr.write(f"{line}\n" if line[:1].isdigit() else f"{child.name} | {line}\n")
+
+
+KEPT_RUNS = 3  # logs of this many runs of an instance are kept: NAME.log, NAME.log.1, ...
+
+
+def rotate_logs(log_dir: Path) -> None:
+    """A new run's logs start empty; the previous runs' move down one (the oldest goes)."""
+    for log_file in log_dir.glob("*.log"):
+        for age in range(KEPT_RUNS - 1, 0, -1):
+            older = log_file.with_name(f"{log_file.name}.{age}")
+            if age == KEPT_RUNS - 1:
+                older.unlink(missing_ok=True)
+            newer = log_file.with_name(f"{log_file.name}.{age - 1}") if age > 1 else log_file
+            if newer.exists():
+                newer.replace(older)
 
 
 def _terminate(child: Child, timeout: float = 10.0) -> None:

@@ -53,6 +53,10 @@ class Job:
     options: dict[str, Any]
     n: int
     tenant: str
+    tokens: int = 0  # made so far, for the access log
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
 
     @property
     def num_choices(self) -> int:
@@ -120,6 +124,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         finally:
             in_flight[0] -= job.num_choices
         done = [c for group in groups for c in group]
+        job.count(sum(c.usage.completion_tokens for c in done))
         for c in done:
             metrics.request_done(c.usage.prompt_tokens, c.usage.completion_tokens, finish_reason(c.finish_reason),
                                  time.monotonic() - started)
@@ -144,7 +149,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             try:
                 async for event in sse_stream(session, choices, kind, rid, model_id, include_usage, metrics,
-                                              tokenizer):
+                                              tokenizer, job.count):
                     yield event
             finally:
                 in_flight[0] -= job.num_choices
@@ -220,6 +225,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         prompts = [await encode(p) if isinstance(p, str) else checked_ids(p, info.vocab_size)
                    for p in body.prompts()]
         job = plan(body, prompts, request.state.tenant)
+        request.state.job = job  # the access log reads its tokens
         if body.echo and body.logprobs is not None:  # the prompt's own (lm-eval's loglikelihood asks this)
             if body.stream:
                 raise ApiError(400, "echo with logprobs is answered whole: send stream: false", param="echo")
@@ -248,6 +254,7 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
     async def chat(body: ChatBody, request: Request) -> Response | dict[str, Any]:
         check_model(body.model)
         job = plan(body, [chat_prompt(body.messages)], request.state.tenant)
+        request.state.job = job
         rid = "chatcmpl-" + secrets.token_hex(12)
         if body.stream:
             return await stream(job, "chat.completion.chunk", rid, body.wants_usage_chunk())

@@ -1,12 +1,13 @@
 """The gateway's door, as ASGI middleware in front of every route: API keys, and request
 bodies read whole before any route sees them, so the size limit holds for chunked bodies
 too and a body that does not arrive in time is dropped (a slow client holds no route, no
-request at the scheduler). Runs in the gateway process."""
+request at the scheduler); and the access log. Runs in the gateway process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health"})  # answered without a key: load balancers and supervisors probe it
+
+
+# One line per request (method, path, status, tokens made, duration, tenant), in the log.
+access = logging.getLogger("llmos.gateway.access")
 
 
 @dataclass(slots=True)
@@ -39,6 +44,23 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.monotonic()
+        status = [0]
+        answer = send
+
+        async def logged(message: Message) -> None:
+            # One access-log line per request, when its response ends.
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await answer(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state = scope.get("state", {})
+                job = state.get("job")
+                access.info("%s %s %d tokens=%d %.0fms tenant=%s", scope["method"], scope["path"], status[0],
+                            job.tokens if job is not None else 0, 1000 * (time.monotonic() - started),
+                            state.get("tenant") or "-")
+
+        send = logged
         try:
             scope.setdefault("state", {})["tenant"] = self._tenant(scope)
             body = await self._read_body(scope, receive)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,9 @@ def finish_reason(reason: str | None) -> str:
 
 
 async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, rid: str, model: str,
-                     include_usage: bool, metrics: GatewayMetrics, tokenizer: Tokenizer) -> AsyncIterator[str]:
+                     include_usage: bool, metrics: GatewayMetrics, tokenizer: Tokenizer,
+                     counted: Callable[[int], None] | None = None) -> AsyncIterator[str]:
+    """The SSE events of `choices`; `counted` hears each finished choice's token count."""
     started = time.monotonic()
     created = int(time.time())
     arrivals: asyncio.Queue[tuple[Choice, object]] = asyncio.Queue()
@@ -109,6 +111,8 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
             done = choice.request.completion()
             reason = finish_reason(done.finish_reason)
             completion_tokens += done.usage.completion_tokens
+            if counted is not None:
+                counted(done.usage.completion_tokens)
             metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
             yield event(chunk(choice, None, reason))
         if include_usage:

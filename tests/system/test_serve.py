@@ -1,5 +1,5 @@
 """`llmos serve` driven as a user drives it: a subprocess, the official openai client against
-the URL it prints, `status`, `down`; and the start-ups that must fail in one line with their
+the URL it prints, `status`, `down`, `logs`; and the start-ups that must fail in one line with their
 cause and exit status 2 (a busy port, a bad file, a config of an earlier version), leaving
 nothing behind."""
 
@@ -41,6 +41,14 @@ def test_serve_prints_its_url_and_model_and_answers_the_openai_client(cli: Cli) 
     finally:
         cli("down", "--instance", instance)
     assert not Path(f"/dev/shm/llmos.{instance}").exists()
+    # The logs outlive the instance, with a line per HTTP request; --purge removes them.
+    access = cli("logs", "gateway", "--instance", instance).stdout
+    assert "POST /v1/completions 200 tokens=8" in access and "tenant=alice" in access
+    assert "GET /v1/models 401" in access
+    every = cli("logs", "--instance", instance, "-n", "0").stdout
+    assert " kernel[" in every and " runner.0[" in every
+    cli("down", "--instance", instance, "--purge")
+    assert cli("logs", "--instance", instance, check=False).returncode != 0
 
 
 def refused(cli: Cli, *args: str) -> str:

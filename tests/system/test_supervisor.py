@@ -192,5 +192,6 @@ def test_foreground_up_shows_logs_and_stops_in_order_on_ctrl_c(cli: Cli) -> None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, err
-    assert "kernel |" in err and "echo-a registered" in err  # the processes' logs, prefixed
+    assert " kernel[" in err and "echo-a registered" in err  # the processes' logs, each line naming its own
+    assert "kernel | " not in err  # once, not twice
     assert_nothing_left(instance, cli.runtime, pids)
