@@ -74,10 +74,16 @@ class ModelSection:
     runners: int = 0
     threads: int = 0
     context: int = 0  # positions a sequence may hold; 0: the model file's context length
+    # What KV pages hold: "f32", or "f16": half the bytes per token, so twice the tokens in the
+    # same pages, each K and V element rounded to a half once (logits move by ~1e-3; Gemma 3
+    # 270M decodes at B=32 about as fast).
+    kv_dtype: str = "f32"
 
     def __post_init__(self) -> None:
         if not 0 <= self.runners <= 64 or not 0 <= self.threads <= 64 or self.context < 0:
             raise ConfigError("model: runners and threads in 0..64 (0: chosen for the machine), context >= 0")
+        if self.kv_dtype not in ("f32", "f16"):
+            raise ConfigError(f"model.kv_dtype must be \"f32\" or \"f16\", got {self.kv_dtype!r}")
         if self.context == 1:
             raise ConfigError("model.context must be at least 2 (a prompt and a token), or 0 for the file's")
 
@@ -104,8 +110,13 @@ class ModelSection:
         return (1, cores) if self.is_large() else (cores, 1)
 
     def args(self, threads: int) -> list[str]:
-        return [f"--threads={threads}", *([f"--model={self.path}"] if self.path else []),
+        return [f"--threads={threads}", f"--kv-dtype={self.kv_dtype}", *([f"--model={self.path}"] if self.path else []),
                 *([f"--context={self.context}"] if self.context else [])]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of one K or V element in the pages."""
+        return 2 if self.kv_dtype == "f16" else 4
 
 
 AUTO_PAGE_BLOCKS = 512  # KV blocks `pages = "auto"` makes room for
@@ -115,8 +126,9 @@ AUTO_PAGE_BLOCKS = 512  # KV blocks `pages = "auto"` makes room for
 class MemorySection:
     """[memory]: the arena's KV pages and segments, and the memory server's settings."""
 
-    # Bytes of KV blocks. "auto": room for AUTO_PAGE_BLOCKS blocks of the model, at least 16M
-    # (stories260K: 20M, 8192 tokens; Gemma 3 270M: 288M, 8192 tokens).
+    # Bytes of KV blocks. "auto": room for AUTO_PAGE_BLOCKS float32 blocks of the model (twice
+    # as many float16 ones), at least 16M (stories260K: 16M, 13k tokens; Gemma 3 270M: 288M,
+    # 8192 tokens, 16384 with [model] kv_dtype = "f16").
     pages: str = "auto"
     segments: str = "16M"  # bytes for client tensors and shared weights
     block_tokens: int = 16  # token slots per KV block
@@ -143,7 +155,8 @@ class MemorySection:
             raise ConfigError("memory.sweep_interval_s must be positive")
 
     def resolved_pages(self, model_path: Path) -> int:
-        """Bytes of the KV region (see pages)."""
+        """Bytes of the KV region (see pages): the same with float16 pages, which then hold
+        twice the blocks."""
         if self.pages != "auto":
             return parse_size(self.pages)
         return max(16 << 20, AUTO_PAGE_BLOCKS * self.resolved_block_bytes(model_path))
@@ -156,15 +169,15 @@ class MemorySection:
 
         return dequantised_nbytes(model_path)
 
-    def resolved_block_bytes(self, model_path: Path) -> int:
-        """A block holds K and V of every layer for `block_tokens` tokens, in float32."""
+    def resolved_block_bytes(self, model_path: Path, kv_bytes: int = 4) -> int:
+        """A block holds K and V of every layer for `block_tokens` tokens, of kv_bytes each."""
         if self.block_bytes:
             return self.block_bytes
         from servers.runner.loaders import read_config
 
         model = read_config(model_path)
         kv_dim = model.n_kv_heads * model.head_size
-        return model.n_layers * 2 * kv_dim * self.block_tokens * 4
+        return model.n_layers * 2 * kv_dim * self.block_tokens * kv_bytes
 
 
 @dataclass(slots=True, frozen=True)

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=("fcfs", "priority", "rr", "fair"), help="scheduling policy")
     p.add_argument("--max-batch-size", type=int, help="sequences per runner per step")
     p.add_argument("--context", type=int, help="positions a sequence may hold (default: the model's)")
+    p.add_argument("--kv-dtype", choices=("f32", "f16"), help="what KV pages hold (f16: twice the tokens)")
     p.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
     p.add_argument("--detach", action="store_true", help="return once everything is ready")
     p.add_argument("--config", help="TOML config the flags override")
@@ -37,7 +38,7 @@ def config_for(ns: argparse.Namespace) -> Config:
     model = config.model
     if ns.model is not None:
         model = replace(model, path=str(Path(ns.model).expanduser().resolve()))
-    for flag in ("runners", "threads", "context"):
+    for flag in ("runners", "threads", "context", "kv_dtype"):
         if getattr(ns, flag) is not None:
             model = replace(model, **{flag: getattr(ns, flag)})
     gateway = config.gateway

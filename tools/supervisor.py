@@ -133,8 +133,11 @@ class Supervisor:
         sizes = {"rings": self.config.rings_bytes}
         if self.has_memory_server():
             memory = self.config.memory
-            pages, segments = memory.resolved_pages(self.config.model.model_path()), parse_size(memory.segments)
-            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(self.config.model.model_path()), segments)
+            model = self.config.model
+            pages = memory.resolved_pages(model.model_path())
+            segments = parse_size(memory.segments)
+            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(model.model_path(), model.kv_bytes),
+                                          segments)
             sizes["pages"] = pages
             sizes["segments"] = segments
         return sizes
@@ -154,7 +157,7 @@ class Supervisor:
         model = self.config.model
         if spec.module == "servers.memory":
             memory = self.config.memory
-            return [f"--block-bytes={memory.resolved_block_bytes(model.model_path())}",
+            return [f"--block-bytes={memory.resolved_block_bytes(model.model_path(), model.kv_bytes)}",
                     f"--block-tokens={memory.block_tokens}", f"--quota-blocks={memory.quota_blocks}",
                     f"--quota-segment-bytes={memory.quota_segment_bytes}",
                     f"--sweep-interval={memory.sweep_interval_s}",

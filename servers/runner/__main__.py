@@ -19,11 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="threads per step (same results for any count)")
     parser.add_argument("--context", type=int, default=0, help="positions a sequence may hold (0: the file's)")
+    parser.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"], help="what KV pages hold")
     ns = parser.parse_args(argv)
     configure_logging(ns.name)
     model = Path(ns.model) if ns.model else default_model_path()
     server = RunnerServer(ns.instance, model, block_tokens=ns.block_tokens, name=ns.name, threads=ns.threads,
-                          context=ns.context or None)
+                          context=ns.context or None, kv_dtype=ns.kv_dtype)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

@@ -27,7 +27,7 @@ cdef enum:
 cdef class Engine:
     # Set once in __init__ from the ModelConfig.
     cdef int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, vocab_size, seq_len
-    cdef int q_dim, kv_dim, halves, gelu
+    cdef int q_dim, kv_dim, halves, gelu, kv_f16
     cdef float eps, embed_scale, query_scale
     # Weights: raw pointers into arrays the engine keeps alive through `keep`.
     cdef const float *emb

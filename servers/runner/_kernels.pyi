@@ -21,7 +21,7 @@ def pack_chunks(
 
 class Engine:
     def __init__(
-        self, config: Any, weights: Any, rope_cos: np.ndarray, rope_sin: np.ndarray
+        self, config: Any, weights: Any, rope_cos: np.ndarray, rope_sin: np.ndarray, kv_f16: bool = False
     ) -> None: ...
     def forward(
         self,

@@ -33,18 +33,15 @@ cdef extern from "llm_kernels.h":
     int LLM_MAX_THREADS
     void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t xs,
                         const float *w, int n_rows, int n_in, int n_out) noexcept nogil
-    void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd, const float *layer,
+    void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd, const void *layer,
                          const int *bt, int bt_width, const int *row_seq, const int *positions,
                          int n, int window, Py_ssize_t block_stride, int bs, int n_kv, int group,
-                         int hs, float *att, int att_stride, int att_rows, int threads) noexcept nogil
+                         int hs, float *att, int att_stride, int att_rows, int threads, int f16) noexcept nogil
     float llm_sumsq(const float *x, int n) noexcept nogil
     void llm_swiglu(float *hb, const float *hb2, int n) noexcept nogil
     void llm_geglu(float *hb, const float *hb2, int n) noexcept nogil
-    void llm_attend(float *out, const float *q, const float *layer, const int *bt, int first_pos, int n_pos,
-                    Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
-                    float *att, int att_stride) noexcept nogil
-    void llm_write_kv(float *page, const float *k, const float *v, int slot, int bs,
-                      int n_kv, int hs) noexcept nogil
+    void llm_write_kv(void *page, const float *k, const float *v, int slot, int bs,
+                      int n_kv, int hs, int f16) noexcept nogil
 
 
 # Slot order of _kernels.pxd's W_* enum; the last seven may be None (a family without them).
@@ -195,7 +192,7 @@ cdef class Engine:
 
     # Fields are declared in _kernels.pxd.
 
-    def __init__(self, config, weights, rope_cos, rope_sin):
+    def __init__(self, config, weights, rope_cos, rope_sin, kv_f16=False):
         if config.n_layers > MAX_LAYERS:
             raise ValueError(f"at most {MAX_LAYERS} layers")
         if config.head_size > MAX_HEAD:
@@ -215,6 +212,7 @@ cdef class Engine:
         self.gelu = 1 if config.activation == "gelu_tanh" else 0
         self.embed_scale = <float>config.embed_scale
         self.query_scale = <float>config.scale_of_queries
+        self.kv_f16 = 1 if kv_f16 else 0
         self.keep = []
         self.emb = _f32_ptr(weights.tok_embeddings, self.keep)
         self.emb_q8 = _q8_ptr(weights.tok_embeddings, self.keep)
@@ -266,13 +264,14 @@ cdef class Engine:
         self.scratch_rows = rows
 
     def forward(self, const int[::1] tokens, const int[::1] positions, const int[::1] row_seq,
-                const int[:, ::1] block_tables, float[::1] kv, int block_size,
+                const int[:, ::1] block_tables, unsigned char[::1] kv, int block_size,
                 const int[::1] logit_rows, float[:, ::1] logits_out):
         """Run every layer for ``len(tokens)`` rows, writing their K/V into ``kv``.
 
         Row r is token ``tokens[r]`` at position ``positions[r]`` of the sequence whose
-        block table is ``block_tables[row_seq[r]]``. ``kv`` is the flattened pool of shape
-        (num_blocks, n_layers, 2, n_kv_heads, head_size * block_size). The final-norm logits of row
+        block table is ``block_tables[row_seq[r]]``. ``kv`` is the pool's bytes, of shape
+        (num_blocks, n_layers, 2, n_kv_heads, head_size * block_size) in float32 (float16 when
+        the engine was made with ``kv_f16``). The final-norm logits of row
         ``logit_rows[m]`` go to ``logits_out[m]``. All of it is validated by the caller.
         """
         cdef int n = tokens.shape[0]
@@ -301,7 +300,9 @@ cdef class Engine:
         cdef float *hb2 = &self.hb2[0, 0]
         cdef float *lg = &self.logits[0, 0]
         cdef int xbs = self.xb.shape[1]
-        cdef float *kvp = &kv[0]
+        cdef unsigned char *kvp = &kv[0]
+        cdef int f16 = self.kv_f16
+        cdef Py_ssize_t esize = 2 if f16 else 4
         cdef const int *bt = &block_tables[0, 0]
         cdef const float **w
         cdef const unsigned char **w8
@@ -351,11 +352,11 @@ cdef class Engine:
                     for i in range(qd):
                         q[r * qd + i] = q[r * qd + i] * qscale
                     blk = bt[row_seq[r] * bt_width + pos // block_size]
-                    llm_write_kv(kvp + blk * block_stride + l * layer_off, k + r * kvd,
-                                 v + r * kvd, pos % block_size, block_size, n_kv, hs)
-                llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l, bt, bt_width, &row_seq[0],
+                    llm_write_kv(kvp + (blk * block_stride + l * layer_off) * esize, k + r * kvd,
+                                 v + r * kvd, pos % block_size, block_size, n_kv, hs, f16)
+                llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l * esize, bt, bt_width, &row_seq[0],
                                 &positions[0], n, window, block_stride, block_size, n_kv, group,
-                                hs, att, self.seq_len, group_rows, threads)
+                                hs, att, self.seq_len, group_rows, threads, f16)
                 acts = -1
                 llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs, &acts)
                 for r in range(n):

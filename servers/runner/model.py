@@ -7,7 +7,8 @@ numpy array) and a step only writes the slots of the tokens it computes. It neve
 KV blocks and never depends on batch-mates: every row is summed in a fixed order (_kernels).
 
 KV pool layout: float32 ``(num_blocks, n_layers, 2, n_kv_heads, head_size * block_size)``,
-C-contiguous. Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
+C-contiguous (float16 with ``kv_dtype="f16"``: half the bytes; each element rounded to the
+nearest half when written, read back exactly). Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
 slot ``s = p % block_size``. ``[b, l, 0, h]`` holds KV head ``h``'s keys dimension-major
 (dimension ``d`` of slot ``s`` at ``d * block_size + s``: four slots' scores are one vector
 op); ``[b, l, 1, h]`` its values slot-major (at ``s * head_size + d``). One block thus holds
@@ -105,15 +106,22 @@ def rope_tables(
     return np.stack([c for c, _ in tables]), np.stack([s for _, s in tables])
 
 
+# What KV pages may hold: "f16" halves the bytes of a block (twice the tokens in the same pages).
+KV_DTYPES: dict[str, type[np.floating[Any]]] = {"f32": np.float32, "f16": np.float16}
+
+
 class Model:
     """A loaded model plus its compiled kernels. ``step`` is the whole compute API."""
 
     def __init__(
         self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None,
-        context: int | None = None,
+        context: int | None = None, kv_dtype: str = "f32",
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self.kv_dtype: type[np.floating[Any]] = KV_DTYPES[kv_dtype]
         if context is not None and context < 2:
             raise ValueError(f"context must be at least 2, got {context}")
         if threads is not None:
@@ -125,7 +133,7 @@ class Model:
             self.config = replace(self.config, seq_len=context)
         self.block_size = block_size
         cos, sin = rope_tables(self.config, loaded.weights.rope_freqs)
-        self._engine = Engine(self.config, loaded.weights, cos, sin)
+        self._engine = Engine(self.config, loaded.weights, cos, sin, kv_f16=kv_dtype == "f16")
         # Logits rows reused across steps that do not keep them (run_steps): a fresh array of
         # B x vocab floats each step is fresh pages the kernel zeroes (12% of a Gemma decode).
         self._scratch = np.empty((0, self.config.vocab_size), np.float32)
@@ -141,6 +149,7 @@ class Model:
         rope_layout: RopeLayout | None = None,
         threads: int | None = None,
         context: int | None = None,
+        kv_dtype: str = "f32",
     ) -> Model:
         """Load ``path`` (default: the shipped stories260K); see loaders.load_model.
         ``threads`` sets this process's threads per step (None: leave as is); ``context``
@@ -148,7 +157,7 @@ class Model:
         loaded = load_model(
             path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout
         )
-        return cls(loaded, block_size=block_size, threads=threads, context=context)
+        return cls(loaded, block_size=block_size, threads=threads, context=context, kv_dtype=kv_dtype)
 
     def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
         c = self.config
@@ -170,7 +179,12 @@ class Model:
 
     def new_kv_pool(self, num_blocks: int) -> np.ndarray:
         """A zeroed pool for tests and benchmarks (the runner's lives in the arena)."""
-        return np.zeros(self.kv_pool_shape(num_blocks), dtype=np.float32)
+        return np.zeros(self.kv_pool_shape(num_blocks), dtype=self.kv_dtype)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block (every layer's K and V of block_size tokens)."""
+        return int(np.prod(self.kv_pool_shape(1))) * np.dtype(self.kv_dtype).itemsize
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -203,8 +217,8 @@ class Model:
         c = self.config
         bs = self.block_size
         n_chunks = len(chunks)
-        if kv.dtype != np.float32 or not kv.flags.c_contiguous or not kv.flags.writeable:
-            raise ValueError("kv pool must be a writable C-contiguous float32 array")
+        if kv.dtype != self.kv_dtype or not kv.flags.c_contiguous or not kv.flags.writeable:
+            raise ValueError(f"kv pool must be a writable C-contiguous {np.dtype(self.kv_dtype)} array")
         if kv.ndim != 5 or kv.shape[1:] != self.kv_pool_shape(0)[1:]:
             raise ValueError(
                 f"kv pool shape {kv.shape} does not match (N, *{self.kv_pool_shape(0)[1:]})"
@@ -224,7 +238,7 @@ class Model:
         logits = out[:n_chunks] if len(wants) == n_chunks else out[len(logit_rows):]
         out = out[: len(logit_rows)]
         self._engine.forward(
-            tokens, positions, row_seq, tables, kv.reshape(-1), bs, logit_rows, out
+            tokens, positions, row_seq, tables, kv.reshape(-1).view(np.uint8), bs, logit_rows, out
         )
         if len(wants) != n_chunks:
             logits.fill(np.nan)

@@ -35,9 +35,10 @@ class RunnerServer(Server):
     name = "runner.0"
 
     def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None,
-                 threads: int = 1, context: int | None = None) -> None:
+                 threads: int = 1, context: int | None = None, kv_dtype: str = "f32") -> None:
         # Load first, register after: once the name is taken, the scheduler may send steps.
-        self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context)
+        self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context,
+                                kv_dtype=kv_dtype)
         super().__init__(instance, name=name, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,
@@ -45,11 +46,10 @@ class RunnerServer(Server):
         })
         config = self.model.config
         pages = self.endpoint.arena.region(L.RegionKind.PAGES)
-        shape = self.model.kv_pool_shape(1)
-        block_bytes = int(np.prod(shape)) * 4
-        self.num_blocks = pages.size // block_bytes
+        # The memory server's blocks are this size too: the supervisor sizes both from one config.
+        self.num_blocks = pages.size // self.model.kv_block_bytes
         self.kv: np.ndarray[Any, Any] = self.endpoint.arena.ndarray(
-            pages.offset, self.model.kv_pool_shape(self.num_blocks), np.float32)
+            pages.offset, self.model.kv_pool_shape(self.num_blocks), self.model.kv_dtype)
         tokenizer_path = tokenizer_path_for(model_path)
         tokenizer = load_tokenizer(tokenizer_path)
         self.info = P.ModelInfo(

@@ -81,3 +81,26 @@ def test_a_file_that_is_not_a_model_is_one_line(cli: Cli, tmp_path: Path) -> Non
 def test_a_config_of_an_earlier_version_says_what_to_write(cli: Cli) -> None:
     old = cli.config('[memory]\nmodel = "my.gguf"\n')
     assert '[memory] model has moved: write [model] path = "my.gguf"' in refused(cli, "--config", old)
+
+
+def test_float16_kv_pages_hold_twice_the_blocks_and_give_the_models_text(cli: Cli) -> None:
+    """`--kv-dtype f16`: the memory server and the runners agree on the smaller blocks (the
+    same pages hold twice as many), and the text is what the model makes alone with them."""
+    import libllm
+    from servers.runner.model import Model, generate
+
+    instance = unique_instance("kvh")
+    cli("serve", "--port", "0", "--runners", "1", "--kv-dtype", "f16", "--instance", instance, "--detach")
+    try:
+        with libllm.connect(instance) as session:
+            done = session.generate("Once upon a time", max_tokens=40)
+            prompt = session.tokenizer.encode("Once upon a time")
+            blocks = session.info.num_kv_blocks  # the runner's count
+            memory_blocks = session.stats()["memory"]["num_blocks"]
+            stops = session.info.stop_ids
+        half = Model.load(kv_dtype="f16")
+        assert done.token_ids == generate(half, prompt, 40, stop_ids=stops)[: len(done.token_ids)]
+        pages = max(16 << 20, 512 * Model.load().kv_block_bytes)  # the default pages (config.py)
+        assert blocks == memory_blocks == pages // half.kv_block_bytes == 2 * (pages // Model.load().kv_block_bytes)
+    finally:
+        cli("down", "--instance", instance, "--purge")

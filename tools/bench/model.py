@@ -114,6 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per batch size")
     p.add_argument("--no-baseline", action="store_true", help="skip the numpy baseline")
     p.add_argument("--threads", type=int, default=1, help="threads per step (ours and llama.cpp's)")
+    p.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"], help="what our KV pages hold")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per stream before decoding")
     p.add_argument("--prefill", type=int, default=512, help="prompt length for prefill tok/s (0: skip)")
     p.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
@@ -136,7 +137,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     ns = parse_args(argv)
-    model = Model.load(ns.model, threads=ns.threads)
+    model = Model.load(ns.model, threads=ns.threads, kv_dtype=ns.kv_dtype)
     if ns.prompt + ns.max_pos > model.config.seq_len or ns.prefill > model.config.seq_len:
         print(f"--prompt + --max-pos and --prefill must fit the model's context {model.config.seq_len}",
               file=sys.stderr)
@@ -173,6 +174,7 @@ def main(argv: list[str]) -> int:
     results = [row_for(metric, engines) for metric, engines in runs.items()]
     print(f"{path.name}: {model.config.arch}, {weight_bytes(model) / 2**20:,.0f} MiB of weights as computed "
           f"({path.stat().st_size / 2**20:,.0f} MiB file), {ns.threads} thread(s), {simd_level()}, "
+          f"KV {ns.kv_dtype}, "
           f"median of {ns.repeats} interleaved runs [range]")
     print_table(results)
     print(f"peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB")

@@ -115,6 +115,7 @@ static void llm_matmul_sse(float *out, Py_ssize_t os, const float *x, Py_ssize_t
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define LLM_HAVE_AVX 1
+#include <immintrin.h>  /* F16C: float16 KV pages (llm_kv8) */
 typedef float llm_v8 __attribute__((vector_size(32)));
 typedef float llm_v8u __attribute__((vector_size(32), aligned(4)));
 
@@ -361,18 +362,75 @@ static void llm_softmax(float *x, int n) {
     llm_softmax_finish(x, n, i, m, acc);
 }
 
-/* Page layout, per block and layer: [2][n_kv][head_size * block_size] floats; the K
+/* KV pages hold float32, or float16 (kv_f16): each K or V element rounded to the nearest
+   half (ties to even) when written, and read back exactly, so every row still reads the same
+   values whatever its batch; the attention's sums are the float32 code's, on those values. */
+static inline float llm_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    float f;
+    if (exp == 0x1fu) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {             /* zero or subnormal: man * 2**-24, exact in float */
+        f = (float)man * 5.9604644775390625e-8f;
+        __builtin_memcpy(&u, &f, 4);
+        u |= sign;
+    } else {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t llm_float_to_half(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;          /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;         /* rounds to 65520 or more: inf */
+    if (a < 0x38800000u) {                               /* a half subnormal: x * 2**24, rounded */
+        float f;
+        __builtin_memcpy(&f, &a, 4);
+        const float m = (f * 16777216.0f + 12582912.0f) - 12582912.0f;  /* ties to even */
+        return sign | (uint16_t)m;                       /* 1024: the least normal, as it should */
+    }
+    const uint32_t lsb = (a >> 13) & 1u;                 /* normal: 23 -> 10 mantissa bits */
+    return sign | (uint16_t)(((a + 0x0fffu + lsb) >> 13) - (112u << 10));
+}
+
+/* Element i from p, and the address of element i, in the page's element type. */
+static inline float llm_kv1(const void *p, Py_ssize_t i, const int f16) {
+    return f16 ? llm_half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline const void *llm_kv_at(const void *p, Py_ssize_t i, const int f16) {
+    return (const char *)p + i * (f16 ? 2 : 4);
+}
+static inline llm_v4 llm_kv4(const void *p, Py_ssize_t i, const int f16) {
+    if (!f16) return llm_ld((const float *)p + i);
+    const uint16_t *h = (const uint16_t *)p + i;
+    llm_v4 v = {llm_half_to_float(h[0]), llm_half_to_float(h[1]), llm_half_to_float(h[2]),
+                llm_half_to_float(h[3])};
+    return v;
+}
+
+/* Page layout, per block and layer: [2][n_kv][head_size * block_size] elements; the K
    of head g stores dimension d of slot s at d * bs + s (so four slots' scores are four
    lanes), the V stores it at s * hs + d (so a weighted sum runs along d). */
-static void llm_write_kv(float *page, const float *k, const float *v, int slot,
-                         int bs, int n_kv, int hs)
+static void llm_write_kv(void *page, const float *k, const float *v, int slot,
+                         int bs, int n_kv, int hs, int f16)
 {
-    const Py_ssize_t head = (Py_ssize_t)hs * bs;
-    float *kp = page, *vp = page + (Py_ssize_t)n_kv * head;
+    const Py_ssize_t head = (Py_ssize_t)hs * bs, values = (Py_ssize_t)n_kv * head;
     for (int g = 0; g < n_kv; g++)
         for (int d = 0; d < hs; d++) {
-            kp[g * head + (Py_ssize_t)d * bs + slot] = k[g * hs + d];
-            vp[g * head + (Py_ssize_t)slot * hs + d] = v[g * hs + d];
+            const Py_ssize_t at_k = g * head + (Py_ssize_t)d * bs + slot, at_v = values + g * head + (Py_ssize_t)slot * hs + d;
+            if (f16) {
+                ((uint16_t *)page)[at_k] = llm_float_to_half(k[g * hs + d]);
+                ((uint16_t *)page)[at_v] = llm_float_to_half(v[g * hs + d]);
+            } else {
+                ((float *)page)[at_k] = k[g * hs + d];
+                ((float *)page)[at_v] = v[g * hs + d];
+            }
         }
 }
 
@@ -380,9 +438,9 @@ static void llm_write_kv(float *page, const float *k, const float *v, int slot,
 #define LLM_MAX_HEAD 256  /* model.py refuses larger heads */
 
 static inline __attribute__((always_inline))
-void llm_attend_impl(float *out, const float *q, const float *layer, const int *bt,
+void llm_attend_impl(float *out, const float *q, const void *layer, const int *bt,
                      int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                     int group, const int hs, float *att, int att_stride)
+                     int group, const int hs, float *att, int att_stride, const int f16)
 {
     const Py_ssize_t head = (Py_ssize_t)hs * bs;
     const int hs4 = hs & ~3;
@@ -391,19 +449,19 @@ void llm_attend_impl(float *out, const float *q, const float *layer, const int *
             const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
             float *ah = att + (Py_ssize_t)h * att_stride;
             for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
+                const void *kt = llm_kv_at(layer, (Py_ssize_t)bt[b] * block_stride + g * head, f16);
                 float *ab = ah + b * bs - first_pos;  /* score of slot s is ab[s] */
                 const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
                 int s = t - b * bs;
                 for (; s + 4 <= m; s += 4) {
-                    llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
+                    llm_v4 acc = llm_splat(qh[0]) * llm_kv4(kt, s, f16);
                     for (int d = 1; d < hs; d++)
-                        acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
+                        acc += llm_splat(qh[d]) * llm_kv4(kt, (Py_ssize_t)d * bs + s, f16);
                     llm_st(ab + s, acc);
                 }
                 for (; s < m; s++) {
-                    float acc = qh[0] * kt[s];
-                    for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
+                    float acc = qh[0] * llm_kv1(kt, s, f16);
+                    for (int d = 1; d < hs; d++) acc += qh[d] * llm_kv1(kt, (Py_ssize_t)d * bs + s, f16);
                     ab[s] = acc;
                 }
                 t = b * bs + m;
@@ -415,15 +473,15 @@ void llm_attend_impl(float *out, const float *q, const float *layer, const int *
             float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int d = 0; d < hs4; d += 4) acc[d / 4] = llm_splat(0.0f);
             for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
-                                  + (Py_ssize_t)n_kv * head + g * head;
+                const void *vb = llm_kv_at(layer, (Py_ssize_t)bt[b] * block_stride
+                                           + (Py_ssize_t)n_kv * head + g * head, f16);
                 const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
                 for (int s = t - b * bs; s < m; s++, t++) {
-                    const float *vp = vb + (Py_ssize_t)s * hs;
+                    const void *vp = llm_kv_at(vb, (Py_ssize_t)s * hs, f16);
                     const float a = ah[t - first_pos];
                     const llm_v4 va = llm_splat(a);
-                    for (int d = 0; d < hs4; d += 4) acc[d / 4] += va * llm_ld(vp + d);
-                    for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
+                    for (int d = 0; d < hs4; d += 4) acc[d / 4] += va * llm_kv4(vp, d, f16);
+                    for (int d = hs4; d < hs; d++) tail[d - hs4] += a * llm_kv1(vp, d, f16);
                 }
             }
             float *o = out + (Py_ssize_t)(g * group + h) * hs;
@@ -435,24 +493,36 @@ void llm_attend_impl(float *out, const float *q, const float *layer, const int *
 
 /* Common head sizes get their own copy of IMPL with hs a constant, which changes the speed
    only (the accumulators of a head stay in registers). */
-#define LLM_ATTEND_BY_HEAD_SIZE(IMPL)                                                          \
+#define LLM_ATTEND_BY_HEAD_SIZE(IMPL, F16)                                                     \
     switch (hs) {                                                                              \
-    case 8: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride); break;     \
-    case 64: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride); break;   \
-    case 128: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride); break; \
-    case 256: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride); break; \
-    default: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);          \
+    case 8: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 8, att, att_stride, F16); break;     \
+    case 64: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 64, att, att_stride, F16); break;   \
+    case 128: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 128, att, att_stride, F16); break; \
+    case 256: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, 256, att, att_stride, F16); break; \
+    default: IMPL(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride, F16);          \
     }
+/* Each element type gets its own copy too (f16 a constant in each). */
+#define LLM_ATTEND_BY_TYPE(IMPL)                                                               \
+    if (f16) { LLM_ATTEND_BY_HEAD_SIZE(IMPL, 1) } else { LLM_ATTEND_BY_HEAD_SIZE(IMPL, 0) }
 
 #ifdef LLM_HAVE_AVX
 /* The attention above with 8 lanes where it had 4 (AVX2): each lane performs the same
    operations in the same order as before, so the bits are those of the SSE code. */
 typedef int llm_v8i __attribute__((vector_size(32)));
-#define LLM_AVX2 __attribute__((target("avx2"), always_inline)) static inline
+#define LLM_AVX2 __attribute__((target("avx2,f16c"), always_inline)) static inline
 
 LLM_AVX2 llm_v8 llm_ld8(const float *p) { return *(const llm_v8u *)p; }
 LLM_AVX2 void llm_st8(float *p, llm_v8 v) { *(llm_v8u *)p = v; }
 LLM_AVX2 llm_v8 llm_splat8(float x) { llm_v8 v = {x, x, x, x, x, x, x, x}; return v; }
+/* 8 elements from p + i as floats: a float16 page through F16C (exact, as llm_half_to_float). */
+__attribute__((target("avx2,f16c"), always_inline)) static inline llm_v8 llm_kv8(const void *p, Py_ssize_t i,
+                                                                              const int f16) {
+    if (!f16) return llm_ld8((const float *)p + i);
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    llm_v8 r;
+    __builtin_memcpy(&r, &v, sizeof r);
+    return r;
+}
 LLM_AVX2 llm_v4 llm_lo4(llm_v8 v) { llm_v4 r; __builtin_memcpy(&r, &v, sizeof r); return r; }
 LLM_AVX2 llm_v4 llm_hi4(llm_v8 v) {
     llm_v4 r; __builtin_memcpy(&r, (const char *)&v + sizeof r, sizeof r); return r;
@@ -488,10 +558,10 @@ LLM_AVX2 void llm_softmax_avx2(float *x, int n) {
     llm_softmax_finish(x, n, i, m, acc);
 }
 
-LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *layer,
+LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const void *layer,
                                   const int *bt, int first_pos, int n_pos, Py_ssize_t block_stride,
                                   int bs, int n_kv, int group, const int hs,
-                                  float *att, int att_stride)
+                                  float *att, int att_stride, const int f16)
 {
     const Py_ssize_t head = (Py_ssize_t)hs * bs;
     const int hs8 = hs & ~7;
@@ -501,25 +571,25 @@ LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *laye
             const float *qh = q + (Py_ssize_t)(g * group + h) * hs;
             float *ah = att + (Py_ssize_t)h * att_stride;
             for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                const float *kt = layer + (Py_ssize_t)bt[b] * block_stride + g * head;
+                const void *kt = llm_kv_at(layer, (Py_ssize_t)bt[b] * block_stride + g * head, f16);
                 float *ab = ah + b * bs - first_pos;
                 const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
                 int s = t - b * bs;
                 for (; s + 8 <= m; s += 8) {
-                    llm_v8 acc = llm_splat8(qh[0]) * llm_ld8(kt + s);
+                    llm_v8 acc = llm_splat8(qh[0]) * llm_kv8(kt, s, f16);
                     for (int d = 1; d < hs; d++)
-                        acc += llm_splat8(qh[d]) * llm_ld8(kt + (Py_ssize_t)d * bs + s);
+                        acc += llm_splat8(qh[d]) * llm_kv8(kt, (Py_ssize_t)d * bs + s, f16);
                     llm_st8(ab + s, acc);
                 }
                 for (; s + 4 <= m; s += 4) {
-                    llm_v4 acc = llm_splat(qh[0]) * llm_ld(kt + s);
+                    llm_v4 acc = llm_splat(qh[0]) * llm_kv4(kt, s, f16);
                     for (int d = 1; d < hs; d++)
-                        acc += llm_splat(qh[d]) * llm_ld(kt + (Py_ssize_t)d * bs + s);
+                        acc += llm_splat(qh[d]) * llm_kv4(kt, (Py_ssize_t)d * bs + s, f16);
                     llm_st(ab + s, acc);
                 }
                 for (; s < m; s++) {
-                    float acc = qh[0] * kt[s];
-                    for (int d = 1; d < hs; d++) acc += qh[d] * kt[(Py_ssize_t)d * bs + s];
+                    float acc = qh[0] * llm_kv1(kt, s, f16);
+                    for (int d = 1; d < hs; d++) acc += qh[d] * llm_kv1(kt, (Py_ssize_t)d * bs + s, f16);
                     ab[s] = acc;
                 }
                 t = b * bs + m;
@@ -530,16 +600,16 @@ LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *laye
             float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int d = 0; d < hs8; d += 8) acc8[d / 8] = llm_splat8(0.0f);
             for (int b = first_pos / bs, t = first_pos; t < n_pos; b++) {
-                const float *vb = layer + (Py_ssize_t)bt[b] * block_stride
-                                  + (Py_ssize_t)n_kv * head + g * head;
+                const void *vb = llm_kv_at(layer, (Py_ssize_t)bt[b] * block_stride
+                                           + (Py_ssize_t)n_kv * head + g * head, f16);
                 const int m = n_pos - b * bs < bs ? n_pos - b * bs : bs;
                 for (int s = t - b * bs; s < m; s++, t++) {
-                    const float *vp = vb + (Py_ssize_t)s * hs;
+                    const void *vp = llm_kv_at(vb, (Py_ssize_t)s * hs, f16);
                     const float a = ah[t - first_pos];
                     const llm_v8 va = llm_splat8(a);
-                    for (int d = 0; d < hs8; d += 8) acc8[d / 8] += va * llm_ld8(vp + d);
-                    if (hs4 > hs8) acc4 += llm_splat(a) * llm_ld(vp + hs8);
-                    for (int d = hs4; d < hs; d++) tail[d - hs4] += a * vp[d];
+                    for (int d = 0; d < hs8; d += 8) acc8[d / 8] += va * llm_kv8(vp, d, f16);
+                    if (hs4 > hs8) acc4 += llm_splat(a) * llm_kv4(vp, hs8, f16);
+                    for (int d = hs4; d < hs; d++) tail[d - hs4] += a * llm_kv1(vp, d, f16);
                 }
             }
             float *o = out + (Py_ssize_t)(g * group + h) * hs;
@@ -550,12 +620,12 @@ LLM_AVX2 void llm_attend_avx2_impl(float *out, const float *q, const float *laye
     }
 }
 
-__attribute__((target("avx2")))
-static void llm_attend_avx2(float *out, const float *q, const float *layer, const int *bt,
+__attribute__((target("avx2,f16c")))
+static void llm_attend_avx2(float *out, const float *q, const void *layer, const int *bt,
                             int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                            int group, int hs, float *att, int att_stride)
+                            int group, int hs, float *att, int att_stride, int f16)
 {
-    LLM_ATTEND_BY_HEAD_SIZE(llm_attend_avx2_impl)
+    LLM_ATTEND_BY_TYPE(llm_attend_avx2_impl)
 }
 #endif
 
@@ -566,17 +636,18 @@ static void llm_attend_avx2(float *out, const float *q, const float *layer, cons
    (score t sums d = 0..hs-1 in order; slots go 8 (AVX2) or 4 to a vector and the rest
    through a scalar loop, all performing the same operations per score), a softmax,
    then V weighted and summed in order of t. */
-static void llm_attend(float *out, const float *q, const float *layer, const int *bt,
+static void llm_attend(float *out, const float *q, const void *layer, const int *bt,
                        int first_pos, int n_pos, Py_ssize_t block_stride, int bs, int n_kv,
-                       int group, int hs, float *att, int att_stride)
+                       int group, int hs, float *att, int att_stride, int f16)
 {
 #ifdef LLM_HAVE_AVX
     if (llm_simd_level > 1) {
-        llm_attend_avx2(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride);
+        llm_attend_avx2(out, q, layer, bt, first_pos, n_pos, block_stride, bs, n_kv, group, hs, att, att_stride,
+                        f16);
         return;
     }
 #endif
-    LLM_ATTEND_BY_HEAD_SIZE(llm_attend_impl)
+    LLM_ATTEND_BY_TYPE(llm_attend_impl)
 }
 
 /* Threads inside a step (llm_pool.h). Each output of a matmul is computed by exactly
@@ -628,9 +699,9 @@ static void llm_matmul_par(float *out, Py_ssize_t os, const float *x, Py_ssize_t
 }
 
 typedef struct {
-    float *out; Py_ssize_t os; const float *q; int qd; const float *layer; const int *bt;
+    float *out; Py_ssize_t os; const float *q; int qd; const void *layer; const int *bt;
     int bt_width; const int *row_seq; const int *positions; int n, window;
-    Py_ssize_t block_stride; int bs, n_kv, group, hs; float *att; int att_stride, att_rows;
+    Py_ssize_t block_stride; int bs, n_kv, group, hs; float *att; int att_stride, att_rows, f16;
 } llm_attend_job;
 
 /* Thread t takes rows t, t + n, ...; its scores go to att + t * att_rows * att_stride. */
@@ -642,20 +713,21 @@ static void llm_attend_share(void *p, int t, int n) {
         const int first = j->window && pos >= j->window ? pos + 1 - j->window : 0;
         llm_attend(j->out + r * j->os, j->q + (Py_ssize_t)r * j->qd, j->layer,
                    j->bt + j->row_seq[r] * j->bt_width, first, pos + 1, j->block_stride,
-                   j->bs, j->n_kv, j->group, j->hs, att, j->att_stride);
+                   j->bs, j->n_kv, j->group, j->hs, att, j->att_stride, j->f16);
     }
 }
 
 /* Every row's attention at one layer; a row at position p reads positions from
-   p + 1 - window on (0: all). att holds `threads` sets of att_rows score rows. */
+   p + 1 - window on (0: all). att holds `threads` sets of att_rows score rows. layer: the
+   layer's first element in the pool (float32, or float16 with f16). */
 static void llm_attend_rows(float *out, Py_ssize_t os, const float *q, int qd,
-                            const float *layer, const int *bt, int bt_width,
+                            const void *layer, const int *bt, int bt_width,
                             const int *row_seq, const int *positions, int n, int window,
                             Py_ssize_t block_stride, int bs, int n_kv, int group, int hs,
-                            float *att, int att_stride, int att_rows, int threads)
+                            float *att, int att_stride, int att_rows, int threads, int f16)
 {
     llm_attend_job job = {out, os, q, qd, layer, bt, bt_width, row_seq, positions, n, window,
-                          block_stride, bs, n_kv, group, hs, att, att_stride, att_rows};
+                          block_stride, bs, n_kv, group, hs, att, att_stride, att_rows, f16};
     const int nt = threads < n ? threads : n;
     if (nt <= 1)
         llm_attend_share(&job, 0, 1);
