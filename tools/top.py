@@ -151,11 +151,11 @@ def _fit(console: Console, view: View) -> RenderableType:
     def height(frame: RenderableType) -> int:
         return len(console.render_lines(frame, console.options.update(height=None), pad=False))
 
-    frame = render_rich(view)
+    frame = render_rich(view, width=console.width)
     if height(frame) <= console.height:
         return frame
-    room = console.height - (height(render_rich(view, max_rows=1)) - 1)
-    return render_rich(view, max_rows=max(room, 1))
+    room = console.height - (height(render_rich(view, max_rows=1, width=console.width)) - 1)
+    return render_rich(view, max_rows=max(room, 1), width=console.width)
 
 
 def _wait_for_q(stdin: int | None, deadline: float) -> bool:

@@ -10,6 +10,7 @@ of them None when that server did not answer) and the `processes` list of `llmos
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,29 @@ class Table:
     columns: tuple[str, ...]  # a name starting with ">" is right-aligned (the ">" not shown)
     rows: list[tuple[str, ...]]
     empty: str = ""  # shown when there are no rows
+    drop: tuple[str, ...] = ()  # columns left out, first to last, where the screen is too narrow
+
+    def fitted(self, width: int | None) -> Table:
+        """This table without the columns it drops first until its text is `width` wide."""
+        table = self
+        for name in (*self.drop, None):
+            if width is None or table.text_width() <= width or name is None:
+                return table
+            keep = [i for i, c in enumerate(table.columns) if c.lstrip(">") != name]
+            table = Table(table.title, tuple(table.columns[i] for i in keep),
+                          [tuple(row[i] for i in keep) for row in table.rows], table.empty, table.drop)
+        return table
+
+    def text_width(self) -> int:
+        names = [c.lstrip(">") for c in self.columns]
+        return sum(max([len(n), *(len(row[i]) for row in self.rows)]) for i, n in enumerate(names)) + 2 * (
+            len(names) - 1)
+
+
+# The seed's symbols, said once at the bottom of every frame.
+LEGEND = ("T_s: steps a request waited before its first step; H: share of prompt tokens found in "
+          "the prefix cache; F: share of KV (or segment) space allocated but unused; L_s: a "
+          "message's time on its ring; L_r: share of messages lost (must be 0)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +178,7 @@ def _memory_lines(m: dict[str, Any] | None, s: dict[str, Any] | None) -> list[st
     if s is not None and "prefix_hit_rate" in s:  # a scheduler that keeps its own prefix cache
         hit = f"{hit} (memory server), {pct(s['prefix_hit_rate'])} (scheduler)"
     return [
-        f"KV blocks: used {m['num_used_blocks']}, cached {m['num_cached_blocks']}, leased "
+        f"KV blocks: used {m['num_used_blocks']}, cached {m['num_cached_blocks']}, lent to the scheduler "
         f"{m['num_leased_blocks']}, free {m['num_free_blocks']} of {m['num_blocks']}{lease}",
         f"H (prefix hit rate) {hit}; F paged {pct(paged)}, "
         f"segments {pct(m['external_fragmentation'])} ({m['segment_bytes_used'] / 2**20:.1f} of "
@@ -196,16 +220,20 @@ def _rings(prev: dict[str, Any] | None, kernel: dict[str, Any] | None, dt: float
                          ns(r["latency_p99_ns"], r["latency_count"]),
                          pct(r["seq_gaps"] / expected if expected else None)))
     return Table("rings", (">ch", "dir", "flow", ">fill", ">msg/s", ">bytes/s", ">L_s p50", ">L_s p99", ">L_r"),
-                 rows, "(no kernel stats)")
+                 rows, "(no kernel stats)", drop=("L_s p99", "bytes/s", "dir", "ch", "L_r"))
 
 
 # -- rendering ----------------------------------------------------------------------------
 
 
-def render_text(view: View) -> str:
-    """The view as plain aligned text, for a pipe."""
-    out = [view.title, *view.lines]
-    for table in view.tables:
+def render_text(view: View, width: int | None = None) -> str:
+    """The view as plain aligned text, for a pipe; with `width`, lines wrap to it and tables
+    drop their least needed columns to fit it."""
+    def wrapped(line: str) -> list[str]:
+        return textwrap.wrap(line, width, subsequent_indent="  ") if width else [line]
+
+    out = [line for text in (view.title, *view.lines) for line in wrapped(text)]
+    for table in (t.fitted(width) for t in view.tables):
         out.append("")
         out.append(table.title.upper())
         names = tuple(c.lstrip(">") for c in table.columns)
@@ -214,6 +242,7 @@ def render_text(view: View) -> str:
         out.extend(_aligned(row, widths, right) for row in (names, *table.rows))
         if not table.rows:
             out.append(f"  {table.empty}")
+    out.extend(["", *wrapped(LEGEND)])
     return "\n".join(out) + "\n"
 
 
@@ -221,11 +250,12 @@ def _aligned(cells: tuple[str, ...], widths: list[int], right: list[bool]) -> st
     return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
 
-def render_rich(view: View, max_rows: int | None = None) -> RenderableType:
+def render_rich(view: View, max_rows: int | None = None, width: int | None = None) -> RenderableType:
     """The view as rich tables, for the live screen; the last table (rings) keeps at most
-    `max_rows` rows (the busiest first) so the frame fits the terminal."""
+    `max_rows` rows (the busiest first) so the frame fits the terminal, and tables drop
+    their least needed columns to fit `width`."""
     parts: list[RenderableType] = [Text(view.title, style="bold"), *(Text(line) for line in view.lines)]
-    for i, table in enumerate(view.tables):
+    for i, table in enumerate(t.fitted(width) for t in view.tables):
         rows = table.rows
         caption = None
         if max_rows is not None and i == len(view.tables) - 1 and len(rows) > max_rows:
@@ -240,6 +270,7 @@ def render_rich(view: View, max_rows: int | None = None) -> RenderableType:
         if not rows:
             rich_table.add_row(table.empty, *([""] * (len(table.columns) - 1)))
         parts.append(rich_table)
+    parts.append(Text(LEGEND, style="dim"))
     parts.append(Text("q or Ctrl-C quits", style="dim"))
     return Group(*parts)
 

@@ -186,12 +186,24 @@ def test_rates_are_deltas_between_two_samples() -> None:
     assert request[5:] == ["25.0%", "100", "10.0kB", "2.0us", "2.1ms", "0.4%"]  # 1 gap in 250 expected
     reply = next(line for line in lines if "runner.0 -> scheduler" in line).split()
     assert reply[5:8] == ["25.0%", "100", "10.0kB"] and reply[-1] == "0.0%"
-    assert "KV blocks: used 30, cached 10, leased 25, free 60 of 100; 7 idle in the scheduler's lease" in text
+    assert "KV blocks: used 30, cached 10, lent to the scheduler 25, free 60 of 100; 7 idle in the scheduler's lease" in text
     assert "H (prefix hit rate) 25.0%; F paged 12.5%, segments 50.0%" in text
     second.scheduler["prefix_hit_rate"] = 0.5  # a scheduler with its own prefix cache reports it too
     assert "H (prefix hit rate) 25.0% (memory server), 50.0% (scheduler);" in render_text(build_view(first, second))
     assert re.search(r"priority 5 +0 +2", text) and re.search(r"client \(none\) +0 +2", text)
     assert re.search(r"client endpoint-9 +2 +1", text)
+
+
+def test_an_80_column_screen_gets_tables_that_drop_columns_not_wrap() -> None:
+    first, second = sample(100.0, 1000, 3.0, 50, 4000), sample(102.0, 1400, 4.0, 250, 24000)
+    for ep in second.kernel["endpoints"]:  # long names, as real flows have
+        ep["name"] = f"{ep['name']}-with-a-long-name"
+    text = render_text(build_view(first, second), width=80)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    header = text.splitlines()[text.splitlines().index("RINGS") + 1].split()
+    assert "flow" in header and "fill" in header and "p99" not in header  # the least needed went first
+    assert "T_s: steps a request waited" in text and "L_r: share of messages lost" in text  # the legend
+    assert max(len(line) for line in render_text(build_view(first, second)).splitlines()) > 80  # a pipe: whole
 
 
 def test_no_rates_without_an_earlier_sample_or_after_a_restart() -> None:
