@@ -34,6 +34,7 @@ from libllm.request import DeadlineExceeded as DeadlineExceeded
 from libllm.request import Pending, Request
 from libllm.request import Timings as Timings
 from libllm.request import Usage as Usage
+from libllm.sampling import SamplingParams
 from libllm.tensors import SharedTensor
 from libllm.tokenizer import Tokenizer, load_tokenizer
 from microkernel import instance as I
@@ -312,24 +313,23 @@ class Session:
         if o.logprobs is not None and (not isinstance(o.logprobs, int) or isinstance(o.logprobs, bool)
                                        or not 0 <= o.logprobs <= P.MAX_LOGPROBS):
             raise InvalidRequest(f"logprobs must be None or an int in 0..{P.MAX_LOGPROBS}, got {o.logprobs!r}")
-        penalties = {}
-        for name, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
-                                ("repetition_penalty", 0.0, 10.0)):
-            value = getattr(o, name)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high
-                    or (name == "repetition_penalty" and value <= 0)):
-                bounds = "(0, 10]" if name == "repetition_penalty" else "[-2, 2]"
-                raise InvalidRequest(f"{name} must be a number in {bounds}, got {value!r}")
-            penalties[name] = float(value)
+        penalties = {name: getattr(o, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")}
+        for name, value in penalties.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise InvalidRequest(f"{name} must be a number, got {value!r}")
+        try:  # the ranges are SamplingParams'
+            SamplingParams(presence_penalty=float(o.presence_penalty), frequency_penalty=float(o.frequency_penalty),
+                           repetition_penalty=float(o.repetition_penalty))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         seed = o.seed
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
         # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
         return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
                         stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs,
-                        bool(o.prompt_logprobs), presence_penalty=penalties["presence_penalty"],
-                        frequency_penalty=penalties["frequency_penalty"],
-                        repetition_penalty=penalties["repetition_penalty"])
+                        bool(o.prompt_logprobs), presence_penalty=float(o.presence_penalty),
+                        frequency_penalty=float(o.frequency_penalty), repetition_penalty=float(o.repetition_penalty))
 
     def _wire(self, submit: P.Submit, timeout: float | None) -> _Wired:
         """The submit's bytes on the current connection; a long prompt gets a segment (a call

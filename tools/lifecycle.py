@@ -167,7 +167,7 @@ def logs(instance: str | None, process: str | None, follow: bool, lines: int) ->
     for path in files:
         text = path.read_text(errors="replace")
         for line in text.splitlines()[-lines:] if lines else text.splitlines():
-            print(line if len(files) == 1 or line[:1].isdigit() else f"{path.stem} | {line}")
+            print(line if len(files) == 1 else supervisor.named(path.stem, line))
         offsets[path] = len(text.encode())
     sys.stdout.flush()
     try:
@@ -179,7 +179,7 @@ def logs(instance: str | None, process: str | None, follow: bool, lines: int) ->
                     data = f.read()
                     offsets[path] = f.tell()
                 for line in data.decode(errors="replace").splitlines():
-                    print(line if len(files) == 1 or line[:1].isdigit() else f"{path.stem} | {line}")
+                    print(line if len(files) == 1 else supervisor.named(path.stem, line))
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass

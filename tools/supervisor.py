@@ -368,8 +368,13 @@ class Supervisor:
             except FileNotFoundError:
                 continue
             for line in data.decode(errors="replace").splitlines():
-                # Log lines name their process already; the rest (a traceback) gets its name.
-                sys.stderr.write(f"{line}\n" if line[:1].isdigit() else f"{child.name} | {line}\n")
+                sys.stderr.write(named(child.name, line) + "\n")
+
+
+def named(process: str, line: str) -> str:
+    """A log line shown among other processes' lines: log records name their process already
+    (they begin with a timestamp); the rest, a traceback's lines, get its name."""
+    return line if line[:1].isdigit() else f"{process} | {line}"
 
 
 KEPT_RUNS = 3  # logs of this many runs of an instance are kept: NAME.log, NAME.log.1, ...

@@ -215,7 +215,8 @@ def _gguf_tensor(path: Path, mm: np.ndarray, plan: Plan, name: str, t: TensorInf
         matrix: type[BlockMatrix] = Q8Matrix if kind in WIDENED else Q8KMatrix if kind.endswith("_K") else Q8SMatrix
         widen_kind = widen if kind in WIDENED else widen_q8s
         plan.q8[name] = (matrix, shape[1])
-        fill_packed = pack_widened(matrix, rows, shape[1], lambda part, out: widen_kind(part, kind, out))
+        widen_rows = None if kind == "Q8_0" else lambda part, out: widen_kind(part, kind, out)
+        fill_packed = pack_widened(matrix, rows, shape[1], widen_rows)
         plan.add_deferred(name, matrix.packed_shape(*shape), fill_packed, np.uint8)
         return
 

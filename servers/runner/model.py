@@ -320,7 +320,7 @@ def run_steps(
         step = [
             SeqChunk(chunks[i].block_table, chunks[i].end_pos + len(made[i]) - 1, (made[i][-1],),
                      sampling=chunks[i].sampling, penalty_prompt_ids=chunks[i].penalty_prompt_ids,
-                     penalty_output_ids=(*chunks[i].penalty_output_ids, *made[i]))
+                     penalty_output_ids=_made_so_far(chunks[i], made[i]))
             for i in alive
         ]
         out = model.step(step, kv, keep_logits=False)
@@ -334,6 +334,14 @@ def run_steps(
     if prompt_logprobs is not None:
         prompt_logprobs[:] = first.prompt_logprobs
     return made
+
+
+def _made_so_far(chunk: SeqChunk, made: list[int]) -> Sequence[int]:
+    """What a penalised chunk's next inner step counts as made; nothing to count without
+    penalties (no history copied every inner step)."""
+    if chunk.sampling is None or not chunk.sampling.has_penalties:
+        return ()
+    return (*chunk.penalty_output_ids, *made)
 
 
 def generate(

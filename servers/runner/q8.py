@@ -155,17 +155,21 @@ class Q8KMatrix(Q8SMatrix):
 
 
 def pack_widened(
-    matrix: type[BlockMatrix], raw_rows: np.ndarray, cols: int, widen_rows: Callable[[np.ndarray, np.ndarray], None]
+    matrix: type[BlockMatrix], raw_rows: np.ndarray, cols: int,
+    widen_rows: Callable[[np.ndarray, np.ndarray], None] | None,
 ) -> Callable[[np.ndarray], None]:
     """A loader's fill function: widen the file's rows (uint8, one row of blocks each) to
-    row-major blocks a chunk at a time, and pack them into the destination."""
+    row-major blocks a chunk at a time, and pack them into the destination. No `widen_rows`:
+    the file's rows are those blocks already (Q8_0), packed as they lie."""
     row_bytes = cols // BLOCK * matrix.ROW_BLOCK
 
     def fill(out: np.ndarray) -> None:
         for r0 in range(0, raw_rows.shape[0], CHUNK_ROWS):
             part = np.asarray(raw_rows[r0 : r0 + CHUNK_ROWS])
-            rows = np.empty((part.shape[0], row_bytes), np.uint8)
-            widen_rows(part, rows)
+            rows = part
+            if widen_rows is not None:
+                rows = np.empty((part.shape[0], row_bytes), np.uint8)
+                widen_rows(part, rows)
             matrix.pack_rows(rows, out, r0)
 
     return fill

@@ -16,6 +16,7 @@ import numpy as np
 from libllm.protocol import Logprob
 from libllm.sampling import GREEDY as GREEDY
 from libllm.sampling import SamplingParams as SamplingParams
+from servers.runner._kernels import threads as _threads  # the step's thread count
 
 MASK64 = (1 << 64) - 1
 BATCHED_FROM_ROWS = 8  # below this many sampled rows, `sample` row by row is faster
@@ -182,12 +183,6 @@ def sample_rows(
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}  # by size: the step's thread count, made on first use
-
-
-def _threads() -> int:
-    from servers.runner._kernels import threads
-
-    return threads()
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -168,29 +168,33 @@ static inline int32_t llm_load_i32(const int8_t *p) {
 #define llm_bcast256(p) _mm256_set1_epi32(llm_load_i32(p))
 #define llm_loadi256(p) _mm256_loadu_si256((const __m256i *)(p))
 #define llm_same(v) (v)
-LLM_GEMM_TILE(llm_tile_avx2, LLM_AVX2_TARGET, __m256i, __m256, 8, llm_loadi256, llm_a2_abs,
-              llm_a2_signed, llm_a2_init, llm_a2_dot, llm_bcast256, _mm256_cvtepi32_ps, _mm256_add_epi32,
-              _mm256_loadu_ps, _mm256_set1_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_add_ps,
-              _mm256_sub_ps, _mm256_storeu_ps, _mm256_setzero_ps)
+/* The float part of a tile, the same operations at each width (LLM_GEMM_TILE's last ten). */
+#define LLM_FLOAT_OPS_256 _mm256_cvtepi32_ps, _mm256_add_epi32, _mm256_loadu_ps, _mm256_set1_ps,  \
+                          _mm256_mul_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_sub_ps,         \
+                          _mm256_storeu_ps, _mm256_setzero_ps
+#define LLM_FLOAT_OPS_512 _mm512_cvtepi32_ps, _mm512_add_epi32, _mm512_loadu_ps, _mm512_set1_ps,  \
+                          _mm512_mul_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_sub_ps,         \
+                          _mm512_storeu_ps, _mm512_setzero_ps
+/* Arguments expanded before LLM_GEMM_TILE counts them, so an ops list counts as its ten. */
+#define LLM_GEMM_TILE_OF(...) LLM_GEMM_TILE(__VA_ARGS__)
+
+LLM_GEMM_TILE_OF(llm_tile_avx2, LLM_AVX2_TARGET, __m256i, __m256, 8, llm_loadi256, llm_a2_abs,
+                 llm_a2_signed, llm_a2_init, llm_a2_dot, llm_bcast256, LLM_FLOAT_OPS_256)
 
 /* VNNI: dpbusd sums (q + 128) * x; the lane starts at -128 * sum(x), so it ends at sum(q * x). */
 #define LLM_VNNI_TARGET "avxvnni,avx2,fma,f16c"
 #define llm_v2_init(s) _mm256_set1_epi32(s)
 #define llm_v2_dot(acc, a, s, x) _mm256_dpbusd_avx_epi32((acc), (a), (x))
-LLM_GEMM_TILE(llm_tile_vnni, LLM_VNNI_TARGET, __m256i, __m256, 8, llm_loadi256, llm_same,
-              llm_same, llm_v2_init, llm_v2_dot, llm_bcast256, _mm256_cvtepi32_ps, _mm256_add_epi32,
-              _mm256_loadu_ps, _mm256_set1_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_add_ps,
-              _mm256_sub_ps, _mm256_storeu_ps, _mm256_setzero_ps)
+LLM_GEMM_TILE_OF(llm_tile_vnni, LLM_VNNI_TARGET, __m256i, __m256, 8, llm_loadi256, llm_same,
+                 llm_same, llm_v2_init, llm_v2_dot, llm_bcast256, LLM_FLOAT_OPS_256)
 
 #define LLM_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
 #define llm_v5_init(s) _mm512_set1_epi32(s)
 #define llm_v5_dot(acc, a, s, x) _mm512_dpbusd_epi32((acc), (a), (x))
 #define llm_bcast512(p) _mm512_set1_epi32(llm_load_i32(p))
 #define llm_loadi512(p) _mm512_loadu_si512((const void *)(p))
-LLM_GEMM_TILE(llm_tile_avx512, LLM_AVX512_TARGET, __m512i, __m512, 16, llm_loadi512, llm_same,
-              llm_same, llm_v5_init, llm_v5_dot, llm_bcast512, _mm512_cvtepi32_ps, _mm512_add_epi32,
-              _mm512_loadu_ps, _mm512_set1_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_add_ps,
-              _mm512_sub_ps, _mm512_storeu_ps, _mm512_setzero_ps)
+LLM_GEMM_TILE_OF(llm_tile_avx512, LLM_AVX512_TARGET, __m512i, __m512, 16, llm_loadi512, llm_same,
+                 llm_same, llm_v5_init, llm_v5_dot, llm_bcast512, LLM_FLOAT_OPS_512)
 
 LLM_GEMM_FN(llm_gemm_q8_avx2, LLM_AVX2_TARGET, llm_tile_avx2, 8, 0)
 LLM_GEMM_FN(llm_gemm_q8s_avx2, LLM_AVX2_TARGET, llm_tile_avx2, 8, 1)
