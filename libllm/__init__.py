@@ -6,7 +6,7 @@
 `connect()` gives a `Session` (generate, submit, stream, generate_n, chat, chat_ids, stats,
 model_info, and shared tensors: alloc, attach; a prompt is text or token ids); a submitted
 request is a `Request` handle (libllm.request); `libllm.aio` is the asyncio flavour. Errors
-are the tree of DESIGN.md. `libllm.tokenizer`, `libllm.protocol`, `libllm.sampling` and
+are the tree of docs/design.md. `libllm.tokenizer`, `libllm.protocol`, `libllm.sampling` and
 `libllm.blockhash` are pure and shared with servers; `libllm.chat` renders chat templates.
 """
 

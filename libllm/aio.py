@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from libllm import protocol as P
-from libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Options, Session, _Wired
+from libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session, _Wired
 from libllm.client import connect as _connect
 from libllm.memory import INLINE_PROMPT_TOKENS
+from libllm.options import Options
 from libllm.request import Completion, DeadlineExceeded, Pending, Request
 from microkernel.endpoint import Message, raise_for_status
 from microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock

@@ -2,7 +2,7 @@
 up to and including it, so equal names mean equal prefixes and so equal KV.
 
 Pure; the one rule the memory server's prefix cache and the scheduler's block cache share
-(DESIGN.md: servers share libllm's pure modules). Never Python's hash(), whose value
+(docs/design.md: servers share libllm's pure modules). Never Python's hash(), whose value
 differs between processes.
 """
 

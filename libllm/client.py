@@ -29,12 +29,12 @@ import numpy.typing as npt
 from libllm import chat
 from libllm import protocol as P
 from libllm.memory import SessionMemory
+from libllm.options import Options, check_options, text
 from libllm.request import Completion as Completion
 from libllm.request import DeadlineExceeded as DeadlineExceeded
 from libllm.request import Pending, Request
 from libllm.request import Timings as Timings
 from libllm.request import Usage as Usage
-from libllm.sampling import SamplingParams
 from libllm.tensors import SharedTensor
 from libllm.tokenizer import Tokenizer, load_tokenizer
 from microkernel import instance as I
@@ -57,26 +57,6 @@ RECONNECT_PAUSE_S = 0.05
 
 class ServerGone(PeerGone):
     """The scheduler (or the whole instance) went away while a request was open."""
-
-
-@dataclass(slots=True, frozen=True)
-class Options:
-    """A request's settings, as `Session.submit` takes them (defaults included)."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] | None = None
-    priority: int = 0
-    timeout: float | None = None
-    tenant: str = ""
-    logprobs: int | None = None  # 0..20: each token's Logprob with that many top tokens
-    prompt_logprobs: bool = False  # the prompt tokens' Logprobs too (after the first)
-    presence_penalty: float = 0.0  # libllm.sampling.SamplingParams defines the three
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
 
 
 @dataclass(slots=True)
@@ -309,19 +289,8 @@ class Session:
         self._check_open()
         self._ensure_process()
         o = options
-        prompt_ids = self._validate(prompt, o.max_tokens, o.temperature, o.top_k, o.top_p, o.seed, o.stop, o.timeout)
-        if o.logprobs is not None and (not isinstance(o.logprobs, int) or isinstance(o.logprobs, bool)
-                                       or not 0 <= o.logprobs <= P.MAX_LOGPROBS):
-            raise InvalidRequest(f"logprobs must be None or an int in 0..{P.MAX_LOGPROBS}, got {o.logprobs!r}")
-        penalties = {name: getattr(o, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")}
-        for name, value in penalties.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise InvalidRequest(f"{name} must be a number, got {value!r}")
-        try:  # the ranges are SamplingParams'
-            SamplingParams(presence_penalty=float(o.presence_penalty), frequency_penalty=float(o.frequency_penalty),
-                           repetition_penalty=float(o.repetition_penalty))
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        check_options(o)
+        prompt_ids = self._prompt_ids(prompt)
         seed = o.seed
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
@@ -412,29 +381,12 @@ class Session:
         if self.closed:
             raise PeerGone("this session is closed")
 
-    def _validate(self, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_k: int,
-                  top_p: float, seed: int | None, stop: list[str] | None, timeout: float | None) -> list[int]:
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """The prompt as token ids, checked (text is encoded with the model's tokenizer)."""
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Sequence, np.ndarray)):
             raise InvalidRequest(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive int, got {max_tokens!r}")
-        if not 0.0 <= temperature <= 100.0:
-            raise InvalidRequest(f"temperature must be in [0, 100], got {temperature!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise InvalidRequest(f"top_k must be an int >= 0, got {top_k!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
-            raise InvalidRequest(f"seed must be an int in [0, 2**64), got {seed!r}")
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
-            raise InvalidRequest("stop must be a list of non-empty strings")
-        if timeout is not None and timeout <= 0:
-            raise InvalidRequest(f"timeout must be positive, got {timeout!r}")
         if isinstance(prompt, str):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:  # a lone surrogate: no text a model could read
-                raise InvalidRequest(f"prompt is not valid Unicode text ({exc.reason} at {exc.start})") from None
+            text("prompt", prompt)
             ids = self.tokenizer.encode(prompt)
         else:
             ids = self._checked_ids(prompt)

@@ -1,6 +1,6 @@
 """Payloads of the servers' messages, as msgspec Structs: the one definition both ends use.
 
-Pure (no I/O); shared by libllm and the servers (DESIGN.md: servers share libllm's pure
+Pure (no I/O); shared by libllm and the servers (docs/design.md: servers share libllm's pure
 modules). Each Struct names the message type it travels with; replies that carry an
 error use `microkernel.control.ErrorReply` and a non-zero status instead.
 """

@@ -117,6 +117,15 @@ class Request:
                 yield from self._emit(tail)
             if not self._stopped_by_string:
                 yield from self._release_held()
+            self._raise_if_timed_out()
+
+    def _raise_if_timed_out(self) -> None:
+        """The scheduler ended the request at its timeout: that is DeadlineExceeded, as when
+        the timeout passes here first (one behaviour, however close the race)."""
+        finished = self._request.finished
+        if finished is not None and finished.finish_reason == "deadline" and not self._stopped_by_string:
+            raise DeadlineExceeded(f"request {self._request.txid} did not finish within its timeout "
+                                   f"({len(self._request.token_ids)} tokens made)")
 
     def _emit(self, piece: str) -> Iterator[str]:
         """Pass text on, holding back a tail that could still become a stop string."""
@@ -203,6 +212,7 @@ class Request:
             token_ids = request.token_ids[: self._num_kept]
         else:
             assert request.finished is not None, "iterate the stream to its end first"
+            self._raise_if_timed_out()
             reason = request.finished.finish_reason
             token_ids = list(request.token_ids)
         finished = request.finished

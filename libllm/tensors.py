@@ -9,7 +9,7 @@ of the same user can map the very same bytes (no copy, no pickling).
 
 Runs in the client's process. A tensor is a segment of the arena's SEGMENTS region that
 the memory server allocated for this session's endpoint; what crosses to other processes
-is its handle (segment id, generation), never an offset (DESIGN.md, Messages).
+is its handle (segment id, generation), never an offset (docs/design.md, Messages).
 
 Lifetime, the rules in one place:
 

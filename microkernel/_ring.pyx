@@ -5,7 +5,7 @@ Linked by every process. A ring never parses payloads: a record is an 8-byte hea
 (u32 length, u32 flags) and the bytes. Head and tail are free-running u64 counters;
 records are 8-byte aligned and never straddle the end (a PAD record fills the gap).
 Blocking calls spin a bounded time, yield, then park on a futex doorbell with the
-handshake of DESIGN.md (Rings). Hot functions return status codes under nogil; one
+handshake of docs/design.md (Rings). Hot functions return status codes under nogil; one
 function, `_raise_for`, turns them into exceptions.
 """
 

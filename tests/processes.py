@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import unique_instance
+from tools.supervisor import LineReader
 
 WAIT = 60.0
 
@@ -21,23 +21,17 @@ def start(args: list[str], ready_prefix: str, log_path: Path, env: dict[str, str
     log = open(log_path, "a")  # noqa: SIM115 - the child owns it; closed with the Popen
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     log.close()
-    deadline = time.monotonic() + timeout
     assert proc.stdout is not None
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            raise AssertionError(f"{args} not ready within {timeout} s; log: {log_path.read_text()[-2000:]}")
-        readable, _, _ = select.select([proc.stdout], [], [], remaining)
-        if readable:
-            line = proc.stdout.readline()
-            if line.startswith(ready_prefix):
-                return proc
-            if not line and proc.wait(timeout) is not None:
-                proc.stdout.close()
-                raise AssertionError(f"{args} exited with {proc.returncode}; log: {log_path.read_text()[-2000:]}")
+    lines = LineReader(proc.stdout.fileno(), time.monotonic() + timeout)
+    while line := lines.readline():
+        if line.startswith(ready_prefix):
+            return proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError(f"{args} not ready within {timeout} s (exit code {proc.returncode}); "
+                         f"log: {log_path.read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_arguments(commands.add_parser(
         "serve", help="serve a model over HTTP (OpenAI's API): one command, flags over the config",
         description="Start an instance serving MODEL over HTTP; prints its URL. Flags override --config."))
+    from tools import tune
+
+    tune.add_arguments(commands.add_parser(
+        "tune", help="measure which layout, KV dtype, batch size and decode steps serve a model fastest here",
+        description="Short measured runs of real instances for a workload shape; prints the table and writes "
+                    "the config it chose (llmos serve --config FILE)."))
     up = commands.add_parser("up", help="start an instance: the kernel, then the configured servers")
     up.add_argument("--config", help="TOML config (defaults built in)")
     up.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
@@ -72,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
+        return code
+    except BrokenPipeError:
+        # `llmos status | head`: the reader has gone. Say nothing more (stdout now goes
+        # nowhere, so the flush at exit cannot fail again), with the shell's status for it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
@@ -84,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools import serve
 
         return serve.main(ns)
+    if ns.command == "tune":
+        from tools import tune
+
+        return tune.main(ns)
     from tools import lifecycle
 
     if ns.command == "up":

@@ -28,9 +28,9 @@ class ConfigError(ValueError):
 class ServerSpec:
     """One server process: `python -m module --instance NAME args...`, registered as `name`."""
 
-    name: str
-    module: str
-    args: tuple[str, ...] = ()
+    name: str  # what it registers as: memory, scheduler, gateway, runner.N, or a name of yours
+    module: str  # the Python module it runs (`python -m MODULE`), e.g. servers.runner
+    args: tuple[str, ...] = ()  # more command-line arguments for it
 
     def __post_init__(self) -> None:
         if not self.name or not self.module:
@@ -63,16 +63,15 @@ class ModelSection:
     """[model]: the model every runner serves, and how the runners compute it."""
 
     path: str = ""  # a GGUF or llama2.c file; "": the built-in stories260K
-    # Runners, and threads per runner step (the results are the same bits for any count).
-    # 0 and 0: chosen for the machine and the model. A large model (a file of 64 MiB or more)
-    # gets one runner with a thread per core: one stream then uses every core (Gemma 3 270M on
-    # 2 cores decodes 88 tokens/s alone against ~45 with a core per runner, and batches as
-    # fast), and the packed weights are held once, not once per runner. A small one gets a
+    # 0 for both: chosen for the machine and the model. A large model (a file of 64 MiB or
+    # more) gets one runner with a thread per core: one stream then uses every core (Gemma 3
+    # 270M on 2 cores decodes 88 tokens/s alone against ~45 with a core per runner, and batches
+    # as fast), and the packed weights are held once, not once per runner. A small one gets a
     # runner per core with one thread: its matrices are too small to split (the built-in model:
     # 11.4k tokens/s with 2 runners against 7.1k with 1 runner x 2 threads). One of the two
-    # given: the other fills the cores.
-    runners: int = 0
-    threads: int = 0
+    # given: the other fills the cores. `llmos tune` measures the choices on this machine.
+    runners: int = 0  # runner processes
+    threads: int = 0  # threads per runner step (any count computes the same bits); 0: as for runners
     context: int = 0  # positions a sequence may hold; 0: the model file's context length
     # What KV pages hold: "f32", or "f16": half the bytes per token, so twice the tokens in the
     # same pages, each K and V element rounded to a half once (logits move by ~1e-3; Gemma 3
@@ -138,8 +137,8 @@ class MemorySection:
     # so 0 by default. -1: the bytes the model's dequantised/widened tensors need.
     weights_bytes: int = 0
     quota_blocks: int = 0  # per client; 0 = unlimited
-    quota_segment_bytes: int = 0
-    sweep_interval_s: float = 5.0
+    quota_segment_bytes: int = 0  # bytes of segments per client; 0 = unlimited
+    sweep_interval_s: float = 5.0  # seconds between sweeps that reclaim what exited clients held
 
     def __post_init__(self) -> None:
         for name in ("pages", "segments"):
@@ -220,11 +219,11 @@ class SchedulerSection:
 class GatewaySection:
     """[gateway]: where the HTTP front door listens and who may use it."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # address to listen on ("0.0.0.0": every interface)
     port: int = 8000  # 0 picks a free port (written to the run dir's gateway.url)
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no authentication
-    max_body_bytes: int = 1 << 20
-    max_tokens: int = 512
+    max_body_bytes: int = 1 << 20  # a larger request body is refused (413)
+    max_tokens: int = 512  # a larger max_tokens is refused (400); absent: this, or what the context has left
     # Choices at the scheduler at once before it answers 429; also its channel's window (each
     # slot costs ~16 KiB of ring memory, so 1024, the kernel's cap, takes 32 MiB of `rings`).
     max_in_flight: int = 256
@@ -244,12 +243,14 @@ class GatewaySection:
 
 @dataclass(slots=True, frozen=True)
 class Config:
+    """The instance: arena sizes, the supervisor's watch, and the sections below."""
+
     rings: str = "32M"  # arena bytes for rings and doorbells
     window: int = 8  # requests in flight per channel
     blas_threads: int = 1  # BLAS threads per server process, set explicitly
     heartbeat_timeout_s: float = 5.0  # a server silent this long is hung: killed and restarted
-    max_restarts: int = 5  # crashes of one server allowed within restart_window_s ...
-    restart_window_s: float = 30.0  # ... before the whole instance stops
+    max_restarts: int = 5  # crashes of one server within restart_window_s before the instance stops
+    restart_window_s: float = 30.0  # the window max_restarts counts crashes in
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     model: ModelSection = field(default_factory=ModelSection)

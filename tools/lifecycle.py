@@ -27,6 +27,7 @@ from tools.cleanup import (
     supervisor_alive,
 )
 from tools.config import Config, ConfigError, load_config
+from tools.start_progress import StartProgress, parse_forwarded
 
 DOWN_TIMEOUT_S = 60.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,7 +61,9 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
+    with StartProgress() as bars:
+        while (progress := parse_forwarded(line := proc.stdout.readline())) is not None:
+            bars.update(*progress)
     proc.stdout.close()
     if line.startswith("llmos up:"):
         proc.stderr.close()

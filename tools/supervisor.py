@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from microkernel.errors import LlmosError
 from microkernel.kernel import parse_size
 from microkernel.lifeline import ENV as SUPERVISOR_ENV
 from servers.memory.tables import tables_size
+from servers.start_progress import parse_progress
 from tools.cleanup import (
     STATE_FILE,
     clean_instance,
@@ -38,6 +40,7 @@ from tools.cleanup import (
     start_ticks,
 )
 from tools.config import Config, ServerSpec
+from tools.start_progress import StartProgress, forwarded_line
 
 log = logging.getLogger("llmos.supervisor")
 # How llmos starts its own processes: -I keeps the current directory off sys.path, so an
@@ -58,7 +61,7 @@ class Child:
     argv: list[str]
     ready_line: str
     log_path: Path
-    proc: subprocess.Popen[str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     started_wall: float = 0.0
     restarts: int = 0
@@ -83,6 +86,8 @@ class Supervisor:
         self._log_offsets: dict[Path, int] = {}
         self.owns_instance = False  # set once we know no other supervisor runs it
         self._lock_fd = -1
+        # (name, stage, done, total) of a starting process's progress lines; None: ignored.
+        self.on_progress: Callable[[str, str, int, int], None] | None = None
 
     # -- start ----------------------------------------------------------------------------
 
@@ -207,17 +212,12 @@ class Supervisor:
         """Start one process and wait for its ready line (an event, with a timeout)."""
         with open(child.log_path, "a") as log_file:
             proc = subprocess.Popen([*PYTHON, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
-                                    stdin=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
         assert proc.stdout is not None
-        deadline = time.monotonic() + self.config.start_timeout_s
-        line = ""
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not readable:
-                break
-            line = proc.stdout.readline()
-            if not line or line.startswith(child.ready_line) or line.startswith("llmos"):
-                break
+        lines = LineReader(proc.stdout.fileno(), time.monotonic() + self.config.start_timeout_s)
+        while (line := lines.readline()) and (progress := parse_progress(line)) is not None:
+            if self.on_progress is not None:
+                self.on_progress(child.name, *progress)
         proc.stdout.close()
         if not line.startswith(child.ready_line):
             if proc.poll() is None:
@@ -405,11 +405,47 @@ def _terminate(child: Child, timeout: float = 10.0) -> None:
     child.proc = None
 
 
+class LineReader:
+    """Lines from a child's stdout pipe until a deadline. A buffered file would not do: one
+    read can take several lines (progress, then ready) into its buffer, and select() then
+    reports nothing more to read."""
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self._fd = fd
+        self._deadline = deadline
+        self._buffer = b""
+
+    def readline(self) -> str:
+        """The next line, or "" at end of file or past the deadline."""
+        while b"\n" not in self._buffer:
+            timeout = self._deadline - time.monotonic()
+            if timeout <= 0 or not select.select([self._fd], [], [], timeout)[0]:
+                return ""
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return self._buffer.decode(errors="replace")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace") + "\n"
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def forward_to(ready: Any) -> Callable[[str, str, int, int], None]:
+    """Progress lines, named, for `llmos up --detach` waiting on our stdout (it shows them)."""
+    def forward(name: str, stage: str, done: int, total: int) -> None:
+        try:
+            ready.write(forwarded_line(name, stage, done, total))
+            ready.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it has gone (Ctrl-C): the start goes on, as `up --detach` promised
+
+    return forward
 
 
 def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.stdout) -> int:
@@ -424,7 +460,14 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
     code = 0
     failure = ""
     try:
-        supervisor.up()
+        if foreground:
+            with StartProgress() as bars:
+                supervisor.on_progress = bars.update
+                supervisor.up()
+        else:
+            supervisor.on_progress = forward_to(ready)
+            supervisor.up()
+        supervisor.on_progress = None
         servers = ", ".join(c.name for c in supervisor.children[1:]) or "no servers"
         url = supervisor.url()
         serving = f"serving {supervisor.config.model.model_path().stem} at {url}; " if url else ""

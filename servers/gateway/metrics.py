@@ -98,7 +98,7 @@ def head_of(name: str, kind: str, doc: str) -> list[str]:
 
 
 def instance_metrics(stats: dict[str, Any]) -> list[str]:
-    """The instance's figures from its stats: the seed's metrics (DESIGN.md)."""
+    """The instance's figures from its stats: the seed's metrics (docs/metrics.md defines each)."""
     s, m, k = stats["scheduler"], stats["memory"], stats["kernel"]
     lines: list[str] = []
 

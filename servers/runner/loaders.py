@@ -23,6 +23,7 @@ from servers.runner.weights import (
     LoadedModel,
     ModelConfig,
     Plan,
+    Progress,
     Weights,
     assemble,
 )
@@ -156,6 +157,7 @@ def load_model(
     buffer: Any = None,
     fill: bool = True,
     rope_layout: RopeLayout | None = None,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Load a llama2.c ``.bin`` (legacy, v1 or v2 header) or a ``.gguf`` file.
 
@@ -166,6 +168,7 @@ def load_model(
         fill: False when another process has already filled ``buffer`` (tensors are then only
             viewed, never rewritten).
         rope_layout: override the RoPE layout (for GGUF architectures not in the table).
+        progress: called with (bytes done, bytes in all) as tensors are dequantised or packed.
 
     Returns:
         A LoadedModel whose float32 tensors are views of the file's memory map or the buffer.
@@ -175,7 +178,7 @@ def load_model(
     """
     p = Path(path)
     fmt, config, plan = _plan(p, rope_layout)
-    arrays, flat = plan.realise(buffer, fill)
+    arrays, flat = plan.realise(buffer, fill, progress)
     try:
         weights = assemble(config, arrays, flat, plan.q8)
     except ValueError as e:

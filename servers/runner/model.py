@@ -29,6 +29,7 @@ from servers.runner._kernels import Engine, pack_chunks, set_threads
 from servers.runner.architectures import RopeLayout
 from servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
 from servers.runner.sampling import SamplingParams, logprob_of, penalised, sample_rows
+from servers.runner.weights import Progress
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -150,12 +151,13 @@ class Model:
         threads: int | None = None,
         context: int | None = None,
         kv_dtype: str = "f32",
+        progress: Progress | None = None,
     ) -> Model:
         """Load ``path`` (default: the shipped stories260K); see loaders.load_model.
         ``threads`` sets this process's threads per step (None: leave as is); ``context``
         caps the positions a sequence may hold (None: the file's context length)."""
         loaded = load_model(
-            path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout
+            path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout, progress=progress
         )
         return cls(loaded, block_size=block_size, threads=threads, context=context, kv_dtype=kv_dtype)
 

@@ -27,6 +27,7 @@ from servers.base import Server
 from servers.runner.loaders import tokenizer_path_for
 from servers.runner.model import Model, SeqChunk, run_steps
 from servers.runner.sampling import SamplingParams
+from servers.start_progress import StageProgress
 
 log = logging.getLogger("llmos.runner")
 
@@ -37,8 +38,9 @@ class RunnerServer(Server):
     def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None,
                  threads: int = 1, context: int | None = None, kv_dtype: str = "f32") -> None:
         # Load first, register after: once the name is taken, the scheduler may send steps.
+        # Progress lines on stdout until the ready line: the supervisor shows them (start_progress).
         self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context,
-                                kv_dtype=kv_dtype)
+                                kv_dtype=kv_dtype, progress=StageProgress("weights"))
         super().__init__(instance, name=name, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,
@@ -51,7 +53,10 @@ class RunnerServer(Server):
         self.kv: np.ndarray[Any, Any] = self.endpoint.arena.ndarray(
             pages.offset, self.model.kv_pool_shape(self.num_blocks), self.model.kv_dtype)
         tokenizer_path = tokenizer_path_for(model_path)
+        tokenizer_progress = StageProgress("tokenizer")
+        tokenizer_progress(0, 1)
         tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer_progress(1, 1)
         self.info = P.ModelInfo(
             model_path=str(model_path), model_sha256=_sha256(model_path), tokenizer_path=str(tokenizer_path),
             context_length=config.seq_len, vocab_size=config.vocab_size, bos_id=tokenizer.bos_id,

@@ -163,6 +163,7 @@ class LoadedModel:
 # matrix class that wraps them and their number of columns.
 
 Fill = Callable[[np.ndarray], None]
+Progress = Callable[[int, int], None]
 
 
 class Plan:
@@ -184,7 +185,10 @@ class Plan:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.nbytes += -(-size // BUFFER_ALIGN) * BUFFER_ALIGN
 
-    def realise(self, buffer: Any, fill: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    def realise(self, buffer: Any, fill: bool,
+                progress: Progress | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Views of every tensor; the deferred ones filled first (`progress(bytes done, of)`
+        after each)."""
         arrays = dict(self.ready)
         if not self.deferred:
             return arrays, None
@@ -197,6 +201,7 @@ class Plan:
                 raise ValueError(f"buffer holds {flat.nbytes} bytes; the model needs {self.nbytes}")
             if flat.ctypes.data % 4:
                 raise ValueError("buffer must be 4-byte aligned")
+        done = 0
         for name, (shape, filler, dtype) in self.deferred.items():
             offset = self.offsets[name]
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -204,6 +209,9 @@ class Plan:
             if fill:
                 filler(view)
             arrays[name] = view
+            done += nbytes
+            if progress is not None:
+                progress(done, self.nbytes)
         return arrays, flat
 
 

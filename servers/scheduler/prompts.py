@@ -2,7 +2,7 @@
 memory server to say where that segment lies.
 
 Runs inside the scheduler. libllm puts a prompt longer than its inline limit into a segment
-of its own endpoint as int32 ids and sends the handle in the Submit (DESIGN.md: a client
+of its own endpoint as int32 ids and sends the handle in the Submit (docs/design.md: a client
 hands a server a handle, never an offset). The scheduler asks the memory server where the
 handle lies (MEM_SEGMENT_INFO) instead of reading the segment table in the arena itself:
 

@@ -25,7 +25,7 @@ K = TypeVar("K", int, str)
 class SchedulerStats:
     """Counters since start. Token counts include only steps whose reply came back.
 
-    The scheduling delay of a sequence (DESIGN.md's T_s, in steps) is the id of the first
+    The scheduling delay of a sequence (docs/design.md's T_s, in steps) is the id of the first
     step that includes it minus the number of steps planned before it arrived. Percentiles
     are nearest-rank over the most recent delays (0 when there are none). Queue lengths are
     now: "waiting" includes preempted and descheduled sequences; clients are keyed by
@@ -58,12 +58,12 @@ class SchedulerStats:
     num_waiting_by_client: dict[str, int]
     num_running_by_client: dict[str, int]
     num_waiting_with_kv: int  # descheduled sequences holding their blocks
-    # H (DESIGN.md): prompt tokens served from the prefix cache / prompt tokens looked up.
+    # H (docs/design.md): prompt tokens served from the prefix cache / prompt tokens looked up.
     num_prefix_lookup_tokens: int  # full-block prompt positions looked up at first admissions
     num_prefix_hit_tokens: int  # of those, found cached (their KV was not computed again)
     prefix_hit_rate: float
     num_reused_tokens: int  # every admission's cached positions, preempted ones coming back too
-    # F, paged (DESIGN.md): allocated-but-unused token slots / allocated, over the blocks the
+    # F, paged (docs/design.md): allocated-but-unused token slots / allocated, over the blocks the
     # sequences hold now (a block shared by several counts once).
     num_kv_blocks_held: int
     num_kv_slots_filled: int

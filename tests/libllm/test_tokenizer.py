@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from libllm.tokenizer import Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = REPO / ".." / "shared" / "models"
+# The built-in model as GGUF, and its tokenizer as a SentencePiece model (tests/fixtures/ORIGIN.md).
+FIXTURES = REPO / "tests" / "fixtures"
 SHIPPED = REPO / "servers" / "runner" / "models" / "tok512.bin"
 
 TEXTS = [
@@ -35,12 +36,6 @@ TEXTS = [
 ]
 
 
-def models_dir() -> Path:
-    if not MODELS.is_dir():
-        pytest.skip(f"shared model directory {MODELS} is missing")
-    return MODELS
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return load_tokenizer(SHIPPED)
@@ -48,13 +43,13 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def gguf_tok() -> Tokenizer:
-    return load_tokenizer(models_dir() / "derived" / "stories260K-f32.gguf")
+    return load_tokenizer(FIXTURES / "stories260K-f32.gguf")
 
 
 @pytest.fixture(scope="module")
 def sp() -> object:
     spm = pytest.importorskip("sentencepiece", reason="sentencepiece (dev extra) is not installed")
-    return spm.SentencePieceProcessor(model_file=str(models_dir() / "derived" / "tok512.model"))
+    return spm.SentencePieceProcessor(model_file=str(FIXTURES / "tok512.model"))
 
 
 def test_vocabulary_facts(tok: Tokenizer) -> None:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from servers.runner.loaders import check_model, default_model_path, load_model
-from tests.servers.runner.helpers import rewrite_gguf, shared_models, write_gguf_of_architecture
+from tests.servers.runner.helpers import STORIES_GGUF, rewrite_gguf, write_gguf_of_architecture
 from tests.system.cli import Cli
 
-TINY = shared_models() / "derived" / "stories260K-f32.gguf"
+TINY = STORIES_GGUF
 
 
 def f32(name: str, data: np.ndarray) -> int:

@@ -131,14 +131,39 @@ def test_a_client_that_never_reads_does_not_stall_one_that_does(instance: str) -
 def test_bad_requests_are_refused_with_the_field_named(instance: str) -> None:
     with libllm.connect(instance) as session:
         for kwargs, field in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
-                              ({"top_p": 0.0}, "top_p"), ({"seed": -5}, "seed"), ({"stop": "x"}, "stop")]:
+                              ({"top_p": 0.0}, "top_p"), ({"seed": -5}, "seed"), ({"stop": "x"}, "stop"),
+                              ({"max_tokens": 10**30}, "max_tokens"), ({"top_k": 10**30}, "top_k"),
+                              ({"priority": 10**30}, "priority"), ({"temperature": "hot"}, "temperature"),
+                              ({"temperature": None}, "temperature"), ({"timeout": -1}, "timeout")]:
             with pytest.raises(libllm.InvalidRequest, match=field):
                 session.generate("Zoo", **kwargs)
+            with pytest.raises(libllm.InvalidRequest, match=field):
+                session.submit_n("Zoo", 2, **kwargs)
         with pytest.raises(libllm.InvalidRequest, match="context"):
             session.generate("word " * 600)
         with pytest.raises(libllm.InvalidRequest, match="not valid Unicode"):
             session.generate("Zoo \ud800 zoo")
         assert session.generate("Zoo", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_timeout_that_passes_is_deadline_exceeded_however_short(instance: str) -> None:
+    """One behaviour whether the timeout passes here first or at the scheduler first: the
+    request ends and DeadlineExceeded is raised (never a Completion cut short)."""
+    with libllm.connect(instance) as session:
+        for timeout in (1e-9, 1e-4, 0.001, 0.01):
+            with pytest.raises(libllm.DeadlineExceeded):
+                session.generate("Zoo", max_tokens=400, timeout=timeout)
+            with pytest.raises(libllm.DeadlineExceeded):
+                list(session.stream("Zoo", max_tokens=400, timeout=timeout))
+        # The scheduler ends it first (its end waits in the ring before we look): the same.
+        with libllm.connect(instance) as watcher:
+            finished = watcher.stats()["scheduler"]["num_finished"]
+            late = session.submit("Zoo", max_tokens=400, timeout=0.001)
+            wait_until(lambda: watcher.stats()["scheduler"]["num_finished"] > finished, "the scheduler to end it")
+        with pytest.raises(libllm.DeadlineExceeded):
+            late.result()
+        assert session.generate("Zoo", max_tokens=5, timeout=WAIT).finish_reason == "length"
+    wait_until(lambda: all_blocks_free(instance), "the timed-out requests' blocks to be free")
 
 
 def test_token_id_prompts_equal_their_texts(instance: str) -> None:

@@ -191,6 +191,16 @@ def test_metrics_name_the_seeds_figures(gateway: tuple[str, str]) -> None:
         assert name in text, name
 
 
+def test_every_metric_is_defined_in_the_docs(gateway: tuple[str, str]) -> None:
+    """docs/metrics.md defines every series /metrics exports, by its exact name."""
+    _, url = gateway
+    text = httpx.get(url + "/metrics", headers=KEY_A, timeout=WAIT).text
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    doc = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    assert len(exported) > 20
+    assert {name for name in exported if f"`{name}" not in doc} == set()
+
+
 def test_the_priority_extension_reaches_the_scheduler(gateway: tuple[str, str]) -> None:
     instance, url = gateway
     body = {"model": "stories260K", "prompt": "Zoo", "max_tokens": 5, "priority": 7}

@@ -8,13 +8,18 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import unique_instance
+from tests.microkernel.procs import wait_until
 from tests.system.cli import WAIT, Cli
+from tools.supervisor import LineReader
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +109,33 @@ def test_float16_kv_pages_hold_twice_the_blocks_and_give_the_models_text(cli: Cl
         assert blocks == memory_blocks == pages // half.kv_block_bytes == 2 * (pages // Model.load().kv_block_bytes)
     finally:
         cli("down", "--instance", instance, "--purge")
+
+
+def test_a_start_that_fails_counts_as_a_crash_and_the_next_start_serves(cli: Cli) -> None:
+    """The gateway's port is taken after the checks `llmos up` makes (here: the supervisor is
+    started without them): its first start fails, which counts against max_restarts like a
+    crash, with backoff; once the port is free the restart serves, and the rest kept running."""
+    instance = unique_instance("re")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        # The backoff leaves the time to see the failure and free the port before the restart.
+        config = cli.config(f"restart_backoff_s = 2.0\n[model]\nrunners = 1\nthreads = 1\n[gateway]\nport = {port}\n")
+        supervisor = subprocess.Popen([sys.executable, "-m", "tools.supervisor", "--instance", instance,
+                                       "--config", config], env=cli.env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert supervisor.stdout is not None and supervisor.stderr is not None
+        log = cli.runtime / f"{instance}.logs" / "supervisor.log"
+        wait_until(lambda: log.exists() and "gateway did not start" in log.read_text(), "the gateway's failed start")
+    ready = LineReader(supervisor.stdout.fileno(), time.monotonic() + WAIT)
+    try:
+        while not (line := ready.readline()).startswith("llmos up:"):
+            assert line and "llmos error" not in line, line
+        assert f"http://127.0.0.1:{port}" in line
+        restarts = {p["name"]: p["restarts"] for p in cli.status(instance)["processes"]}
+        assert restarts.pop("gateway") >= 1 and restarts == {"kernel": 0, "memory": 0, "runner.0": 0, "scheduler": 0}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=WAIT).status_code == 200
+    finally:
+        supervisor.stdout.close()
+        supervisor.stderr.close()
+        cli("down", "--instance", instance, "--purge")
+        supervisor.wait(WAIT)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,19 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         main(["bench", "nonsense"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
+    """`llmos status | head`: the pipe closes before the output is written."""
+    tmp_path.chmod(0o700)
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "status", "--instance", "nowhere"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "LLMOS_RUNTIME_DIR": str(tmp_path)})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child can write a byte
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == 141 and err == b""
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ scheduler -> runners -> clients) beside the same model in one process at the sam
 
 Runs in the user's shell: starts its own instances (one runner with 32 clients, two
 runners with 64 clients) under a private runtime dir, and N client processes using
-libllm. Interleaved repetitions; ratios as median [min-max] (DESIGN.md, Targets).
+libllm. Interleaved repetitions; ratios as median [min-max] (docs/design.md, Targets).
 """
 
 from __future__ import annotations

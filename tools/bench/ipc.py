@@ -2,7 +2,7 @@
 
 Interleaved repetitions (each transport once per round, in turn), medians per
 transport, and ratios against multiprocessing.Queue as median [min-max] over the
-repetitions (DESIGN.md, Targets). Runs in the user's shell; starts its own children.
+repetitions (docs/design.md, Targets). Runs in the user's shell; starts its own children.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-# One BLAS thread, as the supervisor gives every server process (DESIGN.md): the baseline is
+# One BLAS thread, as the supervisor gives every server process (docs/design.md): the baseline is
 # a single-process, single-threaded numpy loop. Set before numpy loads its BLAS; an
 # explicit environment setting wins.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -1,5 +1,5 @@
 """llama.cpp's own benchmarks on the same file and thread count, for `llmos bench model
---llama-cpp DIR` (DIR: a llama.cpp build's bin/, e.g. what ../shared/peers/build-llama-cpp.sh
+--llama-cpp DIR` (DIR: a llama.cpp build's bin/, e.g. what tools/fixtures/build_llama_cpp.sh
 prints).
 
 Runs llama-bench (prefill pp512, decode tg128 of one stream) and llama-batched-bench (decode

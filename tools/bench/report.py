@@ -1,5 +1,5 @@
 """Shared by every benchmark: interleaved repetitions, median ratios with their range,
-and plain-text tables. Benchmarks report ratios measured in one run (DESIGN.md, Targets)."""
+and plain-text tables. Benchmarks report ratios measured in one run (docs/design.md, Targets)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ by default) under a private runtime dir. The same workload also runs through the
 model in this process with a continuous batch of N (no operating system: the ideal) and
 through a naive server (one process, one request at a time, multiprocessing.Queue in and
 out; `--naive-requests` of the workload). Reported: the seed's metrics (T_s, Q, U, F, H,
-L_s, L_r, B; DESIGN.md), TTFT, time per output token and end-to-end latency (p50/p99, per
+L_s, L_r, B; docs/design.md), TTFT, time per output token and end-to-end latency (p50/p99, per
 priority class and per policy), the ratios to the baselines, and the CPU the operating
 system spends outside the runners per generated token. `--json FILE` has every figure
 under stable names; `--plot DIR` writes PNG charts. With `--reps N` the in-process
@@ -189,6 +189,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     stop_ids = stop_ids_of(model)
     options = RunOptions(ns.workers, ns.runners, ns.pages, ns.http, ns.stream, ns.rate > 0, ns.sample_interval,
                          ns.threads)
+    max_tokens = sum(i.max_tokens for i in items)
     in_proc = []
     runs: dict[str, list[SystemRun]] = {p: [] for p in ns.policies}
     naive = None
@@ -201,7 +202,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             for policy in ns.policies:
                 name = f"{ns.instance_prefix}-{policy}-{rep}"
                 runs[policy].append(run_system(policy, items, options, runtime, name,
-                                               task(f"llmos {policy}{tag}", len(items))))
+                                               task(f"llmos {policy}{tag} (tokens)", max_tokens)))
             if rep == 0 and ns.naive_requests:
                 subset = items[: ns.naive_requests]
                 naive = run_naive(subset, ns.workers, ns.rate > 0, task("naive server", len(subset)))

@@ -1,6 +1,6 @@
 """The figures of `llmos bench serve`, computed from one run's records and stats.
 
-Pure: no I/O. The seed's metrics as DESIGN.md defines them (keys are its symbols: T_s, Q,
+Pure: no I/O. The seed's metrics as docs/metrics.md defines them (keys are its symbols: T_s, Q,
 U, F, H, L_s, L_r, B), the latency figures users compare (TTFT, time per output token,
 end to end; p50/p99 overall and per priority class), and the CPU the operating system
 spent (every instance process but the runners) per generated token.

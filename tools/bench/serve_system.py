@@ -78,12 +78,13 @@ def kv_sample(stats: dict[str, Any], t: float) -> dict[str, float]:
 
 
 def run_system(policy: str, items: Sequence[WorkItem], options: RunOptions, runtime: str, name: str,
-               progress: Callable[[int], None]) -> SystemRun:
-    """Start an instance with `policy`, run the workload through it, stop it."""
+               progress: Callable[[int], None], config: str | None = None) -> SystemRun:
+    """Start an instance with `policy` (or the whole `config`), run the workload through it,
+    stop it. `progress(output tokens made so far)` moves as the instance reports them."""
     import libllm
     from microkernel import instance as I
 
-    with instance(runtime, name, config_text(policy, options)) as inst:
+    with instance(runtime, name, config or config_text(policy, options)) as inst:
         pids = process_pids(inst)
         url = (I.run_dir(inst) / "gateway.url").read_text().strip() if options.http else ""
         spec = ClientSpec("http" if options.http else "libllm", inst, url, options.stream, options.open_loop)
@@ -95,15 +96,19 @@ def run_system(policy: str, items: Sequence[WorkItem], options: RunOptions, runt
             samples = [kv_sample(before, 0.0)]
             next_sample = t0 + options.sample_s
 
+            made_before = before["scheduler"]["num_generated_tokens"]
+
             def tick(done: int) -> None:
                 nonlocal next_sample
-                progress(done)
                 now = time.monotonic()
                 if now >= next_sample and done < len(items):
-                    samples.append(kv_sample(session.stats(), now - t0))
+                    stats = session.stats()
+                    samples.append(kv_sample(stats, now - t0))
+                    progress(stats["scheduler"]["num_generated_tokens"] - made_before)
                     next_sample = now + options.sample_s
 
             records, client_cpu = harness.collect(tick)
+            progress(sum(r.output_tokens for r in records))
             cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
             after = session.stats()
     wall = max(r.start_s + r.e2e_s for r in records)

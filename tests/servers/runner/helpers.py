@@ -1,4 +1,4 @@
-"""Shared test helpers for the runner: where ../shared is, and model files written at test
+"""Shared test helpers for the runner: the built-in model as a GGUF file, and model files written at test
 time (GGUF with other tensor types, llama2.c versioned headers) from the shipped weights."""
 
 from __future__ import annotations
@@ -9,26 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from servers.runner.loaders import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, LoadedModel
 
 REPO = Path(__file__).resolve().parents[3]
-SHARED = REPO / ".." / "shared"
-MODELS = SHARED / "models"
+# The built-in model's weights and tokenizer as a GGUF file (tests/fixtures/ORIGIN.md).
+STORIES_GGUF = REPO / "tests" / "fixtures" / "stories260K-f32.gguf"
 
 EXPECTED_FROM_BOS = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
     " park. One day, she saw a big, red ball. She wanted to play with it, but it was too high."
 )
 EXPECTED_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."
-
-
-def shared_models() -> Path:
-    """../shared/models, or skip the test with the reason."""
-    if not MODELS.is_dir():
-        pytest.skip(f"shared model directory {MODELS} is missing")
-    return MODELS
 
 
 # Chooses the GGUF type of one tensor from its name and float32 data.
@@ -96,7 +88,7 @@ def f16_everywhere(name: str, data: np.ndarray) -> int:
 
 def q8_where_possible(name: str, data: np.ndarray) -> int:
     """Q8_0 for matrices whose rows are a multiple of 32 wide, F16 for the 172-wide FFN
-    down projection, F32 for the norm vectors: the mix DESIGN.md describes."""
+    down projection, F32 for the norm vectors: the mix docs/design.md describes."""
     import gguf
 
     if data.ndim != 2:

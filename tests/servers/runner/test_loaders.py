@@ -21,10 +21,10 @@ from servers.runner.loaders import (
 from servers.runner.q8 import Q8Matrix, as_float
 
 from .helpers import (
+    STORIES_GGUF,
     f16_everywhere,
     q8_where_possible,
     rewrite_gguf,
-    shared_models,
     write_gguf_of_architecture,
     write_legacy_unshared,
     write_llama2c_v1,
@@ -88,7 +88,7 @@ def test_float32_weights_are_memory_mapped(legacy: LoadedModel) -> None:
 
 
 def test_gguf_f32_is_bit_identical_to_the_bin(legacy: LoadedModel) -> None:
-    m = load_model(shared_models() / "derived" / "stories260K-f32.gguf")
+    m = load_model(STORIES_GGUF)
     assert m.format == "gguf" and m.dequantised_nbytes == 0
     assert m.config == legacy.config.__class__(
         **{
@@ -105,7 +105,7 @@ def test_gguf_f32_is_bit_identical_to_the_bin(legacy: LoadedModel) -> None:
 
 def test_gguf_f16_dequantises_once(tmp_path: Path, legacy: LoadedModel) -> None:
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf", tmp_path / "f16.gguf", f16_everywhere
+        STORIES_GGUF, tmp_path / "f16.gguf", f16_everywhere
     )
     m = load_model(path)
     assert m.dequantised_nbytes == dequantised_nbytes(path) > 0
@@ -126,7 +126,7 @@ def test_gguf_mixed_q8_0_and_f16(tmp_path: Path, legacy: LoadedModel) -> None:
     import gguf
 
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf",
+        STORIES_GGUF,
         tmp_path / "q8.gguf",
         q8_where_possible,
     )
@@ -146,7 +146,7 @@ def test_gguf_mixed_q8_0_and_f16(tmp_path: Path, legacy: LoadedModel) -> None:
 
 def test_dequantise_into_a_caller_buffer(tmp_path: Path) -> None:
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf",
+        STORIES_GGUF,
         tmp_path / "q8.gguf",
         q8_where_possible,
     )
@@ -224,7 +224,7 @@ def test_rejects_unknown_gguf_architecture(tmp_path: Path) -> None:
 def test_gguf_with_a_separate_classifier(tmp_path: Path, legacy: LoadedModel) -> None:
     wcls = legacy.weights.tok_embeddings[::-1] * 0.5
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf",
+        STORIES_GGUF,
         tmp_path / "untied.gguf",
         lambda name, data: 0,  # F32 everywhere
         extra={"output.weight": wcls},
@@ -236,7 +236,7 @@ def test_gguf_with_a_separate_classifier(tmp_path: Path, legacy: LoadedModel) ->
 
 
 def test_tokenizer_path_for(tmp_path: Path) -> None:
-    gguf_path = shared_models() / "derived" / "stories260K-f32.gguf"
+    gguf_path = STORIES_GGUF
     assert loaders.tokenizer_path_for(gguf_path) == gguf_path
     assert loaders.tokenizer_path_for(default_model_path()) == default_tokenizer_path()
     model = tmp_path / "m.bin"

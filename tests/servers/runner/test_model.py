@@ -17,13 +17,13 @@ from servers.runner.sampling import GREEDY
 from .helpers import (
     EXPECTED_FROM_BOS,
     EXPECTED_ZOO,
+    STORIES_GGUF,
     assert_same_bits,
     bits,
     f16_everywhere,
     per_simd_level,
     q8_where_possible,
     rewrite_gguf,
-    shared_models,
 )
 
 
@@ -68,7 +68,7 @@ def test_generate_is_the_same_with_any_prefill_chunking(model: Model, tokenizer:
 
 # --------------------------------------------------------------------------- other formats
 def test_gguf_f32_gives_the_same_logits(model: Model, story: list[int]) -> None:
-    gguf_model = Model.load(shared_models() / "derived" / "stories260K-f32.gguf")
+    gguf_model = Model.load(STORIES_GGUF)
     assert generate(gguf_model, [1], 60, GREEDY) == story[1:]
     assert np.array_equal(
         bits(teacher_forced_logits(gguf_model, story[:20])),
@@ -87,7 +87,7 @@ def test_quantised_gguf_gives_close_logits(
     tmp_path: Path, model: Model, story: list[int], choose: object, max_err: float, mean_err: float
 ) -> None:
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf", tmp_path / "m.gguf", choose
+        STORIES_GGUF, tmp_path / "m.gguf", choose
     )  # type: ignore[arg-type]
     quantised = Model.load(path)
     assert quantised.loaded.format == "gguf" and quantised.loaded.dequantised_nbytes > 0
@@ -117,7 +117,7 @@ def test_halves_rope_layout(tmp_path: Path, model: Model, story: list[int]) -> N
         return data
 
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf",
+        STORIES_GGUF,
         tmp_path / "halves.gguf",
         lambda n, d: 0,
         transform=to_halves,
@@ -265,7 +265,7 @@ def test_empty_step(model: Model) -> None:
 
 def test_quantised_load_shares_one_buffer(tmp_path: Path) -> None:
     path = rewrite_gguf(
-        shared_models() / "derived" / "stories260K-f32.gguf",
+        STORIES_GGUF,
         tmp_path / "q8.gguf",
         q8_where_possible,
     )

@@ -27,13 +27,11 @@ from servers.runner.q8 import (
     widen_q8s,
 )
 from tests.servers.runner.helpers import (
+    STORIES_GGUF,
     assert_same_bits,
     per_simd_level,
     rewrite_gguf,
-    shared_models,
 )
-
-STORIES = shared_models() / "derived" / "stories260K-f32.gguf"
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0"])
@@ -127,7 +125,7 @@ def quantised(tmp_path: Path, kind: str) -> Path:
     def choose(name: str, data: np.ndarray) -> int:
         return qtype if data.ndim == 2 and data.shape[1] % 32 == 0 else 0
 
-    return rewrite_gguf(STORIES, tmp_path / f"{kind}.gguf", choose)
+    return rewrite_gguf(STORIES_GGUF, tmp_path / f"{kind}.gguf", choose)
 
 
 def float64_row(x: np.ndarray, w: Q8Matrix) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""A request's settings as the caller gives them, and their checks: every argument of
+`Session.submit` (and of generate, stream, submit_n, libllm.aio) is checked here, before
+anything is tokenised or sent, and a bad one raises InvalidRequest naming the parameter,
+the type or range it must have, and what it got. Nothing else escapes: no OverflowError
+from a huge int, no TypeError from a string where a number goes.
+
+Pure (no I/O). The ranges: the integers fit the scheduler's 32-bit fields (seed: 64 bits);
+the floats are finite; the sampling ranges are SamplingParams' (libllm.sampling).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from libllm import protocol as P
+from libllm.sampling import SamplingParams
+from microkernel.errors import InvalidRequest
+
+INT32_MAX = 2**31 - 1
+MAX_TENANT_CHARS = 256
+MAX_TIMEOUT_S = 1e9  # about 30 years: anything finite a caller means; None is no timeout
+
+
+@dataclass(slots=True, frozen=True)
+class Options:
+    """A request's settings, as `Session.submit` takes them (defaults included)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    priority: int = 0
+    timeout: float | None = None  # seconds; when it passes, DeadlineExceeded (the request ends)
+    tenant: str = ""
+    logprobs: int | None = None  # 0..20: each token's Logprob with that many top tokens
+    prompt_logprobs: bool = False  # the prompt tokens' Logprobs too (after the first)
+    presence_penalty: float = 0.0  # libllm.sampling.SamplingParams defines the three
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+def check_options(o: Options) -> None:
+    """Raises InvalidRequest for the first bad setting (its message names it)."""
+    whole("max_tokens", o.max_tokens, 1, INT32_MAX)
+    number("temperature", o.temperature, 0.0, 100.0)
+    whole("top_k", o.top_k, 0, INT32_MAX)
+    number("top_p", o.top_p, 0.0, 1.0, low_open=True)
+    if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**64):
+        raise InvalidRequest(f"seed must be None or an int in [0, 2**64), got {_shown(o.seed)}")
+    if o.stop is not None:
+        if not isinstance(o.stop, list) or not all(isinstance(s, str) and s for s in o.stop):
+            raise InvalidRequest(f"stop must be None or a list of non-empty strings, got {_shown(o.stop)}")
+        for i, s in enumerate(o.stop):
+            text(f"stop[{i}]", s)
+    whole("priority", o.priority, -INT32_MAX - 1, INT32_MAX)
+    if o.timeout is not None:
+        number("timeout", o.timeout, 0.0, MAX_TIMEOUT_S, low_open=True)
+    if not isinstance(o.tenant, str) or len(o.tenant) > MAX_TENANT_CHARS:
+        raise InvalidRequest(f"tenant must be a str of at most {MAX_TENANT_CHARS} characters, got {_shown(o.tenant)}")
+    text("tenant", o.tenant)
+    if o.logprobs is not None:
+        whole("logprobs", o.logprobs, 0, P.MAX_LOGPROBS, none_ok=True)
+    if not isinstance(o.prompt_logprobs, bool):
+        raise InvalidRequest(f"prompt_logprobs must be a bool, got {_shown(o.prompt_logprobs)}")
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        number(name, getattr(o, name), -math.inf, math.inf)
+    try:  # the ranges are SamplingParams'
+        SamplingParams(presence_penalty=float(o.presence_penalty), frequency_penalty=float(o.frequency_penalty),
+                       repetition_penalty=float(o.repetition_penalty))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def whole(name: str, value: Any, low: int, high: int, *, none_ok: bool = False) -> None:
+    """An int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        kind = "None or an int" if none_ok else "an int"
+        raise InvalidRequest(f"{name} must be {kind} in [{low}, {high}], got {_shown(value)}")
+
+
+def number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """A finite int or float (not a bool) in [low, high] (or (low, high])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            as_float = float(value)
+        except OverflowError:  # an int past float's range
+            ok = False
+        else:
+            ok = math.isfinite(as_float) and (low < as_float if low_open else low <= as_float) and as_float <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+        where = f" in {bounds}" if math.isfinite(low) or math.isfinite(high) else ""
+        raise InvalidRequest(f"{name} must be a finite number{where}, got {_shown(value)}")
+
+
+def text(name: str, value: str) -> None:
+    """A str that is valid Unicode (a lone surrogate is no text a model could read)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{name} is not valid Unicode text ({exc.reason} at {exc.start})") from None
+
+
+def _bound(x: float) -> str:
+    return "inf" if x == math.inf else f"{x:g}"
+
+
+def _shown(value: Any) -> str:
+    """The value for a message: its repr, cut short (a huge int or list stays readable)."""
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{shown} ({type(value).__name__})"
