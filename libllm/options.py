@@ -4,7 +4,8 @@ anything is tokenised or sent, and a bad one raises InvalidRequest naming the pa
 the type or range it must have, and what it got. Nothing else escapes: no OverflowError
 from a huge int, no TypeError from a string where a number goes.
 
-Pure (no I/O). The ranges: the integers fit the scheduler's 32-bit fields (seed: 64 bits);
+Pure (no I/O). The ranges: the integers fit the scheduler's 32-bit fields (seed: 64 bits; priority: the
+scheduler's range);
 the floats are finite; the sampling ranges are SamplingParams' (libllm.sampling).
 """
 
@@ -56,7 +57,7 @@ def check_options(o: Options) -> None:
             raise InvalidRequest(f"stop must be None or a list of non-empty strings, got {_shown(o.stop)}")
         for i, s in enumerate(o.stop):
             text(f"stop[{i}]", s)
-    whole("priority", o.priority, -INT32_MAX - 1, INT32_MAX)
+    whole("priority", o.priority, -P.MAX_PRIORITY, P.MAX_PRIORITY)
     if o.timeout is not None:
         number("timeout", o.timeout, 0.0, MAX_TIMEOUT_S, low_open=True)
     if not isinstance(o.tenant, str) or len(o.tenant) > MAX_TENANT_CHARS:

@@ -133,6 +133,7 @@ class Logprob(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
 
 
 MAX_LOGPROBS = 20  # the most top tokens a request may ask for (OpenAI's limit)
+MAX_PRIORITY = 1000  # |priority| at most: priorities scale the scheduler's aging key and name its stats
 
 
 class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

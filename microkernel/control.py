@@ -20,6 +20,7 @@ class Hello(msgspec.Struct, frozen=True):
     protocol: int
     pid: int
     name: str = ""
+    key: str = ""  # the supervisor's key: needed to register a reserved name (server_key.py)
 
 
 class HelloReply(msgspec.Struct, frozen=True):

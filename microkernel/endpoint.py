@@ -25,6 +25,7 @@ from microkernel.arena import Arena
 from microkernel.errors import (
     ErrorCode,
     KernelUnavailable,
+    LlmosError,
     PeerGone,
     ProtocolError,
     Timeout,
@@ -32,6 +33,7 @@ from microkernel.errors import (
     error_from_status,
 )
 from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
+from microkernel.server_key import server_key
 
 MAX_PACKET = 1 << 20
 ReplyCallback = Callable[[Header, bytes], None]
@@ -238,16 +240,22 @@ class Endpoint:
         self.closed = False
 
     @classmethod
-    def connect(cls, instance: str | None = None, *, name: str = "", timeout: float = 10.0) -> Endpoint:
+    def connect(cls, instance: str | None = None, *, name: str = "", key: str = "",
+                timeout: float = 10.0) -> Endpoint:
         """Handshake with the kernel of `instance` (default: $LLMOS_INSTANCE or "default").
 
         Args:
             name: register as a server under this name.
+            key: the supervisor's key, for a name the instance reserves (default: the one this
+                process was handed, if a supervisor started it; server_key.py).
         Raises:
             KernelUnavailable: no kernel runs for the instance (says how to start one).
-            InvalidRequest: the name is held by a live process; ProtocolError: version mismatch.
+            InvalidRequest: the name is held by a live process, or reserved and `key` is not
+                the instance's; ProtocolError: version mismatch.
         """
         chosen = I.instance_name(instance)
+        if name and not key:
+            key = server_key()
         path = I.existing_socket(chosen)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -259,7 +267,7 @@ class Endpoint:
                 f"the llmos kernel for instance {chosen!r} does not answer at {path} ({exc}); "
                 f"start it with `llmos up --instance {chosen}`") from None
         try:
-            reply = _socket_call(sock, 1, MsgType.KERNEL_HELLO, C.pack(C.Hello(C.PROTOCOL_VERSION, os.getpid(), name)),
+            reply = _socket_call(sock, 1, MsgType.KERNEL_HELLO, C.pack(C.Hello(C.PROTOCOL_VERSION, os.getpid(), name, key)),
                                  timeout)
             hello = C.unpack(reply, C.HelloReply)
         except BaseException:
@@ -362,8 +370,31 @@ def _socket_call(sock: socket.socket, txid: int, type: int, payload: bytes, time
     except TimeoutError:
         raise Timeout(f"no answer from the kernel to {MsgType(type).name} (txid {txid}) within {timeout} s") from None
     except (ConnectionError, BrokenPipeError) as exc:
+        _raise_refusal(sock)
         raise PeerGone(f"the kernel connection failed: {exc}") from None
     if header.status:
         message = Message(header, bytes(body))
         raise_for_status(message)
     return bytes(body)
+
+
+def _raise_refusal(sock: socket.socket) -> None:
+    """Raise the error reply the kernel left on a socket it then closed, if it left one (it
+    refuses another uid that way: the refusal says why, where a broken pipe would not)."""
+    sock.setblocking(False)
+    for _ in range(3):  # a reset is reported once, before the packets still queued
+        try:
+            packet = sock.recv(MAX_PACKET)
+            break
+        except ConnectionResetError:
+            continue
+        except OSError:
+            return
+    else:
+        return
+    try:
+        header, body = decode(packet)
+    except (ValueError, LlmosError):
+        return
+    if header.status:
+        raise_for_status(Message(header, bytes(body)))

@@ -12,6 +12,7 @@ surviving ends (PEER_GONE on their control rings) and recycles the rings later.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import selectors
@@ -35,6 +36,7 @@ from microkernel.arena import Arena
 from microkernel.errors import ArenaError, ErrorCode, PeerGone, ProtocolError
 from microkernel.lifeline import exit_with_supervisor
 from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
+from microkernel.server_key import is_reserved, server_key
 
 log = logging.getLogger("llmos.kernel")
 
@@ -89,8 +91,12 @@ class ChannelRecord:
 class Kernel:
     """One instance's kernel. `serve()` runs until SIGTERM/SIGINT or `stop()`."""
 
-    def __init__(self, instance: str, regions: list[tuple[L.RegionKind, int]], *, window: int = 8) -> None:
+    def __init__(self, instance: str, regions: list[tuple[L.RegionKind, int]], *, window: int = 8,
+                 reserved: tuple[str, ...] = (), key: str = "") -> None:
         self.instance = I.instance_name(instance)
+        # Server names only a HELLO with `key` may register (microkernel/server_key.py).
+        self.reserved, self._key = reserved, key
+        self.num_names_refused = 0
         self.run_dir = I.make_run_dir(self.instance)
         self.socket_path = self.run_dir / I.SOCKET_NAME
         self._clean_stale()
@@ -248,6 +254,15 @@ class Kernel:
             self._reply_error(record.sock, header, ErrorCode.PROTOCOL_ERROR,
                               f"protocol version {hello.protocol} is not supported; this kernel speaks "
                               f"{C.PROTOCOL_VERSION}: use the llmos that started the instance")
+            return
+        if hello.name and is_reserved(hello.name, self.reserved) and not (
+                self._key and hmac.compare_digest(hello.key, self._key)):
+            self.num_names_refused += 1
+            if self.num_names_refused <= 10 or self.num_names_refused % 1000 == 0:  # a flood logs a count
+                log.warning("refused name %r to pid %d (uid %d): reserved for the servers the supervisor "
+                            "starts (%d refused so far)", hello.name, record.pid, record.uid, self.num_names_refused)
+            self._reply_error(record.sock, header, ErrorCode.INVALID_REQUEST,
+                              f"name {hello.name!r} is reserved for the servers the instance's supervisor starts")
             return
         if hello.name:
             holder = self.by_name.get(hello.name)
@@ -504,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", default="0", help="bytes for KV pages")
     parser.add_argument("--segments", default="0", help="bytes for segments")
     parser.add_argument("--window", type=int, default=8, help="requests in flight per channel")
+    parser.add_argument("--reserved", default="", help="server names (fnmatch patterns, comma-separated) that "
+                        "only a HELLO with the supervisor's key registers (the key comes on stdin)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kernel[%(process)d] %(levelname)s %(message)s")
@@ -514,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
             regions.append((kind, parse_size(text)))
     exit_with_supervisor()
     try:
-        kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window)
+        reserved = tuple(p for p in ns.reserved.split(",") if p)
+        kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window, reserved=reserved,
+                        key=server_key())
     except (ArenaError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         print(f"llmos kernel error {exc}", flush=True)

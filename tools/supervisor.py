@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -26,9 +27,11 @@ from microkernel import instance as I
 from microkernel import layout as L
 from microkernel.arena import free_shm_bytes
 from microkernel.endpoint import Endpoint
-from microkernel.errors import LlmosError
+from microkernel.errors import LlmosError, Timeout
 from microkernel.kernel import parse_size
 from microkernel.lifeline import ENV as SUPERVISOR_ENV
+from microkernel.server_key import BUILTIN_NAMES
+from microkernel.server_key import ENV as SERVER_KEY_ENV
 from servers.memory.tables import tables_size
 from servers.start_progress import parse_progress
 from tools.cleanup import (
@@ -86,6 +89,8 @@ class Supervisor:
         self._log_offsets: dict[Path, int] = {}
         self.owns_instance = False  # set once we know no other supervisor runs it
         self._lock_fd = -1
+        self._kernel_silent = 0  # stats calls in a row the kernel did not answer
+        self.key = secrets.token_hex(16)  # lets our children register the reserved names (server_key.py)
         # (name, stage, done, total) of a starting process's progress lines; None: ignored.
         self.on_progress: Callable[[str, str, int, int], None] | None = None
 
@@ -149,7 +154,10 @@ class Supervisor:
 
     def _kernel_child(self) -> Child:
         regions = [f"--{name}={size}" for name, size in self.region_sizes().items()]
-        argv = ["-m", "microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window)]
+        # The names only our children may register: every configured server's and the built-in ones.
+        reserved = sorted({*BUILTIN_NAMES, *(s.name for s in self.config.server_specs())})
+        argv = ["-m", "microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window),
+                f"--reserved={','.join(reserved)}"]
         return Child("kernel", argv, "llmos kernel ready", self.log_dir / "kernel.log")
 
     def _server_child(self, spec: ServerSpec) -> Child:
@@ -182,6 +190,7 @@ class Supervisor:
             **os.environ,
             "LLMOS_INSTANCE": self.instance,
             SUPERVISOR_ENV: str(os.getpid()),
+            SERVER_KEY_ENV: "1",
             # BLAS threads per process, explicitly: parallelism comes from processes.
             "OMP_NUM_THREADS": threads,
             "OPENBLAS_NUM_THREADS": threads,
@@ -212,8 +221,13 @@ class Supervisor:
         """Start one process and wait for its ready line (an event, with a timeout)."""
         with open(child.log_path, "a") as log_file:
             proc = subprocess.Popen([*PYTHON, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
-                                    stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
-        assert proc.stdout is not None
+                                    stdin=subprocess.PIPE, env=self._env(), start_new_session=True)
+        assert proc.stdout is not None and proc.stdin is not None
+        try:  # the key, on a pipe read once (server_key.py); a few bytes: never blocks
+            proc.stdin.write(f"{self.key}\n".encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: the ready line will not come, and we say why below
         lines = LineReader(proc.stdout.fileno(), time.monotonic() + self.config.start_timeout_s)
         while (line := lines.readline()) and (progress := parse_progress(line)) is not None:
             if self.on_progress is not None:
@@ -296,11 +310,23 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         if self.endpoint is None or self.children[0].proc is None:
             return
+        kernel = self.children[0]
         try:
-            stats = self.endpoint.kernel_stats(timeout=10.0)
+            stats = self.endpoint.kernel_stats(timeout=self.config.heartbeat_timeout_s)
+        except Timeout:
+            # The kernel is alive but does not answer: hung (or stopped). Like a hung server it
+            # is killed; its exit then restarts the whole instance, as a dead kernel does.
+            self._kernel_silent += 1
+            if self._kernel_silent >= 2 and kernel.proc is not None:
+                log.warning("kernel did not answer for %.0f s: killing it",
+                            self._kernel_silent * self.config.heartbeat_timeout_s)
+                kernel.proc.kill()
+                kernel.proc.wait()
+            return
         except LlmosError as exc:
             log.warning("kernel stats failed: %s", exc)
             return
+        self._kernel_silent = 0
         ages = {e.name: e.heartbeat_age_s for e in stats.endpoints if e.name}
         for child in self.children[1:]:
             age = ages.get(child.name)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from libllm.protocol import MAX_LOGPROBS
+from libllm.protocol import MAX_LOGPROBS, MAX_PRIORITY
 
 # Field -> the values that ask for nothing (what clients send when the feature is off).
 _INERT: dict[str, tuple[Any, ...]] = {
@@ -48,7 +48,7 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # An llmos extension: the scheduler's priority class (higher first under `priority`).
-    priority: int = Field(default=0, ge=-1000, le=1000)
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     # OpenAI's penalties, and vLLM's repetition penalty (libllm.sampling.SamplingParams).
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)

@@ -30,12 +30,14 @@ from servers.scheduler.config import SchedulerConfig
 from servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
 from servers.scheduler.plan import StepPlan
 from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
+from servers.scheduler.runner_links import RunnerLinks
 from servers.scheduler.scheduler import Scheduler
 from servers.scheduler.sequence import Sampling, Sequence
 
 log = logging.getLogger("llmos.scheduler")
 LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
 STARTUP_TIMEOUT_S = 60.0
+RECONNECT_TIMEOUT_S = 5.0  # a kernel call from the loop: the kernel answers at once, or is hung
 # Steps in flight per runner (the default). With two, the runner computes one half of the
 # batch while this loop handles the other half's reply: the scheduler's work hides behind
 # compute. That pays where steps are short (a small model); where they are long, one step
@@ -47,7 +49,6 @@ PIPELINE_DEPTH = 2
 # up to that many tokens late.
 DECODE_STEPS = 16
 HIST_BUCKETS = 32  # log2 microsecond buckets: up to ~71 minutes
-MAX_PRIORITY = 1000  # priorities scale the aging key and name per-priority stats: keep them small
 # Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
 # its client is not woken for them, and fewer records cost both sides less. They still
 # arrive during generation, so a client knows what it has if the scheduler dies.
@@ -99,6 +100,7 @@ class SchedulerServer(Server):
         self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
         self.runner_names = list(runners)
         self.runners: dict[str, Channel] = {}
+        self.links = RunnerLinks()  # runners dropped after a channel failure, and when to retry
         if not 1 <= pipeline_depth <= 8:
             raise ValueError(f"pipeline_depth must be in 1..8, got {pipeline_depth}")
         self.pipeline_depth = pipeline_depth
@@ -138,6 +140,7 @@ class SchedulerServer(Server):
         # old step can write KV that a step of ours uses.
         channel.call(MsgType.RUNNER_FENCE, timeout=STARTUP_TIMEOUT_S)
         self.runners[runner] = channel
+        self.links.joined(runner)
 
     def _lease_sync(self, num_blocks: int) -> None:
         while num_blocks > 0:
@@ -176,8 +179,8 @@ class SchedulerServer(Server):
             return None
         if submit.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {submit.max_tokens}")
-        if not -MAX_PRIORITY <= submit.priority <= MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {submit.priority}")
+        if not -P.MAX_PRIORITY <= submit.priority <= P.MAX_PRIORITY:
+            raise InvalidRequest(f"priority must be in [-{P.MAX_PRIORITY}, {P.MAX_PRIORITY}], got {submit.priority}")
         seed = submit.seed if submit.seed is not None else secrets.randbits(63)
         try:
             sampling = Sampling(submit.temperature, submit.top_k, submit.top_p, seed, submit.num_logprobs,
@@ -254,7 +257,12 @@ class SchedulerServer(Server):
                 for plan in self.busy.pop(runner, []):  # its KV does not count; another runner re-runs it
                     self.scheduler.requeue(plan)
                 self._deliver(self.scheduler.pop_events())
-                log.warning("%s is gone; its steps were requeued", runner)
+                if event.endpoint_alive:  # it dropped the channel (a corrupt ring): a new one, later
+                    delay = self.links.failed(runner, time.monotonic())
+                    log.warning("%s dropped its channel; its steps were requeued; a new channel in %.1f s",
+                                runner, delay)
+                else:  # it died: it registers again once restarted (on_name_registered)
+                    log.warning("%s is gone; its steps were requeued", runner)
                 return
         if event.channel_id == self.memory.channel_id:
             log.warning("the memory server is gone; the lease stays ours and it rebuilds")
@@ -289,6 +297,7 @@ class SchedulerServer(Server):
             self.prompt_fetches.ask(self.memory, self._on_prompt_segment)
         self._deliver(self.scheduler.pop_events())
         self._apply_backpressure()
+        self._reconnect_runners()
         self._dispatch()
         self._refill_lease()
 
@@ -326,14 +335,58 @@ class SchedulerServer(Server):
             try:
                 channel.request(MsgType.RUNNER_STEP, P.pack(step),
                                 on_reply=partial(self._on_step_done, runner, plan))
-            except (LlmosError, ValueError) as exc:  # the runner just went, or the step is too big
-                log.error("could not send step %d to %s: %s", plan.step_id, runner, exc)
+            except (LlmosError, ValueError) as exc:  # the runner's ring is gone or corrupt, or the step too big
                 in_flight.remove(plan)
                 self.scheduler.requeue(plan)
                 self._deliver(self.scheduler.pop_events())
                 if isinstance(exc, ValueError):
+                    log.error("could not send step %d to %s: %s", plan.step_id, runner, exc)
                     self._fail(plan, f"step too large for a message: {exc}")
+                else:
+                    self._drop_runner(runner, f"could not send step {plan.step_id}: {exc}")
                 return
+
+    def _drop_runner(self, runner: str, why: str) -> None:
+        """Stop using a runner whose channel failed (closed, or corrupt: a ring that cannot be
+        trusted again): drop the channel (the kernel tells the runner), requeue its steps on
+        the others, and open a new channel after a backoff (runner_links.py)."""
+        channel = self.runners.pop(runner, None)
+        if channel is not None:
+            self.endpoint.drop_channel(channel.channel_id)
+        for plan in self.busy.pop(runner, []):
+            self.scheduler.requeue(plan)
+        self._deliver(self.scheduler.pop_events())
+        delay = self.links.failed(runner, time.monotonic())
+        log.warning("%s dropped (%s); its steps were requeued; a new channel in %.1f s", runner, why, delay)
+
+    def _reconnect_runners(self) -> None:
+        """Open a channel to each dropped runner that is due; it is used once its FENCE answers."""
+        for runner in self.links.due(time.monotonic()):
+            try:
+                channel = self.endpoint.open_channel(runner, timeout=RECONNECT_TIMEOUT_S)
+                channel.request(MsgType.RUNNER_FENCE, b"", on_reply=partial(self._on_fenced, runner, channel))
+            except LlmosError as exc:  # not registered (restarting), or the kernel refused: later
+                delay = self.links.failed(runner, time.monotonic())
+                if self.links.should_log(runner):
+                    log.warning("could not reopen %s: %s (%d tries; next in %.1f s)", runner, exc,
+                                self.links.tries(runner), delay)
+
+    def _on_fenced(self, runner: str, channel: Channel, header: Header, payload: bytes) -> None:
+        try:
+            raise_for_status(Message(header, payload))
+        except LlmosError as exc:
+            self.endpoint.drop_channel(channel.channel_id)
+            self.links.failed(runner, time.monotonic())
+            if self.links.should_log(runner):
+                log.warning("%s did not take a new channel: %s", runner, exc)
+            return
+        if runner in self.runners:  # it re-registered meanwhile and is connected already
+            self.endpoint.drop_channel(channel.channel_id)
+            return
+        self.runners[runner] = channel
+        self.links.joined(runner)
+        log.info("%s is back on channel %d", runner, channel.channel_id)
+        self._dispatch()
 
     def _on_step_done(self, runner: str, plan: StepPlan, header: Header, payload: bytes) -> None:
         in_flight = self.busy.get(runner, [])

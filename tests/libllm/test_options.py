@@ -49,7 +49,8 @@ def test_any_value_is_accepted_and_travels_or_refused_by_name(field: str, value:
     ("max_tokens", True, "max_tokens must be an int"),
     ("max_tokens", 0, "max_tokens"),
     ("top_k", 10**30, "top_k must be an int in"),
-    ("priority", 10**30, r"priority must be an int in \[-2147483648, 2147483647\]"),
+    ("priority", 10**30, r"priority must be an int in \[-1000, 1000\]"),
+    ("priority", 1001, "priority"),
     ("temperature", "hot", r"temperature must be a finite number in \[0, 100\], got 'hot' \(str\)"),
     ("temperature", None, "temperature must be a finite number"),
     ("temperature", math.nan, "temperature"),
@@ -77,5 +78,5 @@ def test_each_bad_argument_is_named_with_its_range(field: str, value: object, wo
 def test_the_defaults_and_the_edges_are_accepted() -> None:
     check_options(Options())
     check_options(Options(max_tokens=2**31 - 1, temperature=100, top_k=2**31 - 1, top_p=1, seed=2**64 - 1,
-                          stop=["\n", "é"], priority=-(2**31), timeout=1e-9, tenant="alice", logprobs=20,
+                          stop=["\n", "é"], priority=-1000, timeout=1e-9, tenant="alice", logprobs=20,
                           prompt_logprobs=True, presence_penalty=-2, frequency_penalty=2, repetition_penalty=10))

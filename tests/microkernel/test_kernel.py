@@ -218,6 +218,30 @@ def _connect_as(uid: int, path: Path, packet: bytes) -> bytes:
     return data
 
 
+def _endpoint_connect_as(uid: int, runtime: Path, instance: str) -> str:
+    """Fork, drop to `uid`, `Endpoint.connect` as any client would; the error it raised."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery from here on, only os._exit
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.environ["LLMOS_RUNTIME_DIR"] = str(runtime)
+            Endpoint.connect(instance, timeout=WAIT)
+            os.write(write_fd, b"connected")
+        except BaseException as exc:
+            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as answer:
+        data = answer.read()
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
 def test_another_uid_is_refused_by_the_kernel_itself() -> None:
     if os.getuid() != 0:
         pytest.skip("running a client as another uid needs root")
@@ -235,6 +259,9 @@ def test_another_uid_is_refused_by_the_kernel_itself() -> None:
         header, body = decode(_connect_as(nobody, sock_path, b""))
         assert header.status != 0
         assert "refused: uid 65534" in C.unpack(body, C.ErrorReply).message
+        # Through libllm's own connect: the kernel's reason, not a broken pipe.
+        assert _endpoint_connect_as(nobody, runtime, inst.name).startswith(
+            "InvalidRequest: refused: uid 65534 is not the instance owner")
         wait_until(lambda: "refused connection from uid 65534" in inst.log("kernel").read_text(),
                    "the kernel's log line")
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from microkernel.endpoint import Endpoint
+from microkernel.errors import InvalidRequest
 from microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
@@ -89,6 +90,28 @@ def test_kill_9_of_each_server_and_of_the_kernel_comes_back(cli: Cli) -> None:
     assert_nothing_left(instance, cli.runtime, [])
 
 
+def test_a_squatter_cannot_take_a_servers_name_and_the_server_comes_back(cli: Cli) -> None:
+    """Only the processes the supervisor starts may register the configured names and the
+    built-in ones; the refusal names the reason and the kernel logs it; other names stay free."""
+    instance = unique_instance("sup")
+    cli("up", "--detach", "--instance", instance, "--config", cli.config(ECHO_CONFIG))
+    try:
+        old = cli.pids(instance)["echo-a"]
+        os.kill(old, signal.SIGKILL)
+        for name in ("echo-a", "gateway", "scheduler", "runner.3"):  # echo-a: free or not, it is not ours to take
+            with pytest.raises(InvalidRequest, match=f"name {name!r} is reserved"):
+                Endpoint.connect(instance, name=name)
+        with Endpoint.connect(instance, name="my-own-server") as mine:
+            assert mine.name == "my-own-server"
+        wait_until(lambda: cli.pids(instance).get("echo-a", old) != old, "echo-a to be restarted")
+        assert echo_works(instance, "echo-a")
+        assert {p["name"]: p["restarts"] for p in cli.status(instance)["processes"]}["echo-a"] == 1
+        kernel_log = (cli.runtime / f"{instance}.logs" / "kernel.log").read_text()
+        assert "refused name 'gateway'" in kernel_log and "refused name 'echo-a'" in kernel_log
+    finally:
+        cli("down", "--instance", instance)
+
+
 def test_too_many_crashes_stop_the_instance_with_a_message(cli: Cli) -> None:
     instance = unique_instance("sup")
     config = cli.config(ECHO_CONFIG.replace('rings = "8M"', 'rings = "8M"\nmax_restarts = 2\nrestart_backoff_s = 0.1'))
@@ -135,6 +158,21 @@ def test_a_hung_server_is_killed_and_restarted(cli: Cli) -> None:
     assert echo_works(instance, "echo-b")
     cli("down", "--instance", instance)
     assert_nothing_left(instance, cli.runtime, [hung])
+
+
+def test_a_hung_kernel_restarts_the_instance(cli: Cli) -> None:
+    """A kernel that is alive but answers nothing (SIGSTOP) is killed like a hung server, and
+    the instance restarts as it does when the kernel dies."""
+    instance = unique_instance("sup")
+    cli("up", "--detach", "--instance", instance, "--config", cli.config(ECHO_CONFIG))
+    old = cli.pids(instance)
+    os.kill(old["kernel"], signal.SIGSTOP)
+    wait_until(lambda: all(cli.pids(instance).get(n, old[n]) != old[n] for n in old), "a new kernel and servers")
+    assert echo_works(instance, "echo-a") and echo_works(instance, "echo-b")
+    assert {p["name"]: p["restarts"] for p in cli.status(instance)["processes"]}["kernel"] == 1
+    assert "kernel did not answer" in (cli.runtime / f"{instance}.logs" / "supervisor.log").read_text()
+    cli("down", "--instance", instance)
+    assert_nothing_left(instance, cli.runtime, [old["kernel"]])
 
 
 def test_two_instances_side_by_side(cli: Cli) -> None:

@@ -1,0 +1,36 @@
+"""The key that lets a process register a reserved server name.
+
+The supervisor makes one key per instance and hands it to the processes it starts on their
+stdin (a pipe, read once at start), never in the environment or on the command line, which
+any process of the same uid can read in /proc. The kernel gets the key the same way, with
+the names it reserves (`--reserved`: the configured servers' names and the built-in ones);
+a HELLO that registers a reserved name without the key is refused and logged, so no other
+process can squat `gateway` (which the scheduler trusts to name tenants) or a server's name
+while its restart is pending. Names nobody reserved stay free for anyone's own servers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from functools import cache
+
+ENV = "LLMOS_SERVER_KEY_ON_STDIN"  # set by the supervisor: the key is the first line of stdin
+# Names the built-in servers use; reserved in every supervised instance, configured or not.
+BUILTIN_NAMES = ("memory", "scheduler", "runner.*", "gateway")
+
+
+@cache
+def server_key() -> str:
+    """This process's key ("" when no supervisor handed one)."""
+    if os.environ.get(ENV) != "1" or sys.stdin is None:
+        return ""
+    try:
+        return sys.stdin.readline().strip()
+    except (OSError, ValueError):  # stdin closed or not text
+        return ""
+
+
+def is_reserved(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
