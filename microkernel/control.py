@@ -115,6 +115,7 @@ class KernelStats(msgspec.Struct, frozen=True):
     rings_bytes_total: int
     endpoints: list[EndpointInfo]
     rings: list[RingInfo]
+    connects_waiting: int = 0  # CONNECTs waiting for a server to register
 
 
 class ErrorReply(msgspec.Struct, frozen=True):

@@ -36,6 +36,7 @@ from microkernel.arena import Arena
 from microkernel.errors import ArenaError, ErrorCode, PeerGone, ProtocolError
 from microkernel.lifeline import exit_with_supervisor
 from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
+from microkernel.ring_space import RingSpace
 from microkernel.server_key import is_reserved, server_key
 
 log = logging.getLogger("llmos.kernel")
@@ -48,6 +49,10 @@ CHANNEL_CAPACITY = 64 << 10  # the ring size of a channel with the default windo
 MAX_INLINE_REPLY = 4096  # a reply ring holds `window` replies of this size (flow rules)
 MAX_WINDOW = 1024  # the most a client may ask for (the gateway asks for its max_in_flight)
 MAX_PACKET = 1 << 20
+MAX_CLIENT_CHANNELS = 64  # channels a client (an endpoint without a server name) may hold at once
+MAX_CONNECT_WAITERS = 16  # CONNECTs one endpoint may have waiting for servers to register
+# The share of the RINGS region clients may not take: servers (restarts, reconnects) always fit.
+SERVER_RESERVE_FRACTION = 8
 TICK_S = 0.1
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -79,6 +84,7 @@ class EndpointRecord:
     channels: set[int] = field(default_factory=set)
     backlog: deque[bytes] = field(default_factory=deque)  # control messages not yet fitting
     num_dropped_control: int = 0  # backlog past MAX_CONTROL_BACKLOG: the oldest went
+    num_waiting: int = 0  # its CONNECTs waiting for a server to register
 
 
 @dataclass(slots=True)
@@ -88,11 +94,15 @@ class ChannelRecord:
     reply: Ring
 
 
+class ClientLimit(Exception):
+    """A client's request would pass a limit that keeps room for others (the message names it)."""
+
+
 class Kernel:
     """One instance's kernel. `serve()` runs until SIGTERM/SIGINT or `stop()`."""
 
     def __init__(self, instance: str, regions: list[tuple[L.RegionKind, int]], *, window: int = 8,
-                 reserved: tuple[str, ...] = (), key: str = "") -> None:
+                 reserved: tuple[str, ...] = (), key: str = "", max_client_channels: int = MAX_CLIENT_CHANNELS) -> None:
         self.instance = I.instance_name(instance)
         # Server names only a HELLO with `key` may register (microkernel/server_key.py).
         self.reserved, self._key = reserved, key
@@ -103,6 +113,11 @@ class Kernel:
         size = L.ARENA_HEADER_SIZE + sum(L.align_up(s, L.PAGE_SIZE) for _, s in regions)
         self.arena = Arena.create(I.arena_name(self.instance), size, regions)
         self.window = window
+        self.max_client_channels = max_client_channels
+        rings = self.arena.region(L.RegionKind.RINGS)
+        self.space = RingSpace(lambda n: self.arena.carve(L.RegionKind.RINGS, n),
+                               lambda: rings.size - self.arena.carved_bytes(L.RegionKind.RINGS))
+        self.server_reserve = rings.size // SERVER_RESERVE_FRACTION
         self.started = time.monotonic()
         self.endpoints: dict[int, EndpointRecord] = {}
         self.by_name: dict[str, int] = {}
@@ -112,9 +127,6 @@ class Kernel:
         self._next_endpoint = 1
         self._next_channel = 1
         self._next_generation = 1
-        self._free_doorbells: list[int] = []
-        self._free_control: list[int] = []
-        self._free_channel_rings: dict[int, list[int]] = {}  # ring capacity -> offsets to reuse
         self._retired: list[ChannelRecord] = []
         self._stopping = False
         self.selector = selectors.DefaultSelector()
@@ -272,8 +284,17 @@ class Kernel:
                                   f"name {hello.name!r} is held by live pid {held.pid}")
                 return
         try:
+            if not hello.name:
+                self._check_client_share(record, L.DOORBELL_SIZE + L.ring_footprint(CONTROL_CAPACITY))
             record.doorbell = self._alloc_doorbell(record.pid)
-            record.control, record.control_generation = self._alloc_control(record.doorbell)
+            try:
+                record.control, record.control_generation = self._alloc_control(record.doorbell)
+            except ArenaError:
+                self.space.give(record.doorbell)
+                raise
+        except ClientLimit as exc:
+            self._reply_error(record.sock, header, ErrorCode.OVERLOADED, str(exc))
+            return
         except ArenaError as exc:
             self._reply_error(record.sock, header, ErrorCode.OVERLOADED, f"kernel out of ring space: {exc}")
             return
@@ -290,12 +311,19 @@ class Kernel:
             for conn, txid, client_id, window in self.pending_connects.pop(hello.name, []):
                 client = self.endpoints.get(client_id)
                 if client is not None and client.sock is conn:
+                    client.num_waiting -= 1
                     self._open_channel(client, Header(MsgType.KERNEL_CONNECT, txid=txid), record, window)
 
     def _connect(self, record: EndpointRecord, header: Header, request: C.Connect) -> None:
         server_id = self.by_name.get(request.server)
         if server_id is None:
             if request.wait:
+                if record.num_waiting >= MAX_CONNECT_WAITERS:
+                    self._reply_error(record.sock, header, ErrorCode.OVERLOADED,
+                                      f"endpoint {record.endpoint_id} already waits for {record.num_waiting} "
+                                      f"servers to register, the most one may ({MAX_CONNECT_WAITERS})")
+                    return
+                record.num_waiting += 1
                 self.pending_connects.setdefault(request.server, []).append(
                     (record.sock, header.txid, record.endpoint_id, request.window))
                 return
@@ -309,12 +337,17 @@ class Kernel:
         try:
             client_bell = Doorbell.attach(self.arena, client.doorbell)
             server_bell = Doorbell.attach(self.arena, server.doorbell)
+            if not client.name:
+                self._check_client_share(client, 2 * L.ring_footprint(capacity))
             req_off = self._alloc_channel_ring(capacity)
             try:
                 rep_off = self._alloc_channel_ring(capacity)
             except ArenaError:
-                self._free_channel_rings.setdefault(capacity, []).append(req_off)
+                self.space.give(req_off)
                 raise
+        except ClientLimit as exc:
+            self._reply_error(client.sock, header, ErrorCode.OVERLOADED, str(exc))
+            return
         except ArenaError as exc:
             self._reply_error(client.sock, header, ErrorCode.OVERLOADED,
                               f"kernel out of ring space for a channel of window {window}: {exc}")
@@ -350,12 +383,19 @@ class Kernel:
         if record.name and self.by_name.get(record.name) == record.endpoint_id:
             del self.by_name[record.name]
         log.info("endpoint %d (%s, pid %d) gone", record.endpoint_id, record.name or "client", record.pid)
+        if record.num_waiting:  # its waiting CONNECTs go with it
+            for server in list(self.pending_connects):
+                waiters = [w for w in self.pending_connects[server] if w[2] != record.endpoint_id]
+                if waiters:
+                    self.pending_connects[server] = waiters
+                else:
+                    del self.pending_connects[server]
         for channel_id in sorted(record.channels):
             self._retire_channel(channel_id, record)
         if record.control is not None:
             record.control.close()
-            self._free_control.append(record.control.offset)
-            self._free_doorbells.append(record.doorbell)
+            self.space.give(record.control.offset)
+            self.space.give(record.doorbell)
 
     def _retire_channel(self, channel_id: int, leaver: EndpointRecord, *, leaver_alive: bool = False) -> None:
         """`leaver` closed the channel or died: close its sides, tell the other end."""
@@ -386,15 +426,25 @@ class Kernel:
         self._next_generation += 1
         return self._next_generation
 
+    def _check_client_share(self, client: EndpointRecord, need: int) -> None:
+        """A client may hold MAX_CLIENT_CHANNELS channels, and may not take the ring space
+        kept for servers: one client cannot starve the others or the instance itself."""
+        if client.control is not None and len(client.channels) >= self.max_client_channels:
+            raise ClientLimit(f"endpoint {client.endpoint_id} already holds {len(client.channels)} channels, "
+                              f"the most a client may (max_client_channels = {self.max_client_channels}); "
+                              f"close some first")
+        self._reclaim_retired()  # what departed clients held counts as free once both ends let go
+        if self.space.available() - need < self.server_reserve:
+            raise ClientLimit(f"kernel out of ring space for clients: {self.space.available()} bytes left, of "
+                              f"which {self.server_reserve} are kept for the servers (the config's `rings` sets the region)")
+
     def _alloc_doorbell(self, pid: int) -> int:
-        offset = self._free_doorbells.pop() if self._free_doorbells else self.arena.carve(
-            L.RegionKind.RINGS, L.DOORBELL_SIZE)
+        offset = self.space.take(L.DOORBELL_SIZE)
         Doorbell.format(self.arena, offset, owner_pid=pid)
         return offset
 
     def _alloc_control(self, doorbell: int) -> tuple[Ring, int]:
-        offset = self._free_control.pop() if self._free_control else self.arena.carve(
-            L.RegionKind.RINGS, L.ring_footprint(CONTROL_CAPACITY))
+        offset = self.space.take(L.ring_footprint(CONTROL_CAPACITY))
         generation = self._generation()
         ring = Ring.format(self.arena, offset, CONTROL_CAPACITY, consumer_doorbell=Doorbell.attach(self.arena, doorbell),
                            generation=generation, side="producer")
@@ -402,10 +452,7 @@ class Kernel:
 
     def _alloc_channel_ring(self, capacity: int) -> int:
         self._reclaim_retired()
-        free = self._free_channel_rings.get(capacity)
-        if free:
-            return free.pop()
-        return self.arena.carve(L.RegionKind.RINGS, L.ring_footprint(capacity))
+        return self.space.take(L.ring_footprint(capacity))
 
     def _reclaim_retired(self) -> None:
         """A retired ring is reused only once its survivor closed its end too (or died)."""
@@ -416,8 +463,8 @@ class Kernel:
             stats = channel.request.stats(), channel.reply.stats()
             closed = all(s.producer_closed and s.consumer_closed for s in stats)
             if both_gone or closed:
-                for ring, ring_stats in zip((channel.request, channel.reply), stats, strict=True):
-                    self._free_channel_rings.setdefault(ring_stats.capacity, []).append(ring.offset)
+                for ring in (channel.request, channel.reply):
+                    self.space.give(ring.offset)
                     ring.close()
             else:
                 keep.append(channel)
@@ -476,7 +523,7 @@ class Kernel:
             rings_bytes_used=used, rings_bytes_total=region.size,
             endpoints=[C.EndpointInfo(r.endpoint_id, r.name, r.pid, r.uid, now - r.last_heartbeat, sorted(r.channels))
                        for r in self.endpoints.values() if r.control is not None],
-            rings=rings,
+            rings=rings, connects_waiting=sum(len(w) for w in self.pending_connects.values()),
         )
 
 
@@ -519,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", default="0", help="bytes for KV pages")
     parser.add_argument("--segments", default="0", help="bytes for segments")
     parser.add_argument("--window", type=int, default=8, help="requests in flight per channel")
+    parser.add_argument("--max-client-channels", type=int, default=MAX_CLIENT_CHANNELS,
+                        help="channels one client endpoint may hold at once")
     parser.add_argument("--reserved", default="", help="server names (fnmatch patterns, comma-separated) that "
                         "only a HELLO with the supervisor's key registers (the key comes on stdin)")
     ns = parser.parse_args(argv)
@@ -533,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reserved = tuple(p for p in ns.reserved.split(",") if p)
         kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window, reserved=reserved,
-                        key=server_key())
+                        key=server_key(), max_client_channels=ns.max_client_channels)
     except (ArenaError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         print(f"llmos kernel error {exc}", flush=True)

@@ -247,6 +247,9 @@ class Config:
 
     rings: str = "32M"  # arena bytes for rings and doorbells
     window: int = 8  # requests in flight per channel
+    # Channels one client (a process that is not a server) may hold at once; clients also may
+    # not take the last eighth of `rings`, which is kept for the servers.
+    max_client_channels: int = 64
     blas_threads: int = 1  # BLAS threads per server process, set explicitly
     heartbeat_timeout_s: float = 5.0  # a server silent this long is hung: killed and restarted
     max_restarts: int = 5  # crashes of one server within restart_window_s before the instance stops
@@ -265,8 +268,9 @@ class Config:
             parse_size(self.rings)
         except ValueError:
             raise ConfigError(f"rings = {self.rings!r} is not a size (e.g. 32M)") from None
-        if self.window < 1 or self.blas_threads < 1 or self.max_restarts < 0:
-            raise ConfigError("window and blas_threads must be >= 1, max_restarts >= 0")
+        if self.window < 1 or self.blas_threads < 1 or self.max_restarts < 0 or self.max_client_channels < 2:
+            raise ConfigError("window and blas_threads must be >= 1, max_restarts >= 0, max_client_channels >= 2 "
+                              "(a session opens two)")
         if self.heartbeat_timeout_s < 2.0 or self.restart_window_s <= 0 or self.restart_backoff_s < 0:
             raise ConfigError("heartbeat_timeout_s must be >= 2 s; restart windows must be positive")
         if self.start_timeout_s < 1.0:

@@ -96,6 +96,23 @@ def test_wrong_protocol_version_is_refused_clearly(inst: Instance) -> None:
     assert "protocol version 999 is not supported" in C.unpack(body, C.ErrorReply).message
 
 
+def test_connects_waiting_for_servers_are_bounded_and_go_with_their_client(inst: Instance, endpoint: Endpoint) -> None:
+    """One endpoint may wait for 16 servers that have not registered; a 17th wait is refused,
+    and every wait it had is forgotten when it leaves (the kernel keeps nothing of it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(WAIT)
+    sock.connect(str(inst.run_dir / "kernel.sock"))
+    sock.send(encode(MsgType.KERNEL_HELLO, C.pack(C.Hello(C.PROTOCOL_VERSION, os.getpid())), txid=1))
+    assert decode(sock.recv(65536))[0].status == 0
+    for i in range(17):
+        sock.send(encode(MsgType.KERNEL_CONNECT, C.pack(C.Connect(f"nobody-yet-{i}", wait=True)), txid=2 + i))
+    header, body = decode(sock.recv(65536))  # only the refusal answers: the others wait
+    assert header.txid == 18 and "already waits for 16 servers to register" in C.unpack(body, C.ErrorReply).message
+    assert endpoint.kernel_stats().connects_waiting == 16
+    sock.close()
+    wait_until(lambda: endpoint.kernel_stats().connects_waiting == 0, "the leaver's waits to be forgotten")
+
+
 def test_garbage_on_the_kernel_socket_gets_an_error(inst: Instance, endpoint: Endpoint) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(WAIT)
