@@ -137,9 +137,6 @@ class Tokenizer:
             dec.push(t)
         return dec
 
-    def is_stop(self, token_id: int) -> bool:
-        return token_id in self.stop_ids
-
 
 class IncrementalDecoder:
     """Turns a stream of ids into text pieces; bytes of a UTF-8 character split across

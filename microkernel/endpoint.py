@@ -115,15 +115,6 @@ class Channel:
         self._in_flight[txid] = on_reply
         return txid
 
-    def reply(self, request: Header, payload: bytes | memoryview = b"", *, more: bool = False, wake: bool = True,
-              timeout: float | None = None) -> None:
-        flags = MsgFlag.REPLY | (MsgFlag.MORE if more else 0) | (MsgFlag.WAKE if wake else 0)
-        self.send(request.type, payload, flags=flags, txid=request.txid, timeout=timeout)
-
-    def reply_error(self, request: Header, code: ErrorCode, message: str, *, timeout: float | None = None) -> None:
-        """Answer `request` with an error status (QNX MsgError); the client raises it."""
-        self.outgoing.send(self.encode_error(request, code, message), timeout, True)
-
     def encode_message(self, type: int, payload: bytes | memoryview = b"", *, flags: int = 0, txid: int = 0,
                        status: int = 0) -> bytes:
         """A message as bytes, stamped for this channel, for a sender that may queue it."""

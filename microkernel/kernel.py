@@ -85,6 +85,7 @@ class EndpointRecord:
     backlog: deque[bytes] = field(default_factory=deque)  # control messages not yet fitting
     num_dropped_control: int = 0  # backlog past MAX_CONTROL_BACKLOG: the oldest went
     num_waiting: int = 0  # its CONNECTs waiting for a server to register
+    trusted: bool = False  # one of the instance's servers: not held to the clients' limits
 
 
 @dataclass(slots=True)
@@ -267,8 +268,9 @@ class Kernel:
                               f"protocol version {hello.protocol} is not supported; this kernel speaks "
                               f"{C.PROTOCOL_VERSION}: use the llmos that started the instance")
             return
-        if hello.name and is_reserved(hello.name, self.reserved) and not (
-                self._key and hmac.compare_digest(hello.key, self._key)):
+        # Bytes: compare_digest refuses a str that is not ASCII, and a squatter may send one.
+        has_key = bool(self._key) and hmac.compare_digest(hello.key.encode(), self._key.encode())
+        if hello.name and is_reserved(hello.name, self.reserved) and not has_key:
             self.num_names_refused += 1
             if self.num_names_refused <= 10 or self.num_names_refused % 1000 == 0:  # a flood logs a count
                 log.warning("refused name %r to pid %d (uid %d): reserved for the servers the supervisor "
@@ -283,9 +285,12 @@ class Kernel:
                 self._reply_error(record.sock, header, ErrorCode.INVALID_REQUEST,
                                   f"name {hello.name!r} is held by live pid {held.pid}")
                 return
+        # A server: a name and the supervisor's key, or any name where no supervisor set a key.
+        record.trusted = bool(hello.name) and (has_key or not self._key)
         try:
-            if not hello.name:
-                self._check_client_share(record, L.DOORBELL_SIZE + L.ring_footprint(CONTROL_CAPACITY))
+            if not record.trusted:
+                self._check_client_share(record, L.DOORBELL_SIZE + L.ring_footprint(CONTROL_CAPACITY),
+                                         L.DOORBELL_SIZE)
             record.doorbell = self._alloc_doorbell(record.pid)
             try:
                 record.control, record.control_generation = self._alloc_control(record.doorbell)
@@ -337,8 +342,8 @@ class Kernel:
         try:
             client_bell = Doorbell.attach(self.arena, client.doorbell)
             server_bell = Doorbell.attach(self.arena, server.doorbell)
-            if not client.name:
-                self._check_client_share(client, 2 * L.ring_footprint(capacity))
+            if not client.trusted:
+                self._check_client_share(client, 2 * L.ring_footprint(capacity), L.ring_footprint(capacity))
             req_off = self._alloc_channel_ring(capacity)
             try:
                 rep_off = self._alloc_channel_ring(capacity)
@@ -426,17 +431,19 @@ class Kernel:
         self._next_generation += 1
         return self._next_generation
 
-    def _check_client_share(self, client: EndpointRecord, need: int) -> None:
-        """A client may hold MAX_CLIENT_CHANNELS channels, and may not take the ring space
-        kept for servers: one client cannot starve the others or the instance itself."""
+    def _check_client_share(self, client: EndpointRecord, need: int, block: int) -> None:
+        """A client may hold `max_client_channels` channels, and may not take the ring space
+        kept for servers (`need` bytes in blocks of at least `block`): one client cannot
+        starve the others or the instance itself."""
         if client.control is not None and len(client.channels) >= self.max_client_channels:
             raise ClientLimit(f"endpoint {client.endpoint_id} already holds {len(client.channels)} channels, "
                               f"the most a client may (max_client_channels = {self.max_client_channels}); "
                               f"close some first")
         self._reclaim_retired()  # what departed clients held counts as free once both ends let go
-        if self.space.available() - need < self.server_reserve:
-            raise ClientLimit(f"kernel out of ring space for clients: {self.space.available()} bytes left, of "
-                              f"which {self.server_reserve} are kept for the servers (the config's `rings` sets the region)")
+        left = self.space.available(block)
+        if left - need < self.server_reserve:
+            raise ClientLimit(f"kernel out of ring space for clients: {left} bytes left, of which "
+                              f"{self.server_reserve} are kept for the servers (the config's `rings` sets the region)")
 
     def _alloc_doorbell(self, pid: int) -> int:
         offset = self.space.take(L.DOORBELL_SIZE)
@@ -517,7 +524,7 @@ class Kernel:
                     s.latency_percentile_ns(0.5), s.latency_percentile_ns(0.99), channel.info.client_id,
                     channel.info.server_id))
         region = self.arena.region(L.RegionKind.RINGS)
-        used = self.arena.carved_bytes(L.RegionKind.RINGS)
+        used = self.arena.carved_bytes(L.RegionKind.RINGS) - self.space.free_bytes()
         return C.KernelStats(
             instance=self.instance, pid=os.getpid(), uptime_s=now - self.started, arena_size=self.arena.size,
             rings_bytes_used=used, rings_bytes_total=region.size,

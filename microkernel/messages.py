@@ -103,10 +103,6 @@ class Header(NamedTuple):
     arena_off: int = 0
     arena_len: int = 0
 
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & MsgFlag.REPLY)
-
 
 def encode(
     type: int,

@@ -64,6 +64,9 @@ class Server:
         log.info("%s: peer %d (%s) gone from channel %d", self.name, event.endpoint_id,
                  event.name or "client", event.channel_id)
 
+    def on_channel_corrupt(self, channel: Channel) -> None:
+        """A channel was dropped because a ring of it is corrupt (the peer is told)."""
+
     def on_name_registered(self, event: C.NameRegistered) -> None:
         """A server took a name (a restarted peer, for instance)."""
 
@@ -146,6 +149,7 @@ class Server:
         except ProtocolError as exc:
             log.error("%s: channel %d is corrupt (%s); dropping it", self.name, channel.channel_id, exc)
             self.endpoint.drop_channel(channel.channel_id)
+            self.on_channel_corrupt(channel)
             return
         for raw in records:
             self._handle(channel, raw, backlog)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -85,12 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
         return code
     except BrokenPipeError:
+        if not _stdout_has_no_reader():
+            raise  # a pipe to some child broke, not ours: that is a real error
         # `llmos status | head`: the reader has gone. Say nothing more (stdout now goes
         # nowhere, so the flush at exit cannot fail again), with the shell's status for it.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + signal.SIGPIPE
+
+
+def _stdout_has_no_reader() -> bool:
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True  # stdout is closed or gone: nothing more to say on it either way
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -229,8 +229,9 @@ class Supervisor:
         except BrokenPipeError:
             pass  # it died at once: the ready line will not come, and we say why below
         lines = LineReader(proc.stdout.fileno(), time.monotonic() + self.config.start_timeout_s)
-        while (line := lines.readline()) and (progress := parse_progress(line)) is not None:
-            if self.on_progress is not None:
+        while (line := lines.readline()) and not line.startswith("llmos"):
+            # Progress lines are shown; anything else a server prints before its ready line is not ours.
+            if (progress := parse_progress(line)) is not None and self.on_progress is not None:
                 self.on_progress(child.name, *progress)
         proc.stdout.close()
         if not line.startswith(child.ready_line):
@@ -322,6 +323,7 @@ class Supervisor:
                             self._kernel_silent * self.config.heartbeat_timeout_s)
                 kernel.proc.kill()
                 kernel.proc.wait()
+                self._kernel_silent = 0  # the restarted kernel starts with a clean record
             return
         except LlmosError as exc:
             log.warning("kernel stats failed: %s", exc)
@@ -448,8 +450,9 @@ class LineReader:
             if timeout <= 0 or not select.select([self._fd], [], [], timeout)[0]:
                 return ""
             chunk = os.read(self._fd, 65536)
-            if not chunk:
-                return self._buffer.decode(errors="replace")
+            if not chunk:  # end of file: what is left, once
+                rest, self._buffer = self._buffer, b""
+                return rest.decode(errors="replace")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode(errors="replace") + "\n"

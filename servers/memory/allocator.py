@@ -159,9 +159,6 @@ class BlockAllocator:
             client, self._client_blocks[client], n
         )
 
-    def can_lease(self, num_blocks: int) -> bool:
-        return self._as_count(num_blocks) <= self.num_free + self.num_cached
-
     def can_write(self, block_id: int) -> bool:
         """True if the block is private and unhashed, so it may be written in place."""
         b = as_in_range(block_id, "block id", 0, self.num_blocks - 1)

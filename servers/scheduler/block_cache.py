@@ -146,9 +146,6 @@ class CachedBlocks:
         self._hash_of[block_id] = prefix_hash
         return True
 
-    def is_cached(self, prefix_hash: int) -> bool:
-        return prefix_hash in self._by_hash
-
     def refcount(self, block_id: int) -> int:
         """Holders of ``block_id`` (0 for a free or an idle cached block)."""
         return self._refs.get(block_id, 0)

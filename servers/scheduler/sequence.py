@@ -50,7 +50,6 @@ class Sequence:
         "block_hashes",
         "block_table",
         "client_id",
-        "client_key",
         "deadline",
         "finish_reason",
         "first_step",
@@ -79,7 +78,6 @@ class Sequence:
         prompt_ids: Iterable[int],
         *,
         max_tokens: int,
-        client_key: Hashable = None,
         sampling: Sampling = GREEDY,
         stop_ids: Iterable[int] = (),
         priority: int = 0,
@@ -89,7 +87,6 @@ class Sequence:
         num_resumed: int = 0,
     ) -> None:
         self.seq_id = seq_id
-        self.client_key = client_key  # the caller's handle for replies (not a share key)
         self.client_id = client_id
         self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
         self.output_ids: list[int] = []

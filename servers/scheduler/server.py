@@ -101,6 +101,7 @@ class SchedulerServer(Server):
         self.runner_names = list(runners)
         self.runners: dict[str, Channel] = {}
         self.links = RunnerLinks()  # runners dropped after a channel failure, and when to retry
+        self.fencing: dict[int, str] = {}  # a new channel to a dropped runner -> it, until FENCE answers
         if not 1 <= pipeline_depth <= 8:
             raise ValueError(f"pipeline_depth must be in 1..8, got {pipeline_depth}")
         self.pipeline_depth = pipeline_depth
@@ -193,7 +194,7 @@ class SchedulerServer(Server):
         now = time.monotonic()
         try:
             seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
-                           client_key=(channel.channel_id, message.header.txid), sampling=sampling,
+                           sampling=sampling,
                            stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
                            client_id=self._client_of(channel, submit),
                            deadline=None if submit.timeout_s is None else now + submit.timeout_s,
@@ -264,6 +265,10 @@ class SchedulerServer(Server):
                 else:  # it died: it registers again once restarted (on_name_registered)
                     log.warning("%s is gone; its steps were requeued", runner)
                 return
+        if event.channel_id in self.fencing:  # a new channel to a dropped runner, lost before its FENCE answered
+            runner = self.fencing.pop(event.channel_id)
+            self.links.failed(runner, time.monotonic())
+            return
         if event.channel_id == self.memory.channel_id:
             log.warning("the memory server is gone; the lease stays ours and it rebuilds")
             self.prompt_fetches.ask_again()  # once it is back
@@ -346,6 +351,11 @@ class SchedulerServer(Server):
                     self._drop_runner(runner, f"could not send step {plan.step_id}: {exc}")
                 return
 
+    def on_channel_corrupt(self, channel: Channel) -> None:
+        for runner, ours in list(self.runners.items()):
+            if ours is channel:  # its replies cannot be trusted: as if a send had failed
+                self._drop_runner(runner, f"its reply ring on channel {channel.channel_id} is corrupt")
+
     def _drop_runner(self, runner: str, why: str) -> None:
         """Stop using a runner whose channel failed (closed, or corrupt: a ring that cannot be
         trusted again): drop the channel (the kernel tells the runner), requeue its steps on
@@ -362,16 +372,21 @@ class SchedulerServer(Server):
     def _reconnect_runners(self) -> None:
         """Open a channel to each dropped runner that is due; it is used once its FENCE answers."""
         for runner in self.links.due(time.monotonic()):
+            channel = None
             try:
                 channel = self.endpoint.open_channel(runner, timeout=RECONNECT_TIMEOUT_S)
                 channel.request(MsgType.RUNNER_FENCE, b"", on_reply=partial(self._on_fenced, runner, channel))
+                self.fencing[channel.channel_id] = runner
             except LlmosError as exc:  # not registered (restarting), or the kernel refused: later
+                if channel is not None:
+                    self.endpoint.drop_channel(channel.channel_id)
                 delay = self.links.failed(runner, time.monotonic())
                 if self.links.should_log(runner):
                     log.warning("could not reopen %s: %s (%d tries; next in %.1f s)", runner, exc,
                                 self.links.tries(runner), delay)
 
     def _on_fenced(self, runner: str, channel: Channel, header: Header, payload: bytes) -> None:
+        self.fencing.pop(channel.channel_id, None)
         try:
             raise_for_status(Message(header, payload))
         except LlmosError as exc:

@@ -150,7 +150,7 @@ def test_a_timeout_that_passes_is_deadline_exceeded_however_short(instance: str)
     """One behaviour whether the timeout passes here first or at the scheduler first: the
     request ends and DeadlineExceeded is raised (never a Completion cut short)."""
     with libllm.connect(instance) as session:
-        for timeout in (1e-9, 1e-4, 0.001, 0.01):
+        for timeout in (1e-9, 1e-4, 0.001):  # 400 tokens take longer than any of these
             with pytest.raises(libllm.DeadlineExceeded):
                 session.generate("Zoo", max_tokens=400, timeout=timeout)
             with pytest.raises(libllm.DeadlineExceeded):

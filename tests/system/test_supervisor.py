@@ -167,11 +167,15 @@ def test_a_hung_kernel_restarts_the_instance(cli: Cli) -> None:
     cli("up", "--detach", "--instance", instance, "--config", cli.config(ECHO_CONFIG))
     old = cli.pids(instance)
     os.kill(old["kernel"], signal.SIGSTOP)
-    wait_until(lambda: all(cli.pids(instance).get(n, old[n]) != old[n] for n in old), "a new kernel and servers")
-    assert echo_works(instance, "echo-a") and echo_works(instance, "echo-b")
-    assert {p["name"]: p["restarts"] for p in cli.status(instance)["processes"]}["kernel"] == 1
-    assert "kernel did not answer" in (cli.runtime / f"{instance}.logs" / "supervisor.log").read_text()
-    cli("down", "--instance", instance)
+    try:
+        wait_until(lambda: all(cli.pids(instance).get(n, old[n]) != old[n] for n in old), "a new kernel and servers")
+        assert echo_works(instance, "echo-a") and echo_works(instance, "echo-b")
+        assert {p["name"]: p["restarts"] for p in cli.status(instance)["processes"]}["kernel"] == 1
+        assert "kernel did not answer" in (cli.runtime / f"{instance}.logs" / "supervisor.log").read_text()
+    finally:
+        if Path(f"/proc/{old['kernel']}").exists():
+            os.kill(old["kernel"], signal.SIGCONT)  # a failed wait must not leave it stopped
+        cli("down", "--instance", instance)
     assert_nothing_left(instance, cli.runtime, [old["kernel"]])
 
 
