@@ -48,7 +48,8 @@ def test_bench_ipc_quick_reports_every_transport(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     report = json.loads(out.read_text())
-    assert {"ring spin", "ring parked", "C futex (floor)", "mp.Queue", "mp.Pipe"} <= set(report["round_trip_64b"])
+    assert {"ring spin", "ring parked", "C futex (floor)", "mp.Queue", "mp.Pipe", "POSIX message queue"} <= set(
+        report["round_trip_64b"])
     assert report["oneway_64b_records_per_s"]["ring_batched"]
     assert 0 <= report["parked_consumer_cpu_share"] < 1
     assert "faster than mp.Queue" in proc.stdout

@@ -86,6 +86,8 @@ def run(ns: argparse.Namespace) -> int:
     floors: dict[str, Ratio] = {}
     if "ring parked" in medians and "C futex (floor)" in medians:
         floors["ring_parked_over_c_futex"] = ratio(medians["ring parked"], medians["C futex (floor)"])
+    if "ring parked" in medians and "POSIX message queue" in medians:
+        floors["ring_parked_over_posix_mq"] = ratio(medians["ring parked"], medians["POSIX message queue"])
     if "ring spin" in medians and "C spin (floor)" in medians:
         floors["ring_spin_over_c_spin"] = ratio(medians["ring spin"], medians["C spin (floor)"])
     for key, value in floors.items():

@@ -161,6 +161,35 @@ def rt_mp_pipe(rounds: int) -> np.ndarray[Any, Any]:
     return samples
 
 
+def _mq_echo(names: tuple[str, str], rounds: int) -> None:
+    import posix_ipc
+
+    inq, outq = (posix_ipc.MessageQueue(n) for n in names)
+    for _ in range(rounds):
+        outq.send(inq.receive()[0])
+    inq.close()
+    outq.close()
+
+
+def rt_posix_mq(rounds: int) -> np.ndarray[Any, Any]:
+    """The kernel's own message queue: a blocking receive woken by the sender (the yardstick
+    for the ring's parked wake-up)."""
+    import posix_ipc
+
+    names = (f"/llmos-bench-{os.getpid()}-{next(_seq)}", f"/llmos-bench-{os.getpid()}-{next(_seq)}")
+    queues = [posix_ipc.MessageQueue(n, posix_ipc.O_CREX, max_messages=8, max_message_size=len(PAYLOAD))
+              for n in names]
+    try:
+        child = spawn(_mq_echo, names, rounds)
+        samples = _loop(rounds, queues[0].send, lambda: queues[1].receive()[0])
+        _join(child)
+    finally:
+        for q in queues:
+            q.close()
+            q.unlink()
+    return samples
+
+
 def _zmq_echo(address: str, rounds: int) -> None:
     import zmq
 
@@ -265,6 +294,7 @@ def available_round_trips() -> dict[str, Callable[[int], np.ndarray[Any, Any]]]:
         "C futex (floor)": rt_c_futex,
         "mp.Queue": rt_mp_queue,
         "mp.Pipe": rt_mp_pipe,
+        "POSIX message queue": rt_posix_mq,
     }
     with contextlib.suppress(ImportError):
         import zmq  # noqa: F401
