@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from servers.start_progress import PREFIX
+from servers.start_progress import PREFIX, parse_progress
 
 
 def forwarded_line(name: str, stage: str, done: int, total: int) -> str:
@@ -18,10 +18,10 @@ def forwarded_line(name: str, stage: str, done: int, total: int) -> str:
 
 
 def parse_forwarded(line: str) -> tuple[str, str, int, int] | None:
-    parts = line[len(PREFIX):].split() if line.startswith(PREFIX) else []
-    if len(parts) != 4 or not parts[2].isdigit() or not parts[3].isdigit():
-        return None
-    return parts[0], parts[1], int(parts[2]), int(parts[3])
+    """(name, stage, done, total) of a forwarded line: a server's progress line with its name."""
+    name, sep, rest = line[len(PREFIX):].partition(" ") if line.startswith(PREFIX) else ("", "", "")
+    progress = parse_progress(PREFIX + rest) if sep and name else None
+    return None if progress is None else (name, *progress)
 
 
 class StartProgress:
