@@ -111,7 +111,7 @@ class KernelStats(msgspec.Struct, frozen=True):
     pid: int
     uptime_s: float
     arena_size: int
-    rings_bytes_used: int
+    rings_bytes_used: int  # carved so far (a high-water mark: freed rings are reused, not uncarved)
     rings_bytes_total: int
     endpoints: list[EndpointInfo]
     rings: list[RingInfo]

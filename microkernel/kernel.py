@@ -524,7 +524,8 @@ class Kernel:
                     s.latency_percentile_ns(0.5), s.latency_percentile_ns(0.99), channel.info.client_id,
                     channel.info.server_id))
         region = self.arena.region(L.RegionKind.RINGS)
-        used = self.arena.carved_bytes(L.RegionKind.RINGS) - self.space.free_bytes()
+        # Carved so far: the region's high-water mark (freed blocks are reused, never uncarved).
+        used = self.arena.carved_bytes(L.RegionKind.RINGS)
         return C.KernelStats(
             instance=self.instance, pid=os.getpid(), uptime_s=now - self.started, arena_size=self.arena.size,
             rings_bytes_used=used, rings_bytes_total=region.size,

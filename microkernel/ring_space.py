@@ -49,10 +49,6 @@ class RingSpace:
         footprint = self._footprint.pop(offset)
         self._free.setdefault(footprint, []).append(offset)
 
-    def free_bytes(self) -> int:
-        """Bytes in freed blocks, waiting to be handed out again."""
-        return sum(s * len(offsets) for s, offsets in self._free.items())
-
     def available(self, size: int = 0) -> int:
         """Bytes that could still be handed out in blocks of `size`: never carved, plus freed
         blocks of at least that size (a smaller one never serves a larger need)."""
