@@ -29,7 +29,7 @@ import numpy.typing as npt
 from libllm import chat
 from libllm import protocol as P
 from libllm.memory import SessionMemory
-from libllm.options import Options, check_options, text
+from libllm.options import Options, check_options, submit_of, text
 from libllm.request import Completion as Completion
 from libllm.request import DeadlineExceeded as DeadlineExceeded
 from libllm.request import Pending, Request
@@ -294,11 +294,7 @@ class Session:
         seed = o.seed
         if seed is None:  # chosen here, so a resubmission after a failover draws the same tokens
             seed = secrets.randbits(63)
-        # The scheduler believes `tenant` only from the gateway (for fair share and quotas).
-        return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
-                        stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs,
-                        bool(o.prompt_logprobs), presence_penalty=float(o.presence_penalty),
-                        frequency_penalty=float(o.frequency_penalty), repetition_penalty=float(o.repetition_penalty))
+        return submit_of(o, prompt_ids, seed, stream)
 
     def _wire(self, submit: P.Submit, timeout: float | None) -> _Wired:
         """The submit's bytes on the current connection; a long prompt gets a segment (a call

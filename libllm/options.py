@@ -117,3 +117,12 @@ def _shown(value: Any) -> str:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{shown} ({type(value).__name__})"
+
+
+def submit_of(o: Options, prompt_ids: list[int], seed: int, stream: bool) -> P.Submit:
+    """The SCHED_SUBMIT these (checked) options make. The scheduler believes `tenant` only
+    from the gateway (for fair share and quotas)."""
+    return P.Submit(prompt_ids, o.max_tokens, float(o.temperature), o.top_k, float(o.top_p), seed, o.priority,
+                    stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs, o.prompt_logprobs,
+                    presence_penalty=float(o.presence_penalty), frequency_penalty=float(o.frequency_penalty),
+                    repetition_penalty=float(o.repetition_penalty))

@@ -289,6 +289,7 @@ class Kernel:
         record.trusted = bool(hello.name) and (has_key or not self._key)
         try:
             if not record.trusted:
+                self._reclaim_retired()
                 self._check_client_share(record, L.DOORBELL_SIZE + L.ring_footprint(CONTROL_CAPACITY),
                                          L.DOORBELL_SIZE)
             record.doorbell = self._alloc_doorbell(record.pid)
@@ -339,14 +340,16 @@ class Kernel:
 
     def _open_channel(self, client: EndpointRecord, header: Header, server: EndpointRecord, asked: int) -> None:
         window, capacity = channel_shape(asked, self.window)
+        footprint = L.ring_footprint(capacity)
+        self._reclaim_retired()  # what departed endpoints held is free once both ends let go
         try:
             client_bell = Doorbell.attach(self.arena, client.doorbell)
             server_bell = Doorbell.attach(self.arena, server.doorbell)
             if not client.trusted:
-                self._check_client_share(client, 2 * L.ring_footprint(capacity), L.ring_footprint(capacity))
-            req_off = self._alloc_channel_ring(capacity)
+                self._check_client_share(client, 2 * footprint, footprint)
+            req_off = self.space.take(footprint)
             try:
-                rep_off = self._alloc_channel_ring(capacity)
+                rep_off = self.space.take(footprint)
             except ArenaError:
                 self.space.give(req_off)
                 raise
@@ -434,12 +437,11 @@ class Kernel:
     def _check_client_share(self, client: EndpointRecord, need: int, block: int) -> None:
         """A client may hold `max_client_channels` channels, and may not take the ring space
         kept for servers (`need` bytes in blocks of at least `block`): one client cannot
-        starve the others or the instance itself."""
+        starve the others or the instance itself. The caller reclaims retired rings first."""
         if client.control is not None and len(client.channels) >= self.max_client_channels:
             raise ClientLimit(f"endpoint {client.endpoint_id} already holds {len(client.channels)} channels, "
                               f"the most a client may (max_client_channels = {self.max_client_channels}); "
                               f"close some first")
-        self._reclaim_retired()  # what departed clients held counts as free once both ends let go
         left = self.space.available(block)
         if left - need < self.server_reserve:
             raise ClientLimit(f"kernel out of ring space for clients: {left} bytes left, of which "
@@ -456,10 +458,6 @@ class Kernel:
         ring = Ring.format(self.arena, offset, CONTROL_CAPACITY, consumer_doorbell=Doorbell.attach(self.arena, doorbell),
                            generation=generation, side="producer")
         return ring, generation
-
-    def _alloc_channel_ring(self, capacity: int) -> int:
-        self._reclaim_retired()
-        return self.space.take(L.ring_footprint(capacity))
 
     def _reclaim_retired(self) -> None:
         """A retired ring is reused only once its survivor closed its end too (or died)."""

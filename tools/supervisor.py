@@ -7,6 +7,7 @@ the arena. Run by `llmos up` (in the foreground, or detached as `python -m tools
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -489,12 +490,9 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
     code = 0
     failure = ""
     try:
-        if foreground:
-            with StartProgress() as bars:
-                supervisor.on_progress = bars.update
-                supervisor.up()
-        else:
-            supervisor.on_progress = forward_to(ready)
+        # In the foreground the bars are ours to show; detached, `llmos up` waiting on `ready` shows them.
+        with StartProgress() if foreground else contextlib.nullcontext() as bars:
+            supervisor.on_progress = bars.update if bars is not None else forward_to(ready)
             supervisor.up()
         supervisor.on_progress = None
         servers = ", ".join(c.name for c in supervisor.children[1:]) or "no servers"

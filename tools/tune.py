@@ -128,15 +128,14 @@ def search_space(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[st
 def measure(knobs: Knobs, base: Config, items: list[WorkItem], concurrency: int, runtime: str, name: str,
             progress: Callable[[int], None]) -> Measured:
     """The workload's figures on an instance of `base` with `knobs` (`progress(tokens made)`)."""
-    import numpy as np
-
+    from tools.bench.serve_metrics import summary
     from tools.bench.serve_system import RunOptions, run_system
 
     done = run_system(knobs.label(), items, RunOptions(workers=concurrency), runtime, name, progress,
                       config=config_toml(knobs.apply(base)))
-    ttft = np.array([r.ttft_s for r in done.records if r.ttft_s is not None] or [0.0])
-    return Measured(knobs, sum(r.output_tokens for r in done.records) / done.wall_s,
-                    float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99)), len(done.records), done.wall_s)
+    ttft = summary(r.ttft_s for r in done.records) or {"p50": 0.0, "p99": 0.0}
+    return Measured(knobs, sum(r.output_tokens for r in done.records) / done.wall_s, ttft["p50"], ttft["p99"],
+                    len(done.records), done.wall_s)
 
 
 def tokens(items: list[WorkItem]) -> int:

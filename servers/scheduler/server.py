@@ -254,20 +254,13 @@ class SchedulerServer(Server):
         self._lease_exhausted = False  # someone left: the pool may have blocks again
         for runner, channel in list(self.runners.items()):
             if channel.channel_id == event.channel_id:
-                del self.runners[runner]
-                for plan in self.busy.pop(runner, []):  # its KV does not count; another runner re-runs it
-                    self.scheduler.requeue(plan)
-                self._deliver(self.scheduler.pop_events())
-                if event.endpoint_alive:  # it dropped the channel (a corrupt ring): a new one, later
-                    delay = self.links.failed(runner, time.monotonic())
-                    log.warning("%s dropped its channel; its steps were requeued; a new channel in %.1f s",
-                                runner, delay)
-                else:  # it died: it registers again once restarted (on_name_registered)
-                    log.warning("%s is gone; its steps were requeued", runner)
+                # Alive, it dropped the channel (a corrupt ring): a new one later. Dead, it
+                # registers again once restarted (on_name_registered).
+                self._drop_runner(runner, "it dropped the channel" if event.endpoint_alive else "it is gone",
+                                  reconnect=event.endpoint_alive)
                 return
         if event.channel_id in self.fencing:  # a new channel to a dropped runner, lost before its FENCE answered
-            runner = self.fencing.pop(event.channel_id)
-            self.links.failed(runner, time.monotonic())
+            self._retry_later(self.fencing.pop(event.channel_id), None, "the new channel closed")
             return
         if event.channel_id == self.memory.channel_id:
             log.warning("the memory server is gone; the lease stays ours and it rebuilds")
@@ -356,18 +349,31 @@ class SchedulerServer(Server):
             if ours is channel:  # its replies cannot be trusted: as if a send had failed
                 self._drop_runner(runner, f"its reply ring on channel {channel.channel_id} is corrupt")
 
-    def _drop_runner(self, runner: str, why: str) -> None:
+    def _drop_runner(self, runner: str, why: str, *, reconnect: bool = True) -> None:
         """Stop using a runner whose channel failed (closed, or corrupt: a ring that cannot be
-        trusted again): drop the channel (the kernel tells the runner), requeue its steps on
-        the others, and open a new channel after a backoff (runner_links.py)."""
+        trusted again): drop the channel (the kernel tells the runner; a no-op if it is gone
+        already), requeue its steps on the others (its KV does not count), and with
+        `reconnect` open a new channel after a backoff (runner_links.py)."""
         channel = self.runners.pop(runner, None)
         if channel is not None:
             self.endpoint.drop_channel(channel.channel_id)
         for plan in self.busy.pop(runner, []):
             self.scheduler.requeue(plan)
         self._deliver(self.scheduler.pop_events())
+        if reconnect:
+            delay = self.links.failed(runner, time.monotonic())
+            log.warning("%s dropped (%s); its steps were requeued; a new channel in %.1f s", runner, why, delay)
+        else:
+            log.warning("%s is gone; its steps were requeued", runner)
+
+    def _retry_later(self, runner: str, channel: Channel | None, why: object) -> None:
+        """A new channel to a dropped runner failed: drop it, and try again after the backoff."""
+        if channel is not None:
+            self.endpoint.drop_channel(channel.channel_id)
         delay = self.links.failed(runner, time.monotonic())
-        log.warning("%s dropped (%s); its steps were requeued; a new channel in %.1f s", runner, why, delay)
+        if self.links.should_log(runner):
+            log.warning("could not reopen %s: %s (%d tries; next in %.1f s)", runner, why,
+                        self.links.tries(runner), delay)
 
     def _reconnect_runners(self) -> None:
         """Open a channel to each dropped runner that is due; it is used once its FENCE answers."""
@@ -378,22 +384,14 @@ class SchedulerServer(Server):
                 channel.request(MsgType.RUNNER_FENCE, b"", on_reply=partial(self._on_fenced, runner, channel))
                 self.fencing[channel.channel_id] = runner
             except LlmosError as exc:  # not registered (restarting), or the kernel refused: later
-                if channel is not None:
-                    self.endpoint.drop_channel(channel.channel_id)
-                delay = self.links.failed(runner, time.monotonic())
-                if self.links.should_log(runner):
-                    log.warning("could not reopen %s: %s (%d tries; next in %.1f s)", runner, exc,
-                                self.links.tries(runner), delay)
+                self._retry_later(runner, channel, exc)
 
     def _on_fenced(self, runner: str, channel: Channel, header: Header, payload: bytes) -> None:
         self.fencing.pop(channel.channel_id, None)
         try:
             raise_for_status(Message(header, payload))
         except LlmosError as exc:
-            self.endpoint.drop_channel(channel.channel_id)
-            self.links.failed(runner, time.monotonic())
-            if self.links.should_log(runner):
-                log.warning("%s did not take a new channel: %s", runner, exc)
+            self._retry_later(runner, channel, exc)
             return
         if runner in self.runners:  # it re-registered meanwhile and is connected already
             self.endpoint.drop_channel(channel.channel_id)
