@@ -1,9 +1,9 @@
 """The name of a full KV block: a blake2b-128 hash chained over the token ids of every block
 up to and including it, so equal names mean equal prefixes and so equal KV.
 
-Pure; the one rule the memory server's prefix cache and the scheduler's block cache share
-(docs/design.md: servers share libllm's pure modules). Never Python's hash(), whose value
-differs between processes.
+Pure; the rule the scheduler's prefix cache names its blocks by (servers/scheduler/prefix.py),
+kept with the pure modules servers share (docs/design.md). Never Python's hash(), whose
+value differs between processes.
 """
 
 from __future__ import annotations

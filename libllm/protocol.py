@@ -15,23 +15,16 @@ import msgspec
 
 
 class AllocBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """MEM_ALLOC_BLOCKS: `num_blocks` KV blocks for the sender. With `lease`, they are held
-    uncharged until claimed (the scheduler's lease); else charged to `client_id` now."""
+    """MEM_ALLOC_BLOCKS: `num_blocks` KV blocks for the sender. With `lease`, they are charged
+    to nobody (the scheduler's lease, kept until the scheduler goes); else to `client_id`."""
 
     num_blocks: int
     client_id: int = 0
     lease: bool = False
 
 
-class ClaimBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """MEM_CLAIM_BLOCKS: leased blocks now hold KV for `client_id` (charged to its quota)."""
-
-    block_ids: list[int]
-    client_id: int = 0
-
-
 class BlockIds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Reply to MEM_ALLOC_BLOCKS / MEM_CLAIM_BLOCKS; payload of MEM_FREE_BLOCKS."""
+    """Reply to MEM_ALLOC_BLOCKS; payload of MEM_FREE_BLOCKS."""
 
     block_ids: list[int]
 
@@ -72,19 +65,16 @@ class SegmentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class MemoryStatsReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """MEM_STATS: the memory server's figures (F, H, usage) and its reclamation counts."""
+    """MEM_STATS: the memory server's figures (U of the KV pool, segments' F) and its
+    reclamation counts. Paged F and H are the scheduler's (SCHED_STATS)."""
 
     num_blocks: int
     num_free_blocks: int
-    num_used_blocks: int
-    num_cached_blocks: int
+    num_used_blocks: int  # leased blocks included
     num_leased_blocks: int
-    internal_fragmentation: float
     segment_bytes_total: int
     segment_bytes_used: int
     external_fragmentation: float
-    hit_rate: float
-    num_evictions: int
     owners: dict[int, int]  # endpoint id -> blocks + segments it holds
     num_reclaimed_blocks: int  # freed because their owner left (PEER_GONE or sweep)
     num_reclaimed_segments: int

@@ -67,7 +67,7 @@ class MsgType(IntEnum):
     MEM_ALLOC_SEGMENT = 0x0303
     MEM_FREE_SEGMENT = 0x0304
     MEM_STATS = 0x0305
-    MEM_CLAIM_BLOCKS = 0x0306
+    # 0x0306 retired (MEM_CLAIM_BLOCKS, for the memory server's prefix cache): do not reuse
     MEM_SEGMENT_INFO = 0x0307  # where a live segment lies, for any endpoint (libllm attach, scheduler)
     # runner 0x04xx
     RUNNER_STEP = 0x0401

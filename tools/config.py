@@ -18,10 +18,22 @@ else:  # pragma: no cover - Python 3.10
 import msgspec
 
 from microkernel.kernel import parse_size
+from servers.gateway.settings import GatewaySettings
+from servers.memory.settings import MemorySettings
+from servers.scheduler.settings import SchedulerSettings
+from servers.settings import ConfigError
 
-
-class ConfigError(ValueError):
-    """The configuration file is unreadable or says something we do not accept."""
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GatewaySettings",
+    "MemorySettings",
+    "ModelSection",
+    "SchedulerSettings",
+    "ServerSpec",
+    "config_from_dict",
+    "load_config",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,124 +133,32 @@ class ModelSection:
 AUTO_PAGE_BLOCKS = 512  # KV blocks `pages = "auto"` makes room for
 
 
-@dataclass(slots=True, frozen=True)
-class MemorySection:
-    """[memory]: the arena's KV pages and segments, and the memory server's settings."""
-
-    # Bytes of KV blocks. "auto": room for AUTO_PAGE_BLOCKS float32 blocks of the model (twice
-    # as many float16 ones), at least 16M (stories260K: 16M, 13k tokens; Gemma 3 270M: 288M,
-    # 8192 tokens, 16384 with [model] kv_dtype = "f16").
-    pages: str = "auto"
-    segments: str = "16M"  # bytes for client tensors and shared weights
-    block_tokens: int = 16  # token slots per KV block
-    block_bytes: int = 0  # bytes per KV block; 0: computed from the model's header ([model] path)
-    # A segment reserved at start for the instance (owner 0), meant for weights runners would
-    # share; no runner maps it yet (each maps the model file and widens what it must itself),
-    # so 0 by default. -1: the bytes the model's dequantised/widened tensors need.
-    weights_bytes: int = 0
-    quota_blocks: int = 0  # per client; 0 = unlimited
-    quota_segment_bytes: int = 0  # bytes of segments per client; 0 = unlimited
-    sweep_interval_s: float = 5.0  # seconds between sweeps that reclaim what exited clients held
-
-    def __post_init__(self) -> None:
-        for name in ("pages", "segments"):
-            if name == "pages" and self.pages == "auto":
-                continue
-            try:
-                parse_size(getattr(self, name))
-            except ValueError:
-                raise ConfigError(f"memory.{name} = {getattr(self, name)!r} is not a size (e.g. 16M)") from None
-        if self.block_tokens < 1 or self.block_bytes < 0 or self.quota_blocks < 0 or self.quota_segment_bytes < 0:
-            raise ConfigError("memory: block_tokens must be >= 1; block_bytes and quotas >= 0")
-        if self.sweep_interval_s <= 0:
-            raise ConfigError("memory.sweep_interval_s must be positive")
-
-    def resolved_pages(self, model_path: Path) -> int:
-        """Bytes of the KV region (see pages): the same with float16 pages, which then hold
-        twice the blocks."""
-        if self.pages != "auto":
-            return parse_size(self.pages)
-        return max(16 << 20, AUTO_PAGE_BLOCKS * self.resolved_block_bytes(model_path))
-
-    def resolved_weights_bytes(self, model_path: Path) -> int:
-        """Bytes of the instance's weights segment (see weights_bytes)."""
-        if self.weights_bytes >= 0:
-            return self.weights_bytes
-        from servers.runner.loaders import dequantised_nbytes
-
-        return dequantised_nbytes(model_path)
-
-    def resolved_block_bytes(self, model_path: Path, kv_bytes: int = 4) -> int:
-        """A block holds K and V of every layer for `block_tokens` tokens, of kv_bytes each."""
-        if self.block_bytes:
-            return self.block_bytes
-        from servers.runner.loaders import read_config
-
-        model = read_config(model_path)
-        kv_dim = model.n_kv_heads * model.head_size
-        return model.n_layers * 2 * kv_dim * self.block_tokens * kv_bytes
+def resolved_pages(memory: MemorySettings, model_path: Path) -> int:
+    """Bytes of the KV region (see pages): the same with float16 pages, which then hold
+    twice the blocks."""
+    if memory.pages != "auto":
+        return parse_size(memory.pages)
+    return max(16 << 20, AUTO_PAGE_BLOCKS * resolved_block_bytes(memory, model_path))
 
 
-@dataclass(slots=True, frozen=True)
-class SchedulerSection:
-    """[scheduler]: the policy and its parameters, and the step limits."""
+def resolved_weights_bytes(memory: MemorySettings, model_path: Path) -> int:
+    """Bytes of the instance's weights segment (see weights_bytes)."""
+    if memory.weights_bytes >= 0:
+        return memory.weights_bytes
+    from servers.runner.loaders import dequantised_nbytes
 
-    policy: str = "fcfs"  # "fcfs", "priority", "rr" or "fair"
-    aging_steps: int = 64  # priority: a waiting request gains one level per this many steps
-    quantum: int = 16  # rr: tokens a sequence makes before it yields to waiting ones
-    weights: dict[str, float] = field(default_factory=dict)  # fair: share per tenant
-    max_batch_size: int = 64  # sequences per runner per step (split over the pipeline)
-    token_budget: int = 512  # tokens per step
-    decode_steps: int = 16  # tokens a runner makes in a row per decoding sequence
-    prefix_cache: bool = True  # reuse the KV blocks of prompt prefixes already computed
-    # Steps in flight per runner; 0: 2 for a small model (the next step is planned while one
-    # computes), 1 for a large one (its batch is not split in halves: one step of 32
-    # sequences computes faster than two of 16).
-    pipeline_depth: int = 0
-
-    def __post_init__(self) -> None:
-        if self.policy not in ("fcfs", "priority", "rr", "fair"):
-            raise ConfigError(f"scheduler.policy must be fcfs, priority, rr or fair; got {self.policy!r}")
-        for name in ("aging_steps", "quantum", "max_batch_size", "token_budget", "decode_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"scheduler.{name} must be >= 1")
-        if not 0 <= self.pipeline_depth <= 8:
-            raise ConfigError("scheduler.pipeline_depth must be in 0..8 (0: chosen for the model)")
-        if any(not w > 0 for w in self.weights.values()):
-            raise ConfigError("scheduler.weights must be positive")
-
-    def args(self, large_model: bool) -> list[str]:
-        depth = self.pipeline_depth or (1 if large_model else 2)
-        return [f"--policy={self.policy}", f"--aging-steps={self.aging_steps}", f"--quantum={self.quantum}",
-                f"--weights={json.dumps(self.weights)}", f"--max-batch-size={self.max_batch_size}",
-                f"--token-budget={self.token_budget}", f"--decode-steps={self.decode_steps}",
-                f"--pipeline-depth={depth}", *([] if self.prefix_cache else ["--no-prefix-cache"])]
+    return dequantised_nbytes(model_path)
 
 
-@dataclass(slots=True, frozen=True)
-class GatewaySection:
-    """[gateway]: where the HTTP front door listens and who may use it."""
+def resolved_block_bytes(memory: MemorySettings, model_path: Path, kv_bytes: int = 4) -> int:
+    """A block holds K and V of every layer for `block_tokens` tokens, of kv_bytes each."""
+    if memory.block_bytes:
+        return memory.block_bytes
+    from servers.runner.loaders import read_config
 
-    host: str = "127.0.0.1"  # address to listen on ("0.0.0.0": every interface)
-    port: int = 8000  # 0 picks a free port (written to the run dir's gateway.url)
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no authentication
-    max_body_bytes: int = 1 << 20  # a larger request body is refused (413)
-    max_tokens: int = 512  # a larger max_tokens is refused (400); absent: this, or what the context has left
-    # Choices at the scheduler at once before it answers 429; also its channel's window (each
-    # slot costs ~16 KiB of ring memory, so 1024, the kernel's cap, takes 32 MiB of `rings`).
-    max_in_flight: int = 256
-    body_timeout_s: float = 30.0  # a request body that takes longer is dropped (408)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535 or min(self.max_body_bytes, self.max_tokens, self.max_in_flight) < 1:
-            raise ConfigError("gateway: port in 0..65535; max_body_bytes, max_tokens, max_in_flight >= 1")
-        if self.max_in_flight > 1024 or self.body_timeout_s <= 0:
-            raise ConfigError("gateway: max_in_flight at most 1024 (the kernel's window cap); body_timeout_s > 0")
-
-    def args(self) -> list[str]:
-        return [f"--host={self.host}", f"--port={self.port}", f"--api-keys={json.dumps(self.api_keys)}",
-                f"--max-body-bytes={self.max_body_bytes}", f"--max-tokens={self.max_tokens}",
-                f"--max-in-flight={self.max_in_flight}", f"--body-timeout={self.body_timeout_s}"]
+    model = read_config(model_path)
+    kv_dim = model.n_kv_heads * model.head_size
+    return model.n_layers * 2 * kv_dim * memory.block_tokens * kv_bytes
 
 
 @dataclass(slots=True, frozen=True)
@@ -257,9 +177,9 @@ class Config:
     restart_backoff_s: float = 0.5  # first restart delay, doubled per crash up to 8 s
     start_timeout_s: float = 60.0  # how long a process may take to say it is ready
     model: ModelSection = field(default_factory=ModelSection)
-    memory: MemorySection = field(default_factory=MemorySection)
-    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
-    gateway: GatewaySection = field(default_factory=GatewaySection)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     # The processes; none listed: the standard ones (standard_servers), with [model]'s runners.
     servers: tuple[ServerSpec, ...] = ()
 
@@ -301,8 +221,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    sections = (("model", ModelSection), ("memory", MemorySection), ("scheduler", SchedulerSection),
-                ("gateway", GatewaySection))
+    sections = (("model", ModelSection), ("memory", MemorySettings), ("scheduler", SchedulerSettings),
+                ("gateway", GatewaySettings))
     for section, cls in sections:
         table = data.get(section, {})
         if isinstance(table, dict):

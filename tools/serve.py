@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from servers.scheduler.settings import POLICIES
 from tools.config import Config, ConfigError, config_from_dict, load_config
 
 
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept this key (repeatable); with keys, requests need 'Authorization: Bearer KEY'")
     p.add_argument("--runners", type=int, help="runner processes (default: chosen for the machine and model)")
     p.add_argument("--threads", type=int, help="threads per runner step (default: chosen likewise)")
-    p.add_argument("--policy", choices=("fcfs", "priority", "rr", "fair"), help="scheduling policy")
+    p.add_argument("--policy", choices=POLICIES, help="scheduling policy")
     p.add_argument("--max-batch-size", type=int, help="sequences per runner per step")
     p.add_argument("--context", type=int, help="positions a sequence may hold (default: the model's)")
     p.add_argument("--kv-dtype", choices=("f32", "f16"), help="what KV pages hold (f16: twice the tokens)")

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from microkernel.lifeline import ENV as SUPERVISOR_ENV
 from microkernel.server_key import BUILTIN_NAMES
 from microkernel.server_key import ENV as SERVER_KEY_ENV
 from servers.memory.tables import tables_size
+from servers.settings import encode_settings
 from servers.start_progress import parse_progress
 from tools.cleanup import (
     STATE_FILE,
@@ -43,7 +44,13 @@ from tools.cleanup import (
     read_state,
     start_ticks,
 )
-from tools.config import Config, ServerSpec
+from tools.config import (
+    Config,
+    ServerSpec,
+    resolved_block_bytes,
+    resolved_pages,
+    resolved_weights_bytes,
+)
 from tools.start_progress import StartProgress, forwarded_line
 
 log = logging.getLogger("llmos.supervisor")
@@ -145,9 +152,9 @@ class Supervisor:
         if self.has_memory_server():
             memory = self.config.memory
             model = self.config.model
-            pages = memory.resolved_pages(model.model_path())
+            pages = resolved_pages(memory, model.model_path())
             segments = parse_size(memory.segments)
-            sizes["tables"] = tables_size(pages, memory.resolved_block_bytes(model.model_path(), model.kv_bytes),
+            sizes["tables"] = tables_size(pages, resolved_block_bytes(memory, model.model_path(), model.kv_bytes),
                                           segments)
             sizes["pages"] = pages
             sizes["segments"] = segments
@@ -171,16 +178,17 @@ class Supervisor:
         model = self.config.model
         if spec.module == "servers.memory":
             memory = self.config.memory
-            return [f"--block-bytes={memory.resolved_block_bytes(model.model_path(), model.kv_bytes)}",
-                    f"--block-tokens={memory.block_tokens}", f"--quota-blocks={memory.quota_blocks}",
-                    f"--quota-segment-bytes={memory.quota_segment_bytes}",
-                    f"--sweep-interval={memory.sweep_interval_s}",
-                    f"--weights-bytes={memory.resolved_weights_bytes(model.model_path())}"]
+            resolved = replace(memory, block_bytes=resolved_block_bytes(memory, model.model_path(), model.kv_bytes),
+                               weights_bytes=resolved_weights_bytes(memory, model.model_path()))
+            return [f"--settings={encode_settings(resolved)}"]
         if spec.module == "servers.scheduler":
             runners = [s.name for s in self.config.server_specs() if s.module == "servers.runner"]
-            return [f"--runners={','.join(runners)}", *self.config.scheduler.args(model.is_large())]
+            scheduler = self.config.scheduler
+            settings = replace(scheduler, pipeline_depth=scheduler.depth_for(model.is_large()))
+            return [f"--runners={','.join(runners)}", f"--quota-blocks={self.config.memory.quota_blocks}",
+                    f"--settings={encode_settings(settings)}"]
         if spec.module == "servers.gateway":
-            return self.config.gateway.args()
+            return [f"--settings={encode_settings(self.config.gateway)}"]
         if spec.module == "servers.runner":
             return [f"--block-tokens={self.config.memory.block_tokens}", *model.args(self.config.runner_threads())]
         return []

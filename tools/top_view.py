@@ -171,18 +171,18 @@ def _scheduler_lines(prev: dict[str, Any] | None, s: dict[str, Any] | None, dt: 
 def _memory_lines(m: dict[str, Any] | None, s: dict[str, Any] | None) -> list[str]:
     if m is None:
         return ["KV: the memory server did not answer"]
-    lease = f"; {s['num_free_blocks']} idle in the scheduler's lease" if s else ""
-    hit = pct(m["hit_rate"])
-    # Paged F over the blocks the scheduler's sequences hold (it knows how full they are).
-    paged = s["paged_fragmentation"] if s is not None and "paged_fragmentation" in s else m["internal_fragmentation"]
-    if s is not None and "prefix_hit_rate" in s:  # a scheduler that keeps its own prefix cache
-        hit = f"{hit} (memory server), {pct(s['prefix_hit_rate'])} (scheduler)"
+    lease = (f"; {s['num_free_blocks']} idle in the scheduler's lease, {s['num_cached_blocks']} of them "
+             f"cached prefixes" if s else "")
+    # H and paged F are the scheduler's: its cache is the prefix cache, and it knows how full
+    # the blocks its sequences hold are.
+    hit, paged = (s["prefix_hit_rate"], s["paged_fragmentation"]) if s else (None, None)
+    evictions = f"; {s['num_prefix_evictions']} evictions" if s else ""
     return [
-        f"KV blocks: used {m['num_used_blocks']}, cached {m['num_cached_blocks']}, lent to the scheduler "
-        f"{m['num_leased_blocks']}, free {m['num_free_blocks']} of {m['num_blocks']}{lease}",
-        f"H (prefix hit rate) {hit}; F paged {pct(paged)}, "
+        f"KV blocks: used {m['num_used_blocks']}, lent to the scheduler {m['num_leased_blocks']}, "
+        f"free {m['num_free_blocks']} of {m['num_blocks']}{lease}",
+        f"H (prefix hit rate) {pct(hit)}; F paged {pct(paged)}, "
         f"segments {pct(m['external_fragmentation'])} ({m['segment_bytes_used'] / 2**20:.1f} of "
-        f"{m['segment_bytes_total'] / 2**20:.1f} MiB used); {m['num_evictions']} evictions",
+        f"{m['segment_bytes_total'] / 2**20:.1f} MiB used){evictions}",
     ]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import socket
 import sys
@@ -23,9 +22,11 @@ from microkernel import instance as I
 from microkernel.errors import PeerGone
 from microkernel.lifeline import exit_with_supervisor
 from servers.base import configure_logging
-from servers.gateway.app import GatewayConfig, make_app
-from servers.gateway.guard import Guard, GuardConfig
+from servers.gateway.app import make_app
+from servers.gateway.guard import Guard
 from servers.gateway.metrics import Histogram
+from servers.gateway.settings import GatewaySettings
+from servers.settings import ConfigError, add_settings_argument, decode_settings
 
 HEARTBEAT_S = 0.5
 LAG_PROBE_S = 0.1
@@ -40,20 +41,17 @@ async def watch_loop_lag(lag: Histogram) -> None:
         lag.observe(max(0.0, loop.time() - due))
 
 
-async def serve(ns: argparse.Namespace) -> int:
-    keys = json.loads(ns.api_keys)
-    config = GatewayConfig(api_keys=keys, max_body_bytes=ns.max_body_bytes, max_tokens_cap=ns.max_tokens,
-                           max_in_flight=ns.max_in_flight, body_timeout_s=ns.body_timeout)
+async def serve(ns: argparse.Namespace, config: GatewaySettings) -> int:
     try:  # bound here, so a taken port is one line, not uvicorn's traceback
-        listener = socket.create_server((ns.host, ns.port), backlog=4096)
+        listener = socket.create_server((config.host, config.port), backlog=4096)
     except OSError as exc:
-        print(f"llmos error: cannot listen on {ns.host}:{ns.port}: {exc.strerror or exc}", flush=True)
+        print(f"llmos error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", flush=True)
         return 2
-    async with aio.connect(ns.instance, name=ns.name, window=ns.max_in_flight) as session:
+    async with aio.connect(ns.instance, name=ns.name, window=config.max_in_flight) as session:
         app = make_app(session, config)
-        guarded = Guard(app, GuardConfig(keys, ns.max_body_bytes, ns.body_timeout))
+        guarded = Guard(app, config)
         lag_watch = asyncio.create_task(watch_loop_lag(app.state.metrics.loop_lag))
-        server = uvicorn.Server(uvicorn.Config(guarded, host=ns.host, port=ns.port, log_level="warning",
+        server = uvicorn.Server(uvicorn.Config(guarded, host=config.host, port=config.port, log_level="warning",
                                                lifespan="off", backlog=4096, timeout_keep_alive=30))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,17 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m servers.gateway")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="gateway")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--api-keys", default="{}", help='JSON {"key": "tenant"}; empty: no authentication')
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    parser.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
-    parser.add_argument("--max-in-flight", type=int, default=256, help="choices at the scheduler before 429")
-    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take")
+    add_settings_argument(parser, GatewaySettings)
     ns = parser.parse_args(argv)
+    try:
+        config = decode_settings(ns.settings, GatewaySettings)
+    except ConfigError as exc:
+        parser.error(str(exc))
     configure_logging(ns.name)
     exit_with_supervisor()
-    return asyncio.run(serve(ns))
+    return asyncio.run(serve(ns, config))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import importlib.metadata
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,20 +28,12 @@ from servers.gateway.errors import ApiError, install_handlers
 from servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from servers.gateway.metrics import GatewayMetrics
 from servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from servers.gateway.settings import GatewaySettings
 from servers.gateway.streaming import Choice, finish_reason, sse_stream
 
 T = TypeVar("T")
 _LONG_TEXT = 2048  # characters: longer prompts are tokenised on a worker thread
 HEALTH_TIMEOUT_S = 5.0
-
-
-@dataclass(slots=True)
-class GatewayConfig:
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
-    max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 512  # the most a request may ask, and the default's ceiling
-    max_in_flight: int = 256  # choices at the scheduler at once before answering 429
-    body_timeout_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -63,7 +55,7 @@ class Job:
         return len(self.prompts) * self.n
 
 
-def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
+def make_app(session: AsyncSession, config: GatewaySettings) -> FastAPI:
     app = FastAPI(title="llmos gateway", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
     info = session.model_info()
@@ -95,15 +87,15 @@ def make_app(session: AsyncSession, config: GatewayConfig) -> FastAPI:
         """(The routes have checked the model before tokenising.)"""
         asked = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else None
         asked = asked or body.max_tokens
-        if asked is not None and asked > config.max_tokens_cap:
-            raise ApiError(400, f"max_tokens must be at most {config.max_tokens_cap}", param="max_tokens")
+        if asked is not None and asked > config.max_tokens:
+            raise ApiError(400, f"max_tokens must be at most {config.max_tokens}", param="max_tokens")
         limits = []
         for ids in prompts:
             left = info.context_length - len(ids)
             if left < 1:
                 raise ApiError(400, f"prompt of {len(ids)} tokens does not fit the context of "
                                     f"{info.context_length} tokens", param="prompt")
-            limits.append(asked if asked is not None else min(config.max_tokens_cap, left))
+            limits.append(asked if asked is not None else min(config.max_tokens, left))
         job = Job(prompts, limits, {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                                     "seed": body.seed, "stop": body.stop_list(), "priority": body.priority,
                                     "tenant": tenant, "logprobs": body.num_logprobs(), **body.penalties()},

@@ -10,10 +10,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from servers.gateway.errors import ApiError
+from servers.gateway.settings import GatewaySettings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,15 +28,8 @@ OPEN_PATHS = frozenset({"/health"})  # answered without a key: load balancers an
 access = logging.getLogger("llmos.gateway.access")
 
 
-@dataclass(slots=True)
-class GuardConfig:
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no authentication
-    max_body_bytes: int = 1 << 20
-    body_timeout_s: float = 30.0  # the whole body must arrive within this
-
-
 class Guard:
-    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
+    def __init__(self, app: ASGIApp, config: GatewaySettings) -> None:
         self.app = app
         self.config = config
 

@@ -64,7 +64,7 @@ class GatewayMetrics:
         lines: list[str] = []
         if stats is not None:
             s, m = stats["scheduler"], stats["memory"]
-            blocks = m["num_used_blocks"] + m["num_free_blocks"] + m["num_cached_blocks"]
+            blocks = m["num_blocks"]
             for name, doc, value in (
                     ("vllm:num_requests_running", "Requests in the running batch.", s["num_running"]),
                     ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s["num_waiting"]),
@@ -121,13 +121,13 @@ def instance_metrics(stats: dict[str, Any]) -> list[str]:
     metric("llmos_kv_blocks", "gauge",
            "U: KV blocks by state (used includes the scheduler's lease of free blocks, leased counts that lease)",
            [('{state="used"}', m["num_used_blocks"]), ('{state="free"}', m["num_free_blocks"]),
-            ('{state="cached"}', m["num_cached_blocks"]), ('{state="leased"}', m["num_leased_blocks"])])
+            ('{state="leased"}', m["num_leased_blocks"])])
     metric("llmos_fragmentation_ratio", "gauge",
            "F: share of KV slots held but empty (paged), and of free segment memory unusable for the largest "
            "request (segments)",
            [('{kind="paged"}', s["paged_fragmentation"]), ('{kind="segments"}', m["external_fragmentation"])])
     metric("llmos_prefix_cache_hit_ratio", "gauge", "H: prompt tokens found in the prefix cache / tokens looked up",
-           [('{cache="scheduler"}', s["prefix_hit_rate"]), ('{cache="memory"}', m["hit_rate"])])
+           [('{cache="scheduler"}', s["prefix_hit_rate"])])
     metric("llmos_preemptions_total", "counter", "sequences whose KV blocks were taken (they recompute)",
            [("", s["num_preemptions"])])
     rings = k["rings"]

@@ -1,26 +1,21 @@
-"""The memory server: KV blocks, prefix cache, segments and quotas, all over the arena.
+"""The memory server: KV blocks, segments and quotas, all over the arena.
 
 Layers, bottom up: `tables` (the byte layout in ALLOC_TABLES, and `tables_size` for the
-supervisor), `quotas`, `allocator` (BlockAllocator: blocks, refcounts, copy-on-write,
-leases), `prefix_cache` (chained hashes, hit rate), `segments` (best fit, coalescing,
-handles), `manager` (all of it, plus reclamation). Pure logic: no processes, no messages.
+supervisor), `quotas`, `allocator` (BlockAllocator: the KV block pool, charged blocks for
+clients that hold them themselves, the scheduler's lease), `segments` (best fit,
+coalescing, handles), `manager` (all of it, plus reclamation). Pure logic: no processes, no
+messages. The one prefix cache is the scheduler's, inside its lease
+(servers/scheduler/block_cache.py).
 """
 
 from __future__ import annotations
 
 from servers.memory.allocator import BlockAllocator as BlockAllocator
 from servers.memory.allocator import BlockStats as BlockStats
-from servers.memory.allocator import CowResult as CowResult
 from servers.memory.manager import MemoryConfig as MemoryConfig
 from servers.memory.manager import MemoryManager as MemoryManager
 from servers.memory.manager import MemoryStats as MemoryStats
 from servers.memory.manager import Reclaimed as Reclaimed
-from servers.memory.prefix_cache import ROOT_HASH as ROOT_HASH
-from servers.memory.prefix_cache import PrefixCache as PrefixCache
-from servers.memory.prefix_cache import PrefixMatch as PrefixMatch
-from servers.memory.prefix_cache import PrefixStats as PrefixStats
-from servers.memory.prefix_cache import block_hashes as block_hashes
-from servers.memory.prefix_cache import chain_hash as chain_hash
 from servers.memory.quotas import ClientQuota as ClientQuota
 from servers.memory.quotas import QuotaConfig as QuotaConfig
 from servers.memory.segments import SegmentAllocator as SegmentAllocator
@@ -35,19 +30,14 @@ from servers.memory.tables import memory_regions as memory_regions
 from servers.memory.tables import tables_size as tables_size
 
 __all__ = [
-    "ROOT_HASH",
     "BlockAllocator",
     "BlockState",
     "BlockStats",
     "ClientQuota",
-    "CowResult",
     "MemoryConfig",
     "MemoryManager",
     "MemoryStats",
     "MemoryTables",
-    "PrefixCache",
-    "PrefixMatch",
-    "PrefixStats",
     "QuotaConfig",
     "Reclaimed",
     "SegmentAllocator",
@@ -56,8 +46,6 @@ __all__ = [
     "SegmentState",
     "SegmentStats",
     "arena_bytes",
-    "block_hashes",
-    "chain_hash",
     "memory_regions",
     "tables_size",
 ]

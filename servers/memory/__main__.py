@@ -7,25 +7,31 @@ import sys
 
 from servers.base import configure_logging
 from servers.memory.manager import MemoryConfig
-from servers.memory.server import MemoryServer, quota_config
+from servers.memory.quotas import ClientQuota, QuotaConfig
+from servers.memory.server import MemoryServer
+from servers.memory.settings import MemorySettings
+from servers.settings import ConfigError, add_settings_argument, decode_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m servers.memory")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="memory")
-    parser.add_argument("--block-bytes", type=int, required=True, help="bytes of one KV block")
-    parser.add_argument("--block-tokens", type=int, default=16, help="token slots per KV block")
-    parser.add_argument("--quota-blocks", type=int, default=0, help="KV blocks per client (0: unlimited)")
-    parser.add_argument("--quota-segment-bytes", type=int, default=0, help="segment bytes per client (0: unlimited)")
-    parser.add_argument("--sweep-interval", type=float, default=5.0, help="seconds between sweeps")
-    parser.add_argument("--weights-bytes", type=int, default=0, help="shared dequantised weights (owner 0)")
+    add_settings_argument(parser, MemorySettings)
     ns = parser.parse_args(argv)
+    try:
+        settings = decode_settings(ns.settings, MemorySettings)
+        if settings.block_bytes <= 0 or settings.weights_bytes < 0:
+            raise ConfigError("the memory server needs block_bytes and weights_bytes resolved for the model "
+                              "(the supervisor does it)")
+    except ConfigError as exc:
+        parser.error(str(exc))
     configure_logging(ns.name)
-    config = MemoryConfig(ns.block_bytes, ns.block_tokens, quotas=quota_config(ns.quota_blocks,
-                                                                               ns.quota_segment_bytes))
-    server = MemoryServer(ns.instance, config, sweep_interval_s=ns.sweep_interval, weights_bytes=ns.weights_bytes,
-                          name=ns.name)
+    # 0 in the config means unlimited.
+    quotas = QuotaConfig(default=ClientQuota(settings.quota_blocks or None, settings.quota_segment_bytes or None))
+    config = MemoryConfig(settings.block_bytes, settings.block_tokens, quotas=quotas)
+    server = MemoryServer(ns.instance, config, sweep_interval_s=settings.sweep_interval_s,
+                          weights_bytes=settings.weights_bytes, name=ns.name)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

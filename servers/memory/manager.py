@@ -1,7 +1,7 @@
 """MemoryManager: the memory server's whole state, formatted or rebuilt from one arena.
 
 Runs inside the memory server; the server loop decodes a message and calls one method
-here. Owns the block allocator, prefix cache, segment allocator and their quotas, and the
+here. Owns the block allocator, the segment allocator and their quotas, and the
 reclamation of a gone endpoint's memory; never reclaims owner 0 (the instance).
 """
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from microkernel.arena import Arena
 from servers.memory._validate import as_endpoint_id
 from servers.memory.allocator import BlockAllocator, BlockStats
-from servers.memory.prefix_cache import PrefixCache, PrefixStats
 from servers.memory.quotas import INSTANCE_ID, QuotaConfig
 from servers.memory.segments import SegmentAllocator, SegmentStats
 from servers.memory.tables import DEFAULT_SEGMENT_ALIGN, MemoryTables
@@ -55,27 +54,17 @@ class Reclaimed:
 @dataclass(slots=True, frozen=True)
 class MemoryStats:
     blocks: BlockStats
-    prefix: PrefixStats
     segments: SegmentStats
-
-    @property
-    def internal_fragmentation(self) -> float:
-        return self.blocks.internal_fragmentation
 
     @property
     def external_fragmentation(self) -> float:
         return self.segments.external_fragmentation
-
-    @property
-    def hit_rate(self) -> float:
-        return self.prefix.hit_rate
 
 
 class MemoryManager:
     def __init__(self, tables: MemoryTables, quotas: QuotaConfig | None = None) -> None:
         self.tables = tables
         self.blocks = BlockAllocator(tables, quotas)
-        self.prefix = PrefixCache(self.blocks)
         self.segments = SegmentAllocator(tables, quotas)
 
     @classmethod
@@ -124,4 +113,4 @@ class MemoryManager:
         return total
 
     def stats(self) -> MemoryStats:
-        return MemoryStats(self.blocks.stats(), self.prefix.stats(), self.segments.stats())
+        return MemoryStats(self.blocks.stats(), self.segments.stats())

@@ -22,7 +22,7 @@ from microkernel.errors import ArenaError, InvalidRequest, LlmosError
 from microkernel.messages import MsgType
 from servers.base import Server
 from servers.memory.manager import MemoryConfig, MemoryManager, Reclaimed
-from servers.memory.quotas import INSTANCE_ID, ClientQuota, QuotaConfig
+from servers.memory.quotas import INSTANCE_ID
 from servers.memory.segments import SegmentHandle
 from servers.memory.tables import BlockState, SegmentState
 
@@ -43,7 +43,6 @@ class MemoryServer(Server):
                  weights_bytes: int = 0, name: str | None = None) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.MEM_ALLOC_BLOCKS: self.handle_alloc_blocks,
-            MsgType.MEM_CLAIM_BLOCKS: self.handle_claim_blocks,
             MsgType.MEM_FREE_BLOCKS: self.handle_free_blocks,
             MsgType.MEM_ALLOC_SEGMENT: self.handle_alloc_segment,
             MsgType.MEM_FREE_SEGMENT: self.handle_free_segment,
@@ -75,19 +74,13 @@ class MemoryServer(Server):
         owner = channel.info.client_id
         if request.lease:
             if channel.info.client_name not in TRUSTED_PEERS:
-                # A lease is uncharged until claimed: only a peer that claims on behalf of its
-                # clients may hold one, or anyone could sidestep the quotas.
+                # A lease is charged to nobody: only a trusted peer (the scheduler) may hold one,
+                # or anyone could sidestep the quotas.
                 raise InvalidRequest("only the scheduler may lease blocks; ask for charged blocks instead")
             ids = self.memory.blocks.lease(owner, request.num_blocks)
         else:
             ids = self.memory.blocks.allocate(request.num_blocks, owner, charged_client(channel, request.client_id))
         return P.pack(P.BlockIds(ids))
-
-    def handle_claim_blocks(self, channel: Channel, message: Message) -> bytes:
-        request = _decode(message, P.ClaimBlocks)
-        self.memory.blocks.claim(channel.info.client_id, request.block_ids,
-                                 charged_client(channel, request.client_id))
-        return P.pack(P.BlockIds(request.block_ids))
 
     def handle_free_blocks(self, channel: Channel, message: Message) -> bytes:
         request = _decode(message, P.BlockIds)
@@ -127,10 +120,9 @@ class MemoryServer(Server):
         s = self.memory.stats()
         return P.pack(P.MemoryStatsReply(
             num_blocks=s.blocks.num_blocks, num_free_blocks=s.blocks.num_free, num_used_blocks=s.blocks.num_used,
-            num_cached_blocks=s.blocks.num_cached, num_leased_blocks=s.blocks.num_leased,
-            internal_fragmentation=s.internal_fragmentation, segment_bytes_total=s.segments.total_bytes,
+            num_leased_blocks=s.blocks.num_leased, segment_bytes_total=s.segments.total_bytes,
             segment_bytes_used=s.segments.used_bytes, external_fragmentation=s.external_fragmentation,
-            hit_rate=s.hit_rate, num_evictions=s.blocks.num_evictions, owners=self.owner_counts(),
+            owners=self.owner_counts(),
             num_reclaimed_blocks=self.reclaimed.num_blocks, num_reclaimed_segments=self.reclaimed.num_segments,
             num_swept_blocks=self.swept.num_blocks, num_swept_segments=self.swept.num_segments,
             num_repairs=self.memory.num_repairs,
@@ -183,7 +175,3 @@ def _decode(message: Message, cls: type[T]) -> T:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidRequest(f"bad {cls.__name__} payload: {exc}") from None
 
-
-def quota_config(max_blocks: int, max_segment_bytes: int) -> QuotaConfig:
-    """Config's 0 means unlimited."""
-    return QuotaConfig(default=ClientQuota(max_blocks or None, max_segment_bytes or None))

@@ -18,7 +18,7 @@ from microkernel.arena import Arena
 from microkernel.errors import ArenaError
 
 TABLES_MAGIC: Final = int.from_bytes(b"LLMOSMEM", "little")
-TABLES_VERSION: Final = 1
+TABLES_VERSION: Final = 2  # 2: 16-byte block entries (no prefix-cache hash, LRU, refcount)
 TABLE_ALIGN: Final = L.CACHE_LINE
 DEFAULT_SEGMENT_ALIGN: Final = 64
 MIN_SEGMENT_BYTES_PER_ENTRY: Final = 4096  # default segment-count limit: one per 4 KiB
@@ -26,9 +26,8 @@ MIN_SEGMENT_BYTES_PER_ENTRY: Final = 4096  # default segment-count limit: one pe
 
 class BlockState(IntEnum):
     FREE = 0  # on the free list; zeroed memory formats as all-free
-    USED = 1  # referenced by refcount sequences of its owner
-    CACHED = 2  # unreferenced but hashed: kept for the prefix cache until evicted
-    LEASED = 3  # handed to its owner (the scheduler) in a lease, not yet used
+    USED = 1  # held by its owner, charged to its client
+    LEASED = 2  # handed to its owner (the scheduler) in a lease, charged to nobody
 
 
 class SegmentState(IntEnum):
@@ -36,8 +35,6 @@ class SegmentState(IntEnum):
     FREE = 1  # a free extent
     USED = 2  # an allocated extent
 
-
-BLOCK_HASHED: Final = 1  # BlockEntry.flags bit: hash_lo/hash_hi hold the content hash
 
 # Every field is written by the memory server only; everyone else may read.
 HEADER_DTYPE: Final = np.dtype(
@@ -58,17 +55,10 @@ HEADER_DTYPE: Final = np.dtype(
 )
 BLOCK_DTYPE: Final = np.dtype(
     [
-        ("hash_lo", "<u8"),  # 128-bit content hash, low half (valid when BLOCK_HASHED)
-        ("hash_hi", "<u8"),
-        ("last_used", "<u8"),  # LRU tick of the last release to CACHED
         ("state", "<u4"),  # BlockState
-        ("flags", "<u4"),
-        ("refcount", "<u4"),
         ("owner", "<u4"),  # endpoint id; 0 = the instance
         ("client", "<u4"),  # charged client/tenant id; 0 = nobody
         ("generation", "<u4"),  # bumped on every (re)allocation
-        ("num_filled", "<u4"),  # token slots the owner reports written
-        ("reserved", "<u4", (3,)),
     ]
 )
 SEGMENT_DTYPE: Final = np.dtype(
@@ -87,7 +77,7 @@ SEGMENT_DTYPE: Final = np.dtype(
 HEADER_BYTES: Final = HEADER_DTYPE.itemsize
 BLOCK_ENTRY_BYTES: Final = BLOCK_DTYPE.itemsize
 SEGMENT_ENTRY_BYTES: Final = SEGMENT_DTYPE.itemsize
-assert HEADER_BYTES == 128 and BLOCK_ENTRY_BYTES == 64 and SEGMENT_ENTRY_BYTES == 48
+assert HEADER_BYTES == 128 and BLOCK_ENTRY_BYTES == 16 and SEGMENT_ENTRY_BYTES == 48
 
 
 @dataclass(slots=True, frozen=True)
@@ -170,7 +160,7 @@ def tables_size(
 ) -> int:
     """Bytes the ALLOC_TABLES region needs for these PAGES and SEGMENTS region sizes.
 
-    The supervisor calls this to size the arena: 128 header bytes, 64 per KV block and
+    The supervisor calls this to size the arena: 128 header bytes, 16 per KV block and
     48 per segment-table entry (2 * max_segments + 1 of them), rounded up to a page.
     """
     geometry = plan_geometry(

@@ -2,7 +2,7 @@
 
 Runs in the scheduler process; pure (no I/O). A BlockSource (like FreeListBlocks) over the
 memory server's lease, that also remembers which full blocks hold the KV of which token
-prefix, named by the chained 128-bit hash the memory server's cache uses too (`libllm.blockhash`).
+prefix, named by the chained 128-bit hash of `libllm.blockhash`.
 A block whose last holder lets go keeps its KV and its name and waits in an LRU list; it is
 handed out again by `match` (a later request with the same prefix: a preempted sequence
 coming back, the n choices of one prompt, a shared system prompt, a follow-up that repeats
@@ -10,10 +10,12 @@ a conversation) or, least recently used first, recycled by `allocate` when no bl
 free. The cache lives and dies with the scheduler: after a scheduler restart, libllm's
 resubmissions compute their prefixes again.
 
-Why here and not through the memory server's own prefix cache: the scheduler holds every
-KV block the runners write (its lease) and plans every step, so looking a prompt up is a
-dict probe in its own loop instead of a round trip per admission, and the blocks never
-change hands. The memory server's cache serves clients that hold blocks themselves.
+This is the instance's one prefix cache. Why here and not in the memory server: the
+scheduler holds every KV block the runners write (its lease) and plans every step, so
+looking a prompt up is a dict probe in its own loop instead of a round trip per admission,
+and the blocks never change hands. The memory server keeps the pool itself: the lease, the
+blocks clients allocate for themselves, segments, quotas on those, and reclamation. The
+quota on generation's blocks is the scheduler's too (quotas.py).
 
 A block held by more than one sequence is only ever read: sequences share full blocks below
 the position where they start computing, and a step writes only at or above it.

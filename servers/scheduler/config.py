@@ -1,7 +1,8 @@
 """SchedulerConfig: the limits one scheduler plans steps under.
 
 Read by the scheduler process (pure logic, no I/O). The model facts (``max_context``,
-``vocab_size``) come from the runners' MODEL_INFO; the rest from the instance's config.
+``vocab_size``) come from the runners' MODEL_INFO; the rest from the instance's config
+(SchedulerSettings, whose defaults these are too).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-POLICIES = ("fcfs", "priority", "rr", "fair")  # made by policies.make_policy
+from servers.scheduler.settings import POLICIES, SchedulerSettings
+
+DEFAULTS = SchedulerSettings()
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -43,21 +46,26 @@ class SchedulerConfig:
         prefix_caching: reuse the KV blocks of a prompt's longest computed prefix (when the
             scheduler's BlockSource is a CachedBlocks), and let a request wait until a prefix
             block another running request is computing is done, instead of computing it twice.
+        max_blocks_per_client: KV blocks the sequences of one client (``Sequence.client``)
+            may hold at once; ``None`` means unlimited. A prompt that cannot fit is refused
+            (QuotaExceeded), a sequence whose own KV would pass it finishes ("length"), and a
+            client at its quota preempts its own lower-ranked sequences or waits (quotas.py).
     """
 
     max_context: int
     vocab_size: int
     block_size: int = 16
-    max_batch_size: int = 64
-    token_budget: int = 512
+    max_batch_size: int = DEFAULTS.max_batch_size
+    token_budget: int = DEFAULTS.token_budget
     max_running: int | None = None
-    policy: str = "fcfs"
-    decode_steps: int = 1
-    aging_steps: int = 64
-    quantum: int = 16
+    policy: str = DEFAULTS.policy
+    decode_steps: int = DEFAULTS.decode_steps
+    aging_steps: int = DEFAULTS.aging_steps
+    quantum: int = DEFAULTS.quantum
     client_weights: Mapping[Hashable, float] = field(default_factory=dict, hash=False)
     default_weight: float = 1.0
-    prefix_caching: bool = True
+    prefix_caching: bool = DEFAULTS.prefix_cache
+    max_blocks_per_client: int | None = None
 
     def __post_init__(self) -> None:
         positive_ints = (
@@ -76,6 +84,9 @@ class SchedulerConfig:
             object.__setattr__(self, "max_running", self.max_batch_size)  # frozen: set once here
         elif not isinstance(self.max_running, int) or self.max_running <= 0:
             raise ValueError(f"max_running must be a positive int, got {self.max_running!r}")
+        quota = self.max_blocks_per_client
+        if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool) or quota <= 0):
+            raise ValueError(f"max_blocks_per_client must be a positive int or None, got {quota!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         weights = dict(self.client_weights)
@@ -90,6 +101,13 @@ class SchedulerConfig:
         """``max_running`` resolved (never None after construction)."""
         assert self.max_running is not None
         return self.max_running
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        """Tokens one sequence may hold: the context, or what its client's quota holds."""
+        if self.max_blocks_per_client is None:
+            return self.max_context
+        return min(self.max_context, self.max_blocks_per_client * self.block_size)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold the KV of ``num_tokens`` positions."""

@@ -9,17 +9,9 @@ client with the smallest counter goes first.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
 
 from servers.scheduler.policy import Policy, Rank
-from servers.scheduler.sequence import Sequence
-
-
-@dataclass(frozen=True, slots=True)
-class _OwnClient:
-    """The client of a sequence whose ``client_id`` is None: itself alone."""
-
-    seq_id: int
+from servers.scheduler.sequence import OwnClient, Sequence
 
 
 class Fair(Policy):
@@ -64,7 +56,7 @@ class Fair(Policy):
         self._level = 0.0  # where the last active client left off
 
     def client(self, seq: Sequence) -> Hashable:
-        return _OwnClient(seq.seq_id) if seq.client_id is None else seq.client_id
+        return seq.client
 
     def weight(self, client: Hashable) -> float:
         return self.weights.get(client, self.default_weight)
@@ -99,7 +91,7 @@ class Fair(Policy):
             return
         if not self._num_unfinished:
             self._level = self._counters[client]
-        if isinstance(client, _OwnClient):
+        if isinstance(client, OwnClient):
             del self._counters[client]  # a request of its own never comes back
         elif len(self._counters) > 2 * len(self._num_unfinished) + 64:
             self._forget_idle()

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from libllm.protocol import Logprob
+from microkernel.errors import QuotaExceeded
 from servers.scheduler.block_cache import CachedBlocks
 from servers.scheduler.blocks import BlockSource
 from servers.scheduler.config import SchedulerConfig
@@ -26,6 +27,7 @@ from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
 from servers.scheduler.policies import make_policy
 from servers.scheduler.policy import Policy
 from servers.scheduler.prefix import PrefixSharing
+from servers.scheduler.quotas import ClientBlocks
 from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
 from servers.scheduler.stats import Counters, SchedulerStats
 
@@ -58,6 +60,8 @@ class Scheduler:
         self._num_arrivals = 0
         self._is_stalled = False
         self._counters = Counters()
+        self._quota = ClientBlocks(config.max_blocks_per_client)
+        self._short_of_quota = False  # why the last _plan_chunk gave nothing: quota, not room
         self._prefix = (  # prefix caching, with a CachedBlocks source
             PrefixSharing(blocks, config.block_size)
             if isinstance(blocks, CachedBlocks) and config.prefix_caching
@@ -129,6 +133,12 @@ class Scheduler:
             )
         if not all(0 <= t < c.vocab_size for t in seq.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {c.vocab_size})")
+        if seq.num_prompt_tokens >= c.max_tokens_per_seq:
+            raise QuotaExceeded(
+                f"a prompt of {seq.num_prompt_tokens} tokens does not fit the KV quota of client "
+                f"{seq.client_id!r}: {c.max_blocks_per_client} blocks of {c.block_size} tokens "
+                f"hold at most {c.max_tokens_per_seq - 1} prompt tokens and one more"
+            )
         seq.arrival_order = self._num_arrivals
         seq.arrival_step = self._next_step_id
         self._num_arrivals += 1
@@ -218,9 +228,9 @@ class Scheduler:
             ):
                 break
             seq = candidates.pop(0)
-            chunk, waits_for_prefix = self._plan_admission(seq, budget, planned)
-            if waits_for_prefix:
-                continue  # another sequence computes its prompt's next block now: passed meanwhile
+            chunk, waits_aside = self._plan_admission(seq, budget, planned)
+            if waits_aside:
+                continue  # for a prefix being computed, or its client's quota: passed meanwhile
             if chunk is None:
                 break
             chunks.append(chunk)
@@ -305,6 +315,9 @@ class Scheduler:
                 if seq.num_tokens >= self.config.max_context:
                     events.append(self._finish(seq, "context"))
                     break
+                if seq.num_tokens >= self.config.max_tokens_per_seq:  # its client's quota holds no more
+                    events.append(self._finish(seq, "length"))
+                    break
             else:
                 if self._prefix is not None:  # (a finished one published as it let its blocks go)
                     self._prefix.publish(seq)
@@ -346,23 +359,28 @@ class Scheduler:
             num_new = min(num_new, PROMPT_LOGPROBS_CHUNK)
         assert num_new > 0
         need = max(0, self.config.blocks_needed(start + num_new) - len(seq.block_table))
-        if need and not self.blocks.can_allocate(need):
+        if need and not self._quota.fits(seq.client, need):
+            self._preempt_for(seq, need, planned, own_client=True)
+        # Others' blocks are taken only for room in the pool, never for a client's quota.
+        if need and self._quota.fits(seq.client, need) and not self.blocks.can_allocate(need):
             self._preempt_for(seq, need, planned)
+        self._short_of_quota = need > 0 and not self._quota.fits(seq.client, need)
         # Cut a prefill to the blocks there are. A new sequence is cut only when nothing
         # runs: otherwise the running ones need those blocks to make progress.
         if (
             need
-            and not self.blocks.can_allocate(need)
+            and not self._can_take(seq, need)
             and (seq.status is SeqStatus.RUNNING or not self._running)
         ):
             need -= 1
-            while need and not self.blocks.can_allocate(need):
+            while need and not self._can_take(seq, need):
                 need -= 1
             num_new = min(num_new, (len(seq.block_table) + need) * bs - start)
-        if num_new <= 0 or (need and not self.blocks.can_allocate(need)):
+        if num_new <= 0 or (need and not self._can_take(seq, need)):
             return None
+        self._short_of_quota = False
         if need:
-            seq.block_table.extend(self.blocks.allocate(need))
+            self._take_blocks(seq, need)
         planned.add(seq.seq_id)
         end = start + num_new
         wants_token = end == seq.num_tokens
@@ -400,24 +418,29 @@ class Scheduler:
         if self.policy.rank(self._running[-1]) <= self.policy.rank(head):
             return None  # it outranks no running sequence
         end = head.num_computed + min(head.num_remaining, budget)
-        if self.blocks.can_allocate(self.config.blocks_needed(end) - len(head.block_table)):
-            return None  # it fits: admitted in turn, after the running ones
+        need = self.config.blocks_needed(end) - len(head.block_table)
+        if self.blocks.can_allocate(need) or not self._quota.fits(head.client, need):
+            return None  # it fits (admitted in turn, after the running ones), or its quota is what it lacks
         return self._plan_admission(head, budget, planned)[0]
 
     def _plan_admission(
         self, seq: Sequence, budget: int, planned: set[int]
     ) -> tuple[ChunkPlan | None, bool]:
         """Plan a waiting sequence's chunk and admit it, reusing a cached prefix if it holds
-        no KV. Returns (None, True) when it should wait for a prefix another sequence is
-        computing, (None, False) when it does not fit (it then holds no more than before)."""
+        no KV. Returns (None, True) when it should wait, passed by later sequences meanwhile:
+        for a prefix another sequence is computing, or for blocks of its own client's quota;
+        (None, False) when it does not fit the pool (it then holds no more than before)."""
         fresh = not seq.block_table
-        if fresh and self._prefix is not None and not seq.prompt_logprobs and not self._prefix.reuse(seq):
-            return None, True
+        if fresh and self._prefix is not None and not seq.prompt_logprobs:
+            if not self._prefix.reuse(seq):
+                return None, True
+            self._quota.hold(seq.client, seq.block_table)
         chunk = self._plan_chunk(seq, budget, planned)
         if chunk is None:
+            short_of_quota = self._short_of_quota
             if fresh:
                 self._release(seq)  # give the matched blocks back: it may wait long
-            return None, False
+            return None, short_of_quota
         if fresh and self._prefix is not None:
             bs = self.config.block_size
             reused = seq.num_published * bs
@@ -442,30 +465,34 @@ class Scheduler:
         ``decode_steps``, the tokens ``seq`` may still output, the context, and what the
         blocks already allocated or free now can hold (never preempting for it)."""
         c = self.config
-        k = min(c.decode_steps, seq.max_tokens - seq.num_output_tokens, c.max_context - seq.num_tokens)
+        k = min(c.decode_steps, seq.max_tokens - seq.num_output_tokens, c.max_tokens_per_seq - seq.num_tokens)
         while k > 1:
             extra = c.blocks_needed(end + k - 1) - len(seq.block_table)
             if extra <= 0:
                 break
-            if self.blocks.can_allocate(extra):
-                seq.block_table.extend(self.blocks.allocate(extra))
+            if self._can_take(seq, extra):
+                self._take_blocks(seq, extra)
                 break
             k -= 1
         return max(1, k)
 
-    def _preempt_for(self, seq: Sequence, need: int, planned: set[int]) -> None:
+    def _preempt_for(self, seq: Sequence, need: int, planned: set[int], *, own_client: bool = False) -> None:
         """Take the blocks of sequences ranked strictly below ``seq``, the lowest first,
-        until ``need`` blocks can be allocated: running ones, and waiting ones that kept
-        their blocks when they yielded. Never one in flight (a runner is writing its
+        until ``need`` blocks can be allocated (with ``own_client``: only its client's
+        sequences, until its quota has room for them): running ones, and waiting ones that
+        kept their blocks when they yielded. Never one in flight (a runner is writing its
         blocks) or already in this step. ``seq`` itself is never preempted: if it cannot
         get a block it waits, keeping its KV, and whichever higher-ranked sequence needs
         blocks later preempts it then."""
         rank = self.policy.rank(seq)
         holders = [s for s in self._running if s is not seq]
         holders += [s for s in self._waiting if s.block_table and s is not seq]
+        if own_client:
+            holders = [s for s in holders if s.client == seq.client]
         holders.sort(key=self.policy.rank)
         for victim in reversed(holders):
-            if self.blocks.can_allocate(need) or self.policy.rank(victim) <= rank:
+            room = self._quota.fits(seq.client, need) if own_client else self.blocks.can_allocate(need)
+            if room or self.policy.rank(victim) <= rank:
                 return
             if not victim.is_in_flight and victim.seq_id not in planned:
                 self._preempt(victim)
@@ -525,10 +552,20 @@ class Scheduler:
         if self._prefix is not None:
             self._prefix.release(seq)
         if seq.block_table:
+            self._quota.let_go(seq.client, seq.block_table)
             self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0
         seq.num_published = 0
+
+    def _can_take(self, seq: Sequence, num_blocks: int) -> bool:
+        """Are there ``num_blocks`` new blocks for ``seq``, in the pool and its client's quota?"""
+        return self.blocks.can_allocate(num_blocks) and self._quota.fits(seq.client, num_blocks)
+
+    def _take_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        taken = self.blocks.allocate(num_blocks)
+        self._quota.hold(seq.client, taken)
+        seq.block_table.extend(taken)
 
     def _insert(self, queue: list[Sequence], seq: Sequence) -> None:
         bisect.insort(queue, seq, key=self.policy.rank)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
@@ -26,6 +27,13 @@ class SeqStatus(Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True, slots=True)
+class OwnClient:
+    """The client of a sequence whose ``client_id`` is None: itself alone."""
+
+    seq_id: int
+
+
 # The scheduler only carries a request's sampling to the runner; the one definition lives in
 # libllm (a pure module every server may import).
 Sampling = SamplingParams
@@ -39,8 +47,9 @@ class Sequence:
     is ``token_ids[num_computed:]``: the prompt (or, after a preemption, prompt and output)
     in chunks, then the newest token alone, one decode per step.
 
-    ``client_id`` names whose share the request counts against under the "fair" policy
-    (a tenant, or a connection); None makes the request a client of its own. ``priority``:
+    ``client_id`` names whose share the request counts against under the "fair" policy,
+    and whose KV block quota its blocks count against (a tenant, or a connection); None
+    makes the request a client of its own. ``priority``:
     higher goes first under the "priority" policy.
     """
 
@@ -123,6 +132,11 @@ class Sequence:
         self.is_cancel_requested = False
         self.is_paused = False  # left out of steps until resumed (client backpressure)
         self.finish_reason: FinishReason | None = None
+
+    @property
+    def client(self) -> Hashable:
+        """Whose share and KV quota this sequence counts against."""
+        return OwnClient(self.seq_id) if self.client_id is None else self.client_id
 
     @property
     def num_prompt_tokens(self) -> int:

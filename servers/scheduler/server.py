@@ -33,21 +33,17 @@ from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
 from servers.scheduler.runner_links import RunnerLinks
 from servers.scheduler.scheduler import Scheduler
 from servers.scheduler.sequence import Sampling, Sequence
+from servers.scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("llmos.scheduler")
 LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
 STARTUP_TIMEOUT_S = 60.0
 RECONNECT_TIMEOUT_S = 5.0  # a kernel call from the loop: the kernel answers at once, or is hung
-# Steps in flight per runner (the default). With two, the runner computes one half of the
-# batch while this loop handles the other half's reply: the scheduler's work hides behind
-# compute. That pays where steps are short (a small model); where they are long, one step
-# with the whole batch computes faster than two halves (the supervisor passes 1 for large
-# models: Gemma 3 270M over HTTP, 32 clients, 266 against 229 tokens/s).
-PIPELINE_DEPTH = 2
-# Tokens a runner makes in a row for a decoding sequence per step: this loop's work per token
-# divides by it, at the price of tokens arriving in small bursts and a cancel taking effect
-# up to that many tokens late.
-DECODE_STEPS = 16
+# Steps in flight per runner (settings.pipeline_depth): with two, the runner computes one
+# half of the batch while this loop handles the other half's reply, so the scheduler's work
+# hides behind compute. That pays where steps are short (a small model); where they are long,
+# one step with the whole batch computes faster than two halves (the supervisor resolves 0 to
+# 1 for large models: Gemma 3 270M over HTTP, 32 clients, 266 against 229 tokens/s).
 HIST_BUCKETS = 32  # log2 microsecond buckets: up to ~71 minutes
 # Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
 # its client is not woken for them, and fewer records cost both sides less. They still
@@ -84,11 +80,8 @@ class Request:
 class SchedulerServer(Server):
     name = "scheduler"
 
-    def __init__(self, instance: str | None, *, runners: list[str], max_batch_size: int = 64,
-                 token_budget: int = 512, decode_steps: int = DECODE_STEPS, policy: str = "fcfs",
-                 aging_steps: int = 64, quantum: int = 16, weights: dict[str, float] | None = None,
-                 prefix_caching: bool = True, name: str | None = None,
-                 pipeline_depth: int = PIPELINE_DEPTH) -> None:
+    def __init__(self, instance: str | None, settings: SchedulerSettings, *, runners: list[str],
+                 max_blocks_per_client: int | None = None, name: str | None = None) -> None:
         super().__init__(instance, name=name, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
@@ -102,9 +95,7 @@ class SchedulerServer(Server):
         self.runners: dict[str, Channel] = {}
         self.links = RunnerLinks()  # runners dropped after a channel failure, and when to retry
         self.fencing: dict[int, str] = {}  # a new channel to a dropped runner -> it, until FENCE answers
-        if not 1 <= pipeline_depth <= 8:
-            raise ValueError(f"pipeline_depth must be in 1..8, got {pipeline_depth}")
-        self.pipeline_depth = pipeline_depth
+        self.pipeline_depth = pipeline_depth = settings.depth_for(large_model=False)
         self.busy: dict[str, list[StepPlan]] = {}  # runner -> its steps in flight (at most pipeline_depth)
         for runner in runners:
             self._connect_runner(runner)
@@ -112,13 +103,14 @@ class SchedulerServer(Server):
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.blocks = CachedBlocks([])
         self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
-        client_weights: dict[Hashable, float] = dict((weights or {}).items())
+        client_weights: dict[Hashable, float] = dict(settings.weights.items())
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
-            block_size=self.info.block_tokens, max_batch_size=max(1, max_batch_size // pipeline_depth),
-            token_budget=token_budget, max_running=max_batch_size * len(runners), decode_steps=decode_steps,
-            policy=policy, aging_steps=aging_steps, quantum=quantum, client_weights=client_weights,
-            prefix_caching=prefix_caching),
+            block_size=self.info.block_tokens, max_batch_size=max(1, settings.max_batch_size // pipeline_depth),
+            token_budget=settings.token_budget, max_running=settings.max_batch_size * len(runners),
+            decode_steps=settings.decode_steps, policy=settings.policy, aging_steps=settings.aging_steps,
+            quantum=settings.quantum, client_weights=client_weights, prefix_caching=settings.prefix_cache,
+            max_blocks_per_client=max_blocks_per_client),
             self.blocks)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id

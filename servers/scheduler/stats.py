@@ -58,6 +58,7 @@ class SchedulerStats:
     num_waiting_by_client: dict[str, int]
     num_running_by_client: dict[str, int]
     num_waiting_with_kv: int  # descheduled sequences holding their blocks
+    num_kv_blocks_by_client: dict[str, int]  # distinct blocks each client's sequences hold (its quota's count)
     # H (docs/design.md): prompt tokens served from the prefix cache / prompt tokens looked up.
     num_prefix_lookup_tokens: int  # full-block prompt positions looked up at first admissions
     num_prefix_hit_tokens: int  # of those, found cached (their KV was not computed again)
@@ -165,6 +166,7 @@ class Counters:
             num_waiting_by_client=_count(client_label(s.client_id) for s in waiting),
             num_running_by_client=_count(client_label(s.client_id) for s in running),
             num_waiting_with_kv=sum(1 for s in waiting if s.block_table),
+            num_kv_blocks_by_client=_blocks_by_client([*running, *waiting]),
             num_prefix_lookup_tokens=self.num_prefix_lookup_tokens,
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
             prefix_hit_rate=self.num_prefix_hit_tokens / max(1, self.num_prefix_lookup_tokens),
@@ -183,6 +185,14 @@ def _filled_slots(seqs: Iterable[Sequence], block_size: int) -> dict[int, int]:
             used = max(0, min(block_size, seq.num_computed - i * block_size))
             filled[block_id] = max(filled.get(block_id, 0), used)
     return filled
+
+
+def _blocks_by_client(seqs: Iterable[Sequence]) -> dict[str, int]:
+    blocks: dict[str, set[int]] = {}
+    for seq in seqs:
+        if seq.block_table:
+            blocks.setdefault(client_label(seq.client_id), set()).update(seq.block_table)
+    return {client: len(ids) for client, ids in sorted(blocks.items())}
 
 
 def _count(keys: Iterable[K]) -> dict[K, int]:

@@ -1,6 +1,7 @@
 """No server imports another server (docs/design.md): they share only microkernel, libllm's
 pure modules and the modules at the top of servers/ that every server may use (the server
-loop in base.py, the start-up progress lines in start_progress.py)."""
+loop in base.py, the start-up progress lines in start_progress.py, the settings' encoding in
+settings.py)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,4 @@ def test_a_server_imports_no_other_server(package: str) -> None:
 
 def test_every_server_package_is_checked() -> None:
     assert {"memory", "runner", "scheduler", "echo"} <= set(PACKAGES)
-    assert SHARED == ["base", "start_progress"]  # a module added here is shared by every server: say so above
+    assert SHARED == ["base", "settings", "start_progress"]  # a module added here is shared by every server: say so above

@@ -15,7 +15,7 @@ import pytest
 
 from libllm import protocol as P
 from microkernel.endpoint import Channel, Endpoint
-from microkernel.errors import InvalidRequest, QuotaExceeded
+from microkernel.errors import InvalidRequest, QuotaExceeded, Unsupported
 from microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
@@ -111,6 +111,8 @@ def test_quota_refuses_one_client_and_spares_the_others(instance: str) -> None:
             ca.call(MsgType.MEM_ALLOC_BLOCKS, b"not msgpack at all")
         with pytest.raises(InvalidRequest, match="only the scheduler may lease"):
             ca.call(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(100, lease=True)))
+        with pytest.raises(Unsupported):  # 0x0306, the retired MEM_CLAIM_BLOCKS
+            ca.call(0x0306, P.pack({"block_ids": [0], "client_id": 0}))
 
 
 def test_a_killed_client_gets_everything_back_at_once(instance: str, cli: Cli) -> None:

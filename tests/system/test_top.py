@@ -156,12 +156,12 @@ def sample(at: float, tokens: int, cpu: float, sent: int, nbytes: int) -> Sample
         "num_computed_tokens": 2 * tokens, "num_generated_tokens": tokens, "num_preemptions": 0,
         "num_finished": tokens // 10, "num_waiting_with_kv": 0, "delay_p50_steps": 1, "delay_p99_steps": 4,
         "max_delay_steps": 5, "runner_busy_s": tokens / 1000, "num_runners": 2, "num_free_blocks": 7,
+        "num_cached_blocks": 4, "num_prefix_evictions": 3, "prefix_hit_rate": 0.25, "paged_fragmentation": 0.125,
         "num_waiting_by_priority": {0: 2}, "num_running_by_priority": {0: 1, 5: 2},
         "num_waiting_by_client": {"endpoint-9": 2}, "num_running_by_client": {"endpoint-9": 1, "": 2},
     }
-    memory = {"num_blocks": 100, "num_free_blocks": 60, "num_used_blocks": 30, "num_cached_blocks": 10,
-              "num_leased_blocks": 25, "internal_fragmentation": 0.125, "external_fragmentation": 0.5,
-              "hit_rate": 0.25, "segment_bytes_used": 1 << 20, "segment_bytes_total": 4 << 20, "num_evictions": 3}
+    memory = {"num_blocks": 100, "num_free_blocks": 60, "num_used_blocks": 40, "num_leased_blocks": 25,
+              "external_fragmentation": 0.5, "segment_bytes_used": 1 << 20, "segment_bytes_total": 4 << 20}
     kernel = {
         "uptime_s": 12.0, "rings_bytes_used": 1 << 20, "rings_bytes_total": 16 << 20,
         "endpoints": [{"endpoint_id": 1, "name": "scheduler", "pid": 11, "channels": [3]},
@@ -186,10 +186,9 @@ def test_rates_are_deltas_between_two_samples() -> None:
     assert request[5:] == ["25.0%", "100", "10.0kB", "2.0us", "2.1ms", "0.4%"]  # 1 gap in 250 expected
     reply = next(line for line in lines if "runner.0 -> scheduler" in line).split()
     assert reply[5:8] == ["25.0%", "100", "10.0kB"] and reply[-1] == "0.0%"
-    assert "KV blocks: used 30, cached 10, lent to the scheduler 25, free 60 of 100; 7 idle in the scheduler's lease" in text
-    assert "H (prefix hit rate) 25.0%; F paged 12.5%, segments 50.0%" in text
-    second.scheduler["prefix_hit_rate"] = 0.5  # a scheduler with its own prefix cache reports it too
-    assert "H (prefix hit rate) 25.0% (memory server), 50.0% (scheduler);" in render_text(build_view(first, second))
+    assert ("KV blocks: used 40, lent to the scheduler 25, free 60 of 100; 7 idle in the scheduler's lease, "
+            "4 of them cached prefixes") in text
+    assert "H (prefix hit rate) 25.0%; F paged 12.5%, segments 50.0% (1.0 of 4.0 MiB used); 3 evictions" in text
     assert re.search(r"priority 5 +0 +2", text) and re.search(r"client \(none\) +0 +2", text)
     assert re.search(r"client endpoint-9 +2 +1", text)
 
@@ -218,3 +217,8 @@ def test_no_rates_without_an_earlier_sample_or_after_a_restart() -> None:
     text = render_text(build_view(None, bare))
     assert "scheduler: no answer" in text and "(no kernel stats)" in text
     render_rich(build_view(None, bare), max_rows=1)
+    # The memory server answered, the scheduler did not: its H and paged F are unknown.
+    memory_only = Sample(1.0, "x", [], memory=sample(1.0, 1000, 3.0, 50, 4000).memory)
+    lines = render_text(build_view(None, memory_only)).splitlines()
+    assert "KV blocks: used 40, lent to the scheduler 25, free 60 of 100" in lines
+    assert "H (prefix hit rate) -; F paged -, segments 50.0% (1.0 of 4.0 MiB used)" in lines

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from tools.config import (
     Config,
-    GatewaySection,
+    GatewaySettings,
     ModelSection,
-    SchedulerSection,
+    SchedulerSettings,
     config_from_dict,
     standard_servers,
 )
@@ -53,7 +53,7 @@ def test_a_config_written_as_toml_reads_back_the_same(path: str, runners: int, k
                                                       keys: dict[str, str], batch: int, cache: bool,
                                                       servers: tuple) -> None:
     config = Config(model=ModelSection(path=path, runners=runners, kv_dtype=kv),
-                    scheduler=SchedulerSection(weights=weights, max_batch_size=batch, prefix_cache=cache),
-                    gateway=GatewaySection(api_keys=keys), servers=servers)
+                    scheduler=SchedulerSettings(weights=weights, max_batch_size=batch, prefix_cache=cache),
+                    gateway=GatewaySettings(api_keys=keys), servers=servers)
     for changed_only in (False, True):
         assert config_from_dict(tomllib.loads(config_toml(config, changed_only=changed_only))) == config

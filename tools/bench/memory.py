@@ -1,9 +1,9 @@
 """`llmos bench memory`: the memory server's pure logic, measured in one process.
 
 Runs in the user's shell, no servers. Owns a private arena per scenario (created, then
-closed and unlinked). Reports block allocate+free rate by batch size, segment external
-fragmentation F under a random workload, and prefix-cache hit rate H on a shared-prefix
-workload against the ideal H of an infinite cache.
+closed and unlinked). Reports block allocate+free rate by batch size and segment external
+fragmentation F under a random workload. (The prefix cache is the scheduler's; `llmos bench
+serve` reports its hit rate H on a real instance.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +27,6 @@ from servers.memory import (
     MemoryManager,
     SegmentHandle,
     arena_bytes,
-    block_hashes,
     memory_regions,
 )
 from tools.bench.report import table, write_json
@@ -101,71 +99,6 @@ def bench_fragmentation(
         }
 
 
-def shared_prefix_prompts(
-    num_prompts: int, num_systems: int, system_tokens: int, seed: int
-) -> list[list[int]]:
-    rng = random.Random(seed)
-    systems = [[rng.randrange(3, 32000) for _ in range(system_tokens)] for _ in range(num_systems)]
-    # Zipf-like popularity: a few system prompts carry most of the traffic.
-    weights = [1 / (i + 1) for i in range(num_systems)]
-    return [
-        [
-            *rng.choices(systems, weights)[0],
-            *(rng.randrange(3, 32000) for _ in range(rng.randint(1, 64))),
-        ]
-        for _ in range(num_prompts)
-    ]
-
-
-def bench_prefix(
-    prompts: list[list[int]], cache_blocks: int, block_tokens: int, in_flight: int
-) -> dict[str, Any]:
-    """Serve prompts as a scheduler would (share, allocate, publish, release when done)
-    with `in_flight` sequences alive, and compare H with an infinite cache's."""
-    seen: set[int] = set()
-    ideal_hits = ideal_looked_up = 0
-    with memory_arena(cache_blocks, 64, block_tokens, 0) as memory:
-        cache, blocks = memory.prefix, memory.blocks
-        running: deque[list[int]] = deque()
-        start = time.perf_counter()
-        for prompt in prompts:
-            hashes = block_hashes(prompt[:-1], block_tokens)  # the last token is always computed
-            hit = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
-            ideal_hits += hit * block_tokens
-            ideal_looked_up += len(prompt)
-            seen.update(hashes)
-            found = cache.lookup(prompt, 1, 1, max_tokens=len(prompt) - 1)
-            num_new = -(-len(prompt) // block_tokens) - len(found.block_ids)
-            while not blocks.can_allocate(num_new) and running:
-                blocks.free(1, running.popleft()[::-1])  # tail first: it is the least shared
-            if not blocks.can_allocate(num_new):
-                blocks.free(1, found.block_ids)
-                continue  # a prompt larger than the whole cache: skipped
-            fresh = blocks.allocate(num_new, 1, 1)
-            parent = found.parent_hash
-            first = len(found.block_ids)
-            for i, block_id in enumerate(fresh[: len(prompt) // block_tokens - first]):
-                start_token = (first + i) * block_tokens
-                parent = cache.publish(
-                    1, block_id, parent, prompt[start_token : start_token + block_tokens]
-                )
-            running.append([*found.block_ids, *fresh])
-            if len(running) > in_flight:
-                blocks.free(1, running.popleft()[::-1])
-        seconds = time.perf_counter() - start
-        stats = cache.stats()
-    ideal = ideal_hits / ideal_looked_up
-    return {
-        "prompts": len(prompts),
-        "cache_blocks": cache_blocks,
-        "hit_rate": stats.hit_rate,
-        "ideal_hit_rate": ideal,
-        "ratio_to_ideal": stats.hit_rate / ideal if ideal else 1.0,
-        "evictions": stats.num_evictions,
-        "requests_per_s": len(prompts) / seconds,
-    }
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llmos bench memory", description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, default=4096, help="KV blocks in the pool")
@@ -179,16 +112,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--occupancy", type=float, default=0.8, help="target share of segment bytes in use"
     )
-    p.add_argument(
-        "--prompts", type=int, default=2000, help="prompts in the shared-prefix workload"
-    )
-    p.add_argument("--systems", type=int, default=16, help="distinct shared system prompts")
-    p.add_argument("--system-tokens", type=int, default=256, help="tokens per system prompt")
-    p.add_argument("--block-tokens", type=int, default=16, help="tokens per KV block")
-    p.add_argument(
-        "--cache-blocks", type=int, default=512, help="KV blocks the prefix workload may use"
-    )
-    p.add_argument("--in-flight", type=int, default=8, help="sequences alive at once")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     ns = p.parse_args(argv)
@@ -196,18 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ns.batches = [int(b) for b in ns.batches.split(",") if b]
     except ValueError:
         p.error("--batches takes comma-separated integers")
-    positive = (
-        "blocks",
-        "repeats",
-        "segment_kib",
-        "segment_ops",
-        "prompts",
-        "systems",
-        "system_tokens",
-        "block_tokens",
-        "cache_blocks",
-        "in_flight",
-    )
+    positive = ("blocks", "repeats", "segment_kib", "segment_ops")
     if not ns.batches or min(ns.batches) <= 0 or max(ns.batches) > ns.blocks // 2:
         p.error("batch sizes must be positive and at most half of --blocks")
     if (
@@ -260,25 +172,6 @@ def main(argv: list[str]) -> int:
             ],
         )
     )
-    prompts = shared_prefix_prompts(ns.prompts, ns.systems, ns.system_tokens, ns.seed)
-    prefix = bench_prefix(prompts, ns.cache_blocks, ns.block_tokens, ns.in_flight)
-    print()
-    print(
-        table(
-            ["prompts", "cache blocks", "H", "H ideal", "H / ideal", "evictions", "requests/s"],
-            [
-                [
-                    prefix["prompts"],
-                    prefix["cache_blocks"],
-                    f"{prefix['hit_rate']:.3f}",
-                    f"{prefix['ideal_hit_rate']:.3f}",
-                    f"{prefix['ratio_to_ideal']:.3f}",
-                    prefix["evictions"],
-                    f"{prefix['requests_per_s']:,.0f}",
-                ]
-            ],
-        )
-    )
     write_json(
         str(ns.json) if ns.json else None,
         {
@@ -286,7 +179,6 @@ def main(argv: list[str]) -> int:
             "args": {k: v for k, v in vars(ns).items() if k != "json"},
             "allocation": allocation,
             "fragmentation": frag,
-            "prefix": prefix,
         },
     )
     return 0

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from servers.scheduler.settings import POLICIES
 from tools.bench.report import write_json
 from tools.bench.serve_report import render, render_external
 from tools.bench.serve_workload import (
@@ -47,8 +48,6 @@ from tools.bench.serve_workload import (
     parse_dist,
     parse_priorities,
 )
-
-POLICIES = ("fcfs", "priority", "rr", "fair")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

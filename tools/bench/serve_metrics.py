@@ -137,12 +137,9 @@ def symbols(run: SystemRun) -> dict[str, Any]:
     running = run.samples[1:-1] or run.samples  # the samples taken while it ran
     shares = [x["kv_share"] for x in running]
     lookups = int(_delta(s1, s0, "num_prefix_lookup_tokens"))
-    if "num_prefix_lookup_tokens" in s1:
-        hits = int(_delta(s1, s0, "num_prefix_hit_tokens"))
-        h = {"hit_rate": hits / lookups if lookups else 0.0, "lookup_tokens": lookups, "hit_tokens": hits,
-             "source": "scheduler"}
-    else:
-        h = {"hit_rate": m1["hit_rate"], "source": "memory"}
+    hits = int(_delta(s1, s0, "num_prefix_hit_tokens"))
+    h = {"hit_rate": hits / lookups if lookups else 0.0, "lookup_tokens": lookups, "hit_tokens": hits,
+         "source": "scheduler"}
     return {
         "T_s": {"p50_steps": s1["delay_p50_steps"], "p99_steps": s1["delay_p99_steps"],
                 "p50_s": queue_all and queue_all["p50"], "p99_s": queue_all and queue_all["p99"],

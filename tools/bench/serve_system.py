@@ -68,13 +68,13 @@ def process_pids(name: str) -> dict[str, int]:
 def kv_sample(stats: dict[str, Any], t: float) -> dict[str, float]:
     """A point of the KV timeline: blocks the scheduler's sequences hold (its lease minus
     what it could hand out) out of the pool, and paged F then (the scheduler's, which knows
-    how full its blocks are; the memory server's for a scheduler without that figure)."""
+    how full its blocks are)."""
     s, m = stats["scheduler"], stats["memory"]
     held = s["num_leased_blocks"] - s["num_free_blocks"]
     return {"t_s": t, "blocks_held": held, "blocks_total": m["num_blocks"],
             "kv_share": held / m["num_blocks"] if m["num_blocks"] else 0.0,
             "running": s["num_running"], "waiting": s["num_waiting"],
-            "paged_fragmentation": s.get("paged_fragmentation", m["internal_fragmentation"])}
+            "paged_fragmentation": s["paged_fragmentation"]}
 
 
 def run_system(policy: str, items: Sequence[WorkItem], options: RunOptions, runtime: str, name: str,

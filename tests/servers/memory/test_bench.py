@@ -25,26 +25,17 @@ def test_bench_memory_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "256",
         "--segment-ops",
         "300",
-        "--prompts",
-        "40",
-        "--systems",
-        "3",
-        "--system-tokens",
-        "32",
-        "--cache-blocks",
-        "48",
         "--json",
         str(out),
     ]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "alloc+free/s" in printed and "F mean" in printed and "H ideal" in printed
+    assert "alloc+free/s" in printed and "F mean" in printed
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["allocation"]] == [1, 8]
     assert all(r["pairs_per_s"] > 0 and len(r["runs"]) == 2 for r in data["allocation"])
     assert 0 <= data["fragmentation"]["f_mean"] <= data["fragmentation"]["f_max"] <= 1
-    prefix = data["prefix"]
-    assert 0 < prefix["hit_rate"] <= prefix["ideal_hit_rate"] <= 1
+    assert set(data) == {"benchmark", "args", "allocation", "fragmentation"}
 
 
 def test_bench_memory_rejects_bad_options() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from microkernel import InvalidRequest, QuotaExceeded
-from servers.memory import ClientQuota, MemoryManager, QuotaConfig, Reclaimed
+from servers.memory import BlockState, ClientQuota, MemoryManager, QuotaConfig, Reclaimed
 from tests.servers.memory.conftest import MakeMemory
 
 KIB = 1024
@@ -50,14 +50,20 @@ def test_block_quota_refuses_and_leaves_others_alone(memory: MemoryManager) -> N
     blocks.allocate(3, SCHED)  # uncharged work of the instance: no limit
 
 
-def test_claiming_leased_blocks_is_charged(memory: MemoryManager) -> None:
-    leased = memory.blocks.lease(SCHED, 3)
-    before = memory.blocks.snapshot()
-    with pytest.raises(QuotaExceeded, match="client 11"):
-        memory.blocks.claim(SCHED, leased, CLIENT_B)
-    assert memory.blocks.snapshot() == before
-    memory.blocks.claim(SCHED, leased[:2], CLIENT_B)
-    assert memory.blocks.num_client_blocks(CLIENT_B) == 2
+def test_freed_blocks_are_uncharged(memory: MemoryManager) -> None:
+    blocks = memory.blocks
+    ids = blocks.allocate(2, SCHED, CLIENT_B)
+    assert not blocks.can_allocate(1, CLIENT_B)
+    blocks.free(SCHED, ids[:1])
+    assert blocks.num_client_blocks(CLIENT_B) == 1 and blocks.can_allocate(1, CLIENT_B)
+    blocks.allocate(1, SCHED, CLIENT_B)
+
+
+def test_a_lease_is_charged_to_nobody(memory: MemoryManager) -> None:
+    blocks = memory.blocks
+    blocks.lease(SCHED, 10)  # past every client's quota: a lease is not a client's
+    assert blocks.snapshot().client_blocks == () and blocks.num_leased == 10
+    assert blocks.can_allocate(2, CLIENT_B) and not blocks.can_allocate(7, CLIENT_A)  # 6 left
 
 
 def test_segment_quota_refuses_and_leaves_others_alone(memory: MemoryManager) -> None:
@@ -75,21 +81,17 @@ def test_segment_quota_refuses_and_leaves_others_alone(memory: MemoryManager) ->
 
 def test_free_owner_frees_blocks_leases_and_segments(memory: MemoryManager) -> None:
     blocks, segments = memory.blocks, memory.segments
-    mine = blocks.allocate(3, SCHED, CLIENT_A)
-    blocks.share(SCHED, mine[:1])
-    blocks.publish(SCHED, mine[1], 42)
+    blocks.allocate(3, SCHED, CLIENT_A)
     blocks.lease(SCHED, 2)
-    theirs = blocks.allocate(1, 3)
+    theirs = blocks.allocate(1, 3, CLIENT_B)
     segments.allocate(KIB, SCHED)
     weights = segments.allocate(4 * KIB, 0)
     got = memory.free_owner(SCHED)
     assert got == Reclaimed((SCHED,), 5, 1, KIB)
-    assert (blocks.num_free, blocks.num_cached, blocks.num_used) == (
-        14,
-        1,
-        1,
-    )  # the hashed one stays cached
-    assert blocks.num_client_blocks(CLIENT_A) == 0 and blocks.refcount(theirs[0]) == 1
+    assert (blocks.num_free, blocks.num_used, blocks.num_leased) == (15, 1, 0)
+    assert blocks.num_client_blocks(CLIENT_A) == 0 and blocks.num_client_blocks(CLIENT_B) == 1
+    assert blocks.tables.blocks["state"][theirs[0]] == BlockState.USED
+    assert blocks.tables.blocks["owner"][theirs[0]] == 3
     assert segments.resolve(weights, SCHED).size == 4 * KIB
     assert memory.free_owner(SCHED) == Reclaimed()
     with pytest.raises(InvalidRequest, match="owner 0 is the instance"):
@@ -115,10 +117,10 @@ def test_sweep_frees_what_no_live_endpoint_owns(memory: MemoryManager) -> None:
 
 
 def test_stats_report_everything(memory: MemoryManager) -> None:
-    ids = memory.blocks.allocate(2, SCHED)
-    memory.blocks.set_fill(SCHED, ids, [4, 2])
+    memory.blocks.allocate(2, SCHED)
+    memory.blocks.lease(SCHED, 1)
     memory.segments.allocate(KIB, SCHED)
     stats = memory.stats()
-    assert stats.internal_fragmentation == pytest.approx(2 / 8)
-    assert stats.external_fragmentation == 0.0 and stats.hit_rate == 0.0
-    assert stats.blocks.num_used == 2 and stats.segments.used_bytes == KIB
+    assert stats.external_fragmentation == 0.0
+    assert (stats.blocks.num_used, stats.blocks.num_free, stats.blocks.num_leased) == (3, 13, 1)
+    assert stats.segments.used_bytes == KIB

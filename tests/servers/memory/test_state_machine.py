@@ -1,14 +1,13 @@
 """The allocators against a plain Python model, one hypothesis step at a time.
 
-After every step: each block's state, refcount, owner and charged client match the model;
-free + used + cached = total; the LRU order and free set match; segment extents tile
+After every step: each block's state, owner and charged client match the model;
+free + used = total; the free set and every client's charge match; segment extents tile
 the region with no two free neighbours; and rebuilding from the arena's tables gives a
 view identical to the live one.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,25 +27,22 @@ from servers.memory import (
     arena_bytes,
     memory_regions,
 )
-from servers.memory import allocator as allocator_module
-from servers.memory.tables import BLOCK_HASHED, SegmentState
+from servers.memory.tables import SegmentState
 from tests.conftest import unique_name
 
 NUM_BLOCKS, BLOCK_BYTES, BLOCK_TOKENS = 10, 64, 2
 SEGMENT_BYTES, MAX_SEGMENTS, ALIGN = 4096, 6, 64
-OWNERS, CLIENTS, HASHES = [1, 2, 3], [0, 1, 2], list(range(1, 13))
+OWNERS, CLIENTS = [1, 2, 3], [0, 1, 2]
 LIMITED = 2
 QUOTAS = QuotaConfig(per_client={LIMITED: ClientQuota(max_blocks=3, max_segment_bytes=1024)})
-FREE, USED, CACHED, LEASED = BlockState.FREE, BlockState.USED, BlockState.CACHED, BlockState.LEASED
+FREE, USED, LEASED = BlockState.FREE, BlockState.USED, BlockState.LEASED
 
 
 @dataclass
 class ModelBlock:
     state: BlockState = FREE
-    refcount: int = 0
     owner: int = 0
     client: int = 0
-    content_hash: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,6 @@ class MemoryMachine(RuleBasedStateMachine):
         config = MemoryConfig(BLOCK_BYTES, BLOCK_TOKENS, MAX_SEGMENTS, ALIGN, QUOTAS)
         self.memory = MemoryManager.format(self.arena, config)
         self.blocks = [ModelBlock() for _ in range(NUM_BLOCKS)]
-        self.lru: list[int] = []  # cached block ids, least recently released first
         self.segments: dict[SegmentHandle, ModelSegment] = {}
         self.stale: list[SegmentHandle] = []
 
@@ -84,29 +79,10 @@ class MemoryMachine(RuleBasedStateMachine):
     def quota_ok(self, client: int, n: int) -> bool:
         return client != LIMITED or self.charged(client) + n <= 3
 
-    def index(self) -> dict[int, int]:
-        return {b.content_hash: i for i, b in enumerate(self.blocks) if b.content_hash is not None}
-
-    def release(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.refcount = 0
-        if block.content_hash is not None:
-            block.state = CACHED
-            self.lru.append(block_id)
-        else:
-            block.state = FREE
-
     def take(self, got: list[int], n: int) -> None:
-        """Check which blocks an allocation took: free ones, then the LRU-oldest cached."""
-        free = set(self.ids_in(FREE))
+        """Check that an allocation took `n` distinct free blocks."""
         assert len(set(got)) == len(got) == n
-        if n <= len(free):
-            assert set(got) <= free
-            return
-        evicted, self.lru = self.lru[: n - len(free)], self.lru[n - len(free) :]
-        assert set(got) == free | set(evicted)
-        for block_id in evicted:
-            self.blocks[block_id].content_hash = None
+        assert set(got) <= set(self.ids_in(FREE))
 
     def expect_refusal(self, call: object, error: type[Exception]) -> None:
         before = (self.memory.blocks.snapshot(), self.memory.segments.snapshot())
@@ -122,12 +98,10 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), owner=st.sampled_from(OWNERS), client=st.sampled_from(CLIENTS))
     def allocate(self, data: st.DataObject, owner: int, client: int) -> None:
-        space = len(self.ids_in(FREE)) + len(self.lru)
-        # Up to one past the space left, so evictions and refusals are common.
+        space = len(self.ids_in(FREE))
+        # Up to one past the space left, so refusals are common.
         top = min(space + 1, NUM_BLOCKS)
-        n = data.draw(
-            st.integers(0, top) | st.integers(min(len(self.ids_in(FREE)), top), top), label="n"
-        )
+        n = data.draw(st.integers(0, top) | st.integers(max(0, top - 2), top), label="n")
         if not self.quota_ok(client, n):
             self.expect_refusal(
                 lambda: self.memory.blocks.allocate(n, owner, client), QuotaExceeded
@@ -138,144 +112,37 @@ class MemoryMachine(RuleBasedStateMachine):
             got = self.memory.blocks.allocate(n, owner, client)
             self.take(got, n)
             for block_id in got:
-                self.blocks[block_id] = ModelBlock(USED, 1, owner, client)
+                self.blocks[block_id] = ModelBlock(USED, owner, client)
 
     @rule(n=st.integers(0, 4), owner=st.sampled_from(OWNERS))
     def lease(self, n: int, owner: int) -> None:
-        if n > len(self.ids_in(FREE)) + len(self.lru):
+        if n > len(self.ids_in(FREE)):
             self.expect_refusal(lambda: self.memory.blocks.lease(owner, n), Overloaded)
             return
         got = self.memory.blocks.lease(owner, n)
         self.take(got, n)
         for block_id in got:
-            self.blocks[block_id] = ModelBlock(LEASED, 0, owner, 0)
+            self.blocks[block_id] = ModelBlock(LEASED, owner, 0)
 
     @precondition(lambda self: self.ids_in(USED))
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
         ids = data.draw(st.lists(st.sampled_from(self.ids_in(USED)), min_size=1, max_size=3))
+        if data.draw(st.booleans(), label="with a block that is not used"):
+            ids.append(data.draw(st.integers(0, NUM_BLOCKS - 1)))
         owner = (
             self.blocks[ids[0]].owner
             if data.draw(st.booleans())
             else data.draw(st.sampled_from(OWNERS))
         )
-        counts = Counter(ids)
-        if any(
-            self.blocks[b].owner != owner or self.blocks[b].refcount < k for b, k in counts.items()
+        if len(set(ids)) != len(ids) or any(
+            self.blocks[b].state != USED or self.blocks[b].owner != owner for b in ids
         ):
             self.expect_refusal(lambda: self.memory.blocks.free(owner, ids), InvalidRequest)
             return
-        released = self.memory.blocks.free(owner, ids)
-        expected = 0
-        for block_id, k in counts.items():
-            self.blocks[block_id].refcount -= k
-            if not self.blocks[block_id].refcount:
-                self.release(block_id)
-                expected += 1
-        assert released == expected
-
-    @precondition(lambda self: self.ids_in(USED))
-    @rule(data=st.data())
-    def share(self, data: st.DataObject) -> None:
-        block_id = data.draw(st.sampled_from(self.ids_in(USED)))
-        block = self.blocks[block_id]
-        self.memory.blocks.share(block.owner, [block_id])
-        block.refcount += 1
-
-    @precondition(lambda self: self.ids_in(USED))
-    @rule(data=st.data(), client=st.sampled_from(CLIENTS))
-    def cow(self, data: st.DataObject, client: int) -> None:
-        block_id = data.draw(st.sampled_from(self.ids_in(USED)))
-        block = self.blocks[block_id]
-        if block.refcount == 1 and block.content_hash is None:
-            assert self.memory.blocks.can_write(block_id)
-            assert self.memory.blocks.cow(block.owner, block_id, client).copy_from is None
-            return
-        assert not self.memory.blocks.can_write(block_id)
-        if not self.quota_ok(client, 1) or not self.ids_in(FREE) + self.lru:
-            error = QuotaExceeded if not self.quota_ok(client, 1) else Overloaded
-            self.expect_refusal(
-                lambda: self.memory.blocks.cow(block.owner, block_id, client), error
-            )
-            return
-        result = self.memory.blocks.cow(block.owner, block_id, client)
-        assert result.copy_from == block_id
-        self.take([result.block_id], 1)
-        self.blocks[result.block_id] = ModelBlock(USED, 1, block.owner, client)
-
-    @precondition(lambda self: any(b.state == USED and b.content_hash is None for b in self.blocks))
-    @rule(data=st.data(), content_hash=st.sampled_from(HASHES))
-    def publish(self, data: st.DataObject, content_hash: int) -> None:
-        candidates = [i for i in self.ids_in(USED) if self.blocks[i].content_hash is None]
-        block_id = data.draw(st.sampled_from(candidates))
-        block = self.blocks[block_id]
-        is_new = content_hash not in self.index()
-        assert self.memory.blocks.publish(block.owner, block_id, content_hash) == is_new
-        if is_new:
-            block.content_hash = content_hash
-
-    @precondition(
-        lambda self: any(
-            b.state == USED and b.content_hash is None and b.refcount == 1 for b in self.blocks
-        )
-    )
-    @rule(data=st.data())
-    def publish_and_release(self, data: st.DataObject) -> None:
-        """What a finished sequence does with its full blocks: the way blocks get cached."""
-        candidates = [
-            i
-            for i in self.ids_in(USED)
-            if self.blocks[i].content_hash is None and self.blocks[i].refcount == 1
-        ]
-        block_id = data.draw(st.sampled_from(candidates))
-        block = self.blocks[block_id]
-        free_hashes = sorted(set(HASHES) - set(self.index()))
-        if free_hashes:
-            content_hash = data.draw(st.sampled_from(free_hashes))
-            assert self.memory.blocks.publish(block.owner, block_id, content_hash)
-            block.content_hash = content_hash
-        assert self.memory.blocks.free(block.owner, [block_id]) == 1
-        self.release(block_id)
-
-    @precondition(lambda self: self.index())
-    @rule(data=st.data(), owner=st.sampled_from(OWNERS), client=st.sampled_from(CLIENTS))
-    def acquire(self, data: st.DataObject, owner: int, client: int) -> None:
-        block_id = data.draw(st.sampled_from(sorted(self.index().values())))
-        block = self.blocks[block_id]
-        if block.state == USED and block.owner != owner:
-            self.expect_refusal(
-                lambda: self.memory.blocks.acquire(owner, [block_id], client), InvalidRequest
-            )
-        elif block.state == USED:
-            self.memory.blocks.acquire(owner, [block_id], client)
-            block.refcount += 1
-        elif not self.quota_ok(client, 1):
-            self.expect_refusal(
-                lambda: self.memory.blocks.acquire(owner, [block_id], client), QuotaExceeded
-            )
-        else:
-            self.memory.blocks.acquire(owner, [block_id], client)
-            self.lru.remove(block_id)
-            block.state, block.refcount, block.owner, block.client = USED, 1, owner, client
-
-    @precondition(lambda self: self.ids_in(LEASED))
-    @rule(data=st.data(), client=st.sampled_from(CLIENTS), give_back=st.booleans())
-    def claim_or_return(self, data: st.DataObject, client: int, give_back: bool) -> None:
-        owner = data.draw(
-            st.sampled_from(sorted({self.blocks[i].owner for i in self.ids_in(LEASED)}))
-        )
-        mine = [i for i in self.ids_in(LEASED) if self.blocks[i].owner == owner]
-        ids = data.draw(st.lists(st.sampled_from(mine), min_size=1, unique=True))
-        if give_back:
-            self.memory.blocks.return_lease(owner, ids)
-            for block_id in ids:
-                self.blocks[block_id] = ModelBlock()
-        elif not self.quota_ok(client, len(ids)):
-            self.expect_refusal(lambda: self.memory.blocks.claim(owner, ids, client), QuotaExceeded)
-        else:
-            self.memory.blocks.claim(owner, ids, client)
-            for block_id in ids:
-                self.blocks[block_id] = ModelBlock(USED, 1, owner, client)
+        assert self.memory.blocks.free(owner, ids) == len(ids)
+        for block_id in ids:
+            self.blocks[block_id] = ModelBlock()
 
     @rule(data=st.data())
     def bad_block_request(self, data: st.DataObject) -> None:
@@ -339,11 +206,7 @@ class MemoryMachine(RuleBasedStateMachine):
         for block_id, block in enumerate(self.blocks):
             if block.owner == owner and block.state in (USED, LEASED):
                 num_blocks += 1
-                if block.state == LEASED:
-                    self.blocks[block_id] = ModelBlock()
-                else:
-                    block.client = 0
-                    self.release(block_id)
+                self.blocks[block_id] = ModelBlock()
         gone = [h for h, s in self.segments.items() if s.owner == owner]
         for handle in gone:
             self.stale.append(handle)
@@ -380,24 +243,18 @@ class MemoryMachine(RuleBasedStateMachine):
         for block_id, block in enumerate(self.blocks):
             row = table[block_id]
             assert int(row["state"]) == block.state, block_id
-            assert int(row["refcount"]) == block.refcount, block_id
             if block.state in (USED, LEASED):
                 assert int(row["owner"]) == block.owner
-            if block.state == USED:
                 assert int(row["client"]) == block.client
-            is_hashed = bool(row["flags"] & BLOCK_HASHED)
-            assert is_hashed == (block.content_hash is not None)
-            if is_hashed:
-                assert (int(row["hash_hi"]) << 64 | int(row["hash_lo"])) == block.content_hash
         allocator = self.memory.blocks
         stats = allocator.stats()
-        assert stats.num_free + stats.num_used + stats.num_cached == NUM_BLOCKS
-        assert stats.num_free == len(self.ids_in(FREE)) and stats.num_cached == len(self.lru)
+        assert stats.num_free + stats.num_used == NUM_BLOCKS
+        assert stats.num_free == len(self.ids_in(FREE))
         assert stats.num_leased == len(self.ids_in(LEASED))
         snap = allocator.snapshot()
         assert list(snap.free_ids) == self.ids_in(FREE)  # each free block listed once
-        assert list(snap.lru_ids) == self.lru
-        assert dict(snap.index) == self.index()
+        holders = {b.owner for b in self.blocks if b.state in (USED, LEASED)}
+        assert allocator.owner_ids() == holders
         for client in CLIENTS[1:]:
             assert allocator.num_client_blocks(client) == self.charged(client)
 
@@ -431,19 +288,5 @@ class MemoryMachine(RuleBasedStateMachine):
         assert again.segments.snapshot() == self.memory.segments.snapshot()
 
 
-class VectorisedMemoryMachine(MemoryMachine):
-    """The same machine with every batch on the allocator's vectorised path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.small_batch, allocator_module.SMALL_BATCH = allocator_module.SMALL_BATCH, 0
-
-    def teardown(self) -> None:
-        allocator_module.SMALL_BATCH = self.small_batch
-        super().teardown()
-
-
 MemoryMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40)
-VectorisedMemoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40)
 TestMemoryMachine = MemoryMachine.TestCase
-TestVectorisedMemoryMachine = VectorisedMemoryMachine.TestCase

@@ -12,6 +12,7 @@ from servers.memory.tables import (
     HEADER_BYTES,
     SEGMENT_ENTRY_BYTES,
     TABLES_MAGIC,
+    TABLES_VERSION,
     plan_geometry,
 )
 from tests.conftest import unique_name
@@ -19,15 +20,15 @@ from tests.servers.memory.conftest import MakeArena
 
 
 def test_entry_sizes() -> None:
-    assert (HEADER_BYTES, BLOCK_ENTRY_BYTES, SEGMENT_ENTRY_BYTES) == (128, 64, 48)
+    assert (HEADER_BYTES, BLOCK_ENTRY_BYTES, SEGMENT_ENTRY_BYTES) == (128, 16, 48)
 
 
 def test_tables_size_counts_every_entry() -> None:
     # 1000 blocks, 100 segments -> 201 entries, rounded up to a page.
-    expected = L.align_up(L.align_up(128 + 1000 * 64, 64) + 201 * 48, L.PAGE_SIZE)
+    expected = L.align_up(L.align_up(128 + 1000 * 16, 64) + 201 * 48, L.PAGE_SIZE)
     assert tables_size(1000 * 512, 512, 1 << 20, max_segments=100) == expected
     # No segment region: no segment table at all.
-    assert tables_size(1000 * 512, 512) == L.align_up(128 + 1000 * 64, L.PAGE_SIZE)
+    assert tables_size(1000 * 512, 512) == L.align_up(128 + 1000 * 16, L.PAGE_SIZE)
     # The default: one segment per 4 KiB of segment region, at least 16.
     assert plan_geometry(4096, 256, 4, 1 << 20).max_segments == 256
     assert plan_geometry(4096, 256, 4, 8192).max_segments == 16
@@ -68,17 +69,18 @@ def test_attach_refuses_unformatted_and_foreign_tables(make_arena: MakeArena) ->
     with pytest.raises(ArenaError, match="no formatted memory tables"):
         MemoryTables.attach(arena)
     tables = MemoryTables.format(arena, block_bytes=256, block_tokens=4)
-    tables.header[0]["version"] = 99
-    with pytest.raises(ArenaError, match="version 99"):
-        MemoryTables.attach(arena)
-    tables.header[0]["version"] = 1
+    for version in (99, 1):  # 1: the layout with the memory server's own prefix cache
+        tables.header[0]["version"] = version
+        with pytest.raises(ArenaError, match=f"version {version}"):
+            MemoryTables.attach(arena)
+    tables.header[0]["version"] = TABLES_VERSION
     tables.header[0]["num_blocks"] = 10**6
     with pytest.raises(ArenaError, match="corrupt"):
         MemoryTables.attach(arena)
 
 
 def test_format_refuses_a_small_table_region() -> None:
-    regions = [(L.RegionKind.ALLOC_TABLES, 4096), (L.RegionKind.PAGES, 256 * 100)]
+    regions = [(L.RegionKind.ALLOC_TABLES, 4096), (L.RegionKind.PAGES, 256 * 400)]
     with (
         Arena.create(unique_name("mem"), arena_bytes(regions), regions) as arena,
         pytest.raises(ArenaError, match="tables_size"),

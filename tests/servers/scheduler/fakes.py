@@ -235,7 +235,8 @@ def drive(
 def make(
     num_blocks: int = 256, *, cached: bool = False, **config: object
 ) -> tuple[Scheduler, Blocks, FakeRunner]:
-    """A scheduler over ``num_blocks`` blocks (a CachedBlocks with ``cached``: prefix caching)."""
-    cfg = SchedulerConfig(**{"max_context": 128, "vocab_size": VOCAB, **config})  # type: ignore[arg-type]
+    """A scheduler over ``num_blocks`` blocks (a CachedBlocks with ``cached``: prefix caching),
+    one token per decode unless ``decode_steps`` says otherwise (the tests count steps)."""
+    cfg = SchedulerConfig(**{"max_context": 128, "vocab_size": VOCAB, "decode_steps": 1, **config})  # type: ignore[arg-type]
     blocks: Blocks = CachedBlocks(range(num_blocks)) if cached else FreeListBlocks(range(num_blocks))
     return Scheduler(cfg, blocks), blocks, FakeRunner(num_blocks, cfg.block_size)

@@ -23,6 +23,7 @@ from servers.scheduler import (
     make_policy,
 )
 from servers.scheduler.plan import sampled_tokens
+from servers.scheduler.settings import SchedulerSettings
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,8 @@ from servers.scheduler.plan import sampled_tokens
         {"default_weight": 0.0},
         {"client_weights": {"a": float("nan")}},
         {"client_weights": {"a": True}},
+        {"max_blocks_per_client": 0},
+        {"max_blocks_per_client": True},
     ],
 )
 def test_config_refuses_bad_limits(bad: dict[str, object]) -> None:
@@ -56,6 +59,13 @@ def test_config_defaults() -> None:
     assert SchedulerConfig(max_context=64, vocab_size=32, max_running=3).num_running_limit == 3
     assert [c.blocks_needed(n) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
     assert (c.aging_steps, c.quantum, dict(c.client_weights), c.default_weight) == (64, 16, {}, 1.0)
+    # One set of defaults: what the instance config gives the scheduler process.
+    settings = SchedulerSettings()
+    assert (c.max_batch_size, c.token_budget, c.policy, c.decode_steps, c.aging_steps, c.quantum,
+            c.prefix_caching) == (settings.max_batch_size, settings.token_budget, settings.policy,
+                                  settings.decode_steps, settings.aging_steps, settings.quantum, settings.prefix_cache)
+    assert c.max_blocks_per_client is None and c.max_tokens_per_seq == 64
+    assert SchedulerConfig(max_context=64, vocab_size=32, max_blocks_per_client=3).max_tokens_per_seq == 48
 
 
 def test_make_policy_builds_the_configured_policy() -> None:

@@ -67,6 +67,7 @@ def test_random_workloads(data: st.DataObject) -> None:
     config = SchedulerConfig(
         max_context=max_context,
         vocab_size=VOCAB,
+        decode_steps=1,
         block_size=block_size,
         token_budget=data.draw(st.integers(1, 40), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 8), "max_batch_size"),
@@ -156,6 +157,7 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
     config = SchedulerConfig(
         max_context=max_context,
         vocab_size=VOCAB,
+        decode_steps=1,
         block_size=block_size,
         token_budget=data.draw(st.integers(1, 32), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 12), "max_batch_size"),

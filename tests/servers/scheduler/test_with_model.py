@@ -89,7 +89,7 @@ def make_scheduler(
         max_context=model.config.seq_len,
         vocab_size=model.config.vocab_size,
         block_size=model.block_size,
-        **limits,  # type: ignore[arg-type]
+        **{"decode_steps": 1, **limits},  # type: ignore[arg-type]
     )
     blocks = FreeListBlocks(range(num_blocks))
     return Scheduler(config, blocks), blocks
