@@ -8,20 +8,16 @@ model_info, and shared tensors: alloc, attach; a prompt is text or token ids); a
 request is a `Request` handle (libllm.request); `libllm.aio` is the asyncio flavour. Errors
 are the tree of docs/design.md. `libllm.tokenizer`, `libllm.protocol`, `libllm.sampling` and
 `libllm.blockhash` are pure and shared with servers; `libllm.chat` renders chat templates.
+
+The session and its parts are imported when first used, so a server importing one of the
+pure modules (libllm.protocol) does not load the client.
 """
 
 from __future__ import annotations
 
-from libllm.client import ServerGone as ServerGone
-from libllm.client import Session as Session
-from libllm.client import connect as connect
-from libllm.client import instances as instances
-from libllm.request import Completion as Completion
-from libllm.request import DeadlineExceeded as DeadlineExceeded
-from libllm.request import Request as Request
-from libllm.request import Timings as Timings
-from libllm.request import Usage as Usage
-from libllm.tensors import SharedTensor as SharedTensor
+import importlib as _importlib
+import typing as _typing
+
 from microkernel.errors import Cancelled as Cancelled
 from microkernel.errors import Closed as Closed
 from microkernel.errors import InvalidRequest as InvalidRequest
@@ -35,6 +31,39 @@ from microkernel.errors import RemoteError as RemoteError
 from microkernel.errors import Timeout as Timeout
 from microkernel.errors import Unsupported as Unsupported
 from microkernel.errors import WouldBlock as WouldBlock
+
+if _typing.TYPE_CHECKING:
+    from libllm.client import ServerGone as ServerGone
+    from libllm.client import Session as Session
+    from libllm.client import connect as connect
+    from libllm.client import instances as instances
+    from libllm.request import Completion as Completion
+    from libllm.request import DeadlineExceeded as DeadlineExceeded
+    from libllm.request import Request as Request
+    from libllm.request import Timings as Timings
+    from libllm.request import Usage as Usage
+    from libllm.tensors import SharedTensor as SharedTensor
+
+_LAZY = {
+    "ServerGone": "libllm.client", "Session": "libllm.client", "connect": "libllm.client",
+    "instances": "libllm.client", "Completion": "libllm.request", "DeadlineExceeded": "libllm.request",
+    "Request": "libllm.request", "Timings": "libllm.request", "Usage": "libllm.request",
+    "SharedTensor": "libllm.tensors",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'libllm' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "Cancelled",

@@ -58,7 +58,7 @@ class MsgType(IntEnum):
     # scheduler 0x02xx
     SCHED_SUBMIT = 0x0201
     SCHED_CANCEL = 0x0202
-    SCHED_TOKENS = 0x0203
+    # 0x0203 retired (SCHED_TOKENS: tokens travel as REPLY|MORE records of SCHED_SUBMIT): do not reuse
     SCHED_MODEL_INFO = 0x0204
     SCHED_STATS = 0x0205
     # memory 0x03xx

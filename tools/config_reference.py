@@ -19,7 +19,7 @@ from tools.config import (
     Config,
     GatewaySettings,
     MemorySettings,
-    ModelSection,
+    ModelSettings,
     SchedulerSettings,
     ServerSpec,
 )
@@ -29,7 +29,7 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 # (heading, class): the order of the reference.
 SECTIONS: tuple[tuple[str, type], ...] = (
-    ("Top level", Config), ("[model]", ModelSection), ("[memory]", MemorySettings),
+    ("Top level", Config), ("[model]", ModelSettings), ("[memory]", MemorySettings),
     ("[scheduler]", SchedulerSettings), ("[gateway]", GatewaySettings), ("[[servers]]", ServerSpec),
 )
 

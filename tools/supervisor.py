@@ -174,23 +174,24 @@ class Supervisor:
         return Child(spec.name, argv, f"llmos {spec.name} ready", self.log_dir / f"{spec.name}.log")
 
     def _builtin_args(self, spec: ServerSpec) -> list[str]:
-        """What the built-in servers need from the instance's config."""
-        model = self.config.model
+        """What the built-in servers need: their config section (resolved for the model and
+        the machine, encoded once: servers/settings.py) and the instance's layout."""
+        model, memory = self.config.model, self.config.memory
         if spec.module == "servers.memory":
-            memory = self.config.memory
-            resolved = replace(memory, block_bytes=resolved_block_bytes(memory, model.model_path(), model.kv_bytes),
-                               weights_bytes=resolved_weights_bytes(memory, model.model_path()))
-            return [f"--settings={encode_settings(resolved)}"]
+            memory = replace(memory, block_bytes=resolved_block_bytes(memory, model.model_path(), model.kv_bytes),
+                             weights_bytes=resolved_weights_bytes(memory, model.model_path()))
+            return [f"--settings={encode_settings(memory)}"]
         if spec.module == "servers.scheduler":
             runners = [s.name for s in self.config.server_specs() if s.module == "servers.runner"]
             scheduler = self.config.scheduler
-            settings = replace(scheduler, pipeline_depth=scheduler.depth_for(model.is_large()))
-            return [f"--runners={','.join(runners)}", f"--quota-blocks={self.config.memory.quota_blocks}",
-                    f"--settings={encode_settings(settings)}"]
+            scheduler = replace(scheduler, pipeline_depth=scheduler.depth_for(model.is_large()))
+            return [f"--runners={','.join(runners)}", f"--quota-blocks={memory.quota_blocks}",
+                    f"--settings={encode_settings(scheduler)}"]
         if spec.module == "servers.gateway":
             return [f"--settings={encode_settings(self.config.gateway)}"]
         if spec.module == "servers.runner":
-            return [f"--block-tokens={self.config.memory.block_tokens}", *model.args(self.config.runner_threads())]
+            model = replace(model, threads=self.config.runner_threads())
+            return [f"--block-tokens={memory.block_tokens}", f"--settings={encode_settings(model)}"]
         return []
 
     def _env(self) -> dict[str, str]:

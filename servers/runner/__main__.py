@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from servers.base import configure_logging
-from servers.runner.loaders import default_model_path
 from servers.runner.server import RunnerServer
+from servers.runner.settings import ModelSettings
+from servers.settings import ConfigError, add_settings_argument, decode_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m servers.runner")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="runner.0")
-    parser.add_argument("--model", default=None, help="llama2.c .bin or .gguf (default: the built-in model)")
-    parser.add_argument("--block-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="threads per step (same results for any count)")
-    parser.add_argument("--context", type=int, default=0, help="positions a sequence may hold (0: the file's)")
-    parser.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"], help="what KV pages hold")
+    parser.add_argument("--block-tokens", type=int, default=16, help="token slots per KV block ([memory])")
+    add_settings_argument(parser, ModelSettings)
     ns = parser.parse_args(argv)
+    try:
+        settings = decode_settings(ns.settings, ModelSettings)
+    except ConfigError as exc:
+        parser.error(str(exc))
     configure_logging(ns.name)
-    model = Path(ns.model) if ns.model else default_model_path()
-    server = RunnerServer(ns.instance, model, block_tokens=ns.block_tokens, name=ns.name, threads=ns.threads,
-                          context=ns.context or None, kv_dtype=ns.kv_dtype)
+    server = RunnerServer(ns.instance, settings.model_path(), block_tokens=ns.block_tokens, name=ns.name,
+                          threads=settings.threads or 1, context=settings.context or None, kv_dtype=settings.kv_dtype)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from libllm import protocol as P
+from libllm.protocol import runner as R
 from libllm.tokenizer import load_tokenizer
 from microkernel import layout as L
 from microkernel.endpoint import Channel, Message
@@ -73,7 +74,7 @@ class RunnerServer(Server):
 
     def handle_step(self, channel: Channel, message: Message) -> bytes:
         try:
-            step: P.Step = P.unpack(message.payload, P.Step)
+            step: R.Step = P.unpack(message.payload, R.Step)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidRequest(f"bad Step payload: {exc}") from None
         chunks = [self._chunk(c) for c in step.chunks]
@@ -85,10 +86,10 @@ class RunnerServer(Server):
         elapsed = time.perf_counter() - started
         self.num_steps += 1
         self.busy_s += elapsed
-        return P.pack(P.StepResult(step.step_id, made, elapsed, logprobs if any(logprobs) else [],
+        return P.pack(R.StepResult(step.step_id, made, elapsed, logprobs if any(logprobs) else [],
                                    prompt_logprobs if any(prompt_logprobs) else []))
 
-    def _chunk(self, c: P.StepChunk) -> SeqChunk:
+    def _chunk(self, c: R.StepChunk) -> SeqChunk:
         """Check everything a chunk names before the model touches the KV pool."""
         if not c.token_ids:
             raise InvalidRequest(f"sequence {c.seq_id}: a chunk needs at least one token")

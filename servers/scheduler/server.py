@@ -20,6 +20,7 @@ from functools import partial
 import msgspec
 
 from libllm import protocol as P
+from libllm.protocol import runner as R
 from microkernel import control as C
 from microkernel.endpoint import Channel, Message, raise_for_status
 from microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
@@ -313,8 +314,8 @@ class SchedulerServer(Server):
                 request = self.requests.get(chunk.seq_id)
                 if request is not None and not request.first_step:
                     request.first_step = now
-            step = P.Step(plan.step_id, [
-                P.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
+            step = R.Step(plan.step_id, [
+                R.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed,
                             c.num_steps, c.sampling.num_logprobs, c.prompt_logprobs, c.next_token_id,
                             c.sampling.presence_penalty, c.sampling.frequency_penalty,
@@ -399,7 +400,7 @@ class SchedulerServer(Server):
             in_flight.remove(plan)
         try:
             raise_for_status(Message(header, payload))
-            result: P.StepResult = P.unpack(payload, P.StepResult)
+            result: R.StepResult = P.unpack(payload, R.StepResult)
             events = self.scheduler.postprocess(plan, [list(t) for t in result.token_ids], result.logprobs or None,
                                                 result.prompt_logprobs or None)
             self.runner_busy_s += result.compute_s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import libllm
@@ -21,9 +23,19 @@ def test_all_is_the_curated_list() -> None:
 
 
 def test_no_other_public_names() -> None:
-    extra = {n for n, v in vars(libllm).items()
-             if not n.startswith("_") and not isinstance(v, types.ModuleType) and n != "annotations"}
+    extra = {n for n in dir(libllm)
+             if not n.startswith("_") and not isinstance(getattr(libllm, n), types.ModuleType) and n != "annotations"}
     assert extra == set(PUBLIC)
+
+
+def test_the_pure_modules_load_without_the_session() -> None:
+    """Servers import libllm.protocol (and the other pure modules); that must not load the
+    client, its connection and failover."""
+    code = ("import sys, libllm.protocol, libllm.sampling, libllm.blockhash; "
+            "print(sorted(m for m in sys.modules if m in ('libllm.client', 'libllm.aio', 'libllm.request')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    assert libllm.connect is libllm.client.connect  # and the session is there when asked for
 
 
 def test_errors_say_whose_fault() -> None:

@@ -37,7 +37,7 @@ def test_send_many_recv_many_256(benchmark: Any, arena: Arena) -> None:
 
 def test_header_encode_decode(benchmark: Any) -> None:
     def codec() -> int:
-        header, _ = decode(encode(MsgType.SCHED_TOKENS, PAYLOAD, txid=7, seq=9))
+        header, _ = decode(encode(MsgType.SCHED_SUBMIT, PAYLOAD, txid=7, seq=9))
         return header.txid
 
     assert benchmark(codec) == 7

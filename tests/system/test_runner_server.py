@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from libllm import protocol as P
+from libllm.protocol import runner as R
 from libllm.tokenizer import load_tokenizer
 from microkernel.endpoint import Channel, Endpoint
 from microkernel.errors import InvalidRequest
@@ -34,9 +35,9 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield name
 
 
-def step(runner: Channel, step_id: int, *chunks: P.StepChunk) -> list[list[int]]:
-    result: P.StepResult = P.unpack(runner.call(MsgType.RUNNER_STEP, P.pack(P.Step(step_id, list(chunks)))).payload,
-                                    P.StepResult)
+def step(runner: Channel, step_id: int, *chunks: R.StepChunk) -> list[list[int]]:
+    result: R.StepResult = P.unpack(runner.call(MsgType.RUNNER_STEP, P.pack(R.Step(step_id, list(chunks)))).payload,
+                                    R.StepResult)
     assert result.step_id == step_id
     return result.token_ids
 
@@ -58,35 +59,35 @@ def test_greedy_steps_through_the_runner_give_the_expected_text(instance: str) -
         tokenizer = load_tokenizer(info.tokenizer_path)
         prompt = tokenizer.encode("Zoo")
         # The prompt in two chunks, then one token per step.
-        assert step(runner, 0, P.StepChunk(1, blocks, 0, prompt[:1], wants_token=False)) == [[]]
+        assert step(runner, 0, R.StepChunk(1, blocks, 0, prompt[:1], wants_token=False)) == [[]]
         out, position, pending = [], 1, prompt[1:]
         while len(out) < 40:
-            ((token,),) = step(runner, len(out) + 1, P.StepChunk(1, blocks, position, pending))
+            ((token,),) = step(runner, len(out) + 1, R.StepChunk(1, blocks, position, pending))
             position += len(pending)
             out.append(token)
             pending = [token]
         assert tokenizer.decode(prompt + out).startswith(EXPECTED_ZOO)
         # The same text again, eight tokens per step (multi-step decoding).
-        first = step(runner, 100, P.StepChunk(1, blocks, 0, prompt))[0]
+        first = step(runner, 100, R.StepChunk(1, blocks, 0, prompt))[0]
         made = list(first)
         while len(made) < 40:
-            made += step(runner, 101, P.StepChunk(1, blocks, len(prompt) + len(made) - 1, [made[-1]],
+            made += step(runner, 101, R.StepChunk(1, blocks, len(prompt) + len(made) - 1, [made[-1]],
                                                   num_steps=8))[0]
         assert made[:40] == out
         memory.call(MsgType.MEM_FREE_BLOCKS, P.pack(P.BlockIds(blocks)))
 
 
 @pytest.mark.parametrize("chunk", [
-    P.StepChunk(1, [0], 0, []),                      # no token
-    P.StepChunk(1, [0], 0, [600]),                   # outside the vocabulary
-    P.StepChunk(1, [10**6], 0, [5]),                 # a block that does not exist
-    P.StepChunk(1, [0], 16, [5]),                    # the table is too short for the position
-    P.StepChunk(1, [0] * 40, 510, [5, 5, 5]),        # past the context
-    P.StepChunk(1, [0], 0, [5], temperature=-1.0),   # bad sampling
-    P.StepChunk(1, [0], 0, [5], num_steps=40),       # more steps than the table covers
-    P.StepChunk(1, [0], 0, [5], wants_token=False, num_steps=2),
+    R.StepChunk(1, [0], 0, []),                      # no token
+    R.StepChunk(1, [0], 0, [600]),                   # outside the vocabulary
+    R.StepChunk(1, [10**6], 0, [5]),                 # a block that does not exist
+    R.StepChunk(1, [0], 16, [5]),                    # the table is too short for the position
+    R.StepChunk(1, [0] * 40, 510, [5, 5, 5]),        # past the context
+    R.StepChunk(1, [0], 0, [5], temperature=-1.0),   # bad sampling
+    R.StepChunk(1, [0], 0, [5], num_steps=40),       # more steps than the table covers
+    R.StepChunk(1, [0], 0, [5], wants_token=False, num_steps=2),
 ])
-def test_a_bad_step_is_refused_and_the_runner_stays_up(instance: str, chunk: P.StepChunk) -> None:
+def test_a_bad_step_is_refused_and_the_runner_stays_up(instance: str, chunk: R.StepChunk) -> None:
     with Endpoint.connect(instance) as ep:
         runner = ep.open_channel("runner.0")
         with pytest.raises(InvalidRequest):

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tools.config import LARGE_MODEL_BYTES, ConfigError, ModelSection, config_from_dict, load_config
+from tools.config import (
+    LARGE_MODEL_BYTES,
+    ConfigError,
+    ModelSettings,
+    config_from_dict,
+    load_config,
+)
 from tools.serve import add_arguments, config_for
 
 
@@ -25,17 +31,17 @@ def sparse_file(path: Path, size: int) -> Path:
 
 
 def test_a_small_model_gets_a_runner_per_core_and_a_large_one_one_runner_on_every_core(tmp_path: Path) -> None:
-    small = ModelSection()  # the built-in model
-    large = ModelSection(path=str(sparse_file(tmp_path / "big.gguf", LARGE_MODEL_BYTES)))
+    small = ModelSettings()  # the built-in model
+    large = ModelSettings(path=str(sparse_file(tmp_path / "big.gguf", LARGE_MODEL_BYTES)))
     assert small.layout(cores=4) == (4, 1)
     assert large.layout(cores=4) == (1, 4)
 
 
 def test_runners_or_threads_given_the_other_fills_the_cores() -> None:
-    assert ModelSection(runners=2).layout(cores=8) == (2, 4)
-    assert ModelSection(threads=2).layout(cores=8) == (4, 2)
-    assert ModelSection(runners=3, threads=3).layout(cores=2) == (3, 3)
-    assert ModelSection(threads=4).layout(cores=2) == (1, 4)
+    assert ModelSettings(runners=2).layout(cores=8) == (2, 4)
+    assert ModelSettings(threads=2).layout(cores=8) == (4, 2)
+    assert ModelSettings(runners=3, threads=3).layout(cores=2) == (3, 3)
+    assert ModelSettings(threads=4).layout(cores=2) == (1, 4)
 
 
 def test_the_standard_servers_follow_the_layout() -> None:

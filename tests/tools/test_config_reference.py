@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tools.config import (
     Config,
     GatewaySettings,
-    ModelSection,
+    ModelSettings,
     SchedulerSettings,
     config_from_dict,
     standard_servers,
@@ -52,7 +52,7 @@ names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_si
 def test_a_config_written_as_toml_reads_back_the_same(path: str, runners: int, kv: str, weights: dict[str, float],
                                                       keys: dict[str, str], batch: int, cache: bool,
                                                       servers: tuple) -> None:
-    config = Config(model=ModelSection(path=path, runners=runners, kv_dtype=kv),
+    config = Config(model=ModelSettings(path=path, runners=runners, kv_dtype=kv),
                     scheduler=SchedulerSettings(weights=weights, max_batch_size=batch, prefix_cache=cache),
                     gateway=GatewaySettings(api_keys=keys), servers=servers)
     for changed_only in (False, True):
