@@ -1,6 +1,6 @@
 """Build the Cython extensions; all metadata lives in pyproject.toml.
 
-Every ``*.pyx`` under the packages becomes an extension of the same dotted name.
+Every ``*.pyx`` under the packages becomes an extension of its dotted name under ``llmos``.
 ``MK_DEBUG=1`` builds with annotated HTML and line tracing for profiling.
 """
 
@@ -14,7 +14,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 ROOT = Path(__file__).parent
-PACKAGES = ("microkernel", "servers", "libllm", "tools")
+# Folder -> the package it installs as (pyproject.toml's package-dir).
+PACKAGES = {"microkernel": "llmos.microkernel", "servers": "llmos.servers", "libllm": "llmos.libllm", "tools": "llmos"}
 DEBUG = os.environ.get("MK_DEBUG") == "1"
 
 
@@ -23,7 +24,7 @@ def find_extensions() -> list[Extension]:
     for package in PACKAGES:
         for pyx in sorted((ROOT / package).rglob("*.pyx")):
             rel = pyx.relative_to(ROOT)
-            name = ".".join(rel.with_suffix("").parts)
+            name = ".".join(rel.with_suffix("").parts)  # as Cython finds its .pxd beside it
             extensions.append(
                 Extension(
                     name,
@@ -38,10 +39,22 @@ def find_extensions() -> list[Extension]:
     return extensions
 
 
+def installed_as(extension: Extension) -> Extension:
+    """The extension under its installed name (microkernel._ring -> llmos.microkernel._ring).
+    Cython compiles it under the folder's name, so that it finds the .pxd beside the .pyx; a
+    module's init function is named by its last part only, so it imports under either."""
+    package, _, rest = extension.name.partition(".")
+    extension.name = f"{PACKAGES[package]}.{rest}"
+    return extension
+
+
 setup(
-    ext_modules=cythonize(
-        find_extensions(),
-        compiler_directives={"language_level": "3", "linetrace": DEBUG},
-        annotate=DEBUG,
-    ),
+    ext_modules=[
+        installed_as(extension)
+        for extension in cythonize(
+            find_extensions(),
+            compiler_directives={"language_level": "3", "linetrace": DEBUG},
+            annotate=DEBUG,
+        )
+    ],
 )

@@ -18,37 +18,37 @@ from __future__ import annotations
 import importlib as _importlib
 import typing as _typing
 
-from microkernel.errors import Cancelled as Cancelled
-from microkernel.errors import Closed as Closed
-from microkernel.errors import InvalidRequest as InvalidRequest
-from microkernel.errors import KernelUnavailable as KernelUnavailable
-from microkernel.errors import LlmosError as LlmosError
-from microkernel.errors import Overloaded as Overloaded
-from microkernel.errors import PeerGone as PeerGone
-from microkernel.errors import ProtocolError as ProtocolError
-from microkernel.errors import QuotaExceeded as QuotaExceeded
-from microkernel.errors import RemoteError as RemoteError
-from microkernel.errors import Timeout as Timeout
-from microkernel.errors import Unsupported as Unsupported
-from microkernel.errors import WouldBlock as WouldBlock
+from llmos.microkernel.errors import Cancelled as Cancelled
+from llmos.microkernel.errors import Closed as Closed
+from llmos.microkernel.errors import InvalidRequest as InvalidRequest
+from llmos.microkernel.errors import KernelUnavailable as KernelUnavailable
+from llmos.microkernel.errors import LlmosError as LlmosError
+from llmos.microkernel.errors import Overloaded as Overloaded
+from llmos.microkernel.errors import PeerGone as PeerGone
+from llmos.microkernel.errors import ProtocolError as ProtocolError
+from llmos.microkernel.errors import QuotaExceeded as QuotaExceeded
+from llmos.microkernel.errors import RemoteError as RemoteError
+from llmos.microkernel.errors import Timeout as Timeout
+from llmos.microkernel.errors import Unsupported as Unsupported
+from llmos.microkernel.errors import WouldBlock as WouldBlock
 
 if _typing.TYPE_CHECKING:
-    from libllm.client import ServerGone as ServerGone
-    from libllm.client import Session as Session
-    from libllm.client import connect as connect
-    from libllm.client import instances as instances
-    from libllm.request import Completion as Completion
-    from libllm.request import DeadlineExceeded as DeadlineExceeded
-    from libllm.request import Request as Request
-    from libllm.request import Timings as Timings
-    from libllm.request import Usage as Usage
-    from libllm.tensors import SharedTensor as SharedTensor
+    from llmos.libllm.client import ServerGone as ServerGone
+    from llmos.libllm.client import Session as Session
+    from llmos.libllm.client import connect as connect
+    from llmos.libllm.client import instances as instances
+    from llmos.libllm.request import Completion as Completion
+    from llmos.libllm.request import DeadlineExceeded as DeadlineExceeded
+    from llmos.libllm.request import Request as Request
+    from llmos.libllm.request import Timings as Timings
+    from llmos.libllm.request import Usage as Usage
+    from llmos.libllm.tensors import SharedTensor as SharedTensor
 
 _LAZY = {
-    "ServerGone": "libllm.client", "Session": "libllm.client", "connect": "libllm.client",
-    "instances": "libllm.client", "Completion": "libllm.request", "DeadlineExceeded": "libllm.request",
-    "Request": "libllm.request", "Timings": "libllm.request", "Usage": "libllm.request",
-    "SharedTensor": "libllm.tensors",
+    "ServerGone": "llmos.libllm.client", "Session": "llmos.libllm.client", "connect": "llmos.libllm.client",
+    "instances": "llmos.libllm.client", "Completion": "llmos.libllm.request", "DeadlineExceeded": "llmos.libllm.request",
+    "Request": "llmos.libllm.request", "Timings": "llmos.libllm.request", "Usage": "llmos.libllm.request",
+    "SharedTensor": "llmos.libllm.tensors",
 }
 
 

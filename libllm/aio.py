@@ -25,15 +25,15 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from libllm import protocol as P
-from libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session, _Wired
-from libllm.client import connect as _connect
-from libllm.memory import INLINE_PROMPT_TOKENS
-from libllm.options import Options
-from libllm.request import Completion, DeadlineExceeded, Pending, Request
-from microkernel.endpoint import Message, raise_for_status
-from microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock
-from microkernel.messages import MsgType
+from llmos.libllm import protocol as P
+from llmos.libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session, _Wired
+from llmos.libllm.client import connect as _connect
+from llmos.libllm.memory import INLINE_PROMPT_TOKENS
+from llmos.libllm.options import Options
+from llmos.libllm.request import Completion, DeadlineExceeded, Pending, Request
+from llmos.microkernel.endpoint import Message, raise_for_status
+from llmos.microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock
+from llmos.microkernel.messages import MsgType
 
 _WAIT_SLICE_S = 1.0  # a waiter looks at its deadline and the kernel at least this often
 _LOCK_RETRY_S = 0.002  # the lock is held by a worker thread (a sync call): look again this soon

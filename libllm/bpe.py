@@ -13,7 +13,7 @@ from __future__ import annotations
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
-from libllm.gguf_vocab import (
+from llmos.libllm.gguf_vocab import (
     ATTR_BYTE,
     ATTR_CONTROL,
     ATTR_NORMAL,
@@ -22,7 +22,7 @@ from libllm.gguf_vocab import (
     GgufVocab,
     decode_texts,
 )
-from libllm.tokenizer import Tokenizer
+from llmos.libllm.tokenizer import Tokenizer
 
 __all__ = ["BpeTokenizer", "byte_to_unicode"]
 

@@ -22,8 +22,8 @@ import jinja2.parser
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from libllm.tokenizer import Tokenizer
-from microkernel.errors import InvalidRequest, LlmosError
+from llmos.libllm.tokenizer import Tokenizer
+from llmos.microkernel.errors import InvalidRequest, LlmosError
 
 __all__ = ["ChatTemplateError", "prompt_ids", "render"]
 

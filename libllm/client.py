@@ -26,27 +26,27 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from libllm import chat
-from libllm import protocol as P
-from libllm.memory import SessionMemory
-from libllm.options import Options, check_options, submit_of, text
-from libllm.request import Completion as Completion
-from libllm.request import DeadlineExceeded as DeadlineExceeded
-from libllm.request import Pending, Request
-from libllm.request import Timings as Timings
-from libllm.request import Usage as Usage
-from libllm.tensors import SharedTensor
-from libllm.tokenizer import Tokenizer, load_tokenizer
-from microkernel import instance as I
-from microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
-from microkernel.errors import (
+from llmos.libllm import chat
+from llmos.libllm import protocol as P
+from llmos.libllm.memory import SessionMemory
+from llmos.libllm.options import Options, check_options, submit_of, text
+from llmos.libllm.request import Completion as Completion
+from llmos.libllm.request import DeadlineExceeded as DeadlineExceeded
+from llmos.libllm.request import Pending, Request
+from llmos.libllm.request import Timings as Timings
+from llmos.libllm.request import Usage as Usage
+from llmos.libllm.tensors import SharedTensor
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.microkernel import instance as I
+from llmos.microkernel.endpoint import Channel, Endpoint, Message, raise_for_status
+from llmos.microkernel.errors import (
     InvalidRequest,
     LlmosError,
     PeerGone,
     Timeout,
     WouldBlock,
 )
-from microkernel.messages import MsgFlag, MsgType
+from llmos.microkernel.messages import MsgFlag, MsgType
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 PUMP_SLICE_S = 0.05  # a thread waiting for window space holds the session lock this long at most

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libllm.chat_builtin import BUILTIN_TEMPLATES
-from libllm.gguf_meta import read_metadata
-from libllm.pretokenizers import PreTokenizer, pre_tokenizer
+from llmos.libllm.chat_builtin import BUILTIN_TEMPLATES
+from llmos.libllm.gguf_meta import read_metadata
+from llmos.libllm.pretokenizers import PreTokenizer, pre_tokenizer
 
 __all__ = [
     "ATTR_BYTE",
@@ -105,7 +105,7 @@ class GgufVocab:
 
     def tokenizer_arguments(self, texts: list[str]) -> dict[str, Any]:
         """The Tokenizer settings every GGUF vocabulary kind takes from the file alike."""
-        from libllm.special import SpecialTokens  # special.py reads this module's ATTR_* bits
+        from llmos.libllm.special import SpecialTokens  # special.py reads this module's ATTR_* bits
 
         return {
             "bos_id": self.bos_id, "eos_id": self.eos_id, "stop_ids": self.stop_ids,

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from libllm.tokenizer import Tokenizer
+from llmos.libllm.tokenizer import Tokenizer
 
 __all__ = ["Llama2cTokenizer"]
 

@@ -19,12 +19,12 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from libllm import protocol as P
-from libllm.tensors import SharedTensor, as_handle, tensor_layout
-from microkernel import layout as L
-from microkernel.endpoint import Channel, Endpoint, Message
-from microkernel.errors import InvalidRequest, LlmosError, Overloaded, PeerGone, QuotaExceeded
-from microkernel.messages import MsgType
+from llmos.libllm import protocol as P
+from llmos.libllm.tensors import SharedTensor, as_handle, tensor_layout
+from llmos.microkernel import layout as L
+from llmos.microkernel.endpoint import Channel, Endpoint, Message
+from llmos.microkernel.errors import InvalidRequest, LlmosError, Overloaded, PeerGone, QuotaExceeded
+from llmos.microkernel.messages import MsgType
 
 DEFAULT_TIMEOUT_S = 30.0
 # A prompt of more tokens than this travels as int32 ids in a segment, its handle in the

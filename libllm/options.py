@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from libllm import protocol as P
-from libllm.sampling import SamplingParams
-from microkernel.errors import InvalidRequest
+from llmos.libllm import protocol as P
+from llmos.libllm.sampling import SamplingParams
+from llmos.microkernel.errors import InvalidRequest
 
 INT32_MAX = 2**31 - 1
 MAX_TENANT_CHARS = 256

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from libllm import protocol as P
-from libllm.tokenizer import IncrementalDecoder
-from microkernel.errors import Timeout
+from llmos.libllm import protocol as P
+from llmos.libllm.tokenizer import IncrementalDecoder
+from llmos.microkernel.errors import Timeout
 
 if TYPE_CHECKING:
-    from libllm.client import Session
+    from llmos.libllm.client import Session
 
 
 class DeadlineExceeded(Timeout):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from libllm.gguf_vocab import (
+from llmos.libllm.gguf_vocab import (
     ATTR_CONTROL,
     ATTR_LSTRIP,
     ATTR_RSTRIP,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import re
 
-from libllm.gguf_vocab import (
+from llmos.libllm.gguf_vocab import (
     ATTR_BYTE,
     ATTR_CONTROL,
     ATTR_NORMAL,
@@ -21,7 +21,7 @@ from libllm.gguf_vocab import (
     ATTR_USER_DEFINED,
     GgufVocab,
 )
-from libllm.tokenizer import Tokenizer
+from llmos.libllm.tokenizer import Tokenizer
 
 __all__ = ["SpmTokenizer"]
 

@@ -45,8 +45,8 @@ from typing import Any, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 
-from libllm import protocol as P
-from microkernel.errors import Closed, InvalidRequest, LlmosError
+from llmos.libllm import protocol as P
+from llmos.microkernel.errors import Closed, InvalidRequest, LlmosError
 
 # Fixed-size numbers only: bool, signed and unsigned ints, floats, complex. Objects would be
 # pointers into one process's heap; strings and records are left out to keep it simple.

@@ -15,7 +15,7 @@ import codecs
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from libllm.special import SpecialTokens
+from llmos.libllm.special import SpecialTokens
 
 __all__ = ["IncrementalDecoder", "Tokenizer", "load_tokenizer"]
 
@@ -179,16 +179,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         magic = f.read(4)
     # Each kind imports its own dependencies: a llama2.c client never loads HF tokenizers.
     if magic != b"GGUF":
-        from libllm.llama2c import Llama2cTokenizer
+        from llmos.libllm.llama2c import Llama2cTokenizer
 
         return Llama2cTokenizer.from_file(path)
-    from libllm.gguf_vocab import load_vocab
+    from llmos.libllm.gguf_vocab import load_vocab
 
     vocab = load_vocab(path)
     if vocab.kind == "gpt2":
-        from libllm.bpe import BpeTokenizer
+        from llmos.libllm.bpe import BpeTokenizer
 
         return BpeTokenizer(vocab)
-    from libllm.spm import SpmTokenizer
+    from llmos.libllm.spm import SpmTokenizer
 
     return SpmTokenizer(vocab)

@@ -8,27 +8,27 @@ process and the endpoint layer build on these.
 
 from __future__ import annotations
 
-from microkernel._ring import Doorbell as Doorbell
-from microkernel._ring import Ring as Ring
-from microkernel.arena import Arena as Arena
-from microkernel.arena import Region as Region
-from microkernel.errors import ArenaError as ArenaError
-from microkernel.errors import Cancelled as Cancelled
-from microkernel.errors import Closed as Closed
-from microkernel.errors import ErrorCode as ErrorCode
-from microkernel.errors import InvalidRequest as InvalidRequest
-from microkernel.errors import KernelUnavailable as KernelUnavailable
-from microkernel.errors import LlmosError as LlmosError
-from microkernel.errors import Overloaded as Overloaded
-from microkernel.errors import PeerGone as PeerGone
-from microkernel.errors import ProtocolError as ProtocolError
-from microkernel.errors import QuotaExceeded as QuotaExceeded
-from microkernel.errors import RemoteError as RemoteError
-from microkernel.errors import Timeout as Timeout
-from microkernel.errors import Unsupported as Unsupported
-from microkernel.errors import WouldBlock as WouldBlock
-from microkernel.stats import DoorbellStats as DoorbellStats
-from microkernel.stats import RingStats as RingStats
+from llmos.microkernel._ring import Doorbell as Doorbell
+from llmos.microkernel._ring import Ring as Ring
+from llmos.microkernel.arena import Arena as Arena
+from llmos.microkernel.arena import Region as Region
+from llmos.microkernel.errors import ArenaError as ArenaError
+from llmos.microkernel.errors import Cancelled as Cancelled
+from llmos.microkernel.errors import Closed as Closed
+from llmos.microkernel.errors import ErrorCode as ErrorCode
+from llmos.microkernel.errors import InvalidRequest as InvalidRequest
+from llmos.microkernel.errors import KernelUnavailable as KernelUnavailable
+from llmos.microkernel.errors import LlmosError as LlmosError
+from llmos.microkernel.errors import Overloaded as Overloaded
+from llmos.microkernel.errors import PeerGone as PeerGone
+from llmos.microkernel.errors import ProtocolError as ProtocolError
+from llmos.microkernel.errors import QuotaExceeded as QuotaExceeded
+from llmos.microkernel.errors import RemoteError as RemoteError
+from llmos.microkernel.errors import Timeout as Timeout
+from llmos.microkernel.errors import Unsupported as Unsupported
+from llmos.microkernel.errors import WouldBlock as WouldBlock
+from llmos.microkernel.stats import DoorbellStats as DoorbellStats
+from llmos.microkernel.stats import RingStats as RingStats
 
 __all__ = [
     "Arena",

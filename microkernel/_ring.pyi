@@ -2,7 +2,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any, TypeAlias
 
-from microkernel.stats import DoorbellStats, RingStats
+from llmos.microkernel.stats import DoorbellStats, RingStats
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 

@@ -27,9 +27,9 @@ from libc.string cimport memcpy, memset
 
 import os
 
-from microkernel import layout as L
-from microkernel.errors import Closed, PeerGone, ProtocolError, Timeout, WouldBlock
-from microkernel.stats import DoorbellStats, RingStats
+from llmos.microkernel import layout as L
+from llmos.microkernel.errors import Closed, PeerGone, ProtocolError, Timeout, WouldBlock
+from llmos.microkernel.stats import DoorbellStats, RingStats
 
 # status codes of the nogil paths
 DEF ST_OK = 0

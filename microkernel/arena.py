@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import posix_ipc
 
-from microkernel import layout as L
-from microkernel._ring import atomic_add_u64
-from microkernel.errors import ArenaError
+from llmos.microkernel import layout as L
+from llmos.microkernel._ring import atomic_add_u64
+from llmos.microkernel.errors import ArenaError
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module does not name it before 3.13
 SHM_DIR = "/dev/shm"

@@ -18,11 +18,11 @@ from typing import Any
 
 import msgspec
 
-from microkernel import control as C
-from microkernel import instance as I
-from microkernel._ring import Doorbell, Ring, now_ns
-from microkernel.arena import Arena
-from microkernel.errors import (
+from llmos.microkernel import control as C
+from llmos.microkernel import instance as I
+from llmos.microkernel._ring import Doorbell, Ring, now_ns
+from llmos.microkernel.arena import Arena
+from llmos.microkernel.errors import (
     ErrorCode,
     KernelUnavailable,
     LlmosError,
@@ -32,8 +32,8 @@ from microkernel.errors import (
     WouldBlock,
     error_from_status,
 )
-from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
-from microkernel.server_key import server_key
+from llmos.microkernel.messages import Header, MsgFlag, MsgType, decode, encode
+from llmos.microkernel.server_key import server_key
 
 MAX_PACKET = 1 << 20
 ReplyCallback = Callable[[Header, bytes], None]

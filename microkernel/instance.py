@@ -11,7 +11,7 @@ import re
 import stat
 from pathlib import Path
 
-from microkernel.errors import KernelUnavailable
+from llmos.microkernel.errors import KernelUnavailable
 
 DEFAULT_INSTANCE = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

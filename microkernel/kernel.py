@@ -1,7 +1,7 @@
 """The kernel process: owns the instance's arena, its rings and doorbells, the name
 registry and every connection's lifetime. Mechanism only: it never schedules, allocates
 KV or runs a model, and it is off the per-token data path (clients and servers talk on
-the rings it hands out). Run as `python -m microkernel.kernel --instance NAME`.
+the rings it hands out). Run as `python -m llmos.microkernel.kernel --instance NAME`.
 
 Control plane: a SOCK_SEQPACKET UNIX socket in the run dir; each packet is one message
 (48-byte header + msgpack payload). A connection's socket is its liveness: when it
@@ -28,16 +28,16 @@ from typing import Any
 
 import msgspec
 
-from microkernel import control as C
-from microkernel import instance as I
-from microkernel import layout as L
-from microkernel._ring import Doorbell, Ring
-from microkernel.arena import Arena
-from microkernel.errors import ArenaError, ErrorCode, PeerGone, ProtocolError
-from microkernel.lifeline import exit_with_supervisor
-from microkernel.messages import Header, MsgFlag, MsgType, decode, encode
-from microkernel.ring_space import RingSpace
-from microkernel.server_key import is_reserved, server_key
+from llmos.microkernel import control as C
+from llmos.microkernel import instance as I
+from llmos.microkernel import layout as L
+from llmos.microkernel._ring import Doorbell, Ring
+from llmos.microkernel.arena import Arena
+from llmos.microkernel.errors import ArenaError, ErrorCode, PeerGone, ProtocolError
+from llmos.microkernel.lifeline import exit_with_supervisor
+from llmos.microkernel.messages import Header, MsgFlag, MsgType, decode, encode
+from llmos.microkernel.ring_space import RingSpace
+from llmos.microkernel.server_key import is_reserved, server_key
 
 log = logging.getLogger("llmos.kernel")
 
@@ -565,7 +565,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m microkernel.kernel", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llmos.microkernel.kernel", description=__doc__)
     parser.add_argument("--instance", default=None)
     parser.add_argument("--rings", default="32M", help="bytes for rings and doorbells (e.g. 32M)")
     parser.add_argument("--tables", default="0", help="bytes for the memory server's tables")

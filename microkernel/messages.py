@@ -12,7 +12,7 @@ import struct
 from enum import IntEnum, IntFlag
 from typing import Final, NamedTuple
 
-from microkernel.errors import ProtocolError
+from llmos.microkernel.errors import ProtocolError
 
 # type u16, flags u16, txid u32, src u32, status i32, length u32, seq u32,
 # send_ns u64, arena_off u64, arena_len u64

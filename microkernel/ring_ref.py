@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from microkernel import layout as L
-from microkernel.errors import Closed, PeerGone, ProtocolError, Timeout
-from microkernel.stats import DoorbellStats, RingStats
+from llmos.microkernel import layout as L
+from llmos.microkernel.errors import Closed, PeerGone, ProtocolError, Timeout
+from llmos.microkernel.stats import DoorbellStats, RingStats
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

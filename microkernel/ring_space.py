@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from microkernel.errors import ArenaError
+from llmos.microkernel.errors import ArenaError
 
 
 class RingSpace:

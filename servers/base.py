@@ -16,11 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from microkernel import control as C
-from microkernel.endpoint import Channel, Endpoint, Message
-from microkernel.errors import ErrorCode, PeerGone, ProtocolError, RemoteError
-from microkernel.lifeline import exit_with_supervisor
-from microkernel.messages import HEADER_SIZE, Header, MsgFlag, MsgType, is_known_type
+from llmos.microkernel import control as C
+from llmos.microkernel.endpoint import Channel, Endpoint, Message
+from llmos.microkernel.errors import ErrorCode, PeerGone, ProtocolError, RemoteError
+from llmos.microkernel.lifeline import exit_with_supervisor
+from llmos.microkernel.messages import HEADER_SIZE, Header, MsgFlag, MsgType, is_known_type
 
 log = logging.getLogger("llmos.server")
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from microkernel import Arena, Ring
-from microkernel.ring_ref import RefRing
+from llmos.microkernel import Arena, Ring
+from llmos.microkernel.ring_ref import RefRing
 
 # Tests never assert time: no hypothesis deadlines, and slow machines are not a failure.
 settings.register_profile(

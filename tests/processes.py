@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmos.supervisor import LineReader
 from tests.conftest import unique_instance
-from tools.supervisor import LineReader
 
 WAIT = 60.0
 
@@ -65,11 +65,11 @@ class Instance:
 
     def start_kernel(self, *extra: str) -> None:
         self.runtime.mkdir(mode=0o700, exist_ok=True)
-        self.procs["kernel"] = start(["-m", "microkernel.kernel", "--instance", self.name, "--rings", "16M", *extra],
+        self.procs["kernel"] = start(["-m", "llmos.microkernel.kernel", "--instance", self.name, "--rings", "16M", *extra],
                                      "llmos kernel ready", self.log("kernel"), self.env)
 
     def start_echo(self, name: str = "echo") -> subprocess.Popen[str]:
-        proc = start(["-m", "servers.echo", "--instance", self.name, "--name", name],
+        proc = start(["-m", "llmos.servers.echo", "--instance", self.name, "--name", name],
                      f"llmos {name} ready", self.log(name), self.env)
         self.procs[name] = proc
         return proc

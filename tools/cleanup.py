@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from microkernel import instance as I
+from llmos.microkernel import instance as I
 
 STATE_FILE = "state.json"
 

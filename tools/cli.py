@@ -16,11 +16,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 # `llmos bench NAME` runs tools/bench/NAME.py's main(argv) -> int.
 BENCHMARKS = {
-    "ipc": "tools.bench.ipc",
-    "model": "tools.bench.model",
-    "memory": "tools.bench.memory",
-    "e2e": "tools.bench.e2e",
-    "serve": "tools.bench.serve",
+    "ipc": "llmos.bench.ipc",
+    "model": "llmos.bench.model",
+    "memory": "llmos.bench.memory",
+    "e2e": "llmos.bench.e2e",
+    "serve": "llmos.bench.serve",
 }
 
 
@@ -35,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for LLM serving.")
     parser.add_argument("--version", action="version", version=f"llmos {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from tools import serve
+    from llmos import serve
 
     serve.add_arguments(commands.add_parser(
         "serve", help="serve a model over HTTP (OpenAI's API): one command, flags over the config",
         description="Start an instance serving MODEL over HTTP; prints its URL. Flags override --config."))
-    from tools import tune
+    from llmos import tune
 
     tune.add_arguments(commands.add_parser(
         "tune", help="measure which layout, KV dtype, batch size and decode steps serve a model fastest here",
@@ -115,14 +115,14 @@ def run(argv: list[str] | None = None) -> int:
         module = importlib.import_module(BENCHMARKS[ns.name])
         return int(module.main(ns.args))
     if ns.command == "serve":
-        from tools import serve
+        from llmos import serve
 
         return serve.main(ns)
     if ns.command == "tune":
-        from tools import tune
+        from llmos import tune
 
         return tune.main(ns)
-    from tools import lifecycle
+    from llmos import lifecycle
 
     if ns.command == "up":
         return lifecycle.up(ns.instance, ns.config, ns.detach)
@@ -133,7 +133,7 @@ def run(argv: list[str] | None = None) -> int:
     if ns.command == "generate":
         return lifecycle.generate(ns)
     if ns.command == "top":
-        from tools import top
+        from llmos import top
 
         return top.main(ns.instance, ns.interval)
     return lifecycle.status(ns.instance, ns.json)

@@ -17,12 +17,12 @@ else:  # pragma: no cover - Python 3.10
 
 import msgspec
 
-from microkernel.kernel import parse_size
-from servers.gateway.settings import GatewaySettings
-from servers.memory.settings import MemorySettings
-from servers.runner.settings import LARGE_MODEL_BYTES, ModelSettings
-from servers.scheduler.settings import SchedulerSettings
-from servers.settings import ConfigError
+from llmos.microkernel.kernel import parse_size
+from llmos.servers.gateway.settings import GatewaySettings
+from llmos.servers.memory.settings import MemorySettings
+from llmos.servers.runner.settings import LARGE_MODEL_BYTES, ModelSettings
+from llmos.servers.scheduler.settings import SchedulerSettings
+from llmos.servers.settings import ConfigError
 
 __all__ = [
     "LARGE_MODEL_BYTES",
@@ -43,28 +43,30 @@ class ServerSpec:
     """One server process: `python -m module --instance NAME args...`, registered as `name`."""
 
     name: str  # what it registers as: memory, scheduler, gateway, runner.N, or a name of yours
-    module: str  # the Python module it runs (`python -m MODULE`), e.g. servers.runner
+    module: str  # the Python module it runs (`python -m MODULE`), e.g. llmos.servers.runner
     args: tuple[str, ...] = ()  # more command-line arguments for it
 
     def __post_init__(self) -> None:
         if not self.name or not self.module:
             raise ConfigError("every [[servers]] entry needs a name and a module")
+        if self.module.split(".")[0] in ("servers", "microkernel", "tools"):  # before everything moved under llmos
+            raise ConfigError(f"[[servers]] {self.name!r}: module {self.module!r} is now {'llmos.' + self.module!r}")
 
 
 def servers_toml(num_runners: int, *, scheduler: bool = True, gateway: bool = False) -> str:
     """The `[[servers]]` tables of an instance: the memory server, `num_runners` runners,
     then the scheduler and the gateway if asked (for tests, benchmarks and examples)."""
-    specs = [("memory", "servers.memory"), *((f"runner.{i}", "servers.runner") for i in range(num_runners))]
-    specs += [("scheduler", "servers.scheduler")] if scheduler else []
-    specs += [("gateway", "servers.gateway")] if gateway else []
+    specs = [("memory", "llmos.servers.memory"), *((f"runner.{i}", "llmos.servers.runner") for i in range(num_runners))]
+    specs += [("scheduler", "llmos.servers.scheduler")] if scheduler else []
+    specs += [("gateway", "llmos.servers.gateway")] if gateway else []
     return "".join(f'[[servers]]\nname = "{name}"\nmodule = "{module}"\n' for name, module in specs)
 
 
 def standard_servers(num_runners: int) -> tuple[ServerSpec, ...]:
     """The whole system: the memory server, the runners, the scheduler, the gateway."""
-    runners = [ServerSpec(f"runner.{i}", "servers.runner") for i in range(num_runners)]
-    return (ServerSpec("memory", "servers.memory"), *runners, ServerSpec("scheduler", "servers.scheduler"),
-            ServerSpec("gateway", "servers.gateway"))
+    runners = [ServerSpec(f"runner.{i}", "llmos.servers.runner") for i in range(num_runners)]
+    return (ServerSpec("memory", "llmos.servers.memory"), *runners, ServerSpec("scheduler", "llmos.servers.scheduler"),
+            ServerSpec("gateway", "llmos.servers.gateway"))
 
 
 AUTO_PAGE_BLOCKS = 512  # KV blocks `pages = "auto"` makes room for
@@ -82,7 +84,7 @@ def resolved_weights_bytes(memory: MemorySettings, model_path: Path) -> int:
     """Bytes of the instance's weights segment (see weights_bytes)."""
     if memory.weights_bytes >= 0:
         return memory.weights_bytes
-    from servers.runner.loaders import dequantised_nbytes
+    from llmos.servers.runner.loaders import dequantised_nbytes
 
     return dequantised_nbytes(model_path)
 
@@ -91,7 +93,7 @@ def resolved_block_bytes(memory: MemorySettings, model_path: Path, kv_bytes: int
     """A block holds K and V of every layer for `block_tokens` tokens, of kv_bytes each."""
     if memory.block_bytes:
         return memory.block_bytes
-    from servers.runner.loaders import read_config
+    from llmos.servers.runner.loaders import read_config
 
     model = read_config(model_path)
     kv_dim = model.n_kv_heads * model.head_size
@@ -147,7 +149,7 @@ class Config:
         """Threads per runner step: [model] threads, else the cores shared by the runners."""
         if self.model.threads or not self.servers:
             return self.model.layout()[1]
-        runners = sum(s.module == "servers.runner" for s in self.servers)
+        runners = sum(s.module == "llmos.servers.runner" for s in self.servers)
         return max(1, (os.cpu_count() or 1) // max(1, runners))
 
 

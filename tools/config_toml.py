@@ -11,7 +11,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from tools.config import Config
+from llmos.config import Config
 
 
 def string_toml(text: str) -> str:

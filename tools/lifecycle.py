@@ -14,11 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from microkernel import instance as I
-from microkernel.endpoint import Endpoint
-from microkernel.errors import LlmosError
-from tools import supervisor
-from tools.cleanup import (
+from llmos import supervisor
+from llmos.cleanup import (
     clean_instance,
     failure_path,
     is_same_process,
@@ -26,8 +23,11 @@ from tools.cleanup import (
     read_state,
     supervisor_alive,
 )
-from tools.config import Config, ConfigError, load_config
-from tools.start_progress import StartProgress, parse_forwarded
+from llmos.config import Config, ConfigError, load_config
+from llmos.microkernel import instance as I
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import LlmosError
+from llmos.start_progress import StartProgress, parse_forwarded
 
 DOWN_TIMEOUT_S = 60.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -55,7 +55,7 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
         return 2
     if not detach:
         return supervisor.run(config, name, foreground=True)
-    argv = [*supervisor.PYTHON, "-m", "tools.supervisor", "--instance", name, *config_argv]
+    argv = [*supervisor.PYTHON, "-m", "llmos.supervisor", "--instance", name, *config_argv]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
     # with the others' logs; until then its stderr comes to us, to show if it fails.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -79,10 +79,10 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
 
 def check_before_start(config: Config) -> None:
     """The model can be served and the gateway's port is free (raises with the cause)."""
-    from servers.runner.loaders import check_model
+    from llmos.servers.runner.loaders import check_model
 
     check_model(config.model.model_path())
-    if any(s.module == "servers.gateway" for s in config.server_specs()) and config.gateway.port:
+    if any(s.module == "llmos.servers.gateway" for s in config.server_specs()) and config.gateway.port:
         host, port = config.gateway.host, config.gateway.port
         try:
             with socket.create_server((host, port)):
@@ -129,7 +129,7 @@ def _stop(name: str) -> int:
 
 def generate(ns: Any) -> int:
     """`llmos generate`: the prompt and its continuation on stdout."""
-    import libllm
+    from llmos import libllm
 
     try:
         with libllm.connect(ns.instance) as session:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 
-from servers.scheduler.settings import POLICIES
-from tools.config import Config, ConfigError, config_from_dict, load_config
+from llmos.config import Config, ConfigError, config_from_dict, load_config
+from llmos.servers.scheduler.settings import POLICIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def config_for(ns: argparse.Namespace) -> Config:
     if ns.max_batch_size is not None:
         scheduler = replace(scheduler, max_batch_size=ns.max_batch_size)
     servers = config.servers
-    if servers and not any(s.module == "servers.gateway" for s in servers):
+    if servers and not any(s.module == "llmos.servers.gateway" for s in servers):
         raise ConfigError("the config's [[servers]] have no gateway to serve HTTP with; drop them or add one")
     if servers and ns.runners is not None:
         raise ConfigError("--runners and the config's [[servers]] disagree: drop one of them")
@@ -68,7 +68,7 @@ def config_for(ns: argparse.Namespace) -> Config:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from tools import lifecycle
+    from llmos import lifecycle
 
     try:
         config = config_for(ns)

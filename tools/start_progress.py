@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from servers.start_progress import PREFIX, parse_progress
+from llmos.servers.start_progress import PREFIX, parse_progress
 
 
 def forwarded_line(name: str, stage: str, done: int, total: int) -> str:

@@ -1,7 +1,7 @@
 """The supervisor: starts the kernel, then the servers the config names; watches them;
 restarts what dies (with backoff and a restart-intensity limit, as an OTP supervisor
 does); kills what hangs; stops everything in order. Owns process lifetimes, nothing in
-the arena. Run by `llmos up` (in the foreground, or detached as `python -m tools.supervisor`).
+the arena. Run by `llmos up` (in the foreground, or detached as `python -m llmos.supervisor`).
 """
 
 from __future__ import annotations
@@ -24,19 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from microkernel import instance as I
-from microkernel import layout as L
-from microkernel.arena import free_shm_bytes
-from microkernel.endpoint import Endpoint
-from microkernel.errors import LlmosError, Timeout
-from microkernel.kernel import parse_size
-from microkernel.lifeline import ENV as SUPERVISOR_ENV
-from microkernel.server_key import BUILTIN_NAMES
-from microkernel.server_key import ENV as SERVER_KEY_ENV
-from servers.memory.tables import tables_size
-from servers.settings import encode_settings
-from servers.start_progress import parse_progress
-from tools.cleanup import (
+from llmos.cleanup import (
     STATE_FILE,
     clean_instance,
     failure_path,
@@ -44,20 +32,31 @@ from tools.cleanup import (
     read_state,
     start_ticks,
 )
-from tools.config import (
+from llmos.config import (
     Config,
     ServerSpec,
     resolved_block_bytes,
     resolved_pages,
     resolved_weights_bytes,
 )
-from tools.start_progress import StartProgress, forwarded_line
+from llmos.microkernel import instance as I
+from llmos.microkernel import layout as L
+from llmos.microkernel.arena import free_shm_bytes
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import LlmosError, Timeout
+from llmos.microkernel.kernel import parse_size
+from llmos.microkernel.lifeline import ENV as SUPERVISOR_ENV
+from llmos.microkernel.server_key import BUILTIN_NAMES
+from llmos.microkernel.server_key import ENV as SERVER_KEY_ENV
+from llmos.servers.memory.tables import tables_size
+from llmos.servers.settings import encode_settings
+from llmos.servers.start_progress import parse_progress
+from llmos.start_progress import StartProgress, forwarded_line
 
 log = logging.getLogger("llmos.supervisor")
-# How llmos starts its own processes: -I keeps the current directory off sys.path, so an
-# installed llmos run from a checkout of its source imports itself, not the uncompiled tree
-# (and no PYTHON* variable of the user's changes what runs).
-PYTHON = [sys.executable, "-I"]
+# How llmos starts its own processes: this interpreter. (Everything lives under `llmos`, so a
+# checkout's folders in the current directory cannot shadow the installed package.)
+PYTHON = [sys.executable]
 TICK_S = 0.2
 MAX_BACKOFF_S = 8.0
 
@@ -143,7 +142,7 @@ class Supervisor:
         self._start_all()
 
     def has_memory_server(self) -> bool:
-        return any(s.module in ("servers.memory", "servers.runner") for s in self.config.server_specs())
+        return any(s.module in ("llmos.servers.memory", "llmos.servers.runner") for s in self.config.server_specs())
 
     def region_sizes(self) -> dict[str, int]:
         """The arena's regions: rings always; KV pages, their tables and segments when a
@@ -164,7 +163,7 @@ class Supervisor:
         regions = [f"--{name}={size}" for name, size in self.region_sizes().items()]
         # The names only our children may register: every configured server's and the built-in ones.
         reserved = sorted({*BUILTIN_NAMES, *(s.name for s in self.config.server_specs())})
-        argv = ["-m", "microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window),
+        argv = ["-m", "llmos.microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window),
                 f"--reserved={','.join(reserved)}", f"--max-client-channels={self.config.max_client_channels}"]
         return Child("kernel", argv, "llmos kernel ready", self.log_dir / "kernel.log")
 
@@ -177,19 +176,19 @@ class Supervisor:
         """What the built-in servers need: their config section (resolved for the model and
         the machine, encoded once: servers/settings.py) and the instance's layout."""
         model, memory = self.config.model, self.config.memory
-        if spec.module == "servers.memory":
+        if spec.module == "llmos.servers.memory":
             memory = replace(memory, block_bytes=resolved_block_bytes(memory, model.model_path(), model.kv_bytes),
                              weights_bytes=resolved_weights_bytes(memory, model.model_path()))
             return [f"--settings={encode_settings(memory)}"]
-        if spec.module == "servers.scheduler":
-            runners = [s.name for s in self.config.server_specs() if s.module == "servers.runner"]
+        if spec.module == "llmos.servers.scheduler":
+            runners = [s.name for s in self.config.server_specs() if s.module == "llmos.servers.runner"]
             scheduler = self.config.scheduler
             scheduler = replace(scheduler, pipeline_depth=scheduler.depth_for(model.is_large()))
             return [f"--runners={','.join(runners)}", f"--quota-blocks={memory.quota_blocks}",
                     f"--settings={encode_settings(scheduler)}"]
-        if spec.module == "servers.gateway":
+        if spec.module == "llmos.servers.gateway":
             return [f"--settings={encode_settings(self.config.gateway)}"]
-        if spec.module == "servers.runner":
+        if spec.module == "llmos.servers.runner":
             model = replace(model, threads=self.config.runner_threads())
             return [f"--block-tokens={memory.block_tokens}", f"--settings={encode_settings(model)}"]
         return []
@@ -529,9 +528,9 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.config import ConfigError, config_from_dict, load_config
+    from llmos.config import ConfigError, config_from_dict, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m tools.supervisor")
+    parser = argparse.ArgumentParser(prog="python -m llmos.supervisor")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--config-json", default=None, help="the whole config as JSON (llmos serve)")

@@ -24,13 +24,13 @@ from typing import Any
 import msgspec
 from rich.console import Console, RenderableType
 
-from libllm import protocol as P
-from microkernel import instance as I
-from microkernel.endpoint import Channel, Endpoint
-from microkernel.errors import LlmosError
-from microkernel.messages import MsgType
-from tools.lifecycle import status_report
-from tools.top_view import Sample, View, build_view, render_rich, render_text
+from llmos.libllm import protocol as P
+from llmos.lifecycle import status_report
+from llmos.microkernel import instance as I
+from llmos.microkernel.endpoint import Channel, Endpoint
+from llmos.microkernel.errors import LlmosError
+from llmos.microkernel.messages import MsgType
+from llmos.top_view import Sample, View, build_view, render_rich, render_text
 
 CALL_TIMEOUT_S = 5.0
 

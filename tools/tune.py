@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tools.config import Config, ConfigError, load_config
-from tools.config_toml import config_toml
+from llmos.config import Config, ConfigError, load_config
+from llmos.config_toml import config_toml
 
 if TYPE_CHECKING:
-    from tools.bench.serve_workload import WorkItem
+    from llmos.bench.serve_workload import WorkItem
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,8 +128,8 @@ def search_space(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[st
 def measure(knobs: Knobs, base: Config, items: list[WorkItem], concurrency: int, runtime: str, name: str,
             progress: Callable[[int], None]) -> Measured:
     """The workload's figures on an instance of `base` with `knobs` (`progress(tokens made)`)."""
-    from tools.bench.serve_metrics import summary
-    from tools.bench.serve_system import RunOptions, run_system
+    from llmos.bench.serve_metrics import summary
+    from llmos.bench.serve_system import RunOptions, run_system
 
     done = run_system(knobs.label(), items, RunOptions(workers=concurrency), runtime, name, progress,
                       config=config_toml(knobs.apply(base)))
@@ -144,7 +144,7 @@ def tokens(items: list[WorkItem]) -> int:
 
 def context_of(config: Config, ns: argparse.Namespace) -> int:
     """Positions a sequence may hold; raises when the workload's requests do not fit."""
-    from servers.runner.loaders import read_config
+    from llmos.servers.runner.loaders import read_config
 
     context = min(x for x in (read_config(config.model.model_path()).seq_len, config.model.context) if x)
     if ns.prompt_len + ns.output_len > context:
@@ -154,9 +154,9 @@ def context_of(config: Config, ns: argparse.Namespace) -> int:
 
 
 def workload(ns: argparse.Namespace, config: Config, requests: int) -> list[WorkItem]:
-    from libllm.tokenizer import load_tokenizer
-    from servers.runner.loaders import tokenizer_path_for
-    from tools.bench.serve_workload import Dist, Spec, make_workload
+    from llmos.bench.serve_workload import Dist, Spec, make_workload
+    from llmos.libllm.tokenizer import load_tokenizer
+    from llmos.servers.runner.loaders import tokenizer_path_for
 
     spec = Spec(requests, 0, Dist("fixed", ns.prompt_len, ns.prompt_len),
                 Dist("fixed", ns.output_len, ns.output_len), None, 0.0, context=context_of(config, ns))
@@ -165,7 +165,7 @@ def workload(ns: argparse.Namespace, config: Config, requests: int) -> list[Work
 
 def tune(ns: argparse.Namespace, base: Config) -> tuple[Knobs, list[Measured]]:
     """The coordinate search (module docstring); returns the choice and every measurement."""
-    from tools.bench.serve import progress_bar
+    from llmos.bench.serve import progress_bar
 
     space_layouts, kv_dtypes, sizes, steps = search_space(ns)
     runners, threads = base.model.layout()
@@ -216,7 +216,7 @@ def table(measured: list[Measured], chosen: Knobs) -> str:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from tools.lifecycle import check_before_start
+    from llmos.lifecycle import check_before_start
 
     try:
         base = load_config(ns.config)

@@ -9,24 +9,24 @@ names the message type it travels with; a reply that carries an error is a
 
 from __future__ import annotations
 
-from libllm.protocol.codec import pack as pack
-from libllm.protocol.codec import unpack as unpack
-from libllm.protocol.memory import AllocBlocks as AllocBlocks
-from libllm.protocol.memory import AllocSegment as AllocSegment
-from libllm.protocol.memory import BlockIds as BlockIds
-from libllm.protocol.memory import MemoryStatsReply as MemoryStatsReply
-from libllm.protocol.memory import Segment as Segment
-from libllm.protocol.memory import SegmentInfo as SegmentInfo
-from libllm.protocol.memory import SegmentRef as SegmentRef
-from libllm.protocol.scheduler import MAX_LOGPROBS as MAX_LOGPROBS
-from libllm.protocol.scheduler import MAX_PRIORITY as MAX_PRIORITY
-from libllm.protocol.scheduler import PROMPT_ID_DTYPE as PROMPT_ID_DTYPE
-from libllm.protocol.scheduler import Cancel as Cancel
-from libllm.protocol.scheduler import Finished as Finished
-from libllm.protocol.scheduler import Logprob as Logprob
-from libllm.protocol.scheduler import ModelInfo as ModelInfo
-from libllm.protocol.scheduler import Submit as Submit
-from libllm.protocol.scheduler import Tokens as Tokens
+from llmos.libllm.protocol.codec import pack as pack
+from llmos.libllm.protocol.codec import unpack as unpack
+from llmos.libllm.protocol.memory import AllocBlocks as AllocBlocks
+from llmos.libllm.protocol.memory import AllocSegment as AllocSegment
+from llmos.libllm.protocol.memory import BlockIds as BlockIds
+from llmos.libllm.protocol.memory import MemoryStatsReply as MemoryStatsReply
+from llmos.libllm.protocol.memory import Segment as Segment
+from llmos.libllm.protocol.memory import SegmentInfo as SegmentInfo
+from llmos.libllm.protocol.memory import SegmentRef as SegmentRef
+from llmos.libllm.protocol.scheduler import MAX_LOGPROBS as MAX_LOGPROBS
+from llmos.libllm.protocol.scheduler import MAX_PRIORITY as MAX_PRIORITY
+from llmos.libllm.protocol.scheduler import PROMPT_ID_DTYPE as PROMPT_ID_DTYPE
+from llmos.libllm.protocol.scheduler import Cancel as Cancel
+from llmos.libllm.protocol.scheduler import Finished as Finished
+from llmos.libllm.protocol.scheduler import Logprob as Logprob
+from llmos.libllm.protocol.scheduler import ModelInfo as ModelInfo
+from llmos.libllm.protocol.scheduler import Submit as Submit
+from llmos.libllm.protocol.scheduler import Tokens as Tokens
 
 __all__ = [
     "MAX_LOGPROBS",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
-from libllm.protocol.scheduler import Logprob
+from llmos.libllm.protocol.scheduler import Logprob
 
 
 class StepChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

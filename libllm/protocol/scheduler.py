@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from libllm.protocol.memory import SegmentRef
+from llmos.libllm.protocol.memory import SegmentRef
 
 
 class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

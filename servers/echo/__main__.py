@@ -12,9 +12,9 @@ import sys
 
 import msgspec
 
-from microkernel.endpoint import Channel, Message
-from microkernel.messages import MsgType
-from servers.base import Server, configure_logging
+from llmos.microkernel.endpoint import Channel, Message
+from llmos.microkernel.messages import MsgType
+from llmos.servers.base import Server, configure_logging
 
 
 class EchoInfo(msgspec.Struct, frozen=True):
@@ -47,7 +47,7 @@ class EchoServer(Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servers.echo")
+    parser = argparse.ArgumentParser(prog="python -m llmos.servers.echo")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="echo")
     ns = parser.parse_args(argv)

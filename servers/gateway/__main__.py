@@ -1,4 +1,4 @@
-"""`python -m servers.gateway`: the HTTP gateway process (see servers/gateway/app.py).
+"""`python -m llmos.servers.gateway`: the HTTP gateway process (see servers/gateway/app.py).
 
 Connects to the scheduler as a libllm client registered as "gateway" (its channel's window
 is `max_in_flight`, so every request it admits can be at the scheduler at once), serves HTTP
@@ -17,16 +17,16 @@ import sys
 
 import uvicorn
 
-from libllm import aio
-from microkernel import instance as I
-from microkernel.errors import PeerGone
-from microkernel.lifeline import exit_with_supervisor
-from servers.base import configure_logging
-from servers.gateway.app import make_app
-from servers.gateway.guard import Guard
-from servers.gateway.metrics import Histogram
-from servers.gateway.settings import GatewaySettings
-from servers.settings import ConfigError, add_settings_argument, decode_settings
+from llmos.libllm import aio
+from llmos.microkernel import instance as I
+from llmos.microkernel.errors import PeerGone
+from llmos.microkernel.lifeline import exit_with_supervisor
+from llmos.servers.base import configure_logging
+from llmos.servers.gateway.app import make_app
+from llmos.servers.gateway.guard import Guard
+from llmos.servers.gateway.metrics import Histogram
+from llmos.servers.gateway.settings import GatewaySettings
+from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
 
 HEARTBEAT_S = 0.5
 LAG_PROBE_S = 0.1
@@ -78,7 +78,7 @@ async def serve(ns: argparse.Namespace, config: GatewaySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servers.gateway")
+    parser = argparse.ArgumentParser(prog="python -m llmos.servers.gateway")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="gateway")
     add_settings_argument(parser, GatewaySettings)

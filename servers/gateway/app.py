@@ -20,16 +20,16 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from libllm.aio import AsyncSession
-from libllm.chat import ChatTemplateError
-from libllm.request import Completion
-from microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
-from servers.gateway.errors import ApiError, install_handlers
-from servers.gateway.logprobs import chat_logprobs, completion_logprobs
-from servers.gateway.metrics import GatewayMetrics
-from servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
-from servers.gateway.settings import GatewaySettings
-from servers.gateway.streaming import Choice, finish_reason, sse_stream
+from llmos.libllm.aio import AsyncSession
+from llmos.libllm.chat import ChatTemplateError
+from llmos.libllm.request import Completion
+from llmos.microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
+from llmos.servers.gateway.errors import ApiError, install_handlers
+from llmos.servers.gateway.logprobs import chat_logprobs, completion_logprobs
+from llmos.servers.gateway.metrics import GatewayMetrics
+from llmos.servers.gateway.schemas import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from llmos.servers.gateway.settings import GatewaySettings
+from llmos.servers.gateway.streaming import Choice, finish_reason, sse_stream
 
 T = TypeVar("T")
 _LONG_TEXT = 2048  # characters: longer prompts are tokenised on a worker thread

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from servers.gateway.schemas import UnsupportedField
+from llmos.servers.gateway.schemas import UnsupportedField
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from servers.gateway.errors import ApiError
-from servers.gateway.settings import GatewaySettings
+from llmos.servers.gateway.errors import ApiError
+from llmos.servers.gateway.settings import GatewaySettings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from libllm.protocol import Logprob
-from libllm.tokenizer import Tokenizer
+from llmos.libllm.protocol import Logprob
+from llmos.libllm.tokenizer import Tokenizer
 
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[Logprob], *,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from libllm.protocol import MAX_LOGPROBS, MAX_PRIORITY
+from llmos.libllm.protocol import MAX_LOGPROBS, MAX_PRIORITY
 
 # Field -> the values that ask for nothing (what clients send when the feature is off).
 _INERT: dict[str, tuple[Any, ...]] = {

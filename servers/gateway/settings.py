@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from servers.settings import ConfigError
+from llmos.servers.settings import ConfigError
 
 
 @dataclass(slots=True, frozen=True)

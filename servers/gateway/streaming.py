@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libllm.aio import AsyncSession
-from libllm.request import Request
-from libllm.tokenizer import Tokenizer
-from microkernel.errors import LlmosError
-from servers.gateway.logprobs import chat_logprobs, completion_logprobs
-from servers.gateway.metrics import GatewayMetrics
+from llmos.libllm.aio import AsyncSession
+from llmos.libllm.request import Request
+from llmos.libllm.tokenizer import Tokenizer
+from llmos.microkernel.errors import LlmosError
+from llmos.servers.gateway.logprobs import chat_logprobs, completion_logprobs
+from llmos.servers.gateway.metrics import GatewayMetrics
 
 
 @dataclass(slots=True)

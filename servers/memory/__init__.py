@@ -10,24 +10,24 @@ messages. The one prefix cache is the scheduler's, inside its lease
 
 from __future__ import annotations
 
-from servers.memory.allocator import BlockAllocator as BlockAllocator
-from servers.memory.allocator import BlockStats as BlockStats
-from servers.memory.manager import MemoryConfig as MemoryConfig
-from servers.memory.manager import MemoryManager as MemoryManager
-from servers.memory.manager import MemoryStats as MemoryStats
-from servers.memory.manager import Reclaimed as Reclaimed
-from servers.memory.quotas import ClientQuota as ClientQuota
-from servers.memory.quotas import QuotaConfig as QuotaConfig
-from servers.memory.segments import SegmentAllocator as SegmentAllocator
-from servers.memory.segments import SegmentHandle as SegmentHandle
-from servers.memory.segments import SegmentInfo as SegmentInfo
-from servers.memory.segments import SegmentStats as SegmentStats
-from servers.memory.tables import BlockState as BlockState
-from servers.memory.tables import MemoryTables as MemoryTables
-from servers.memory.tables import SegmentState as SegmentState
-from servers.memory.tables import arena_bytes as arena_bytes
-from servers.memory.tables import memory_regions as memory_regions
-from servers.memory.tables import tables_size as tables_size
+from llmos.servers.memory.allocator import BlockAllocator as BlockAllocator
+from llmos.servers.memory.allocator import BlockStats as BlockStats
+from llmos.servers.memory.manager import MemoryConfig as MemoryConfig
+from llmos.servers.memory.manager import MemoryManager as MemoryManager
+from llmos.servers.memory.manager import MemoryStats as MemoryStats
+from llmos.servers.memory.manager import Reclaimed as Reclaimed
+from llmos.servers.memory.quotas import ClientQuota as ClientQuota
+from llmos.servers.memory.quotas import QuotaConfig as QuotaConfig
+from llmos.servers.memory.segments import SegmentAllocator as SegmentAllocator
+from llmos.servers.memory.segments import SegmentHandle as SegmentHandle
+from llmos.servers.memory.segments import SegmentInfo as SegmentInfo
+from llmos.servers.memory.segments import SegmentStats as SegmentStats
+from llmos.servers.memory.tables import BlockState as BlockState
+from llmos.servers.memory.tables import MemoryTables as MemoryTables
+from llmos.servers.memory.tables import SegmentState as SegmentState
+from llmos.servers.memory.tables import arena_bytes as arena_bytes
+from llmos.servers.memory.tables import memory_regions as memory_regions
+from llmos.servers.memory.tables import tables_size as tables_size
 
 __all__ = [
     "BlockAllocator",

@@ -1,20 +1,20 @@
-"""`python -m servers.memory`: the memory server process (see servers/memory/server.py)."""
+"""`python -m llmos.servers.memory`: the memory server process (see servers/memory/server.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from servers.base import configure_logging
-from servers.memory.manager import MemoryConfig
-from servers.memory.quotas import ClientQuota, QuotaConfig
-from servers.memory.server import MemoryServer
-from servers.memory.settings import MemorySettings
-from servers.settings import ConfigError, add_settings_argument, decode_settings
+from llmos.servers.base import configure_logging
+from llmos.servers.memory.manager import MemoryConfig
+from llmos.servers.memory.quotas import ClientQuota, QuotaConfig
+from llmos.servers.memory.server import MemoryServer
+from llmos.servers.memory.settings import MemorySettings
+from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servers.memory")
+    parser = argparse.ArgumentParser(prog="python -m llmos.servers.memory")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="memory")
     add_settings_argument(parser, MemorySettings)

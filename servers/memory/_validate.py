@@ -10,7 +10,7 @@ import operator
 from collections.abc import Iterable
 from typing import Final
 
-from microkernel.errors import InvalidRequest
+from llmos.microkernel.errors import InvalidRequest
 
 U32_MAX: Final = (1 << 32) - 1
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from microkernel.errors import InvalidRequest, Overloaded
-from servers.memory._validate import as_distinct_ids, as_endpoint_id, as_in_range
-from servers.memory.quotas import INSTANCE_ID, QuotaConfig
-from servers.memory.tables import BlockState, MemoryTables
+from llmos.microkernel.errors import InvalidRequest, Overloaded
+from llmos.servers.memory._validate import as_distinct_ids, as_endpoint_id, as_in_range
+from llmos.servers.memory.quotas import INSTANCE_ID, QuotaConfig
+from llmos.servers.memory.tables import BlockState, MemoryTables
 
 FREE, USED, LEASED = BlockState.FREE, BlockState.USED, BlockState.LEASED
 

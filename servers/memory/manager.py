@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from microkernel.arena import Arena
-from servers.memory._validate import as_endpoint_id
-from servers.memory.allocator import BlockAllocator, BlockStats
-from servers.memory.quotas import INSTANCE_ID, QuotaConfig
-from servers.memory.segments import SegmentAllocator, SegmentStats
-from servers.memory.tables import DEFAULT_SEGMENT_ALIGN, MemoryTables
+from llmos.microkernel.arena import Arena
+from llmos.servers.memory._validate import as_endpoint_id
+from llmos.servers.memory.allocator import BlockAllocator, BlockStats
+from llmos.servers.memory.quotas import INSTANCE_ID, QuotaConfig
+from llmos.servers.memory.segments import SegmentAllocator, SegmentStats
+from llmos.servers.memory.tables import DEFAULT_SEGMENT_ALIGN, MemoryTables
 
 
 @dataclass(slots=True, frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from microkernel.errors import QuotaExceeded
+from llmos.microkernel.errors import QuotaExceeded
 
 INSTANCE_ID = 0  # owner/client 0: the instance; never limited, never reclaimed
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microkernel import layout as L
-from microkernel.errors import ArenaError, InvalidRequest, Overloaded
-from servers.memory._validate import U32_MAX, as_endpoint_id, as_in_range
-from servers.memory.quotas import INSTANCE_ID, QuotaConfig
-from servers.memory.tables import MemoryTables, SegmentState
+from llmos.microkernel import layout as L
+from llmos.microkernel.errors import ArenaError, InvalidRequest, Overloaded
+from llmos.servers.memory._validate import U32_MAX, as_endpoint_id, as_in_range
+from llmos.servers.memory.quotas import INSTANCE_ID, QuotaConfig
+from llmos.servers.memory.tables import MemoryTables, SegmentState
 
 UNUSED, FREE, USED = SegmentState.UNUSED, SegmentState.FREE, SegmentState.USED
 

@@ -15,16 +15,16 @@ from typing import TypeVar
 import msgspec
 import numpy as np
 
-from libllm import protocol as P
-from microkernel import control as C
-from microkernel.endpoint import Channel, Message
-from microkernel.errors import ArenaError, InvalidRequest, LlmosError
-from microkernel.messages import MsgType
-from servers.base import Server
-from servers.memory.manager import MemoryConfig, MemoryManager, Reclaimed
-from servers.memory.quotas import INSTANCE_ID
-from servers.memory.segments import SegmentHandle
-from servers.memory.tables import BlockState, SegmentState
+from llmos.libllm import protocol as P
+from llmos.microkernel import control as C
+from llmos.microkernel.endpoint import Channel, Message
+from llmos.microkernel.errors import ArenaError, InvalidRequest, LlmosError
+from llmos.microkernel.messages import MsgType
+from llmos.servers.base import Server
+from llmos.servers.memory.manager import MemoryConfig, MemoryManager, Reclaimed
+from llmos.servers.memory.quotas import INSTANCE_ID
+from llmos.servers.memory.segments import SegmentHandle
+from llmos.servers.memory.tables import BlockState, SegmentState
 
 log = logging.getLogger("llmos.memory")
 # Peers whose `client_id` field is believed: they act on behalf of other clients. Anyone

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from microkernel.kernel import parse_size
-from servers.settings import ConfigError
+from llmos.microkernel.kernel import parse_size
+from llmos.servers.settings import ConfigError
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,9 +13,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from microkernel import layout as L
-from microkernel.arena import Arena
-from microkernel.errors import ArenaError
+from llmos.microkernel import layout as L
+from llmos.microkernel.arena import Arena
+from llmos.microkernel.errors import ArenaError
 
 TABLES_MAGIC: Final = int.from_bytes(b"LLMOSMEM", "little")
 TABLES_VERSION: Final = 2  # 2: 16-byte block entries (no prefix-cache hash, LRU, refcount)

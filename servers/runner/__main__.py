@@ -1,18 +1,18 @@
-"""`python -m servers.runner`: a runner process (see servers/runner/server.py)."""
+"""`python -m llmos.servers.runner`: a runner process (see servers/runner/server.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from servers.base import configure_logging
-from servers.runner.server import RunnerServer
-from servers.runner.settings import ModelSettings
-from servers.settings import ConfigError, add_settings_argument, decode_settings
+from llmos.servers.base import configure_logging
+from llmos.servers.runner.server import RunnerServer
+from llmos.servers.runner.settings import ModelSettings
+from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servers.runner")
+    parser = argparse.ArgumentParser(prog="python -m llmos.servers.runner")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="runner.0")
     parser.add_argument("--block-tokens", type=int, default=16, help="token slots per KV block ([memory])")

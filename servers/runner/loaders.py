@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from servers.runner.architectures import RopeLayout
-from servers.runner.loaders_gguf import gguf_plan
-from servers.runner.loaders_llama2c import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, llama2c_plan
-from servers.runner.weights import (
+from llmos.servers.runner.architectures import RopeLayout
+from llmos.servers.runner.loaders_gguf import gguf_plan
+from llmos.servers.runner.loaders_llama2c import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, llama2c_plan
+from llmos.servers.runner.weights import (
     LayerWeights,
     LoadedModel,
     ModelConfig,
@@ -48,12 +48,12 @@ __all__ = [
 
 def default_model_path() -> Path:
     """The shipped stories260K checkpoint (llama2.c legacy format)."""
-    return Path(str(resources.files("servers.runner") / "models" / "stories260K.bin"))
+    return Path(str(resources.files("llmos.servers.runner") / "models" / "stories260K.bin"))
 
 
 def default_tokenizer_path() -> Path:
     """The shipped tok512 vocabulary (llama2.c ``tokenizer.bin`` format) for the default model."""
-    return Path(str(resources.files("servers.runner") / "models" / "tok512.bin"))
+    return Path(str(resources.files("llmos.servers.runner") / "models" / "tok512.bin"))
 
 
 def tokenizer_path_for(model_path: str | Path) -> Path:
@@ -130,7 +130,7 @@ def check_model(path: str | Path) -> ModelConfig:
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     # The vocabulary clients will load: readable, and one piece per row of the embeddings.
-    from libllm.tokenizer import load_tokenizer
+    from llmos.libllm.tokenizer import load_tokenizer
 
     try:
         vocab_path = tokenizer_path_for(p)

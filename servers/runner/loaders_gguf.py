@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from libllm.gguf_meta import TensorInfo, read_gguf
-from servers.runner.architectures import Architecture, RopeLayout, architecture
-from servers.runner.q8 import (
+from llmos.libllm.gguf_meta import TensorInfo, read_gguf
+from llmos.servers.runner.architectures import Architecture, RopeLayout, architecture
+from llmos.servers.runner.q8 import (
     Q8S_TYPES,
     WIDENED,
     BlockMatrix,
@@ -25,7 +25,7 @@ from servers.runner.q8 import (
     widen,
     widen_q8s,
 )
-from servers.runner.weights import ModelConfig, Plan, expected_shapes
+from llmos.servers.runner.weights import ModelConfig, Plan, expected_shapes
 
 # Per-layer GGUF tensor names (llama.cpp's llama-arch.cpp) -> ours; optional ones are read
 # when the family uses them and refused when it does not (a tensor we would ignore means

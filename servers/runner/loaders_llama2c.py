@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from servers.runner.weights import Fill, ModelConfig, Plan
+from llmos.servers.runner.weights import Fill, ModelConfig, Plan
 
 # llama2.c's export.py: b"ak42" read as a little-endian uint32, then a version number.
 LLAMA2C_MAGIC = 0x616B3432

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from libllm.protocol import Logprob
-from servers.runner._kernels import Engine, pack_chunks, set_threads
-from servers.runner.architectures import RopeLayout
-from servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
-from servers.runner.sampling import SamplingParams, logprob_of, penalised, sample_rows
-from servers.runner.weights import Progress
+from llmos.libllm.protocol import Logprob
+from llmos.servers.runner._kernels import Engine, pack_chunks, set_threads
+from llmos.servers.runner.architectures import RopeLayout
+from llmos.servers.runner.loaders import LoadedModel, ModelConfig, default_model_path, load_model
+from llmos.servers.runner.sampling import SamplingParams, logprob_of, penalised, sample_rows
+from llmos.servers.runner.weights import Progress
 
 DEFAULT_BLOCK_SIZE = 16
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from servers.runner.loaders import LoadedModel
-from servers.runner.model import rope_tables
-from servers.runner.q8 import as_float
+from llmos.servers.runner.loaders import LoadedModel
+from llmos.servers.runner.model import rope_tables
+from llmos.servers.runner.q8 import as_float
 
 
 class NumpyLlama:

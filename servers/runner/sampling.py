@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from libllm.protocol import Logprob
-from libllm.sampling import GREEDY as GREEDY
-from libllm.sampling import SamplingParams as SamplingParams
-from servers.runner._kernels import threads as _threads  # the step's thread count
+from llmos.libllm.protocol import Logprob
+from llmos.libllm.sampling import GREEDY as GREEDY
+from llmos.libllm.sampling import SamplingParams as SamplingParams
+from llmos.servers.runner._kernels import threads as _threads  # the step's thread count
 
 MASK64 = (1 << 64) - 1
 BATCHED_FROM_ROWS = 8  # below this many sampled rows, `sample` row by row is faster

@@ -17,18 +17,18 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from libllm import protocol as P
-from libllm.protocol import runner as R
-from libllm.tokenizer import load_tokenizer
-from microkernel import layout as L
-from microkernel.endpoint import Channel, Message
-from microkernel.errors import InvalidRequest
-from microkernel.messages import MsgType
-from servers.base import Server
-from servers.runner.loaders import tokenizer_path_for
-from servers.runner.model import Model, SeqChunk, run_steps
-from servers.runner.sampling import SamplingParams
-from servers.start_progress import StageProgress
+from llmos.libllm import protocol as P
+from llmos.libllm.protocol import runner as R
+from llmos.libllm.tokenizer import load_tokenizer
+from llmos.microkernel import layout as L
+from llmos.microkernel.endpoint import Channel, Message
+from llmos.microkernel.errors import InvalidRequest
+from llmos.microkernel.messages import MsgType
+from llmos.servers.base import Server
+from llmos.servers.runner.loaders import tokenizer_path_for
+from llmos.servers.runner.model import Model, SeqChunk, run_steps
+from llmos.servers.runner.sampling import SamplingParams
+from llmos.servers.start_progress import StageProgress
 
 log = logging.getLogger("llmos.runner")
 

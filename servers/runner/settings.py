@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers.settings import ConfigError
+from llmos.servers.settings import ConfigError
 
 # A model file at least this big is "large": its matrices are big enough that one runner
 # using every core beats one runner per core (below).
@@ -44,7 +44,9 @@ class ModelSettings:
             raise ConfigError("model.context must be at least 2 (a prompt and a token), or 0 for the file's")
 
     def model_path(self) -> Path:
-        from servers.runner.loaders import default_model_path  # numpy and gguf: only when asked
+        from llmos.servers.runner.loaders import (
+            default_model_path,  # numpy and gguf: only when asked
+        )
 
         return Path(self.path) if self.path else default_model_path()
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from servers.runner.architectures import Activation, RopeLayout
-from servers.runner.q8 import BlockMatrix
+from llmos.servers.runner.architectures import Activation, RopeLayout
+from llmos.servers.runner.q8 import BlockMatrix
 
 # Start of every dequantised tensor inside the buffer: a cache line, so that the vector
 # loads of one row never straddle two tensors' lines and a shared segment maps cleanly.

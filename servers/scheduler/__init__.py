@@ -11,28 +11,28 @@ Imports no other server.
 
 from __future__ import annotations
 
-from servers.scheduler.block_cache import CachedBlocks as CachedBlocks
-from servers.scheduler.blocks import BlockSource as BlockSource
-from servers.scheduler.blocks import FreeListBlocks as FreeListBlocks
-from servers.scheduler.config import SchedulerConfig as SchedulerConfig
-from servers.scheduler.events import Event as Event
-from servers.scheduler.events import FinishEvent as FinishEvent
-from servers.scheduler.events import TokenEvent as TokenEvent
-from servers.scheduler.fair import Fair as Fair
-from servers.scheduler.plan import ChunkPlan as ChunkPlan
-from servers.scheduler.plan import StepPlan as StepPlan
-from servers.scheduler.policies import Priority as Priority
-from servers.scheduler.policies import RoundRobin as RoundRobin
-from servers.scheduler.policies import make_policy as make_policy
-from servers.scheduler.policy import Fcfs as Fcfs
-from servers.scheduler.policy import Policy as Policy
-from servers.scheduler.scheduler import Scheduler as Scheduler
-from servers.scheduler.sequence import GREEDY as GREEDY
-from servers.scheduler.sequence import FinishReason as FinishReason
-from servers.scheduler.sequence import Sampling as Sampling
-from servers.scheduler.sequence import SeqStatus as SeqStatus
-from servers.scheduler.sequence import Sequence as Sequence
-from servers.scheduler.stats import SchedulerStats as SchedulerStats
+from llmos.servers.scheduler.block_cache import CachedBlocks as CachedBlocks
+from llmos.servers.scheduler.blocks import BlockSource as BlockSource
+from llmos.servers.scheduler.blocks import FreeListBlocks as FreeListBlocks
+from llmos.servers.scheduler.config import SchedulerConfig as SchedulerConfig
+from llmos.servers.scheduler.events import Event as Event
+from llmos.servers.scheduler.events import FinishEvent as FinishEvent
+from llmos.servers.scheduler.events import TokenEvent as TokenEvent
+from llmos.servers.scheduler.fair import Fair as Fair
+from llmos.servers.scheduler.plan import ChunkPlan as ChunkPlan
+from llmos.servers.scheduler.plan import StepPlan as StepPlan
+from llmos.servers.scheduler.policies import Priority as Priority
+from llmos.servers.scheduler.policies import RoundRobin as RoundRobin
+from llmos.servers.scheduler.policies import make_policy as make_policy
+from llmos.servers.scheduler.policy import Fcfs as Fcfs
+from llmos.servers.scheduler.policy import Policy as Policy
+from llmos.servers.scheduler.scheduler import Scheduler as Scheduler
+from llmos.servers.scheduler.sequence import GREEDY as GREEDY
+from llmos.servers.scheduler.sequence import FinishReason as FinishReason
+from llmos.servers.scheduler.sequence import Sampling as Sampling
+from llmos.servers.scheduler.sequence import SeqStatus as SeqStatus
+from llmos.servers.scheduler.sequence import Sequence as Sequence
+from llmos.servers.scheduler.stats import SchedulerStats as SchedulerStats
 
 __all__ = [
     "GREEDY",

@@ -1,18 +1,18 @@
-"""`python -m servers.scheduler`: the scheduler process (see servers/scheduler/server.py)."""
+"""`python -m llmos.servers.scheduler`: the scheduler process (see servers/scheduler/server.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from servers.base import configure_logging
-from servers.scheduler.server import SchedulerServer
-from servers.scheduler.settings import SchedulerSettings
-from servers.settings import ConfigError, add_settings_argument, decode_settings
+from llmos.servers.base import configure_logging
+from llmos.servers.scheduler.server import SchedulerServer
+from llmos.servers.scheduler.settings import SchedulerSettings
+from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servers.scheduler")
+    parser = argparse.ArgumentParser(prog="python -m llmos.servers.scheduler")
     parser.add_argument("--instance", default=None)
     parser.add_argument("--name", default="scheduler")
     parser.add_argument("--runners", required=True, help="comma-separated runner names")

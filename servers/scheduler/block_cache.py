@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from servers.scheduler.blocks import FreeListBlocks
+from llmos.servers.scheduler.blocks import FreeListBlocks
 
 
 class CachedBlocks:

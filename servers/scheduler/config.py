@@ -12,7 +12,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from servers.scheduler.settings import POLICIES, SchedulerSettings
+from llmos.servers.scheduler.settings import POLICIES, SchedulerSettings
 
 DEFAULTS = SchedulerSettings()
 

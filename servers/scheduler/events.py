@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from libllm.protocol import Logprob
-from servers.scheduler.sequence import FinishReason
+from llmos.libllm.protocol import Logprob
+from llmos.servers.scheduler.sequence import FinishReason
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-from servers.scheduler.policy import Policy, Rank
-from servers.scheduler.sequence import OwnClient, Sequence
+from llmos.servers.scheduler.policy import Policy, Rank
+from llmos.servers.scheduler.sequence import OwnClient, Sequence
 
 
 class Fair(Policy):

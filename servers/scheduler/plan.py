@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from servers.scheduler.sequence import Sampling
+from llmos.servers.scheduler.sequence import Sampling
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,10 +7,10 @@ steps planned before the sequence arrived), never in seconds.
 
 from __future__ import annotations
 
-from servers.scheduler.config import SchedulerConfig
-from servers.scheduler.fair import Fair
-from servers.scheduler.policy import Fcfs, Policy, Rank
-from servers.scheduler.sequence import Sequence
+from llmos.servers.scheduler.config import SchedulerConfig
+from llmos.servers.scheduler.fair import Fair
+from llmos.servers.scheduler.policy import Fcfs, Policy, Rank
+from llmos.servers.scheduler.sequence import Sequence
 
 
 class Priority(Policy):

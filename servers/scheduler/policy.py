@@ -8,7 +8,7 @@ policies a config names are in policies.py (priority, round robin) and fair.py.
 
 from __future__ import annotations
 
-from servers.scheduler.sequence import Sequence
+from llmos.servers.scheduler.sequence import Sequence
 
 Rank = tuple[float, ...]
 

@@ -10,9 +10,9 @@ last token (it needs that token's logits), so a shared block is only ever read.
 
 from __future__ import annotations
 
-from libllm.blockhash import ROOT_HASH, block_name
-from servers.scheduler.block_cache import CachedBlocks
-from servers.scheduler.sequence import Sequence
+from llmos.libllm.blockhash import ROOT_HASH, block_name
+from llmos.servers.scheduler.block_cache import CachedBlocks
+from llmos.servers.scheduler.sequence import Sequence
 
 
 class PrefixSharing:

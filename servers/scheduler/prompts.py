@@ -30,11 +30,11 @@ from functools import partial
 
 import numpy as np
 
-from libllm import protocol as P
-from microkernel.arena import Arena
-from microkernel.endpoint import Channel, Message, raise_for_status
-from microkernel.errors import InvalidRequest, LlmosError
-from microkernel.messages import Header, MsgType
+from llmos.libllm import protocol as P
+from llmos.microkernel.arena import Arena
+from llmos.microkernel.endpoint import Channel, Message, raise_for_status
+from llmos.microkernel.errors import InvalidRequest, LlmosError
+from llmos.microkernel.messages import Header, MsgType
 
 PROMPT_ID_DTYPE = np.dtype(P.PROMPT_ID_DTYPE)
 FIELD = "prompt_segment"

@@ -17,19 +17,19 @@ import bisect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from libllm.protocol import Logprob
-from microkernel.errors import QuotaExceeded
-from servers.scheduler.block_cache import CachedBlocks
-from servers.scheduler.blocks import BlockSource
-from servers.scheduler.config import SchedulerConfig
-from servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
-from servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
-from servers.scheduler.policies import make_policy
-from servers.scheduler.policy import Policy
-from servers.scheduler.prefix import PrefixSharing
-from servers.scheduler.quotas import ClientBlocks
-from servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
-from servers.scheduler.stats import Counters, SchedulerStats
+from llmos.libllm.protocol import Logprob
+from llmos.microkernel.errors import QuotaExceeded
+from llmos.servers.scheduler.block_cache import CachedBlocks
+from llmos.servers.scheduler.blocks import BlockSource
+from llmos.servers.scheduler.config import SchedulerConfig
+from llmos.servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
+from llmos.servers.scheduler.plan import ChunkPlan, StepPlan, sampled_tokens
+from llmos.servers.scheduler.policies import make_policy
+from llmos.servers.scheduler.policy import Policy
+from llmos.servers.scheduler.prefix import PrefixSharing
+from llmos.servers.scheduler.quotas import ClientBlocks
+from llmos.servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
+from llmos.servers.scheduler.stats import Counters, SchedulerStats
 
 # A prompt whose every token's Logprob is wanted gets a logits row per token: its chunks are
 # at most this long, so a step's logits stay small (32 x Gemma's 262k vocabulary: 34 MB).

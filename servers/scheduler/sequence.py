@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from libllm.sampling import GREEDY as GREEDY
-from libllm.sampling import SamplingParams
+from llmos.libllm.sampling import GREEDY as GREEDY
+from llmos.libllm.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "context", "deadline"]
 

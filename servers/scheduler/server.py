@@ -19,22 +19,22 @@ from functools import partial
 
 import msgspec
 
-from libllm import protocol as P
-from libllm.protocol import runner as R
-from microkernel import control as C
-from microkernel.endpoint import Channel, Message, raise_for_status
-from microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
-from microkernel.messages import Header, MsgFlag, MsgType
-from servers.base import Server
-from servers.scheduler.block_cache import CachedBlocks
-from servers.scheduler.config import SchedulerConfig
-from servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
-from servers.scheduler.plan import StepPlan
-from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
-from servers.scheduler.runner_links import RunnerLinks
-from servers.scheduler.scheduler import Scheduler
-from servers.scheduler.sequence import Sampling, Sequence
-from servers.scheduler.settings import SchedulerSettings
+from llmos.libllm import protocol as P
+from llmos.libllm.protocol import runner as R
+from llmos.microkernel import control as C
+from llmos.microkernel.endpoint import Channel, Message, raise_for_status
+from llmos.microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
+from llmos.microkernel.messages import Header, MsgFlag, MsgType
+from llmos.servers.base import Server
+from llmos.servers.scheduler.block_cache import CachedBlocks
+from llmos.servers.scheduler.config import SchedulerConfig
+from llmos.servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
+from llmos.servers.scheduler.plan import StepPlan
+from llmos.servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
+from llmos.servers.scheduler.runner_links import RunnerLinks
+from llmos.servers.scheduler.scheduler import Scheduler
+from llmos.servers.scheduler.sequence import Sampling, Sequence
+from llmos.servers.scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("llmos.scheduler")
 LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from servers.settings import ConfigError
+from llmos.servers.settings import ConfigError
 
 POLICIES = ("fcfs", "priority", "rr", "fair")  # made by policies.make_policy
 # Steps in flight per runner where the config leaves it to the model (pipeline_depth 0).

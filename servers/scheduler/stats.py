@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from servers.scheduler.sequence import Sequence
+from llmos.servers.scheduler.sequence import Sequence
 
 DELAY_WINDOW = 4096  # scheduling delays kept for percentiles (the most recent ones)
 PRIORITY_WINDOW = 1024  # the same, per priority

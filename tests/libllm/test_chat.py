@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from libllm import chat
-from libllm.chat import ChatTemplateError
-from libllm.tokenizer import load_tokenizer
-from microkernel.errors import InvalidRequest, LlmosError
-from tools.fixtures.llama_cpp_files import find_models_dir
+from llmos.fixtures.llama_cpp_files import find_models_dir
+from llmos.libllm import chat
+from llmos.libllm.chat import ChatTemplateError
+from llmos.libllm.tokenizer import load_tokenizer
+from llmos.microkernel.errors import InvalidRequest, LlmosError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_real_templates_give_the_models_documented_format(name: str, tokens: dic
 def test_gemma_files_without_a_template_get_gemmas_turn_format() -> None:
     # The registry's Gemma 3 GGUF carries no template (nor does llama.cpp ship one for it):
     # the built-in one must give what Gemma 2's own template gives.
-    from libllm.chat_builtin import BUILTIN_TEMPLATES
+    from llmos.libllm.chat_builtin import BUILTIN_TEMPLATES
 
     builtin = chat.render(CONVERSATION, BUILTIN_TEMPLATES["gemma3"], **GEMMA_TOKENS)
     assert builtin == GEMMA == chat.render(CONVERSATION, template("google-gemma-2-2b-it"), **GEMMA_TOKENS)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import types
 
-import libllm
+from llmos import libllm
 
 PUBLIC = [
     "Cancelled", "Closed", "Completion", "DeadlineExceeded", "InvalidRequest", "KernelUnavailable",
@@ -32,7 +32,7 @@ def test_the_pure_modules_load_without_the_session() -> None:
     """Servers import libllm.protocol (and the other pure modules); that must not load the
     client, its connection and failover."""
     code = ("import sys, libllm.protocol, libllm.sampling, libllm.blockhash; "
-            "print(sorted(m for m in sys.modules if m in ('libllm.client', 'libllm.aio', 'libllm.request')))")
+            "print(sorted(m for m in sys.modules if m in ('llmos.libllm.client', 'llmos.libllm.aio', 'llmos.libllm.request')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
     assert libllm.connect is libllm.client.connect  # and the session is there when asked for

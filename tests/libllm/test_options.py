@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libllm import protocol as P
-from libllm.options import Options, check_options, submit_of
-from microkernel.errors import InvalidRequest
+from llmos.libllm import protocol as P
+from llmos.libllm.options import Options, check_options, submit_of
+from llmos.microkernel.errors import InvalidRequest
 
 FIELDS = [f.name for f in dataclasses.fields(Options)]
 

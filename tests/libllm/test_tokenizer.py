@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 # The built-in model as GGUF, and its tokenizer as a SentencePiece model (tests/fixtures/ORIGIN.md).

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libllm.chat_builtin import BUILTIN_TEMPLATES
-from libllm.gguf_meta import read_metadata
-from libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.fixtures.llama_cpp_files import find_models_dir
+from llmos.libllm.chat_builtin import BUILTIN_TEMPLATES
+from llmos.libllm.gguf_meta import read_metadata
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
 from tests.models import gemma3_270m
-from tools.fixtures.llama_cpp_files import find_models_dir
 
 # Every llama.cpp test vocabulary of the two supported kinds: name -> tokenizer.ggml.model.
 VOCABS = {

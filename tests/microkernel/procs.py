@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from microkernel import Arena, PeerGone, Ring, Timeout
+from llmos.microkernel import Arena, PeerGone, Ring, Timeout
 
 SEQ = struct.Struct("<QI")  # producer-local seq, producer id
 CTX = mp.get_context("spawn")

@@ -8,9 +8,9 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from microkernel import Arena, ArenaError
-from microkernel import layout as L
-from microkernel.arena import free_shm_bytes
+from llmos.microkernel import Arena, ArenaError
+from llmos.microkernel import layout as L
+from llmos.microkernel.arena import free_shm_bytes
 from tests.conftest import unique_name
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from microkernel import errors as E
+from llmos.microkernel import errors as E
 
 
 @pytest.mark.parametrize("code", [c for c in E.ErrorCode if c != E.ErrorCode.OK])

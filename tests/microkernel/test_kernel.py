@@ -15,11 +15,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from microkernel import control as C
-from microkernel.endpoint import Endpoint
-from microkernel.errors import InvalidRequest, KernelUnavailable, PeerGone, Unsupported
-from microkernel.messages import MsgType, decode, encode
-from servers.echo.__main__ import EchoInfo
+from llmos.microkernel import control as C
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import InvalidRequest, KernelUnavailable, PeerGone, Unsupported
+from llmos.microkernel.messages import MsgType, decode, encode
+from llmos.servers.echo.__main__ import EchoInfo
 from tests.microkernel.procs import wait_until
 from tests.processes import WAIT, Instance, start, stop
 
@@ -81,7 +81,7 @@ def test_missing_kernel_says_how_to_start_one(tmp_path: Path, monkeypatch: pytes
 
 def test_a_taken_name_is_refused(inst: Instance) -> None:
     with pytest.raises(AssertionError, match="held by live pid"):
-        start(["-m", "servers.echo", "--instance", inst.name, "--name", "echo"], "llmos echo ready",
+        start(["-m", "llmos.servers.echo", "--instance", inst.name, "--name", "echo"], "llmos echo ready",
               inst.log("echo-dup"), inst.env)
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from microkernel import _ring
-from microkernel import layout as L
+from llmos.microkernel import _ring
+from llmos.microkernel import layout as L
 
 
 def test_cython_structs_match_layout_module() -> None:

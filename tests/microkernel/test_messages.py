@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microkernel.errors import ProtocolError
-from microkernel.messages import HEADER, HEADER_SIZE, MsgFlag, MsgType, decode, encode
+from llmos.microkernel.errors import ProtocolError
+from llmos.microkernel.messages import HEADER, HEADER_SIZE, MsgFlag, MsgType, decode, encode
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)

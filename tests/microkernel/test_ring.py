@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from microkernel import Arena, Closed, PeerGone, ProtocolError, Timeout
-from microkernel import layout as L
+from llmos.microkernel import Arena, Closed, PeerGone, ProtocolError, Timeout
+from llmos.microkernel import layout as L
 
 CAP = 1024
 
@@ -235,7 +235,7 @@ def test_negative_timeout_is_refused(pair: tuple[Any, Any]) -> None:
 
 
 def test_note_message_counts_gaps_and_latency(pair: tuple[Any, Any]) -> None:
-    from microkernel._ring import now_ns
+    from llmos.microkernel._ring import now_ns
 
     _, consumer = pair
     for seq in (0, 1, 2, 5, 6, 10):
@@ -252,7 +252,7 @@ def test_note_message_counts_gaps_and_latency(pair: tuple[Any, Any]) -> None:
 def test_close_from_another_thread_ends_a_blocked_recv_with_closed(arena: Arena) -> None:
     import threading
 
-    from microkernel import Ring
+    from llmos.microkernel import Ring
 
     ring = Ring.create(arena, CAP, side="consumer", spin_ns=0)
     outcome: list[str] = []
@@ -286,8 +286,8 @@ def test_rings_and_doorbells_in_a_reference_cycle_are_freed_cleanly(arena: Arena
     only."""
     script = f"""
 import gc
-from microkernel import Arena
-from microkernel._ring import Doorbell, Ring
+from llmos.microkernel import Arena
+from llmos.microkernel._ring import Doorbell, Ring
 gc.disable()
 for _ in range(50):
     attached = Arena.attach({arena.name!r})

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from microkernel import Arena, Ring
-from microkernel.messages import MsgType, decode, encode
+from llmos.microkernel import Arena, Ring
+from llmos.microkernel.messages import MsgType, decode, encode
 
 PAYLOAD = b"x" * 64
 

@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from microkernel import Arena, Ring
-from microkernel.ring_ref import RefRing
+from llmos.microkernel import Arena, Ring
+from llmos.microkernel.ring_ref import RefRing
 from tests.conftest import unique_name
 
 CAPACITY = 256

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from microkernel import Arena, Doorbell, PeerGone, Ring
+from llmos.microkernel import Arena, Doorbell, PeerGone, Ring
 from tests.microkernel import procs
 from tests.microkernel.procs import CTX, SEQ, WAIT, wait_until
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from microkernel.errors import ArenaError
-from microkernel.ring_space import RingSpace
+from llmos.microkernel.errors import ArenaError
+from llmos.microkernel.ring_space import RingSpace
 
 
 class Bump:

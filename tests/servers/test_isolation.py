@@ -27,8 +27,8 @@ def test_a_server_imports_no_other_server(package: str) -> None:
                 continue
             for name in names:
                 parts = name.split(".")
-                if parts[0] == "servers" and len(parts) > 1:
-                    assert parts[1] in (package, *SHARED), f"{path.relative_to(SERVERS)} imports {name}"
+                if parts[:2] == ["llmos", "servers"] and len(parts) > 2:
+                    assert parts[2] in (package, *SHARED), f"{path.relative_to(SERVERS)} imports {name}"
 
 
 def test_every_server_package_is_checked() -> None:

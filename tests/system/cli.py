@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from microkernel.endpoint import Endpoint
-from microkernel.messages import MsgType
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.messages import MsgType
 from tests.conftest import unique_instance
 
 WAIT = 60.0
@@ -30,7 +30,7 @@ class Cli:
         self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(runtime)}
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "tools.cli", *args], env=self.env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=WAIT * 2, check=False)
         if check:
             assert proc.returncode == 0, f"llmos {' '.join(args)}: {proc.stdout}{proc.stderr}"

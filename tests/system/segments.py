@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from libllm import protocol as P
-from libllm.memory import SessionMemory
-from microkernel.endpoint import Endpoint
-from microkernel.messages import MsgType
+from llmos.libllm import protocol as P
+from llmos.libllm.memory import SessionMemory
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.messages import MsgType
 
 WAIT = 60.0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers.runner.loaders import check_model, default_model_path, load_model
+from llmos.servers.runner.loaders import check_model, default_model_path, load_model
 from tests.servers.runner.helpers import STORIES_GGUF, rewrite_gguf, write_gguf_of_architecture
 from tests.system.cli import Cli
 

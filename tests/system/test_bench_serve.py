@@ -9,12 +9,9 @@ from typing import Any
 
 import pytest
 
-from libllm.tokenizer import load_tokenizer
-from servers.runner.loaders import default_tokenizer_path
-from tests.conftest import unique_instance
-from tools import cli
-from tools.bench import serve
-from tools.bench.serve_workload import (
+from llmos import cli
+from llmos.bench import serve
+from llmos.bench.serve_workload import (
     SENTENCES,
     Dist,
     Spec,
@@ -23,6 +20,9 @@ from tools.bench.serve_workload import (
     parse_dist,
     parse_priorities,
 )
+from llmos.libllm.tokenizer import load_tokenizer
+from llmos.servers.runner.loaders import default_tokenizer_path
+from tests.conftest import unique_instance
 
 SYMBOLS = ("T_s", "Q", "U", "F", "H", "L_s", "L_r", "B")
 PNG = b"\x89PNG\r\n\x1a\n"

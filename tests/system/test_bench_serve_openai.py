@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from llmos.bench import serve
+from llmos.bench.serve_clients import PieceClock
+from llmos.bench.serve_openai import Refused, StreamState, api_root
+from llmos.config import servers_toml
 from tests.system.cli import running_instance, scheduler_stats
-from tools.bench import serve
-from tools.bench.serve_clients import PieceClock
-from tools.bench.serve_openai import Refused, StreamState, api_root
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 CONFIG = '[memory]\npages = "8M"\n[gateway]\nport = 0\n' + servers_toml(1, gateway=True)

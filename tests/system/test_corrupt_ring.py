@@ -15,16 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import libllm
-from microkernel import layout as L
-from microkernel.arena import Arena
-from microkernel.endpoint import Endpoint
-from microkernel.instance import arena_name, log_dir
-from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model, generate
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.microkernel import layout as L
+from llmos.microkernel.arena import Arena
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.instance import arena_name, log_dir
+from llmos.servers.runner.loaders import default_tokenizer_path
+from llmos.servers.runner.model import Model, generate
 from tests.microkernel.procs import wait_until
 from tests.system.cli import running_instance, scheduler_stats
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0

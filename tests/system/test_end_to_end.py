@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-import libllm
-from libllm import protocol as P
-from microkernel.endpoint import Endpoint
-from microkernel.messages import MsgType
-from servers.runner.model import Model, generate
-from servers.runner.sampling import SamplingParams
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.libllm import protocol as P
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.messages import MsgType
+from llmos.servers.runner.model import Model, generate
+from llmos.servers.runner.sampling import SamplingParams
 from tests.microkernel.procs import wait_until
 from tests.system.cli import all_blocks_free, running_instance, scheduler_stats
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -349,14 +349,14 @@ def test_a_forked_child_makes_its_own_connection(instance: str) -> None:
 def test_asyncio_generate_and_stream_run_concurrently(instance: str) -> None:
     import asyncio
 
-    import libllm.aio
+    from llmos.libllm import aio
 
     conversation = [{"role": "user", "content": "Zoo"}]
     with libllm.connect(instance) as sync:  # never a blocking call on the event loop's session
         chat_reply = sync.chat(conversation, max_tokens=20).text
 
     async def main() -> tuple[list[str], str, str, list[str]]:
-        async with libllm.aio.connect(instance) as session:
+        async with aio.connect(instance) as session:
             texts = await asyncio.gather(*(session.generate("Zoo", max_tokens=20 + i) for i in range(8)))
             pieces = [p async for p in session.stream("Zoo", max_tokens=20)]
             async for _ in session.stream("Once upon a time", max_tokens=300):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-import libllm
-from servers.runner.model import Model, generate
-from servers.runner.sampling import SamplingParams
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.servers.runner.model import Model, generate
+from llmos.servers.runner.sampling import SamplingParams
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli, running_instance
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0
@@ -64,7 +64,7 @@ def client_sampling(i: int) -> dict[str, float | int]:
 
 class libllm_tokenizer:
     def __enter__(self) -> libllm.tokenizer.Tokenizer:
-        from servers.runner.loaders import default_tokenizer_path
+        from llmos.servers.runner.loaders import default_tokenizer_path
 
         return libllm.tokenizer.load_tokenizer(default_tokenizer_path())
 

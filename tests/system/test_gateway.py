@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 
-import libllm
-from libllm.sampling import SamplingParams
-from servers.runner.model import Model, SeqChunk
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.libllm.sampling import SamplingParams
+from llmos.servers.runner.model import Model, SeqChunk
 from tests.microkernel.procs import wait_until
 from tests.system.cli import all_blocks_free, running_instance
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0
@@ -427,8 +427,8 @@ def test_logprobs_are_the_models_and_the_same_every_way(gateway: tuple[str, str]
 def test_echo_with_logprobs_scores_the_prompt_as_the_model_alone_does(gateway: tuple[str, str]) -> None:
     """The request lm-eval's loglikelihood sends (echo, logprobs, max_tokens 1); the prompt is
     longer than a logprobs chunk and its prefix already cached: every token still scored."""
-    from servers.runner.model import Model, SeqChunk
-    from servers.runner.sampling import SamplingParams, logprob_of
+    from llmos.servers.runner.model import Model, SeqChunk
+    from llmos.servers.runner.sampling import SamplingParams, logprob_of
 
     instance, url = gateway
     with libllm.connect(instance) as session:

@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 
+from llmos.config import servers_toml
 from tests.microkernel.procs import wait_until
 from tests.models import gemma3_270m
 from tests.system.cli import Cli, running_instance, scheduler_stats
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 300.0

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-import libllm
-from servers.runner.model import Model, generate
-from servers.runner.sampling import SamplingParams
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.servers.runner.model import Model, generate
+from llmos.servers.runner.sampling import SamplingParams
 from tests.models import gemma3_270m
 from tests.system.cli import Cli, running_instance, scheduler_stats
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 300.0
@@ -59,7 +59,7 @@ port = 0
 @pytest.fixture(scope="module")
 def expected(gemma: Path) -> dict[tuple[str, float], list[int]]:
     """What each prompt gives with the model alone in this process (greedy and sampled)."""
-    from servers.runner import _kernels
+    from llmos.servers.runner import _kernels
 
     before = _kernels.threads()
     model = Model.load(gemma, threads=2)

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-import libllm
+from llmos import libllm
+from llmos.config import servers_toml
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli, running_instance
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0

@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import libllm
-from libllm import protocol as P
-from libllm.memory import INLINE_PROMPT_TOKENS
-from libllm.tokenizer import Tokenizer, load_tokenizer
-from microkernel.endpoint import Channel, Endpoint
-from microkernel.messages import MsgFlag, MsgType
-from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model, generate
-from servers.runner.sampling import SamplingParams
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.libllm import protocol as P
+from llmos.libllm.memory import INLINE_PROMPT_TOKENS
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.microkernel.endpoint import Channel, Endpoint
+from llmos.microkernel.messages import MsgFlag, MsgType
+from llmos.servers.runner.loaders import default_tokenizer_path
+from llmos.servers.runner.model import Model, generate
+from llmos.servers.runner.sampling import SamplingParams
 from tests.system.cli import Cli, running_instance
 from tests.system.segments import Memory, used, wait_for_used
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0
@@ -103,7 +103,7 @@ def test_cancelling_a_long_prompt_frees_its_segment(instance: str, memory: Memor
 
 def submit_raw(channel: Channel, submit: P.Submit) -> tuple[list[int], P.Finished]:
     """Send a Submit on a raw channel and read its replies to the end (raises the error reply)."""
-    from microkernel.endpoint import raise_for_status
+    from llmos.microkernel.endpoint import raise_for_status
 
     txid = channel.request(MsgType.SCHED_SUBMIT, P.pack(submit))
     tokens: list[int] = []

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from libllm import protocol as P
-from microkernel.endpoint import Channel, Endpoint
-from microkernel.errors import InvalidRequest, QuotaExceeded, Unsupported
-from microkernel.messages import MsgType
+from llmos.libllm import protocol as P
+from llmos.microkernel.endpoint import Channel, Endpoint
+from llmos.microkernel.errors import InvalidRequest, QuotaExceeded, Unsupported
+from llmos.microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli
@@ -37,7 +37,7 @@ sweep_interval_s = 0.5
 weights_bytes = 65536
 [[servers]]
 name = "memory"
-module = "servers.memory"
+module = "llmos.servers.memory"
 """
 
 

@@ -9,11 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 
-import libllm
-from microkernel.endpoint import Endpoint
-from microkernel.messages import MsgType
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.messages import MsgType
 from tests.system.cli import running_instance
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-import libllm
+from llmos import libllm
+from llmos.config import servers_toml
 from tests.system.cli import running_instance, scheduler_stats
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import libllm
-from microkernel.endpoint import Endpoint
-from microkernel.errors import Overloaded
+from llmos import libllm
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import Overloaded
 from tests.microkernel.procs import wait_until
 from tests.system.cli import WAIT, Cli, running_instance
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from libllm import protocol as P
-from libllm.protocol import runner as R
-from libllm.tokenizer import load_tokenizer
-from microkernel.endpoint import Channel, Endpoint
-from microkernel.errors import InvalidRequest
-from microkernel.messages import MsgType
-from servers.runner.loaders import default_model_path
+from llmos.config import servers_toml
+from llmos.libllm import protocol as P
+from llmos.libllm.protocol import runner as R
+from llmos.libllm.tokenizer import load_tokenizer
+from llmos.microkernel.endpoint import Channel, Endpoint
+from llmos.microkernel.errors import InvalidRequest
+from llmos.microkernel.messages import MsgType
+from llmos.servers.runner.loaders import default_model_path
 from tests.system.cli import running_instance
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 EXPECTED_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park."

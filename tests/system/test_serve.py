@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmos.supervisor import LineReader
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
 from tests.system.cli import WAIT, Cli
-from tools.supervisor import LineReader
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,8 @@ def test_a_config_of_an_earlier_version_says_what_to_write(cli: Cli) -> None:
 def test_float16_kv_pages_hold_twice_the_blocks_and_give_the_models_text(cli: Cli) -> None:
     """`--kv-dtype f16`: the memory server and the runners agree on the smaller blocks (the
     same pages hold twice as many), and the text is what the model makes alone with them."""
-    import libllm
-    from servers.runner.model import Model, generate
+    from llmos import libllm
+    from llmos.servers.runner.model import Model, generate
 
     instance = unique_instance("kvh")
     cli("serve", "--port", "0", "--runners", "1", "--kv-dtype", "f16", "--instance", instance, "--detach")
@@ -120,7 +120,7 @@ def test_a_start_that_fails_counts_as_a_crash_and_the_next_start_serves(cli: Cli
         port = taken.getsockname()[1]
         # The backoff leaves the time to see the failure and free the port before the restart.
         config = cli.config(f"restart_backoff_s = 2.0\n[model]\nrunners = 1\nthreads = 1\n[gateway]\nport = {port}\n")
-        supervisor = subprocess.Popen([sys.executable, "-m", "tools.supervisor", "--instance", instance,
+        supervisor = subprocess.Popen([sys.executable, "-m", "llmos.supervisor", "--instance", instance,
                                        "--config", config], env=cli.env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         assert supervisor.stdout is not None and supervisor.stderr is not None

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import libllm
-from libllm import protocol as P
-from microkernel.endpoint import Endpoint
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.libllm import protocol as P
+from llmos.microkernel.endpoint import Endpoint
 from tests.system.cli import running_instance
 from tests.system.segments import Memory, used, wait_for_used
-from tools.config import servers_toml
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-import libllm
-from microkernel.endpoint import Endpoint
-from microkernel.errors import LlmosError
-from microkernel.messages import MsgType
-from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model, generate
-from servers.runner.sampling import SamplingParams
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import LlmosError
+from llmos.microkernel.messages import MsgType
+from llmos.servers.runner.loaders import default_tokenizer_path
+from llmos.servers.runner.model import Model, generate
+from llmos.servers.runner.sampling import SamplingParams
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli, running_instance
-from tools.config import servers_toml
 
 SOAK_S = float(os.environ.get("LLMOS_SOAK_S", "180"))
 pytestmark = [pytest.mark.slow,

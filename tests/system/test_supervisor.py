@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from microkernel.endpoint import Endpoint
-from microkernel.errors import InvalidRequest
-from microkernel.messages import MsgType
+from llmos.microkernel.endpoint import Endpoint
+from llmos.microkernel.errors import InvalidRequest
+from llmos.microkernel.messages import MsgType
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
 from tests.system.cli import Cli
@@ -28,10 +28,10 @@ rings = "8M"
 heartbeat_timeout_s = 2.0
 [[servers]]
 name = "echo-a"
-module = "servers.echo"
+module = "llmos.servers.echo"
 [[servers]]
 name = "echo-b"
-module = "servers.echo"
+module = "llmos.servers.echo"
 """
 
 
@@ -184,7 +184,7 @@ def test_two_instances_side_by_side(cli: Cli) -> None:
     config = cli.config(ECHO_CONFIG)
     cli("up", "--detach", "--instance", first, "--config", config)
     env_second = {**cli.env, "LLMOS_INSTANCE": second}
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "up", "--detach", "--config", config], env=env_second,
+    proc = subprocess.run([sys.executable, "-m", "llmos.cli", "up", "--detach", "--config", config], env=env_second,
                           capture_output=True, text=True, timeout=WAIT * 2, check=False)
     assert proc.returncode == 0, proc.stderr
     assert cli.status(first)["running"] and cli.status(second)["running"]
@@ -211,7 +211,7 @@ def test_up_twice_is_refused_and_changes_nothing(cli: Cli) -> None:
 @pytest.mark.parametrize(("body", "message"), [
     ("colour = 'blue'\n", "unknown key(s) colour"),
     ("window = 'many'\n", "Expected `int`"),
-    ("[[servers]]\nname = 'x'\nmodule = 'servers.echo'\nport = 1\n", "unknown key(s) port"),
+    ("[[servers]]\nname = 'x'\nmodule = 'llmos.servers.echo'\nport = 1\n", "unknown key(s) port"),
     ("rings = '100000G'\n", "/dev/shm has only"),
 ])
 def test_bad_config_or_too_small_shm_is_a_clear_error(cli: Cli, body: str, message: str) -> None:
@@ -224,7 +224,7 @@ def test_bad_config_or_too_small_shm_is_a_clear_error(cli: Cli, body: str, messa
 
 def test_foreground_up_shows_logs_and_stops_in_order_on_ctrl_c(cli: Cli) -> None:
     instance = unique_instance("fg")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "up", "--instance", instance, "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.cli", "up", "--instance", instance, "--config",
                              cli.config(ECHO_CONFIG)], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None

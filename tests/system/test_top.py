@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-import libllm
+from llmos import libllm
+from llmos.config import servers_toml
+from llmos.top_view import Sample, build_view, render_rich, render_text
 from tests.system.cli import Cli, running_instance
-from tools.config import servers_toml
-from tools.top_view import Sample, build_view, render_rich, render_text
 
 pytestmark = pytest.mark.slow
 WAIT = 60.0
@@ -45,7 +45,7 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def top_argv(instance: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "tools.cli", "top", "--instance", instance, *more]
+    return [sys.executable, "-m", "llmos.cli", "top", "--instance", instance, *more]
 
 
 def test_one_snapshot_over_a_pipe(instance: str) -> None:

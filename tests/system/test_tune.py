@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from llmos.config import load_config
+from llmos.serve import config_for
 from tests.system.cli import Cli
 from tests.tools.test_config import serve_args
-from tools.config import load_config
-from tools.serve import config_for
 
 pytestmark = pytest.mark.slow
 

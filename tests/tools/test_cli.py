@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.cli import main
+from llmos.cli import main
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,7 +28,7 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
     """`llmos status | head`: the pipe closes before the output is written."""
     tmp_path.chmod(0o700)
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "status", "--instance", "nowhere"],
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.cli", "status", "--instance", "nowhere"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "LLMOS_RUNTIME_DIR": str(tmp_path)})
     assert proc.stdout is not None and proc.stderr is not None
@@ -42,7 +42,7 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
 def test_bench_ipc_quick_reports_every_transport(tmp_path: Path) -> None:
     out = tmp_path / "ipc.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "bench", "ipc", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "llmos.cli", "bench", "ipc", "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr

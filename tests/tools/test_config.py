@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tools.config import (
+from llmos.config import (
     LARGE_MODEL_BYTES,
     ConfigError,
     ModelSettings,
     config_from_dict,
     load_config,
 )
-from tools.serve import add_arguments, config_for
+from llmos.serve import add_arguments, config_for
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -57,6 +57,7 @@ def test_the_standard_servers_follow_the_layout() -> None:
     ("[model]\ncontext = 1\n", "at least 2"),
     ("start_timeout_s = 0\n", "start_timeout_s must be >= 1 s"),
     ('[memory]\npages = "-5M"\n', "is not a size"),
+    ('[[servers]]\nname = "e"\nmodule = "servers.echo"\n', "module 'servers.echo' is now 'llmos.servers.echo'"),
 ])
 def test_moved_and_nonsense_keys_say_what_to_write(tmp_path: Path, body: str, says: str) -> None:
     path = tmp_path / "c.toml"

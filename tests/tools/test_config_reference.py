@@ -10,7 +10,7 @@ import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tools.config import (
+from llmos.config import (
     Config,
     GatewaySettings,
     ModelSettings,
@@ -18,12 +18,12 @@ from tools.config import (
     config_from_dict,
     standard_servers,
 )
-from tools.config_reference import DOC_PATH, SECTIONS, render
-from tools.config_toml import config_toml
+from llmos.config_reference import DOC_PATH, SECTIONS, render
+from llmos.config_toml import config_toml
 
 
 def test_the_reference_in_docs_is_the_one_the_code_generates() -> None:
-    assert DOC_PATH.read_text() == render(), "docs/config.md is stale: run `python -m tools.config_reference`"
+    assert DOC_PATH.read_text() == render(), "docs/config.md is stale: run `python -m llmos.config_reference`"
 
 
 def test_every_key_of_every_section_is_explained() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from servers.start_progress import StageProgress, parse_progress, progress_line
-from tools.start_progress import forwarded_line, parse_forwarded
+from llmos.servers.start_progress import StageProgress, parse_progress, progress_line
+from llmos.start_progress import forwarded_line, parse_forwarded
 
 
 def test_a_stage_prints_at_most_one_line_per_step_and_always_its_end() -> None:

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from microkernel.lifeline import exit_with_parent
-from tools.bench.instances import CLI, WAIT, instance
-from tools.bench.report import ratio, table, write_json
-from tools.config import servers_toml
+from llmos.bench.instances import CLI, WAIT, instance
+from llmos.bench.report import ratio, table, write_json
+from llmos.config import servers_toml
+from llmos.microkernel.lifeline import exit_with_parent
 
 CTX = mp.get_context("fork")
 
@@ -35,8 +35,8 @@ def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
     process: B streams decoded together from position 0, one Model.step per token."""
     import numpy as np
 
-    from servers.runner.model import Model, SeqChunk
-    from servers.runner.sampling import SamplingParams
+    from llmos.servers.runner.model import Model, SeqChunk
+    from llmos.servers.runner.sampling import SamplingParams
 
     model = Model.load()
     per_seq = model.blocks_needed(max_pos)
@@ -53,7 +53,7 @@ def in_process_tokens_per_s(batch: int, max_pos: int) -> float:
 
 def _client(instance: str, index: int, max_tokens: int, requests: int, barrier: Any, out: Any,
             parent_pid: int) -> None:
-    import libllm
+    from llmos import libllm
 
     exit_with_parent(parent_pid, signal.SIGKILL)  # fork copied the parent's SIGTERM handler
 
@@ -108,7 +108,7 @@ def runner_memory(runtime: str, num_runners: int) -> dict[str, float]:
     """PSS per runner, and of the model's weights within it, with `num_runners` runners:
     weights are mapped (or dequantised into one shared segment), so they split N ways."""
 
-    from servers.runner.loaders import default_model_path
+    from llmos.servers.runner.loaders import default_model_path
 
 
     with instance_with(runtime, num_runners, "8M") as (instance, env):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 WAIT = 300.0  # generous: an instance boots in seconds, a loaded machine may take longer
-CLI = [sys.executable, "-I", "-m", "tools.cli"]  # -I: see tools.supervisor.PYTHON
+CLI = [sys.executable, "-m", "llmos.cli"]
 
 
 @contextmanager

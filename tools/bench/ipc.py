@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tools.bench import ipc_peers as peers
-from tools.bench.report import Ratio, ratio, table, us, write_json
+from llmos.bench import ipc_peers as peers
+from llmos.bench.report import Ratio, ratio, table, us, write_json
 
 BASELINE = "mp.Queue"
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from microkernel import Arena, PeerGone, Ring, Timeout
-from microkernel import layout as L
-from tools.bench import _cfloor
+from llmos.bench import _cfloor
+from llmos.microkernel import Arena, PeerGone, Ring, Timeout
+from llmos.microkernel import layout as L
 
 CTX = mp.get_context("fork")
 WAIT = 60.0
@@ -259,15 +259,15 @@ def _start_ready(args: list[str], env: dict[str, str], ready: str) -> subprocess
 def rt_kernel_echo(rounds: int) -> np.ndarray[Any, Any]:
     """A full message round trip through kernel-made channels to the echo server process:
     header encode/decode, seq and latency accounting, the server loop's dispatch."""
-    from microkernel.endpoint import Endpoint
-    from microkernel.messages import MsgType
+    from llmos.microkernel.endpoint import Endpoint
+    from llmos.microkernel.messages import MsgType
 
     with tempfile.TemporaryDirectory(prefix="llmos-bench-") as runtime:
         instance = f"bench-{os.getpid()}-{next(_seq)}"
         env = {**os.environ, "LLMOS_RUNTIME_DIR": runtime}
-        kernel = _start_ready(["-m", "microkernel.kernel", "--instance", instance, "--rings", "4M"], env,
+        kernel = _start_ready(["-m", "llmos.microkernel.kernel", "--instance", instance, "--rings", "4M"], env,
                               "llmos kernel ready")
-        echo = _start_ready(["-m", "servers.echo", "--instance", instance], env, "llmos echo ready")
+        echo = _start_ready(["-m", "llmos.servers.echo", "--instance", instance], env, "llmos echo ready")
         if PIN["enabled"]:
             os.sched_setaffinity(echo.pid, {_cpus()[1]})
         try:

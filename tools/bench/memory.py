@@ -21,15 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from microkernel import Arena, Overloaded
-from servers.memory import (
+from llmos.bench.report import table, write_json
+from llmos.microkernel import Arena, Overloaded
+from llmos.servers.memory import (
     MemoryConfig,
     MemoryManager,
     SegmentHandle,
     arena_bytes,
     memory_regions,
 )
-from tools.bench.report import table, write_json
 
 _names = itertools.count()
 

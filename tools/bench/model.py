@@ -30,10 +30,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from servers.runner._kernels import simd_level  # noqa: E402
-from servers.runner.model import Model, SeqChunk  # noqa: E402
-from servers.runner.reference import NumpyLlama  # noqa: E402
-from servers.runner.sampling import GREEDY  # noqa: E402
+from llmos.servers.runner._kernels import simd_level  # noqa: E402
+from llmos.servers.runner.model import Model, SeqChunk  # noqa: E402
+from llmos.servers.runner.reference import NumpyLlama  # noqa: E402
+from llmos.servers.runner.sampling import GREEDY  # noqa: E402
 
 
 def first_tokens(batch: int) -> list[int]:
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> int:
                 record(f"decode B={batch}", "numpy", batch * ns.max_pos / seconds)
                 same_text[batch] = stream == ref_stream
         if ns.llama_cpp is not None:
-            from tools.bench.model_peers import batched_bench, llama_bench
+            from llmos.bench.model_peers import batched_bench, llama_bench
 
             single = llama_bench(ns.llama_cpp, path, ns.threads, ns.prefill or 512, ns.max_pos)
             if ns.prefill:

@@ -36,10 +36,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from servers.scheduler.settings import POLICIES
-from tools.bench.report import write_json
-from tools.bench.serve_report import render, render_external
-from tools.bench.serve_workload import (
+from llmos.bench.report import write_json
+from llmos.bench.serve_report import render, render_external
+from llmos.bench.serve_workload import (
     Spec,
     WorkItem,
     WorkloadError,
@@ -48,6 +47,7 @@ from tools.bench.serve_workload import (
     parse_dist,
     parse_priorities,
 )
+from llmos.servers.scheduler.settings import POLICIES
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -148,8 +148,8 @@ def interrupted_by_sigterm() -> Iterator[None]:
 
 def workload(ns: argparse.Namespace, context: int) -> list[WorkItem]:
     """The seeded requests, drawn with the shipped model's tokenizer for its `context`."""
-    from libllm.tokenizer import load_tokenizer
-    from servers.runner.loaders import default_tokenizer_path
+    from llmos.libllm.tokenizer import load_tokenizer
+    from llmos.servers.runner.loaders import default_tokenizer_path
 
     spec = Spec(ns.requests, ns.seed, parse_dist(ns.prompt_len), parse_dist(ns.output_len),
                 parse_priorities(ns.priorities), ns.shared_prefix, ns.num_prefixes, ns.prefix_len, ns.temperature,
@@ -163,8 +163,8 @@ def _config(ns: argparse.Namespace) -> dict[str, Any]:
 
 def run_base_url(ns: argparse.Namespace) -> dict[str, Any]:
     """The workload against the server at --base-url, as its JSON report (serve_openai)."""
-    from servers.runner.loaders import default_model_path, read_config
-    from tools.bench.serve_openai import api_root, external_report, first_model, run_external
+    from llmos.bench.serve_openai import api_root, external_report, first_model, run_external
+    from llmos.servers.runner.loaders import default_model_path, read_config
 
     url = api_root(ns.base_url)
     key = ns.api_key or os.environ.get("OPENAI_API_KEY", "")  # read here, so --help never shows it
@@ -178,10 +178,10 @@ def run_base_url(ns: argparse.Namespace) -> dict[str, Any]:
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     """Everything the benchmark measures, as the JSON report (serve_results)."""
-    from servers.runner.model import Model
-    from tools.bench.serve_baselines import in_process, run_naive, stop_ids_of
-    from tools.bench.serve_results import build
-    from tools.bench.serve_system import RunOptions, SystemRun, run_system
+    from llmos.bench.serve_baselines import in_process, run_naive, stop_ids_of
+    from llmos.bench.serve_results import build
+    from llmos.bench.serve_system import RunOptions, SystemRun, run_system
+    from llmos.servers.runner.model import Model
 
     model = Model.load()
     items = workload(ns, model.config.seq_len)
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
         try:
             parse_dist(ns.prompt_len), parse_dist(ns.output_len), parse_priorities(ns.priorities)
             if ns.plot:
-                from tools.bench.serve_plot import require
+                from llmos.bench.serve_plot import require
 
                 require()
         except (WorkloadError, RuntimeError) as exc:
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
         return _failures(report)
     print(render(report, ns.verbose))
     if ns.plot:
-        from tools.bench.serve_plot import write_plots
+        from llmos.bench.serve_plot import write_plots
 
         paths = write_plots(report, ns.plot)
         print("\nCharts: " + ", ".join(str(p) for p in paths))

@@ -23,20 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from libllm.sampling import SamplingParams
-from microkernel.lifeline import exit_with_parent
-from servers.runner.model import Model, SeqChunk
-from tools.bench.e2e import CTX
-from tools.bench.serve_clients import ClientSpec, Record
-from tools.bench.serve_harness import Harness
-from tools.bench.serve_workload import WorkItem, digest
-from tools.lifecycle import cpu_seconds
+from llmos.bench.e2e import CTX
+from llmos.bench.serve_clients import ClientSpec, Record
+from llmos.bench.serve_harness import Harness
+from llmos.bench.serve_workload import WorkItem, digest
+from llmos.libllm.sampling import SamplingParams
+from llmos.lifecycle import cpu_seconds
+from llmos.microkernel.lifeline import exit_with_parent
+from llmos.servers.runner.model import Model, SeqChunk
 
 
 def stop_ids_of(model: Model) -> frozenset[int]:
     """The ids a runner stops at: those of the model's tokenizer."""
-    from libllm.tokenizer import load_tokenizer
-    from servers.runner.loaders import tokenizer_path_for
+    from llmos.libllm.tokenizer import load_tokenizer
+    from llmos.servers.runner.loaders import tokenizer_path_for
 
     return frozenset(load_tokenizer(tokenizer_path_for(model.loaded.path)).stop_ids)
 

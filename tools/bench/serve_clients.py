@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tools.bench.instances import WAIT
-from tools.bench.serve_workload import WorkItem, digest
+from llmos.bench.instances import WAIT
+from llmos.bench.serve_workload import WorkItem, digest
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,7 +98,7 @@ class LibllmClient:
     """A libllm session: `submit().result()` (server timings), or `stream()` timed here too."""
 
     def __init__(self, spec: ClientSpec, t0: Callable[[], float]) -> None:
-        import libllm
+        from llmos import libllm
 
         self.session = libllm.connect(spec.instance, timeout=WAIT)
         self.stream, self.t0 = spec.stream, t0
@@ -134,8 +134,8 @@ class HttpClient:
     def __init__(self, spec: ClientSpec, t0: Callable[[], float]) -> None:
         import httpx
 
-        from libllm.tokenizer import load_tokenizer
-        from servers.runner.loaders import default_tokenizer_path
+        from llmos.libllm.tokenizer import load_tokenizer
+        from llmos.servers.runner.loaders import default_tokenizer_path
 
         self.client = httpx.Client(base_url=spec.url, timeout=WAIT)
         self.model = self.client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
@@ -202,7 +202,7 @@ def connect(spec: ClientSpec, t0: Callable[[], float], slot: int,
     if spec.kind == "http":
         return HttpClient(spec, t0)
     if spec.kind == "openai":
-        from tools.bench.serve_openai import OpenAIClient
+        from llmos.bench.serve_openai import OpenAIClient
 
         return OpenAIClient(spec, t0)
     assert naive is not None

@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from microkernel.lifeline import exit_with_parent
-from tools.bench.e2e import CTX
-from tools.bench.instances import WAIT
-from tools.bench.serve_clients import Client, ClientSpec, Record, connect
-from tools.bench.serve_workload import WorkItem
+from llmos.bench.e2e import CTX
+from llmos.bench.instances import WAIT
+from llmos.bench.serve_clients import Client, ClientSpec, Record, connect
+from llmos.bench.serve_workload import WorkItem
+from llmos.microkernel.lifeline import exit_with_parent
 
 
 class BenchError(RuntimeError):

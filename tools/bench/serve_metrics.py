@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tools.bench.serve_clients import Record
-from tools.bench.serve_system import SystemRun
+from llmos.bench.serve_clients import Record
+from llmos.bench.serve_system import SystemRun
 
 LATENCIES = ("queue_s", "ttft_s", "per_token_s", "e2e_s", "stream_ttft_s", "stream_per_token_s", "late_s")
 _RANK = {"client": 0, "gateway": 1, "scheduler": 2, "memory": 3, "runner": 3}

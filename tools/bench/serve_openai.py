@@ -24,10 +24,10 @@ from typing import Any
 
 import httpx
 
-from tools.bench.instances import WAIT
-from tools.bench.serve_clients import ClientSpec, PieceClock, Record, stream_timings
-from tools.bench.serve_harness import Harness
-from tools.bench.serve_workload import WorkItem
+from llmos.bench.instances import WAIT
+from llmos.bench.serve_clients import ClientSpec, PieceClock, Record, stream_timings
+from llmos.bench.serve_harness import Harness
+from llmos.bench.serve_workload import WorkItem
 
 
 class Refused(Exception):
@@ -175,9 +175,9 @@ def external_report(config: dict[str, Any], workload: dict[str, Any], records: S
                     duration_s: float) -> dict[str, Any]:
     """The JSON report of a --base-url run: "config", "workload", "summary" (vLLM's
     names), "latency" (as the llmos runs'), "errors" (message: count) and "records"."""
-    from tools.bench.serve_metrics import latency
-    from tools.bench.serve_results import records_table
-    from tools.bench.serve_summary import summarise
+    from llmos.bench.serve_metrics import latency
+    from llmos.bench.serve_results import records_table
+    from llmos.bench.serve_summary import summarise
 
     return {"config": config, "workload": workload, "summary": summarise(records, duration_s),
             "latency": latency([r for r in records if not r.error]), "errors": errors_by_message(records),

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.bench.report import table
-from tools.bench.serve_summary import render_summary
+from llmos.bench.report import table
+from llmos.bench.serve_summary import render_summary
 
 GOAL_IN_PROCESS = 0.85  # aggregate throughput at least this share of in-process batched
 GOAL_OUTSIDE_CPU = 0.15  # CPU outside the runners at most this share of the runners'

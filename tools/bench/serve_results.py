@@ -16,13 +16,13 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from tools.bench.report import ratio
-from tools.bench.serve_baselines import InProcessResult, NaiveResult
-from tools.bench.serve_clients import Record
-from tools.bench.serve_metrics import cpu, latency, symbols
-from tools.bench.serve_report import GOAL_IN_PROCESS, GOAL_OUTSIDE_CPU
-from tools.bench.serve_summary import summarise
-from tools.bench.serve_system import SystemRun
+from llmos.bench.report import ratio
+from llmos.bench.serve_baselines import InProcessResult, NaiveResult
+from llmos.bench.serve_clients import Record
+from llmos.bench.serve_metrics import cpu, latency, symbols
+from llmos.bench.serve_report import GOAL_IN_PROCESS, GOAL_OUTSIDE_CPU
+from llmos.bench.serve_summary import summarise
+from llmos.bench.serve_system import SystemRun
 
 median = statistics.median
 

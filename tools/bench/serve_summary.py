@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.bench.serve_clients import Record
+from llmos.bench.serve_clients import Record
 
 WIDTH = 50
 

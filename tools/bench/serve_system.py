@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tools.bench.instances import WAIT, instance
-from tools.bench.serve_clients import ClientSpec, Record
-from tools.bench.serve_harness import Harness
-from tools.bench.serve_workload import WorkItem
-from tools.config import servers_toml
-from tools.lifecycle import cpu_seconds
+from llmos.bench.instances import WAIT, instance
+from llmos.bench.serve_clients import ClientSpec, Record
+from llmos.bench.serve_harness import Harness
+from llmos.bench.serve_workload import WorkItem
+from llmos.config import servers_toml
+from llmos.lifecycle import cpu_seconds
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,7 +56,7 @@ def config_text(policy: str, options: RunOptions) -> str:
 def process_pids(name: str) -> dict[str, int]:
     """Pid of every process of the instance (as `llmos status --json` lists them), and the
     supervisor's."""
-    from tools.lifecycle import status_report
+    from llmos.lifecycle import status_report
 
     report = status_report(name)
     pids = {p["name"]: int(p["pid"]) for p in report["processes"] if p["alive"]}
@@ -81,8 +81,8 @@ def run_system(policy: str, items: Sequence[WorkItem], options: RunOptions, runt
                progress: Callable[[int], None], config: str | None = None) -> SystemRun:
     """Start an instance with `policy` (or the whole `config`), run the workload through it,
     stop it. `progress(output tokens made so far)` moves as the instance reports them."""
-    import libllm
-    from microkernel import instance as I
+    from llmos import libllm
+    from llmos.microkernel import instance as I
 
     with instance(runtime, name, config or config_text(policy, options)) as inst:
         pids = process_pids(inst)

@@ -6,8 +6,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from microkernel import Arena
-from servers.memory import MemoryConfig, MemoryManager, QuotaConfig, arena_bytes, memory_regions
+from llmos.microkernel import Arena
+from llmos.servers.memory import (
+    MemoryConfig,
+    MemoryManager,
+    QuotaConfig,
+    arena_bytes,
+    memory_regions,
+)
 from tests.conftest import unique_name
 
 BLOCK_BYTES = 256

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from microkernel import InvalidRequest, Overloaded
-from servers.memory import BlockAllocator, BlockState, MemoryManager
+from llmos.microkernel import InvalidRequest, Overloaded
+from llmos.servers.memory import BlockAllocator, BlockState, MemoryManager
 from tests.servers.memory.conftest import MakeMemory
 
 OWNER, OTHER = 7, 8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench import memory as bench
+from llmos.bench import memory as bench
 
 
 def test_bench_memory_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

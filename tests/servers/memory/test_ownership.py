@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from microkernel import InvalidRequest, QuotaExceeded
-from servers.memory import BlockState, ClientQuota, MemoryManager, QuotaConfig, Reclaimed
+from llmos.microkernel import InvalidRequest, QuotaExceeded
+from llmos.servers.memory import BlockState, ClientQuota, MemoryManager, QuotaConfig, Reclaimed
 from tests.servers.memory.conftest import MakeMemory
 
 KIB = 1024

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from microkernel import InvalidRequest, Overloaded
-from microkernel import layout as L
-from servers.memory import MemoryManager, SegmentAllocator, SegmentHandle
-from servers.memory.tables import SegmentState
+from llmos.microkernel import InvalidRequest, Overloaded
+from llmos.microkernel import layout as L
+from llmos.servers.memory import MemoryManager, SegmentAllocator, SegmentHandle
+from llmos.servers.memory.tables import SegmentState
 from tests.servers.memory.conftest import MakeMemory
 
 OWNER, OTHER = 5, 6
@@ -181,7 +181,7 @@ def test_rebuild_gives_the_same_view_and_repairs_gaps(make_memory: MakeMemory) -
 
 
 def test_overlapping_extents_are_corruption(make_memory: MakeMemory) -> None:
-    from microkernel import ArenaError
+    from llmos.microkernel import ArenaError
 
     memory = make_memory(segment_bytes=16 * KIB, max_segments=8)
     handle = memory.segments.allocate(KIB, OWNER)

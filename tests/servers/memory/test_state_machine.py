@@ -15,9 +15,9 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from microkernel import Arena, InvalidRequest, Overloaded, QuotaExceeded
-from microkernel import layout as L
-from servers.memory import (
+from llmos.microkernel import Arena, InvalidRequest, Overloaded, QuotaExceeded
+from llmos.microkernel import layout as L
+from llmos.servers.memory import (
     BlockState,
     ClientQuota,
     MemoryConfig,
@@ -27,7 +27,7 @@ from servers.memory import (
     arena_bytes,
     memory_regions,
 )
-from servers.memory.tables import SegmentState
+from llmos.servers.memory.tables import SegmentState
 from tests.conftest import unique_name
 
 NUM_BLOCKS, BLOCK_BYTES, BLOCK_TOKENS = 10, 64, 2

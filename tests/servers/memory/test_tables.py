@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from microkernel import Arena, ArenaError
-from microkernel import layout as L
-from servers.memory import MemoryTables, arena_bytes, memory_regions, tables_size
-from servers.memory.tables import (
+from llmos.microkernel import Arena, ArenaError
+from llmos.microkernel import layout as L
+from llmos.servers.memory import MemoryTables, arena_bytes, memory_regions, tables_size
+from llmos.servers.memory.tables import (
     BLOCK_ENTRY_BYTES,
     HEADER_BYTES,
     SEGMENT_ENTRY_BYTES,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from libllm.tokenizer import Tokenizer, load_tokenizer
-from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.servers.runner.loaders import default_tokenizer_path
+from llmos.servers.runner.model import Model
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from servers.runner.loaders import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, LoadedModel
+from llmos.servers.runner.loaders import LLAMA2C_HEADER_BYTES, LLAMA2C_MAGIC, LoadedModel
 
 REPO = Path(__file__).resolve().parents[3]
 # The built-in model's weights and tokenizer as a GGUF file (tests/fixtures/ORIGIN.md).
@@ -188,7 +188,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 def per_simd_level(compute: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
     """``compute()`` at every SIMD level this CPU has, the best one restored after."""
-    from servers.runner import _kernels
+    from llmos.servers.runner import _kernels
 
     best = _kernels.simd_level()
     results = {}

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers.runner.loaders import load_model
-from servers.runner.model import Model, SeqChunk
-from servers.runner.reference import NumpyLlama
+from llmos.fixtures.make_models import SPECS, write_model
+from llmos.servers.runner.loaders import load_model
+from llmos.servers.runner.model import Model, SeqChunk
+from llmos.servers.runner.reference import NumpyLlama
 from tests.servers.runner.helpers import assert_same_bits, bits, per_simd_level
-from tools.fixtures.make_models import SPECS, write_model
 
 ARCHES = sorted(SPECS)
 QUANTISED = ["llama-tiny-q8_0.gguf", "gemma3-tiny-q4_k_m.gguf"]
@@ -139,7 +139,7 @@ def test_a_window_layer_reads_only_the_window(tmp_path: Path) -> None:
 
 
 def test_any_thread_count_gives_the_same_bits(model_file: Path, ids: list[int]) -> None:
-    from servers.runner import _kernels
+    from llmos.servers.runner import _kernels
 
     before = _kernels.threads()
     results = []

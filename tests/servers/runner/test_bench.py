@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench import model as bench
+from llmos.bench import model as bench
 
 
 def test_bench_model_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

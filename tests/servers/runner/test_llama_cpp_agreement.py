@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers.runner.model import Model, SeqChunk
+from llmos.fixtures.make_models import SPECS, write_model
+from llmos.servers.runner.model import Model, SeqChunk
 from tests.models import gemma3_270m
-from tools.fixtures.make_models import SPECS, write_model
 
 FIXTURES = Path(__file__).parents[2] / "fixtures" / "llama_cpp"
 INDEX = json.loads((FIXTURES / "tiny_logits.json").read_text())["models"]
@@ -93,7 +93,7 @@ def test_quantised_models_agree_with_llama_cpp(stem: str, tmp_path_factory: pyte
 # --------------------------------------------------------------------------- Gemma 3 270M
 @pytest.fixture
 def two_threads() -> Iterator[int]:
-    from servers.runner import _kernels
+    from llmos.servers.runner import _kernels
 
     before = _kernels.threads()
     yield 2

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers.runner import loaders
-from servers.runner.loaders import (
+from llmos.servers.runner import loaders
+from llmos.servers.runner.loaders import (
     LoadedModel,
     default_model_path,
     default_tokenizer_path,
@@ -18,7 +18,7 @@ from servers.runner.loaders import (
     load_model,
     read_config,
 )
-from servers.runner.q8 import Q8Matrix, as_float
+from llmos.servers.runner.q8 import Q8Matrix, as_float
 
 from .helpers import (
     STORIES_GGUF,

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from libllm.tokenizer import Tokenizer
-from servers.runner.loaders import default_model_path, load_model
-from servers.runner.model import Model, SeqChunk, generate
-from servers.runner.reference import NumpyLlama
-from servers.runner.sampling import GREEDY
+from llmos.libllm.tokenizer import Tokenizer
+from llmos.servers.runner.loaders import default_model_path, load_model
+from llmos.servers.runner.model import Model, SeqChunk, generate
+from llmos.servers.runner.reference import NumpyLlama
+from llmos.servers.runner.sampling import GREEDY
 
 from .helpers import (
     EXPECTED_FROM_BOS,

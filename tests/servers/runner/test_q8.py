@@ -12,10 +12,10 @@ import gguf
 import numpy as np
 import pytest
 
-from servers.runner import _kernels
-from servers.runner.loaders import load_model
-from servers.runner.model import Model, SeqChunk
-from servers.runner.q8 import (
+from llmos.servers.runner import _kernels
+from llmos.servers.runner.loaders import load_model
+from llmos.servers.runner.model import Model, SeqChunk
+from llmos.servers.runner.q8 import (
     Q8S_TYPES,
     BlockMatrix,
     Q8KMatrix,

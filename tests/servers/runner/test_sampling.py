@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from servers.runner import _kernels
-from servers.runner.model import Model, SeqChunk, generate
-from servers.runner.sampling import (
+from llmos.servers.runner import _kernels
+from llmos.servers.runner.model import Model, SeqChunk, generate
+from llmos.servers.runner.sampling import (
     CANDIDATES,
     GREEDY,
     SamplingParams,

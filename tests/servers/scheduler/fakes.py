@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from servers.scheduler import (
+from llmos.servers.scheduler import (
     GREEDY,
     CachedBlocks,
     ChunkPlan,

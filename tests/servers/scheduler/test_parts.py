@@ -8,8 +8,8 @@ from types import ModuleType
 
 import pytest
 
-import servers.scheduler
-from servers.scheduler import (
+from llmos import servers
+from llmos.servers.scheduler import (
     ChunkPlan,
     Fair,
     Fcfs,
@@ -22,8 +22,8 @@ from servers.scheduler import (
     StepPlan,
     make_policy,
 )
-from servers.scheduler.plan import sampled_tokens
-from servers.scheduler.settings import SchedulerSettings
+from llmos.servers.scheduler.plan import sampled_tokens
+from llmos.servers.scheduler.settings import SchedulerSettings
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from collections.abc import Hashable, Iterable
 
 import pytest
 
-from servers.scheduler import Fair, Priority, Scheduler, Sequence, StepPlan, TokenEvent
+from llmos.servers.scheduler import Fair, Priority, Scheduler, Sequence, StepPlan, TokenEvent
 from tests.servers.scheduler.fakes import (
     FakeRunner,
     Outcome,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from libllm.blockhash import ROOT_HASH, block_name
-from servers.runner.model import Model
-from servers.scheduler import CachedBlocks, Sampling, Scheduler, SchedulerConfig, Sequence
+from llmos.libllm.blockhash import ROOT_HASH, block_name
+from llmos.servers.runner.model import Model
+from llmos.servers.scheduler import CachedBlocks, Sampling, Scheduler, SchedulerConfig, Sequence
 from tests.servers.scheduler.fakes import Outcome, Spec, alone, drive, make
 from tests.servers.scheduler.test_with_model import serve
 

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from libllm import protocol as P
-from microkernel import Arena
-from microkernel.control import ErrorReply, pack
-from microkernel.endpoint import Message
-from microkernel.errors import ErrorCode, InvalidRequest, WouldBlock
-from microkernel.messages import Header, MsgFlag, MsgType
-from servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
+from llmos.libllm import protocol as P
+from llmos.microkernel import Arena
+from llmos.microkernel.control import ErrorReply, pack
+from llmos.microkernel.endpoint import Message
+from llmos.microkernel.errors import ErrorCode, InvalidRequest, WouldBlock
+from llmos.microkernel.messages import Header, MsgFlag, MsgType
+from llmos.servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
 
 CONTEXT, VOCAB, SENDER = 512, 512, 7
 

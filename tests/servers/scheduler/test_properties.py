@@ -10,7 +10,13 @@ import random
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from servers.scheduler import CachedBlocks, FreeListBlocks, Sampling, Scheduler, SchedulerConfig
+from llmos.servers.scheduler import (
+    CachedBlocks,
+    FreeListBlocks,
+    Sampling,
+    Scheduler,
+    SchedulerConfig,
+)
 from tests.servers.scheduler.fakes import (
     VOCAB,
     Blocks,

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from microkernel.errors import QuotaExceeded
-from servers.scheduler import CachedBlocks, FreeListBlocks, Scheduler, SchedulerConfig
-from servers.scheduler.quotas import ClientBlocks
-from servers.scheduler.sequence import FinishReason
+from llmos.microkernel.errors import QuotaExceeded
+from llmos.servers.scheduler import CachedBlocks, FreeListBlocks, Scheduler, SchedulerConfig
+from llmos.servers.scheduler.quotas import ClientBlocks
+from llmos.servers.scheduler.sequence import FinishReason
 from tests.servers.scheduler.fakes import (
     VOCAB,
     FakeRunner,

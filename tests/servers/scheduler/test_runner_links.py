@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from servers.scheduler.runner_links import FIRST_DELAY_S, MAX_DELAY_S, RunnerLinks
+from llmos.servers.scheduler.runner_links import FIRST_DELAY_S, MAX_DELAY_S, RunnerLinks
 
 
 def test_failures_back_off_and_each_retry_is_handed_out_once() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from servers.scheduler import (
+from llmos.servers.scheduler import (
     FinishEvent,
     Sampling,
     Scheduler,

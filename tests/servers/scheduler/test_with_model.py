@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from libllm.tokenizer import Tokenizer, load_tokenizer
-from servers.runner.loaders import default_tokenizer_path
-from servers.runner.model import Model, SeqChunk, generate, run_steps
-from servers.runner.sampling import SamplingParams
-from servers.scheduler import (
+from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
+from llmos.servers.runner.loaders import default_tokenizer_path
+from llmos.servers.runner.model import Model, SeqChunk, generate, run_steps
+from llmos.servers.runner.sampling import SamplingParams
+from llmos.servers.scheduler import (
     FinishEvent,
     FreeListBlocks,
     Sampling,
