@@ -21,19 +21,25 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from llmos.libllm import protocol as P
-from llmos.libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session, _Wired
+from llmos.libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session
 from llmos.libllm.client import connect as _connect
+from llmos.libllm.connection import Wired
 from llmos.libllm.memory import INLINE_PROMPT_TOKENS
-from llmos.libllm.options import Options
+from llmos.libllm.options import Options, options_of, seeds_of
 from llmos.libllm.request import Completion, DeadlineExceeded, Pending, Request
 from llmos.microkernel.endpoint import Message, raise_for_status
 from llmos.microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock
 from llmos.microkernel.messages import MsgType
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from llmos.libllm.options import RequestArgs
 
 _WAIT_SLICE_S = 1.0  # a waiter looks at its deadline and the kernel at least this often
 _LOCK_RETRY_S = 0.002  # the lock is held by a worker thread (a sync call): look again this soon
@@ -65,7 +71,7 @@ class AsyncSession:
     def _wake_loop(self) -> None:
         """Park on the current channel's ring; on news, have the loop route it."""
         while not self._stop.is_set():
-            incoming = self.session._channel.incoming  # a failover replaces the channel
+            incoming = self.session.connection.channel.incoming  # a failover replaces the channel
             try:
                 readable = incoming.wait_readable(_WAIT_SLICE_S)
             except (Closed, PeerGone, RuntimeError):  # the channel went: a failover is due or running
@@ -81,12 +87,12 @@ class AsyncSession:
         self._pump_scheduled = False
         if self._failover is not None:
             return  # the failover's thread holds the lock; its end pumps
-        lock = self.session._lock
+        lock = self.session.connection.lock
         if not lock.acquire(blocking=False):
             self._pump_soon()
             return
         try:
-            self.session._route_ready()
+            self.session.connection.route_ready()
         except PeerGone:
             self._fail_over()
         finally:
@@ -117,16 +123,12 @@ class AsyncSession:
         return self._failover
 
     def _failover_locked(self) -> None:
-        session = self.session
-        with session._lock:
+        connection = self.session.connection
+        with connection.lock:
             try:
-                session._failover()
+                connection.failover()
             except BaseException as exc:  # the instance did not come back: every open request ends so
-                for pending in [*session._requests.values(), *(p for p, _ in session._unsent)]:
-                    if pending.finished is None and pending.error is None:
-                        pending.error = exc
-                session._requests.clear()
-                session._unsent.clear()
+                connection.table.fail_open(exc)
                 raise
 
     def _failover_done(self, done: asyncio.Future[None]) -> None:
@@ -154,13 +156,13 @@ class AsyncSession:
         if self._failover is None and now - self._kernel_checked >= _WAIT_SLICE_S:
             self._kernel_checked = now
             try:
-                self.session._endpoint.heartbeat()
+                self.session.connection.endpoint.heartbeat()
             except PeerGone:
                 self._fail_over()
 
     async def _with_lock(self, action: Callable[[], T]) -> T:
         """Run `action` under the session lock, awaiting (never blocking) while a worker holds it."""
-        lock = self.session._lock
+        lock = self.session.connection.lock
         while True:
             if self._failover is not None:
                 await asyncio.shield(self._failover)
@@ -178,17 +180,17 @@ class AsyncSession:
     # -- requests -----------------------------------------------------------------------
 
     async def _start(self, prompt: str | Sequence[int], stream: bool, options: Options) -> Request:
-        session = self.session
+        session, connection = self.session, self.session.connection
         if isinstance(prompt, (str, Sequence)) and len(prompt) > _INLINE_PREPARE:
-            submit = await self._off_loop(lambda: session._prepare(prompt, options, stream))
+            submit = await self._off_loop(lambda: session.prepare(prompt, options, stream=stream))
         else:
-            submit = session._prepare(prompt, options, stream)
+            submit = session.prepare(prompt, options, stream=stream)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         wired = await self._wire(submit)
         try:
             while True:
-                if wired.endpoint is not session._endpoint:  # a failover came between: wire it again
-                    session._unwire(wired)
+                if wired.endpoint is not connection.endpoint:  # a failover came between: wire it again
+                    connection.unwire(wired)
                     wired = await self._wire(submit)
                 pending = await self._with_lock(functools.partial(self._try_send, wired))
                 if pending is not None:
@@ -197,33 +199,32 @@ class AsyncSession:
                     raise DeadlineExceeded("the request could not be sent within its timeout (the window stayed full)")
                 await self._wait_news(deadline)  # the window is full: a final reply frees a slot
         except BaseException:
-            session._unwire(wired)
+            connection.unwire(wired)
             raise
-        request = session._handle(pending, options.stop, deadline)
-        request._canceller = self._cancel
-        return request
+        return session.handle(pending, options.stop, deadline, self._cancel)
 
-    async def _wire(self, submit: P.Submit) -> _Wired:
+    async def _wire(self, submit: P.Submit) -> Wired:
+        connection = self.session.connection
         if len(submit.prompt_ids) > INLINE_PROMPT_TOKENS:  # a segment: a call to the memory server
-            return await self._off_loop(lambda: self.session._wire(submit, submit.timeout_s))
-        return self.session._wire(submit, submit.timeout_s)
+            return await self._off_loop(lambda: connection.wire(submit, submit.timeout_s))
+        return connection.wire(submit, submit.timeout_s)
 
-    def _try_send(self, wired: _Wired) -> Pending | None:
+    def _try_send(self, wired: Wired) -> Pending | None:
         """(lock held) None: the window is full, or the connection changed under us."""
-        session = self.session
-        if wired.endpoint is not session._endpoint:
+        connection = self.session.connection
+        if wired.endpoint is not connection.endpoint:
             return None
         try:
-            return session._try_send(wired)
+            return connection.try_send(wired)
         except PeerGone:  # an idle session learns of a restart here
             self._fail_over()
             return None
 
     async def _settle(self, request: Request) -> bool:
         """Until `request` has news; True when it is done."""
-        pending = request._request
+        pending = request.pending
         while not _has_news(pending):
-            deadline = request._deadline
+            deadline = request.deadline
             timeout = _WAIT_SLICE_S
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -247,10 +248,10 @@ class AsyncSession:
         """Cancel without waiting: now if the lock is free, else from a worker thread."""
         if pending.finished is not None or pending.error is not None:
             return
-        lock = self.session._lock
+        lock = self.session.connection.lock
         if self._failover is None and lock.acquire(blocking=False):
             try:
-                self.session._cancel(pending)
+                self.session.connection.cancel(pending)
             except LlmosError:
                 pass  # the scheduler is gone, and the request with it (a failover resubmits none ended)
             finally:
@@ -260,58 +261,59 @@ class AsyncSession:
 
     def _cancel_blocking(self, pending: Pending) -> None:
         try:
-            self.session._cancel(pending)
+            self.session.connection.cancel(pending)
         except LlmosError:
             pass
 
     async def _result(self, request: Request) -> Completion:
         while not await self._settle(request):
-            for _ in request._ready_pieces(final=False):
+            for _ in request.ready_pieces(final=False):
                 pass
         return request.result()
 
     # -- public -------------------------------------------------------------------------
 
-    async def submit(self, prompt: str | Sequence[int], **kwargs: Any) -> Request:
+    async def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
         """As `Session.submit`: the request's handle once it is at the scheduler."""
-        return await self._start(prompt, False, Options(**kwargs))
+        return await self._start(prompt, False, options_of(options))
 
-    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+    async def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
         """As `Session.generate` (text or token ids); the loop runs other tasks while it waits."""
-        return await self._result(await self.submit(prompt, **kwargs))
+        return await self._result(await self.submit(prompt, **options))
 
-    async def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Completion:
+    async def chat(self, messages: Sequence[Mapping[str, Any]], **options: Unpack[RequestArgs]) -> Completion:
         """As `Session.chat`: the reply to a conversation, through the model's chat template."""
-        return await self.generate(self.session.chat_ids(messages), **kwargs)
+        return await self.generate(self.session.chat_ids(messages), **options)
 
-    async def generate_n(self, prompt: str | Sequence[int], n: int, **kwargs: Any) -> list[Completion]:
+    async def generate_n(self, prompt: str | Sequence[int], n: int,
+                         **options: Unpack[RequestArgs]) -> list[Completion]:
         """As `Session.generate_n`: n completions of one prompt (seeds seed, seed+1, ...)."""
-        requests = await self.submit_n(prompt, n, **kwargs)
+        requests = await self.submit_n(prompt, n, **options)
         return [await self._result(r) for r in requests]
 
     async def submit_n(self, prompt: str | Sequence[int], n: int, *, stream: bool = False,
-                       **kwargs: Any) -> list[Request]:
+                       **options: Unpack[RequestArgs]) -> list[Request]:
         """As `Session.submit_n`: all n started, or none."""
-        options = Options(**kwargs)
-        seeds = self.session._seeds(n, options.seed)
+        first = options_of(options)
+        seeds = seeds_of(n, first.seed)
         started: list[Request] = []
         try:
             for seed in seeds:
-                started.append(await self._start(prompt, stream, dataclasses.replace(options, seed=seed)))
+                started.append(await self._start(prompt, stream, dataclasses.replace(first, seed=seed)))
         except BaseException:
             for request in started:
-                self._cancel(request._request)
+                self._cancel(request.pending)
             raise
         return started
 
-    async def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[str]:
+    async def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> AsyncIterator[str]:
         """As `Session.stream`: text pieces as tokens arrive; leaving early cancels."""
-        async for piece in self.pieces(await self._start(prompt, True, Options(**kwargs))):
+        async for piece in self.pieces(await self._start(prompt, True, options_of(options))):
             yield piece
 
     def cancel(self, request: Request) -> None:
         """Stop a request started here, without waiting for its end."""
-        self._cancel(request._request)
+        self._cancel(request.pending)
 
     async def pieces(self, request: Request) -> AsyncIterator[str]:
         """The text pieces of a request started here (e.g. by `submit_n(..., stream=True)`);
@@ -320,24 +322,24 @@ class AsyncSession:
         try:
             while True:
                 finished = await self._settle(request)
-                for piece in request._ready_pieces(final=finished):
+                for piece in request.ready_pieces(final=finished):
                     yield piece
-                if finished or request._stopped_by_string:
+                if finished or request.stopped_by_string:
                     done = True
                     break
         finally:
             if not done:
-                self._cancel(request._request)
+                self._cancel(request.pending)
         while not finished:  # a stop string cancelled it: its end frees its blocks (and completion() waits not)
             finished = await self._settle(request)
-            request._request.fresh.clear()
+            request.pending.fresh.clear()
 
     async def stats(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
         """As `Session.stats`."""
-        session = self.session
+        connection = self.session.connection
         scheduler = msgspec.msgpack.decode((await self._call(MsgType.SCHED_STATS, b"", timeout)).payload)
-        memory = await self._off_loop(lambda: session._memory.call(MsgType.MEM_STATS, b"", timeout))
-        kernel = await self._off_loop(lambda: session._endpoint.kernel_stats(timeout))
+        memory = await self._off_loop(lambda: connection.memory.call(MsgType.MEM_STATS, b"", timeout))
+        kernel = await self._off_loop(lambda: connection.endpoint.kernel_stats(timeout))
         return {"kernel": msgspec.to_builtins(kernel), "scheduler": scheduler,
                 "memory": msgspec.to_builtins(P.unpack(memory.payload, P.MemoryStatsReply))}
 
@@ -358,7 +360,7 @@ class AsyncSession:
 
         def send() -> None:
             nonlocal sent_on, txid
-            channel = self.session._channel
+            channel = self.session.connection.channel
             try:
                 txid = channel.request(type_, payload, on_reply=lambda header, body:
                                        replies.append(Message(header, body)))
@@ -369,7 +371,7 @@ class AsyncSession:
                 self._fail_over()
 
         while not replies:
-            if sent_on is not self.session._channel:
+            if sent_on is not self.session.connection.channel:
                 if self.gone is not None and self._failover is None:
                     raise self.gone
                 await self._with_lock(send)

@@ -12,8 +12,10 @@ the floats are finite; the sampling ranges are SamplingParams' (libllm.sampling)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypedDict
 
 from llmos.libllm import protocol as P
 from llmos.libllm.sampling import SamplingParams
@@ -42,6 +44,57 @@ class Options:
     presence_penalty: float = 0.0  # libllm.sampling.SamplingParams defines the three
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+
+
+class RequestArgs(TypedDict, total=False):
+    """The keyword arguments every request takes (`Session.generate`, `submit`, `stream`,
+    `submit_n`, `generate_n`, `chat`, and libllm.aio's): `Options`' fields, whose comments
+    say what each does (tests/libllm/test_options.py keeps the two the same)."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: list[str] | None
+    priority: int
+    timeout: float | None
+    tenant: str
+    logprobs: int | None
+    prompt_logprobs: bool
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(Options))
+
+
+def options_of(args: Mapping[str, Any]) -> Options:
+    """The Options a request's keyword arguments make; an unknown one is an InvalidRequest
+    naming it (not Python's TypeError)."""
+    unknown = sorted(set(args) - OPTION_NAMES)
+    if unknown:
+        raise InvalidRequest(f"unknown argument(s) {', '.join(unknown)}; a request takes {', '.join(sorted(OPTION_NAMES))}")
+    return Options(**args)
+
+
+def seeds_of(n: int, seed: int | None) -> list[int | None]:
+    """The seeds of n completions of one prompt: seed, seed+1, ... (a random start when None).
+
+    Raises:
+        InvalidRequest: n is not a positive int, or seed + n - 1 passes 2**64.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidRequest(f"n must be a positive int, got {n!r}")
+    if seed is None:
+        seed = secrets.randbits(62)
+    elif not isinstance(seed, int) or isinstance(seed, bool):
+        return [seed] * n  # not a seed: the first request's checks name it
+    elif seed + n > 2**64:
+        raise InvalidRequest(f"seed + n - 1 must stay below 2**64 (the n seeds are seed, seed+1, ...), got "
+                             f"seed {seed!r}")
+    return [seed + i for i in range(n)]
 
 
 def check_options(o: Options) -> None:

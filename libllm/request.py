@@ -12,14 +12,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from llmos.libllm import protocol as P
 from llmos.libllm.tokenizer import IncrementalDecoder
 from llmos.microkernel.errors import Timeout
-
-if TYPE_CHECKING:
-    from llmos.libllm.client import Session
 
 
 class DeadlineExceeded(Timeout):
@@ -65,13 +62,23 @@ class Pending:
     logprobs: list[P.Logprob] = field(default_factory=list)  # aligned with token_ids, when asked for
 
 
+class RequestOwner(Protocol):
+    """What a Request needs of its connection (libllm/connection.py)."""
+
+    def pump(self, request: Pending, deadline: float | None) -> None:
+        """Receive until `request` has news (tokens, its end or an error)."""
+
+    def cancel(self, request: Pending) -> None:
+        """Ask the scheduler to stop `request` (its end still comes as a reply)."""
+
+
 class Request:
     """A request in flight: iterate it for text pieces as they arrive, `result()` for the
     whole Completion, `cancel()` to stop it. Returned by `Session.submit` and `stream`."""
 
-    def __init__(self, session: Session, request: Pending, decoder: IncrementalDecoder, stop: list[str],
-                 deadline: float | None) -> None:
-        self._session = session
+    def __init__(self, owner: RequestOwner, request: Pending, decoder: IncrementalDecoder, stop: list[str],
+                 deadline: float | None, canceller: Callable[[Pending], None] | None = None) -> None:
+        self._owner = owner
         self._request = request
         self._decoder = decoder
         self._stop = stop
@@ -80,8 +87,8 @@ class Request:
         self._emitted = 0  # how much of it the caller has been given
         self._stopped_by_string = False
         self._num_kept = 0
-        # How a stop string cancels the request: the session's call, or libllm.aio's (never waits).
-        self._canceller: Callable[[Pending], None] = session._cancel
+        # How a stop string cancels the request: the connection's call, or libllm.aio's (never waits).
+        self._canceller: Callable[[Pending], None] = canceller or owner.cancel
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -89,18 +96,43 @@ class Request:
         finally:
             request = self._request
             if request.finished is None and request.error is None and not self._stopped_by_string:
-                self._session._cancel(request)  # the caller stopped early: free its blocks
+                self._owner.cancel(request)  # the caller stopped early: free its blocks
 
     def _pieces(self) -> Iterator[str]:
         request = self._request
         while True:
-            self._session._pump(request, self._deadline)
+            self._owner.pump(request, self._deadline)
             finished = request.finished is not None
-            yield from self._ready_pieces(final=finished)
+            yield from self.ready_pieces(final=finished)
             if finished or self._stopped_by_string:
                 return
 
-    def _ready_pieces(self, *, final: bool) -> Iterator[str]:
+    # -- for libllm.aio and the gateway: the request as its connection sees it --------------
+
+    @property
+    def pending(self) -> Pending:
+        """What the connection files this request's replies in."""
+        return self._request
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @property
+    def stopped_by_string(self) -> bool:
+        """A stop string was seen: the text ends before it, the request is being cancelled."""
+        return self._stopped_by_string
+
+    def logprobs_from(self, start: int) -> tuple[list[int], list[P.Logprob]] | None:
+        """The token ids and Logprobs received from index `start` on (a stream sends each
+        once); None when the request did not ask for Logprobs."""
+        request = self._request
+        if request.submit.num_logprobs < 0:
+            return None
+        values = request.logprobs[start:]
+        return request.token_ids[start : start + len(values)], values
+
+    def ready_pieces(self, *, final: bool) -> Iterator[str]:
         """Text for the tokens already received (no waiting); with `final`, also what the
         decoder and the stop-string check still hold."""
         request = self._request
@@ -151,9 +183,9 @@ class Request:
     def cancel(self) -> Completion:
         """Stop the request now; returns what was made so far (finish reason "cancelled")."""
         request = self._request
-        self._session._cancel(request)
+        self._owner.cancel(request)
         while request.finished is None and request.error is None:
-            self._session._pump(request, self._deadline)
+            self._owner.pump(request, self._deadline)
             request.fresh.clear()
         if request.error is not None:
             raise request.error
@@ -204,7 +236,7 @@ class Request:
         if self._stopped_by_string:
             # Wait for the cancelled request to finish so its blocks are freed before we return.
             while request.finished is None and request.error is None:
-                self._session._pump(request, self._deadline)
+                self._owner.pump(request, self._deadline)
                 request.fresh.clear()
             if request.error is not None:
                 raise request.error

@@ -50,6 +50,10 @@ MAX_INLINE_REPLY = 4096  # a reply ring holds `window` replies of this size (flo
 MAX_WINDOW = 1024  # the most a client may ask for (the gateway asks for its max_in_flight)
 MAX_PACKET = 1 << 20
 MAX_CLIENT_CHANNELS = 64  # channels a client (an endpoint without a server name) may hold at once
+# Rings the client endpoints of one process may hold together (each endpoint's control ring
+# counts as one, so a session takes two: its control ring and its channel's pair): a process
+# that leaks sessions is stopped before the instance's ring space, not after.
+MAX_PROCESS_RINGS = 256
 MAX_CONNECT_WAITERS = 16  # CONNECTs one endpoint may have waiting for servers to register
 # The share of the RINGS region clients may not take: servers (restarts, reconnects) always fit.
 SERVER_RESERVE_FRACTION = 8
@@ -103,7 +107,8 @@ class Kernel:
     """One instance's kernel. `serve()` runs until SIGTERM/SIGINT or `stop()`."""
 
     def __init__(self, instance: str, regions: list[tuple[L.RegionKind, int]], *, window: int = 8,
-                 reserved: tuple[str, ...] = (), key: str = "", max_client_channels: int = MAX_CLIENT_CHANNELS) -> None:
+                 reserved: tuple[str, ...] = (), key: str = "", max_client_channels: int = MAX_CLIENT_CHANNELS,
+                 max_process_rings: int = MAX_PROCESS_RINGS) -> None:
         self.instance = I.instance_name(instance)
         # Server names only a HELLO with `key` may register (microkernel/server_key.py).
         self.reserved, self._key = reserved, key
@@ -115,6 +120,7 @@ class Kernel:
         self.arena = Arena.create(I.arena_name(self.instance), size, regions)
         self.window = window
         self.max_client_channels = max_client_channels
+        self.max_process_rings = max_process_rings
         rings = self.arena.region(L.RegionKind.RINGS)
         self.space = RingSpace(lambda n: self.arena.carve(L.RegionKind.RINGS, n),
                                lambda: rings.size - self.arena.carved_bytes(L.RegionKind.RINGS))
@@ -435,17 +441,29 @@ class Kernel:
         return self._next_generation
 
     def _check_client_share(self, client: EndpointRecord, need: int, block: int) -> None:
-        """A client may hold `max_client_channels` channels, and may not take the ring space
-        kept for servers (`need` bytes in blocks of at least `block`): one client cannot
-        starve the others or the instance itself. The caller reclaims retired rings first."""
+        """A client may hold `max_client_channels` channels, its process's clients together
+        `max_process_rings` rings, and none may take the ring space kept for servers (`need`
+        bytes in blocks of at least `block`): one client, or one process of many clients,
+        cannot starve the others or the instance itself. (Every endpoint has the kernel's uid:
+        per uid, this is the servers' share.) The caller reclaims retired rings first."""
         if client.control is not None and len(client.channels) >= self.max_client_channels:
             raise ClientLimit(f"endpoint {client.endpoint_id} already holds {len(client.channels)} channels, "
                               f"the most a client may (max_client_channels = {self.max_client_channels}); "
                               f"close some first")
+        held = self._process_rings(client.pid)
+        if held >= self.max_process_rings:
+            raise ClientLimit(f"the clients of pid {client.pid} already hold {held} rings, the most one process "
+                              f"may (max_process_rings = {self.max_process_rings}; a session holds 2); "
+                              f"close some sessions first")
         left = self.space.available(block)
         if left - need < self.server_reserve:
             raise ClientLimit(f"kernel out of ring space for clients: {left} bytes left, of which "
                               f"{self.server_reserve} are kept for the servers (the config's `rings` sets the region)")
+
+    def _process_rings(self, pid: int) -> int:
+        """Control rings and channels the client endpoints of `pid` hold."""
+        return sum(1 + len(r.channels) for r in self.endpoints.values()
+                   if r.pid == pid and not r.trusted and r.control is not None)
 
     def _alloc_doorbell(self, pid: int) -> int:
         offset = self.space.take(L.DOORBELL_SIZE)
@@ -574,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8, help="requests in flight per channel")
     parser.add_argument("--max-client-channels", type=int, default=MAX_CLIENT_CHANNELS,
                         help="channels one client endpoint may hold at once")
+    parser.add_argument("--max-process-rings", type=int, default=MAX_PROCESS_RINGS,
+                        help="rings (control rings and channels) the clients of one process may hold at once")
     parser.add_argument("--reserved", default="", help="server names (fnmatch patterns, comma-separated) that "
                         "only a HELLO with the supervisor's key registers (the key comes on stdin)")
     ns = parser.parse_args(argv)
@@ -588,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reserved = tuple(p for p in ns.reserved.split(",") if p)
         kernel = Kernel(I.instance_name(ns.instance), regions, window=ns.window, reserved=reserved,
-                        key=server_key(), max_client_channels=ns.max_client_channels)
+                        key=server_key(), max_client_channels=ns.max_client_channels,
+                        max_process_rings=ns.max_process_rings)
     except (ArenaError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         print(f"llmos kernel error {exc}", flush=True)

@@ -14,7 +14,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from llmos.microkernel import control as C
 from llmos.microkernel.endpoint import Channel, Endpoint, Message
@@ -29,24 +29,35 @@ MAX_BATCH = 64  # records taken from one channel per pass, so one busy client ca
 BACKLOG_POLL_S = 0.005
 
 
+# An endpoint, or how to make one when the server is ready to take its name (a runner
+# registers only once its model is loaded: from then on it may be sent steps).
+EndpointSource: TypeAlias = Endpoint | Callable[[], Endpoint]
+
+
+def connect(instance: str | None, name: str) -> Endpoint:
+    """What a server process does to join its instance: tie itself to its supervisor, then
+    register `name` with the kernel. Its __main__ calls it; the Server is handed the result."""
+    exit_with_supervisor()
+    return Endpoint.connect(instance, name=name)
+
+
 class Server:
     """Subclass (or pass `handlers`) and call `run()`.
 
     A handler returns the reply payload, None to answer later itself (keeping the txid),
-    or raises a RemoteError subclass to answer with that error.
+    or raises a RemoteError subclass to answer with that error. The server is handed its
+    endpoint (or a factory for it) and owns it from then on: `run()` closes it.
     """
 
     name = "server"
 
-    def __init__(self, instance: str | None = None, *, name: str | None = None,
-                 handlers: dict[int, Handler] | None = None, heartbeat_s: float = 0.5,
-                 max_backlog: int = 64) -> None:
-        self.name = name or self.name
+    def __init__(self, endpoint: EndpointSource, *, handlers: dict[int, Handler] | None = None,
+                 heartbeat_s: float = 0.5, max_backlog: int = 64) -> None:
         self.handlers: dict[int, Handler] = dict(handlers or {})
         self.heartbeat_s = heartbeat_s
         self.max_backlog = max_backlog
-        exit_with_supervisor()
-        self.endpoint = Endpoint.connect(instance, name=self.name)
+        self.endpoint = endpoint if isinstance(endpoint, Endpoint) else endpoint()
+        self.name = self.endpoint.name or self.name  # the name it registered, for the logs
         self.backlogs: dict[int, deque[bytes]] = {}
         self.num_peers_gone = 0
         self.num_errors_replied = 0

@@ -109,6 +109,9 @@ class Config:
     # Channels one client (a process that is not a server) may hold at once; clients also may
     # not take the last eighth of `rings`, which is kept for the servers.
     max_client_channels: int = 64
+    # Rings the clients of one process may hold together (a session holds 2: its control ring
+    # and its channel), so a process that leaks sessions is refused before it fills `rings`.
+    max_process_rings: int = 256
     blas_threads: int = 1  # BLAS threads per server process, set explicitly
     heartbeat_timeout_s: float = 5.0  # a server silent this long is hung: killed and restarted
     max_restarts: int = 5  # crashes of one server within restart_window_s before the instance stops
@@ -130,6 +133,8 @@ class Config:
         if self.window < 1 or self.blas_threads < 1 or self.max_restarts < 0 or self.max_client_channels < 2:
             raise ConfigError("window and blas_threads must be >= 1, max_restarts >= 0, max_client_channels >= 2 "
                               "(a session opens two)")
+        if self.max_process_rings < 2:
+            raise ConfigError("max_process_rings must be >= 2 (a session holds two)")
         if self.heartbeat_timeout_s < 2.0 or self.restart_window_s <= 0 or self.restart_backoff_s < 0:
             raise ConfigError("heartbeat_timeout_s must be >= 2 s; restart windows must be positive")
         if self.start_timeout_s < 1.0:

@@ -164,7 +164,8 @@ class Supervisor:
         # The names only our children may register: every configured server's and the built-in ones.
         reserved = sorted({*BUILTIN_NAMES, *(s.name for s in self.config.server_specs())})
         argv = ["-m", "llmos.microkernel.kernel", "--instance", self.instance, *regions, "--window", str(self.config.window),
-                f"--reserved={','.join(reserved)}", f"--max-client-channels={self.config.max_client_channels}"]
+                f"--reserved={','.join(reserved)}", f"--max-client-channels={self.config.max_client_channels}",
+                f"--max-process-rings={self.config.max_process_rings}"]
         return Child("kernel", argv, "llmos kernel ready", self.log_dir / "kernel.log")
 
     def _server_child(self, spec: ServerSpec) -> Child:

@@ -14,7 +14,7 @@ import msgspec
 
 from llmos.microkernel.endpoint import Channel, Message
 from llmos.microkernel.messages import MsgType
-from llmos.servers.base import Server, configure_logging
+from llmos.servers.base import EndpointSource, Server, configure_logging, connect
 
 
 class EchoInfo(msgspec.Struct, frozen=True):
@@ -27,8 +27,8 @@ class EchoInfo(msgspec.Struct, frozen=True):
 class EchoServer(Server):
     name = "echo"
 
-    def __init__(self, instance: str | None = None, *, name: str | None = None) -> None:
-        super().__init__(instance, name=name, handlers={
+    def __init__(self, endpoint: EndpointSource) -> None:
+        super().__init__(endpoint, handlers={
             MsgType.TEST_ECHO: self.handle_echo,
             MsgType.TEST_HOLD: self.handle_hold,
             MsgType.TEST_INFO: self.handle_info,
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="echo")
     ns = parser.parse_args(argv)
     configure_logging(ns.name)
-    server = EchoServer(ns.instance, name=ns.name)
+    server = EchoServer(connect(ns.instance, ns.name))
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

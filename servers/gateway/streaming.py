@@ -63,14 +63,14 @@ async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, ri
 
     def new_logprobs(choice: Choice) -> dict[str, Any] | None:
         """The logprobs of the tokens received since the last chunk (when asked for)."""
-        pending = choice.request._request
-        if pending.submit.num_logprobs < 0:
+        received = choice.request.logprobs_from(choice.num_sent)
+        if received is None:
             return None
-        ids, values = pending.token_ids[choice.num_sent:], pending.logprobs[choice.num_sent:]
+        ids, values = received
         choice.num_sent += len(values)
         if kind == "text_completion":
-            return completion_logprobs(tokenizer, ids[: len(values)], values)
-        return chat_logprobs(tokenizer, ids[: len(values)], values)
+            return completion_logprobs(tokenizer, ids, values)
+        return chat_logprobs(tokenizer, ids, values)
 
     def chunk(choice: Choice, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
         logprobs = None if role else new_logprobs(choice)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmos.servers.base import configure_logging
+from llmos.servers.base import configure_logging, connect
 from llmos.servers.memory.manager import MemoryConfig
 from llmos.servers.memory.quotas import ClientQuota, QuotaConfig
 from llmos.servers.memory.server import MemoryServer
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     # 0 in the config means unlimited.
     quotas = QuotaConfig(default=ClientQuota(settings.quota_blocks or None, settings.quota_segment_bytes or None))
     config = MemoryConfig(settings.block_bytes, settings.block_tokens, quotas=quotas)
-    server = MemoryServer(ns.instance, config, sweep_interval_s=settings.sweep_interval_s,
-                          weights_bytes=settings.weights_bytes, name=ns.name)
+    server = MemoryServer(connect(ns.instance, ns.name), config, sweep_interval_s=settings.sweep_interval_s,
+                          weights_bytes=settings.weights_bytes)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

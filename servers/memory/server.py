@@ -20,7 +20,7 @@ from llmos.microkernel import control as C
 from llmos.microkernel.endpoint import Channel, Message
 from llmos.microkernel.errors import ArenaError, InvalidRequest, LlmosError
 from llmos.microkernel.messages import MsgType
-from llmos.servers.base import Server
+from llmos.servers.base import EndpointSource, Server
 from llmos.servers.memory.manager import MemoryConfig, MemoryManager, Reclaimed
 from llmos.servers.memory.quotas import INSTANCE_ID
 from llmos.servers.memory.segments import SegmentHandle
@@ -39,9 +39,9 @@ def charged_client(channel: Channel, claimed: int) -> int:
 class MemoryServer(Server):
     name = "memory"
 
-    def __init__(self, instance: str | None, config: MemoryConfig, *, sweep_interval_s: float = 5.0,
-                 weights_bytes: int = 0, name: str | None = None) -> None:
-        super().__init__(instance, name=name, handlers={
+    def __init__(self, endpoint: EndpointSource, config: MemoryConfig, *, sweep_interval_s: float = 5.0,
+                 weights_bytes: int = 0) -> None:
+        super().__init__(endpoint, handlers={
             MsgType.MEM_ALLOC_BLOCKS: self.handle_alloc_blocks,
             MsgType.MEM_FREE_BLOCKS: self.handle_free_blocks,
             MsgType.MEM_ALLOC_SEGMENT: self.handle_alloc_segment,

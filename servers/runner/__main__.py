@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
-from llmos.servers.base import configure_logging
+from llmos.servers.base import configure_logging, connect
 from llmos.servers.runner.server import RunnerServer
 from llmos.servers.runner.settings import ModelSettings
 from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
@@ -23,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(ns.name)
-    server = RunnerServer(ns.instance, settings.model_path(), block_tokens=ns.block_tokens, name=ns.name,
-                          threads=settings.threads or 1, context=settings.context or None, kv_dtype=settings.kv_dtype)
+    # Connected only once the model is loaded (RunnerServer): a factory, not an endpoint.
+    server = RunnerServer(partial(connect, ns.instance, ns.name), settings.model_path(),
+                          block_tokens=ns.block_tokens, threads=settings.threads or 1,
+                          context=settings.context or None, kv_dtype=settings.kv_dtype)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

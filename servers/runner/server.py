@@ -24,7 +24,7 @@ from llmos.microkernel import layout as L
 from llmos.microkernel.endpoint import Channel, Message
 from llmos.microkernel.errors import InvalidRequest
 from llmos.microkernel.messages import MsgType
-from llmos.servers.base import Server
+from llmos.servers.base import EndpointSource, Server
 from llmos.servers.runner.loaders import tokenizer_path_for
 from llmos.servers.runner.model import Model, SeqChunk, run_steps
 from llmos.servers.runner.sampling import SamplingParams
@@ -36,13 +36,14 @@ log = logging.getLogger("llmos.runner")
 class RunnerServer(Server):
     name = "runner.0"
 
-    def __init__(self, instance: str | None, model_path: Path, *, block_tokens: int, name: str | None = None,
+    def __init__(self, endpoint: EndpointSource, model_path: Path, *, block_tokens: int,
                  threads: int = 1, context: int | None = None, kv_dtype: str = "f32") -> None:
-        # Load first, register after: once the name is taken, the scheduler may send steps.
+        # Load first, register after (`endpoint` is then a factory): once the name is taken,
+        # the scheduler may send steps.
         # Progress lines on stdout until the ready line: the supervisor shows them (start_progress).
         self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context,
                                 kv_dtype=kv_dtype, progress=StageProgress("weights"))
-        super().__init__(instance, name=name, handlers={
+        super().__init__(endpoint, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,
             MsgType.RUNNER_STEP: self.handle_step,
             MsgType.RUNNER_FENCE: self.handle_fence,

@@ -6,7 +6,8 @@ and named blocks), `prefix` (which blocks a sequence shares), `plan` (StepPlan,
 ChunkPlan), `events` (TokenEvent, FinishEvent), `policy` (the Policy seam, fcfs), `fair`
 and `policies` (priority, rr, fair; make_policy), `stats` (SchedulerStats), `scheduler`
 (Scheduler). Pure logic: no processes, no messages, no arena; the server loop wraps it.
-Imports no other server.
+The loop's own decisions are pure too: `requests` (what each client is sent), `backpressure`,
+`lease`, `runner_links`; `server` does their I/O. Imports no other server.
 """
 
 from __future__ import annotations

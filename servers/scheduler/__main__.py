@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmos.servers.base import configure_logging
+from llmos.servers.base import configure_logging, connect
 from llmos.servers.scheduler.server import SchedulerServer
 from llmos.servers.scheduler.settings import SchedulerSettings
 from llmos.servers.settings import ConfigError, add_settings_argument, decode_settings
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(ns.name)
-    server = SchedulerServer(ns.instance, settings, runners=[r for r in ns.runners.split(",") if r],
-                             max_blocks_per_client=ns.quota_blocks or None, name=ns.name)
+    server = SchedulerServer(connect(ns.instance, ns.name), settings, runners=[r for r in ns.runners.split(",") if r],
+                             max_blocks_per_client=ns.quota_blocks or None)
     server.install_signal_handlers()
     print(f"llmos {ns.name} ready endpoint {server.endpoint.endpoint_id}", flush=True)
     return server.run()

@@ -4,7 +4,9 @@ Registers as "scheduler". Owns requests, sequences and their block tables; holds
 of KV blocks from the memory server; sends each idle runner a step and streams the new
 tokens to their clients (WAKE for streaming clients; others are woken at finish). Never
 blocks: every call to a runner or the memory server is a request with a callback, and a
-client that stops reading only pauses its own sequences.
+client that stops reading only pauses its own sequences. What to send whom (requests.py),
+backpressure (backpressure.py) and the lease (lease.py) are decided by pure objects; this
+loop does their I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
@@ -24,20 +25,22 @@ from llmos.libllm.protocol import runner as R
 from llmos.microkernel import control as C
 from llmos.microkernel.endpoint import Channel, Message, raise_for_status
 from llmos.microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
-from llmos.microkernel.messages import Header, MsgFlag, MsgType
-from llmos.servers.base import Server
+from llmos.microkernel.messages import Header, MsgType
+from llmos.servers.base import EndpointSource, Server
+from llmos.servers.scheduler.backpressure import Backpressure
 from llmos.servers.scheduler.block_cache import CachedBlocks
 from llmos.servers.scheduler.config import SchedulerConfig
-from llmos.servers.scheduler.events import Event, FinishEvent, PromptLogprobsEvent, TokenEvent
+from llmos.servers.scheduler.events import Event
+from llmos.servers.scheduler.lease import LEASE_CHUNK, Lease
 from llmos.servers.scheduler.plan import StepPlan
 from llmos.servers.scheduler.prompts import PromptFetch, PromptFetches, read_prompt
+from llmos.servers.scheduler.requests import FINAL, Request, Requests
 from llmos.servers.scheduler.runner_links import RunnerLinks
 from llmos.servers.scheduler.scheduler import Scheduler
 from llmos.servers.scheduler.sequence import Sampling, Sequence
 from llmos.servers.scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("llmos.scheduler")
-LEASE_CHUNK = 64  # blocks per lease request (bounded by the reply size)
 STARTUP_TIMEOUT_S = 60.0
 RECONNECT_TIMEOUT_S = 5.0  # a kernel call from the loop: the kernel answers at once, or is hung
 # Steps in flight per runner (settings.pipeline_depth): with two, the runner computes one
@@ -45,45 +48,14 @@ RECONNECT_TIMEOUT_S = 5.0  # a kernel call from the loop: the kernel answers at 
 # hides behind compute. That pays where steps are short (a small model); where they are long,
 # one step with the whole batch computes faster than two halves (the supervisor resolves 0 to
 # 1 for large models: Gemma 3 270M over HTTP, 32 clients, 266 against 229 tokens/s).
-HIST_BUCKETS = 32  # log2 microsecond buckets: up to ~71 minutes
-# Tokens of a non-streaming request travel in batches of this many (and the rest at finish):
-# its client is not woken for them, and fewer records cost both sides less. They still
-# arrive during generation, so a client knows what it has if the scheduler dies.
-NON_STREAM_BATCH = 64
-# Flags as plain ints: enum arithmetic is measurable per token.
-TOKENS_STREAM = int(MsgFlag.REPLY | MsgFlag.MORE | MsgFlag.WAKE)
-TOKENS_QUIET = int(MsgFlag.REPLY | MsgFlag.MORE)
-FINAL = int(MsgFlag.REPLY | MsgFlag.WAKE)
-
-
-@dataclass(slots=True)
-class Request:
-    """A client's submit: where its replies go and its timings."""
-
-    channel: Channel
-    txid: int
-    stream: bool
-    seed: int
-    submitted: float
-    first_step: float = 0.0
-    first_token: float = 0.0
-    pending: list[int] = field(default_factory=list)  # tokens not yet sent (non-streaming)
-    pending_logprobs: list[P.Logprob] = field(default_factory=list)  # theirs, when asked for
-    prompt_logprobs: dict[int, P.Logprob] = field(default_factory=dict)  # position -> Logprob, when asked for
-
-    def take_pending(self) -> bytes:
-        """The tokens not yet sent, as one Tokens payload; none are pending after."""
-        payload = P.pack(P.Tokens(self.pending, self.pending_logprobs))
-        self.pending, self.pending_logprobs = [], []
-        return payload
 
 
 class SchedulerServer(Server):
     name = "scheduler"
 
-    def __init__(self, instance: str | None, settings: SchedulerSettings, *, runners: list[str],
-                 max_blocks_per_client: int | None = None, name: str | None = None) -> None:
-        super().__init__(instance, name=name, handlers={
+    def __init__(self, endpoint: EndpointSource, settings: SchedulerSettings, *, runners: list[str],
+                 max_blocks_per_client: int | None = None) -> None:
+        super().__init__(endpoint, handlers={
             MsgType.SCHED_SUBMIT: self.handle_submit,
             MsgType.SCHED_CANCEL: self.handle_cancel,
             MsgType.SCHED_MODEL_INFO: self.handle_model_info,
@@ -113,17 +85,12 @@ class SchedulerServer(Server):
             quantum=settings.quantum, client_weights=client_weights, prefix_caching=settings.prefix_cache,
             max_blocks_per_client=max_blocks_per_client),
             self.blocks)
-        self.requests: dict[int, Request] = {}  # seq_id -> request
-        self.by_txid: dict[tuple[int, int], int] = {}  # (channel, txid) -> seq_id
+        self.requests = Requests()  # by seq_id and by (channel, txid); the latency histograms
         self.prompt_fetches = PromptFetches()  # long prompts: submits waiting to learn where their ids lie
         self._next_seq_id = 1
-        self._lease_pending = False
-        self._lease_exhausted = False
-        self._paused_channels: set[int] = set()  # clients whose sequences wait for them to read
+        self.lease = Lease()
+        self.backpressure = Backpressure()  # clients whose sequences wait for them to read
         self.runner_busy_s = 0.0  # sum of the runners' compute time (U = this / wall / runners)
-        # Histograms of finished requests: bucket i counts values in [2**i, 2**(i+1)) microseconds.
-        self.ttft_hist = [0] * HIST_BUCKETS
-        self.tpot_hist = [0] * HIST_BUCKETS
         self.started = time.monotonic()
 
     # -- startup (blocking calls are allowed before the loop starts) -----------------------
@@ -156,8 +123,8 @@ class SchedulerServer(Server):
         stats["num_cached_blocks"] = self.blocks.num_cached  # prefix blocks no one holds
         stats["num_prefix_evictions"] = self.blocks.num_evictions
         stats["runner_busy_s"] = self.runner_busy_s
-        stats["ttft_us_log2_hist"] = self.ttft_hist
-        stats["time_per_token_us_log2_hist"] = self.tpot_hist
+        stats["ttft_us_log2_hist"] = self.requests.ttft_hist
+        stats["time_per_token_us_log2_hist"] = self.requests.tpot_hist
         stats["uptime_s"] = time.monotonic() - self.started
         stats["num_runners"] = len(self.runners)
         return msgspec.msgpack.encode(stats)
@@ -196,10 +163,9 @@ class SchedulerServer(Server):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         self._next_seq_id += 1
-        if channel.channel_id in self._paused_channels:  # its client is still not reading
+        if self.backpressure.is_paused(channel.channel_id):  # its client is still not reading
             self.scheduler.pause(seq.seq_id)
-        self.requests[seq.seq_id] = Request(channel, message.header.txid, submit.stream, seed, now)
-        self.by_txid[(channel.channel_id, message.header.txid)] = seq.seq_id
+        self.requests.add(seq.seq_id, Request(channel.channel_id, message.header.txid, submit.stream, seed, now))
         return None  # answered as tokens come
 
     def _on_prompt_segment(self, fetch: PromptFetch, header: Header, payload: bytes) -> None:
@@ -231,7 +197,7 @@ class SchedulerServer(Server):
             cancel: P.Cancel = P.unpack(message.payload, P.Cancel)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidRequest(f"bad Cancel payload: {exc}") from None
-        seq_id = self.by_txid.get((channel.channel_id, cancel.txid))
+        seq_id = self.requests.seq_of(channel.channel_id, cancel.txid)
         if seq_id is not None:
             self.scheduler.cancel(seq_id)
             self._deliver(self.scheduler.pop_events())
@@ -244,7 +210,7 @@ class SchedulerServer(Server):
 
     def on_peer_gone(self, event: C.PeerGone) -> None:
         super().on_peer_gone(event)
-        self._lease_exhausted = False  # someone left: the pool may have blocks again
+        self.lease.reset()  # someone left: the pool may have blocks again
         for runner, channel in list(self.runners.items()):
             if channel.channel_id == event.channel_id:
                 # Alive, it dropped the channel (a corrupt ring): a new one later. Dead, it
@@ -260,11 +226,8 @@ class SchedulerServer(Server):
             self.prompt_fetches.ask_again()  # once it is back
             return
         self.prompt_fetches.drop_channel(event.channel_id)
-        for seq_id, request in list(self.requests.items()):  # a client left: drop its work
-            if request.channel.channel_id == event.channel_id:
-                self.scheduler.cancel(seq_id)
-                self.requests.pop(seq_id)
-                self.by_txid.pop((event.channel_id, request.txid), None)
+        for seq_id in self.requests.drop_channel(event.channel_id):  # a client left: drop its work
+            self.scheduler.cancel(seq_id)
         self.scheduler.pop_events()
 
     def on_name_registered(self, event: C.NameRegistered) -> None:
@@ -277,7 +240,7 @@ class SchedulerServer(Server):
         elif event.name == "memory":
             try:
                 self.memory = self.endpoint.open_channel("memory", wait=True, timeout=STARTUP_TIMEOUT_S)
-                self._lease_pending = False
+                self.lease.lost()  # a request in flight went with the old channel
             except LlmosError as exc:
                 log.warning("could not reconnect the memory server: %s", exc)
 
@@ -309,11 +272,7 @@ class SchedulerServer(Server):
             self._deliver(self.scheduler.pop_events())
             if plan is None:
                 return
-            now = time.monotonic()
-            for chunk in plan.chunks:
-                request = self.requests.get(chunk.seq_id)
-                if request is not None and not request.first_step:
-                    request.first_step = now
+            self.requests.stepped((c.seq_id for c in plan.chunks), time.monotonic())
             step = R.Step(plan.step_id, [
                 R.StepChunk(c.seq_id, list(c.block_table), c.start_pos, list(c.token_ids), c.wants_token,
                             c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.seed,
@@ -417,109 +376,50 @@ class SchedulerServer(Server):
     def _fail(self, plan: StepPlan, why: str) -> None:
         """End the requests of a plan that can never run, with the reason, freeing their blocks."""
         for chunk in plan.chunks:
-            request = self.requests.get(chunk.seq_id)
             self.scheduler.cancel(chunk.seq_id)
-            if request is not None:
-                self.requests.pop(chunk.seq_id)
-                self.by_txid.pop((request.channel.channel_id, request.txid), None)
-                raw = request.channel.encode_error(Header(MsgType.SCHED_SUBMIT, txid=request.txid),
-                                                   ErrorCode.INTERNAL, f"the runner cannot compute this request: {why}")
-                self._queue(request.channel, self.backlogs.setdefault(request.channel.channel_id, deque()), raw)
+            request = self.requests.pop(chunk.seq_id)
+            channel = None if request is None else self.endpoint.channels.get(request.channel_id)
+            if request is not None and channel is not None:
+                raw = channel.encode_error(Header(MsgType.SCHED_SUBMIT, txid=request.txid),
+                                           ErrorCode.INTERNAL, f"the runner cannot compute this request: {why}")
+                self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()), raw)
         self.scheduler.pop_events()
 
     def _deliver(self, events: list[Event]) -> None:
-        """Send new tokens (per step when streaming, in batches otherwise) and final replies."""
+        """Send what the requests' bookkeeping says these events mean (requests.py), to
+        clients still connected."""
         if not events:
             return
-        now = time.monotonic()
-        touched: dict[int, Request] = {}
-        for event in events:
-            if isinstance(event, TokenEvent):
-                request = self.requests.get(event.seq_id)
-                if request is not None:
-                    request.pending.append(event.token_id)
-                    if event.logprob is not None:
-                        request.pending_logprobs.append(event.logprob)
-                    touched[event.seq_id] = request
-            elif isinstance(event, PromptLogprobsEvent):
-                request = self.requests.get(event.seq_id)
-                if request is not None:
-                    for i, lp in enumerate(event.logprobs):
-                        request.prompt_logprobs[event.first_pos + i] = lp
-        for request in touched.values():
-            if not request.first_token:
-                request.first_token = now
-            if request.stream:
-                self._send(request, request.take_pending(), TOKENS_STREAM)
-            elif len(request.pending) >= NON_STREAM_BATCH:
-                self._send(request, request.take_pending(), TOKENS_QUIET)
-        for event in events:
-            if isinstance(event, FinishEvent):
-                request = self.requests.pop(event.seq_id, None)
-                if request is None:
-                    continue
-                self.by_txid.pop((request.channel.channel_id, request.txid), None)
-                if request.pending:
-                    self._send(request, request.take_pending(), TOKENS_QUIET)
-                finished = P.Finished(
-                    str(event.reason), event.num_prompt_tokens, event.num_output_tokens, request.seed,
-                    queue_s=(request.first_step or now) - request.submitted,
-                    ttft_s=(request.first_token or now) - request.submitted, total_s=now - request.submitted,
-                    prompt_logprobs=[request.prompt_logprobs[p] for p in sorted(request.prompt_logprobs)])
-                _count(self.ttft_hist, finished.ttft_s)
-                if event.num_output_tokens > 1:
-                    _count(self.tpot_hist, (finished.total_s - finished.ttft_s) / (event.num_output_tokens - 1))
-                self._send(request, P.pack(finished), FINAL)
-
-    def _send(self, request: Request, payload: bytes, flags: int) -> None:
-        channel = request.channel
-        if channel.closed:
-            return
-        raw = channel.encode_message(MsgType.SCHED_SUBMIT, payload, flags=flags, txid=request.txid)
-        self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()), raw)
+        channels = self.endpoint.channels
+        for send in self.requests.deliver(events, time.monotonic()):
+            channel = channels.get(send.channel_id)
+            if channel is None or channel.closed:
+                continue
+            raw = channel.encode_message(MsgType.SCHED_SUBMIT, send.payload, flags=send.flags, txid=send.txid)
+            self._queue(channel, self.backlogs.setdefault(channel.channel_id, deque()), raw)
 
     def _apply_backpressure(self) -> None:
-        """A client whose replies pile up pauses its own sequences, nobody else's; they
-        resume once it has read them all. Requests are looked at only when a channel changes
-        state, not on every pass of the loop."""
-        limit = self.max_backlog // 2
-        pause = {c for c, b in self.backlogs.items() if len(b) >= limit} - self._paused_channels
-        resume = {c for c in self._paused_channels if not self.backlogs.get(c)}
-        if not pause and not resume:
-            return
-        for seq_id, request in self.requests.items():
-            channel_id = request.channel.channel_id
-            if channel_id in pause:
-                self.scheduler.pause(seq_id)
-            elif channel_id in resume:
-                self.scheduler.resume(seq_id)
-        self._paused_channels = (self._paused_channels | pause) - resume
+        """Pause the sequences of clients whose replies pile up, resume them once read (backpressure.py)."""
+        pause, resume = self.backpressure.update(self.backlogs, self.max_backlog // 2, self.requests.channels())
+        for seq_id in pause:
+            self.scheduler.pause(seq_id)
+        for seq_id in resume:
+            self.scheduler.resume(seq_id)
 
     def _refill_lease(self) -> None:
-        """Keep free blocks on hand; only admission waits for memory, and not on a reply."""
-        if self._lease_pending or self._lease_exhausted or self.blocks.num_total >= self.info.num_kv_blocks:
+        """Keep free blocks on hand; only admission waits for memory, and not on a reply (lease.py)."""
+        n = self.lease.to_ask(self.blocks.num_free, self.blocks.num_total, self.info.num_kv_blocks,
+                              stalled=self.scheduler.is_stalled)
+        if not n:
             return
-        if self.blocks.num_free >= LEASE_CHUNK // 2 and not self.scheduler.is_stalled:
-            return
-        n = min(LEASE_CHUNK, self.info.num_kv_blocks - self.blocks.num_total)
-        self._lease_pending = True
+        self.lease.asked()
         try:
             self.memory.request(MsgType.MEM_ALLOC_BLOCKS, P.pack(P.AllocBlocks(n, lease=True)),
                                 on_reply=self._on_lease)
         except LlmosError:
-            self._lease_pending = False
+            self.lease.lost()
 
     def _on_lease(self, header: Header, payload: bytes) -> None:
-        self._lease_pending = False
-        if header.status:
-            # The pool is spent for now: what we hold is what there is, until a block is
-            # given back (a finished client's, after PEER_GONE) and we ask again.
-            self._lease_exhausted = True
-            return
-        self.blocks.add(P.unpack(payload, P.BlockIds).block_ids)
-
-
-
-def _count(hist: list[int], seconds: float) -> None:
-    micros = max(1, int(seconds * 1e6))
-    hist[min(len(hist) - 1, micros.bit_length() - 1)] += 1
+        self.lease.answered(granted=not header.status)
+        if not header.status:
+            self.blocks.add(P.unpack(payload, P.BlockIds).block_ids)

@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmos.libllm import protocol as P
-from llmos.libllm.options import Options, check_options, submit_of
+from llmos.libllm.options import (
+    Options,
+    RequestArgs,
+    check_options,
+    options_of,
+    seeds_of,
+    submit_of,
+)
 from llmos.microkernel.errors import InvalidRequest
 
 FIELDS = [f.name for f in dataclasses.fields(Options)]
@@ -73,3 +80,27 @@ def test_the_defaults_and_the_edges_are_accepted() -> None:
     check_options(Options(max_tokens=2**31 - 1, temperature=100, top_k=2**31 - 1, top_p=1, seed=2**64 - 1,
                           stop=["\n", "é"], priority=-1000, timeout=1e-9, tenant="alice", logprobs=20,
                           prompt_logprobs=True, presence_penalty=-2, frequency_penalty=2, repetition_penalty=10))
+
+
+def test_the_keyword_arguments_are_the_options_fields() -> None:
+    """One definition of a request's arguments: RequestArgs (the signatures' type) and Options
+    (their defaults and checks) name the same fields with the same types."""
+    assert RequestArgs.__annotations__.keys() == {f.name for f in dataclasses.fields(Options)}
+    for f in dataclasses.fields(Options):
+        declared = RequestArgs.__annotations__[f.name]
+        assert getattr(declared, "__forward_arg__", declared) == f.type, f.name
+
+
+def test_an_unknown_argument_is_an_invalid_request_naming_it() -> None:
+    with pytest.raises(InvalidRequest, match=r"unknown argument\(s\) max_token; a request takes"):
+        options_of({"max_token": 5})
+    assert options_of({"max_tokens": 5, "tenant": "t"}) == Options(max_tokens=5, tenant="t")
+
+
+def test_n_seeds_follow_the_first() -> None:
+    assert seeds_of(3, 7) == [7, 8, 9]
+    assert len(set(seeds_of(4, None))) == 4
+    with pytest.raises(InvalidRequest, match="n must be a positive int"):
+        seeds_of(0, 1)
+    with pytest.raises(InvalidRequest, match="below 2\\*\\*64"):
+        seeds_of(2, 2**64 - 1)

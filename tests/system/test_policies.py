@@ -48,7 +48,7 @@ def flood_then_few(instance: str, few_priority: int) -> tuple[dict[Any, Any], st
         snapshot = stats(instance)
         for handle in flood:  # nobody starves: the flood finishes too
             assert handle.result(timeout=WAIT).usage.completion_tokens > 0
-        return snapshot, f"endpoint-{a._endpoint.endpoint_id}"
+        return snapshot, f"endpoint-{a.endpoint_id}"
 
 
 @pytest.fixture(params=["priority", "fair"])

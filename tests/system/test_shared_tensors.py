@@ -132,7 +132,7 @@ def test_closing_the_session_frees_what_it_allocated(instance: str, memory: Memo
     for tensor in [*tensors, attached]:
         with pytest.raises(libllm.Closed):
             _ = tensor.array
-    with pytest.raises(libllm.PeerGone, match="closed"):
+    with pytest.raises(libllm.Closed, match="closed"):  # the caller closed it: not PeerGone
         session.alloc(4)
 
 
