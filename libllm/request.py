@@ -16,7 +16,7 @@ from typing import Protocol
 
 from llmos.libllm import protocol as P
 from llmos.libllm.tokenizer import IncrementalDecoder
-from llmos.microkernel.errors import Timeout
+from llmos.microkernel.errors import InvalidRequest, Timeout
 
 
 class DeadlineExceeded(Timeout):
@@ -243,7 +243,9 @@ class Request:
             reason = "stop"
             token_ids = request.token_ids[: self._num_kept]
         else:
-            assert request.finished is not None, "iterate the stream to its end first"
+            if request.finished is None:
+                raise InvalidRequest("completion() is for a request that has ended: iterate it to its end first, "
+                                     "or call result()")
             self._raise_if_timed_out()
             reason = request.finished.finish_reason
             token_ids = list(request.token_ids)

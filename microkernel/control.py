@@ -62,9 +62,10 @@ class CloseChannel(msgspec.Struct, frozen=True):
     channel_id: int
 
 
-class PeerGone(msgspec.Struct, frozen=True):
+class PeerGoneEvent(msgspec.Struct, frozen=True):
     """KERNEL_PEER_GONE on a control ring: the other end of `channel_id` died, or (with
-    `endpoint_alive`) only closed this channel: what it owns is still its own then."""
+    `endpoint_alive`) only closed this channel: what it owns is still its own then. (The
+    event; `errors.PeerGone` is what a call on such a channel raises.)"""
 
     channel_id: int
     endpoint_id: int

@@ -312,7 +312,7 @@ class Endpoint:
                 self.channels[info.channel_id] = channel
                 events.append(ControlEvent(header.type, channel))
             elif header.type == MsgType.KERNEL_PEER_GONE:
-                events.append(ControlEvent(header.type, C.unpack(payload, C.PeerGone)))
+                events.append(ControlEvent(header.type, C.unpack(payload, C.PeerGoneEvent)))
             elif header.type == MsgType.KERNEL_REGISTER:
                 events.append(ControlEvent(header.type, C.unpack(payload, C.NameRegistered)))
         return events

@@ -427,7 +427,7 @@ class Kernel:
         if survivor is not None:
             survivor.channels.discard(channel_id)
             self._notify(survivor, encode(MsgType.KERNEL_PEER_GONE, C.pack(
-                C.PeerGone(channel_id, leaver.endpoint_id, leaver.name, endpoint_alive=leaver_alive))))
+                C.PeerGoneEvent(channel_id, leaver.endpoint_id, leaver.name, endpoint_alive=leaver_alive))))
         self._retired.append(channel)
 
     def _close_channel(self, record: EndpointRecord, header: Header, request: C.CloseChannel) -> None:

@@ -71,7 +71,7 @@ class Server:
         log.info("%s: %s (endpoint %d) connected on channel %d", self.name,
                  channel.info.client_name or "client", channel.info.client_id, channel.channel_id)
 
-    def on_peer_gone(self, event: C.PeerGone) -> None:
+    def on_peer_gone(self, event: C.PeerGoneEvent) -> None:
         log.info("%s: peer %d (%s) gone from channel %d", self.name, event.endpoint_id,
                  event.name or "client", event.channel_id)
 

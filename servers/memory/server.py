@@ -138,7 +138,7 @@ class MemoryServer(Server):
 
     # -- reclamation --------------------------------------------------------------------
 
-    def on_peer_gone(self, event: C.PeerGone) -> None:
+    def on_peer_gone(self, event: C.PeerGoneEvent) -> None:
         super().on_peer_gone(event)
         endpoint_id = event.endpoint_id
         if not event.endpoint_alive and endpoint_id in self.memory.owner_ids():

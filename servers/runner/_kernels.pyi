@@ -16,7 +16,7 @@ def threads() -> int: ...
 def set_threads(n: int) -> None: ...
 def q8_matmul(x: np.ndarray, matrix: Any) -> np.ndarray: ...
 def pack_chunks(
-    chunks: list[Any], block_size: int, num_blocks: int, vocab_size: int, seq_len: int
+    chunks: list[Any], block_tokens: int, num_blocks: int, vocab_size: int, seq_len: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 
 class Engine:
@@ -30,7 +30,7 @@ class Engine:
         row_seq: np.ndarray,
         block_tables: np.ndarray,
         kv: np.ndarray,
-        block_size: int,
+        block_tokens: int,
         logit_rows: np.ndarray,
         logits_out: np.ndarray,
     ) -> None: ...

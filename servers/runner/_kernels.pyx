@@ -264,13 +264,13 @@ cdef class Engine:
         self.scratch_rows = rows
 
     def forward(self, const int[::1] tokens, const int[::1] positions, const int[::1] row_seq,
-                const int[:, ::1] block_tables, unsigned char[::1] kv, int block_size,
+                const int[:, ::1] block_tables, unsigned char[::1] kv, int block_tokens,
                 const int[::1] logit_rows, float[:, ::1] logits_out):
         """Run every layer for ``len(tokens)`` rows, writing their K/V into ``kv``.
 
         Row r is token ``tokens[r]`` at position ``positions[r]`` of the sequence whose
         block table is ``block_tables[row_seq[r]]``. ``kv`` is the pool's bytes, of shape
-        (num_blocks, n_layers, 2, n_kv_heads, head_size * block_size) in float32 (float16 when
+        (num_blocks, n_layers, 2, n_kv_heads, head_size * block_tokens) in float32 (float16 when
         the engine was made with ``kv_f16``). The final-norm logits of row
         ``logit_rows[m]`` go to ``logits_out[m]``. All of it is validated by the caller.
         """
@@ -313,8 +313,8 @@ cdef class Engine:
         cdef int r, l, i, pos, blk, acts = -1
         cdef float *att = &self.att[0, 0]
         # Floats between one block and the next, and between one layer and the next.
-        cdef Py_ssize_t block_stride = <Py_ssize_t>n_layers * 2 * block_size * kvd
-        cdef Py_ssize_t layer_off = <Py_ssize_t>2 * block_size * kvd
+        cdef Py_ssize_t block_stride = <Py_ssize_t>n_layers * 2 * block_tokens * kvd
+        cdef Py_ssize_t layer_off = <Py_ssize_t>2 * block_tokens * kvd
         cdef int window, tab
         cdef float escale = self.embed_scale, qscale = self.query_scale
         with nogil:
@@ -351,11 +351,11 @@ cdef class Engine:
                     # Fold the score scale into the query once.
                     for i in range(qd):
                         q[r * qd + i] = q[r * qd + i] * qscale
-                    blk = bt[row_seq[r] * bt_width + pos // block_size]
+                    blk = bt[row_seq[r] * bt_width + pos // block_tokens]
                     llm_write_kv(kvp + (blk * block_stride + l * layer_off) * esize, k + r * kvd,
-                                 v + r * kvd, pos % block_size, block_size, n_kv, hs, f16)
+                                 v + r * kvd, pos % block_tokens, block_tokens, n_kv, hs, f16)
                 llm_attend_rows(xb, xbs, q, qd, kvp + layer_off * l * esize, bt, bt_width, &row_seq[0],
-                                &positions[0], n, window, block_stride, block_size, n_kv, group,
+                                &positions[0], n, window, block_stride, block_tokens, n_kv, group,
                                 hs, att, self.seq_len, group_rows, threads, f16)
                 acts = -1
                 llm_matmul_w(xb2, dim, xb, xbs, n4, n, qd, dim, w[W_O], w8[W_O], wk[W_O], xq, xd, xs, &acts)
@@ -409,7 +409,7 @@ cdef int _copy_ints(object values, long long *out, Py_ssize_t n) except -1:
     return 0
 
 
-def pack_chunks(list chunks, int block_size, int num_blocks, int vocab_size, int seq_len):
+def pack_chunks(list chunks, int block_tokens, int num_blocks, int vocab_size, int seq_len):
     """Flatten a step's chunks into the arrays ``Engine.forward`` takes, validating them.
 
     Returns (tokens, positions, row_seq, tables, logit_rows, wants): int32 arrays, where
@@ -432,7 +432,7 @@ def pack_chunks(list chunks, int block_size, int num_blocks, int vocab_size, int
         if start < 0 or start + n > seq_len:
             raise ValueError(f"positions must lie in [0, {seq_len}): chunk {i} covers "
                              f"[{start}, {start + n})")
-        need = (start + n - 1) // block_size + 1
+        need = (start + n - 1) // block_tokens + 1
         if len(ch.block_table) < need:
             raise ValueError(f"a block table is too short for its chunk's positions (chunk {i})")
         n_rows += n
@@ -459,7 +459,7 @@ def pack_chunks(list chunks, int block_size, int num_blocks, int vocab_size, int
         ch = chunks[i]
         n = len(ch.token_ids)
         start = ch.start_pos
-        need = (start + n - 1) // block_size + 1
+        need = (start + n - 1) // block_tokens + 1
         _copy_ints(ch.block_table, &scratch[0], need)
         for j in range(need):
             value = scratch[j]
@@ -474,7 +474,7 @@ def pack_chunks(list chunks, int block_size, int num_blocks, int vocab_size, int
             tokens[r] = <int>value
             positions[r] = <int>(start + j)
             row_seq[r] = <int>i
-            slots[r] = <long long>tables[i, (start + j) // block_size] * block_size + (start + j) % block_size
+            slots[r] = <long long>tables[i, (start + j) // block_tokens] * block_tokens + (start + j) % block_tokens
             r += 1
         if ch.wants_logits:
             logit_rows[n_wants] = <int>(r - 1)

@@ -6,13 +6,13 @@ scratch; the KV pool belongs to the caller (the scheduler's blocks in the arena,
 numpy array) and a step only writes the slots of the tokens it computes. It never allocates
 KV blocks and never depends on batch-mates: every row is summed in a fixed order (_kernels).
 
-KV pool layout: float32 ``(num_blocks, n_layers, 2, n_kv_heads, head_size * block_size)``,
+KV pool layout: float32 ``(num_blocks, n_layers, 2, n_kv_heads, head_size * block_tokens)``,
 C-contiguous (float16 with ``kv_dtype="f16"``: half the bytes; each element rounded to the
-nearest half when written, read back exactly). Token position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
-slot ``s = p % block_size``. ``[b, l, 0, h]`` holds KV head ``h``'s keys dimension-major
-(dimension ``d`` of slot ``s`` at ``d * block_size + s``: four slots' scores are one vector
+nearest half when written, read back exactly). Token position ``p`` of a sequence lives in block ``block_table[p // block_tokens]``,
+slot ``s = p % block_tokens``. ``[b, l, 0, h]`` holds KV head ``h``'s keys dimension-major
+(dimension ``d`` of slot ``s`` at ``d * block_tokens + s``: four slots' scores are one vector
 op); ``[b, l, 1, h]`` its values slot-major (at ``s * head_size + d``). One block thus holds
-every layer of ``block_size`` tokens; ``Model.read_kv`` turns pages back into (K, V).
+every layer of ``block_tokens`` tokens; ``Model.read_kv`` turns pages back into (K, V).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from llmos.servers.runner.loaders import LoadedModel, ModelConfig, default_model
 from llmos.servers.runner.sampling import SamplingParams, logprob_of, penalised, sample_rows
 from llmos.servers.runner.weights import Progress
 
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_TOKENS = 16
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -115,11 +115,11 @@ class Model:
     """A loaded model plus its compiled kernels. ``step`` is the whole compute API."""
 
     def __init__(
-        self, loaded: LoadedModel, *, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None,
+        self, loaded: LoadedModel, *, block_tokens: int = DEFAULT_BLOCK_TOKENS, threads: int | None = None,
         context: int | None = None, kv_dtype: str = "f32",
     ) -> None:
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be positive, got {block_tokens}")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype: type[np.floating[Any]] = KV_DTYPES[kv_dtype]
@@ -132,7 +132,7 @@ class Model:
         if context is not None and context < self.config.seq_len:
             # Fewer positions than the file allows: smaller rope tables and score rows too.
             self.config = replace(self.config, seq_len=context)
-        self.block_size = block_size
+        self.block_tokens = block_tokens
         cos, sin = rope_tables(self.config, loaded.weights.rope_freqs)
         self._engine = Engine(self.config, loaded.weights, cos, sin, kv_f16=kv_dtype == "f16")
         # Logits rows reused across steps that do not keep them (run_steps): a fresh array of
@@ -144,7 +144,7 @@ class Model:
         cls,
         path: str | Path | None = None,
         *,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
         buffer: Any = None,
         fill: bool = True,
         rope_layout: RopeLayout | None = None,
@@ -159,18 +159,18 @@ class Model:
         loaded = load_model(
             path or default_model_path(), buffer=buffer, fill=fill, rope_layout=rope_layout, progress=progress
         )
-        return cls(loaded, block_size=block_size, threads=threads, context=context, kv_dtype=kv_dtype)
+        return cls(loaded, block_tokens=block_tokens, threads=threads, context=context, kv_dtype=kv_dtype)
 
     def kv_pool_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
         c = self.config
-        return (num_blocks, c.n_layers, 2, c.n_kv_heads, c.head_size * self.block_size)
+        return (num_blocks, c.n_layers, 2, c.n_kv_heads, c.head_size * self.block_tokens)
 
     def read_kv(
         self, kv: np.ndarray, block_table: Sequence[int], num_tokens: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of a sequence's first ``num_tokens`` positions, each of shape
         (n_layers, num_tokens, kv_dim) (RoPE already applied to the keys)."""
-        c, bs = self.config, self.block_size
+        c, bs = self.config, self.block_tokens
         pages = kv[np.asarray(block_table[: self.blocks_needed(num_tokens)], dtype=np.intp)]
         # pages: (blocks, L, 2, heads, hs*bs) -> per kind (L, blocks, bs, heads, hs)
         k = pages[:, :, 0].reshape(-1, c.n_layers, c.n_kv_heads, c.head_size, bs)
@@ -185,11 +185,11 @@ class Model:
 
     @property
     def kv_block_bytes(self) -> int:
-        """Bytes of one KV block (every layer's K and V of block_size tokens)."""
+        """Bytes of one KV block (every layer's K and V of block_tokens tokens)."""
         return int(np.prod(self.kv_pool_shape(1))) * np.dtype(self.kv_dtype).itemsize
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return -(-num_tokens // self.block_tokens)
 
     def _rows(self, n: int, keep: bool) -> np.ndarray:
         if keep:
@@ -217,7 +217,7 @@ class Model:
         released while they run.
         """
         c = self.config
-        bs = self.block_size
+        bs = self.block_tokens
         n_chunks = len(chunks)
         if kv.dtype != self.kv_dtype or not kv.flags.c_contiguous or not kv.flags.writeable:
             raise ValueError(f"kv pool must be a writable C-contiguous {np.dtype(self.kv_dtype)} array")

@@ -41,7 +41,7 @@ class RunnerServer(Server):
         # Load first, register after (`endpoint` is then a factory): once the name is taken,
         # the scheduler may send steps.
         # Progress lines on stdout until the ready line: the supervisor shows them (start_progress).
-        self.model = Model.load(model_path, block_size=block_tokens, threads=threads, context=context,
+        self.model = Model.load(model_path, block_tokens=block_tokens, threads=threads, context=context,
                                 kv_dtype=kv_dtype, progress=StageProgress("weights"))
         super().__init__(endpoint, handlers={
             MsgType.RUNNER_MODEL_INFO: self.handle_model_info,

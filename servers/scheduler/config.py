@@ -24,7 +24,7 @@ class SchedulerConfig:
     Args:
         max_context: the model's context length; a sequence never holds more tokens.
         vocab_size: the model's vocabulary; prompt ids outside it are refused at ``add``.
-        block_size: tokens per KV block (must match the runners' pool layout).
+        block_tokens: tokens per KV block (must match the runners' pool layout).
         max_batch_size: sequences (chunks) in one step.
         token_budget: tokens in one step across its chunks; prefill chunks are cut to fit.
         max_running: sequences admitted (holding blocks) at once, across all steps in
@@ -40,10 +40,10 @@ class SchedulerConfig:
             steps, so none starves (bound in policies.Priority).
         quantum: "rr": output tokens a sequence makes after each (re)admission before it
             yields its place to a waiting one (keeping its KV blocks).
-        client_weights: "fair": share weight per ``Sequence.client_id`` (a tenant);
+        tenant_weights: "fair": share weight per ``Sequence.tenant`` (a tenant);
             clients not named get ``default_weight``.
-        default_weight: "fair": the weight of a client not in ``client_weights``.
-        prefix_caching: reuse the KV blocks of a prompt's longest computed prefix (when the
+        default_weight: "fair": the weight of a client not in ``tenant_weights``.
+        prefix_cache: reuse the KV blocks of a prompt's longest computed prefix (when the
             scheduler's BlockSource is a CachedBlocks), and let a request wait until a prefix
             block another running request is computing is done, instead of computing it twice.
         max_blocks_per_client: KV blocks the sequences of one client (``Sequence.client``)
@@ -54,7 +54,7 @@ class SchedulerConfig:
 
     max_context: int
     vocab_size: int
-    block_size: int = 16
+    block_tokens: int = 16
     max_batch_size: int = DEFAULTS.max_batch_size
     token_budget: int = DEFAULTS.token_budget
     max_running: int | None = None
@@ -62,14 +62,14 @@ class SchedulerConfig:
     decode_steps: int = DEFAULTS.decode_steps
     aging_steps: int = DEFAULTS.aging_steps
     quantum: int = DEFAULTS.quantum
-    client_weights: Mapping[Hashable, float] = field(default_factory=dict, hash=False)
+    tenant_weights: Mapping[Hashable, float] = field(default_factory=dict, hash=False)
     default_weight: float = 1.0
-    prefix_caching: bool = DEFAULTS.prefix_cache
+    prefix_cache: bool = DEFAULTS.prefix_cache
     max_blocks_per_client: int | None = None
 
     def __post_init__(self) -> None:
         positive_ints = (
-            "max_context", "vocab_size", "block_size", "max_batch_size", "token_budget",
+            "max_context", "vocab_size", "block_tokens", "max_batch_size", "token_budget",
             "decode_steps", "aging_steps", "quantum",
         )
         for name in positive_ints:
@@ -89,12 +89,12 @@ class SchedulerConfig:
             raise ValueError(f"max_blocks_per_client must be a positive int or None, got {quota!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        weights = dict(self.client_weights)
+        weights = dict(self.tenant_weights)
         for client, weight in [*weights.items(), ("default_weight", self.default_weight)]:
             if not _is_weight(weight):
                 raise ValueError(f"weight of {client!r} must be finite and > 0, got {weight!r}")
         # Read-only, so a config shared by a policy and its caller cannot drift.
-        object.__setattr__(self, "client_weights", MappingProxyType(weights))
+        object.__setattr__(self, "tenant_weights", MappingProxyType(weights))
 
     @property
     def num_running_limit(self) -> int:
@@ -107,11 +107,11 @@ class SchedulerConfig:
         """Tokens one sequence may hold: the context, or what its client's quota holds."""
         if self.max_blocks_per_client is None:
             return self.max_context
-        return min(self.max_context, self.max_blocks_per_client * self.block_size)
+        return min(self.max_context, self.max_blocks_per_client * self.block_tokens)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold the KV of ``num_tokens`` positions."""
-        return -(-num_tokens // self.block_size)
+        return -(-num_tokens // self.block_tokens)
 
 
 def _is_weight(value: object) -> bool:

@@ -109,5 +109,5 @@ def make_policy(config: SchedulerConfig) -> Policy:
     if config.policy == "rr":
         return RoundRobin(config.quantum)
     if config.policy == "fair":
-        return Fair(config.client_weights, config.default_weight)
+        return Fair(config.tenant_weights, config.default_weight)
     raise ValueError(f"unknown scheduling policy {config.policy!r}")

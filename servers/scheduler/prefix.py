@@ -23,9 +23,9 @@ class PrefixSharing:
 
     __slots__ = ("_block_size", "_cache", "_computing")
 
-    def __init__(self, cache: CachedBlocks, block_size: int) -> None:
+    def __init__(self, cache: CachedBlocks, block_tokens: int) -> None:
         self._cache = cache
-        self._block_size = block_size
+        self._block_size = block_tokens
         self._computing: dict[int, Sequence] = {}  # block name -> the sequence computing it
 
     def names(self, seq: Sequence, num_blocks: int) -> list[int]:

@@ -63,8 +63,8 @@ class Scheduler:
         self._quota = ClientBlocks(config.max_blocks_per_client)
         self._short_of_quota = False  # why the last _plan_chunk gave nothing: quota, not room
         self._prefix = (  # prefix caching, with a CachedBlocks source
-            PrefixSharing(blocks, config.block_size)
-            if isinstance(blocks, CachedBlocks) and config.prefix_caching
+            PrefixSharing(blocks, config.block_tokens)
+            if isinstance(blocks, CachedBlocks) and config.prefix_cache
             else None
         )
 
@@ -109,7 +109,7 @@ class Scheduler:
             num_steps_in_flight=len(self._in_flight),
             waiting=self._waiting,
             running=self._running,
-            block_size=self.config.block_size,
+            block_tokens=self.config.block_tokens,
         )
 
     # ------------------------------------------------------------------ requests
@@ -136,7 +136,7 @@ class Scheduler:
         if seq.num_prompt_tokens >= c.max_tokens_per_seq:
             raise QuotaExceeded(
                 f"a prompt of {seq.num_prompt_tokens} tokens does not fit the KV quota of client "
-                f"{seq.client_id!r}: {c.max_blocks_per_client} blocks of {c.block_size} tokens "
+                f"{seq.tenant!r}: {c.max_blocks_per_client} blocks of {c.block_tokens} tokens "
                 f"hold at most {c.max_tokens_per_seq - 1} prompt tokens and one more"
             )
         seq.arrival_order = self._num_arrivals
@@ -352,7 +352,7 @@ class Scheduler:
     def _plan_chunk(self, seq: Sequence, budget: int, planned: set[int]) -> ChunkPlan | None:
         """Size ``seq``'s next chunk and allocate its blocks; None if not one token fits
         (then only lower-ranked sequences it preempted have changed)."""
-        bs = self.config.block_size
+        bs = self.config.block_tokens
         start = seq.num_computed
         num_new = min(seq.num_remaining, budget)
         if seq.prompt_logprobs and start < seq.num_prompt_tokens:  # a logits row per token: keep them few
@@ -442,7 +442,7 @@ class Scheduler:
                 self._release(seq)  # give the matched blocks back: it may wait long
             return None, short_of_quota
         if fresh and self._prefix is not None:
-            bs = self.config.block_size
+            bs = self.config.block_tokens
             reused = seq.num_published * bs
             self._counters.num_reused_tokens += reused
             if seq.num_preemptions == 0:  # H: a request's prompt, as it first arrives

@@ -29,7 +29,7 @@ class SeqStatus(Enum):
 
 @dataclass(frozen=True, slots=True)
 class OwnClient:
-    """The client of a sequence whose ``client_id`` is None: itself alone."""
+    """The client of a sequence whose ``tenant`` is None: itself alone."""
 
     seq_id: int
 
@@ -47,7 +47,7 @@ class Sequence:
     is ``token_ids[num_computed:]``: the prompt (or, after a preemption, prompt and output)
     in chunks, then the newest token alone, one decode per step.
 
-    ``client_id`` names whose share the request counts against under the "fair" policy,
+    ``tenant`` names whose share the request counts against under the "fair" policy,
     and whose KV block quota its blocks count against (a tenant, or a connection); None
     makes the request a client of its own. ``priority``:
     higher goes first under the "priority" policy.
@@ -58,7 +58,6 @@ class Sequence:
         "arrival_step",
         "block_hashes",
         "block_table",
-        "client_id",
         "deadline",
         "finish_reason",
         "first_step",
@@ -79,6 +78,7 @@ class Sequence:
         "seq_id",
         "status",
         "stop_ids",
+        "tenant",
     )
 
     def __init__(
@@ -91,12 +91,12 @@ class Sequence:
         stop_ids: Iterable[int] = (),
         priority: int = 0,
         deadline: float | None = None,
-        client_id: Hashable = None,
+        tenant: Hashable = None,
         prompt_logprobs: bool = False,
         num_resumed: int = 0,
     ) -> None:
         self.seq_id = seq_id
-        self.client_id = client_id
+        self.tenant = tenant
         self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
         self.output_ids: list[int] = []
         self.max_tokens = max_tokens
@@ -136,7 +136,7 @@ class Sequence:
     @property
     def client(self) -> Hashable:
         """Whose share and KV quota this sequence counts against."""
-        return OwnClient(self.seq_id) if self.client_id is None else self.client_id
+        return OwnClient(self.seq_id) if self.tenant is None else self.tenant
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -76,13 +76,13 @@ class SchedulerServer(Server):
         self.info: P.ModelInfo = P.unpack(info.payload, P.ModelInfo)
         self.blocks = CachedBlocks([])
         self._lease_sync(min(self.info.num_kv_blocks, 4 * LEASE_CHUNK))
-        client_weights: dict[Hashable, float] = dict(settings.weights.items())
+        tenant_weights: dict[Hashable, float] = dict(settings.weights.items())
         self.scheduler = Scheduler(SchedulerConfig(
             max_context=self.info.context_length, vocab_size=self.info.vocab_size,
-            block_size=self.info.block_tokens, max_batch_size=max(1, settings.max_batch_size // pipeline_depth),
+            block_tokens=self.info.block_tokens, max_batch_size=max(1, settings.max_batch_size // pipeline_depth),
             token_budget=settings.token_budget, max_running=settings.max_batch_size * len(runners),
             decode_steps=settings.decode_steps, policy=settings.policy, aging_steps=settings.aging_steps,
-            quantum=settings.quantum, client_weights=client_weights, prefix_caching=settings.prefix_cache,
+            quantum=settings.quantum, tenant_weights=tenant_weights, prefix_cache=settings.prefix_cache,
             max_blocks_per_client=max_blocks_per_client),
             self.blocks)
         self.requests = Requests()  # by seq_id and by (channel, txid); the latency histograms
@@ -156,7 +156,7 @@ class SchedulerServer(Server):
             seq = Sequence(self._next_seq_id, submit.prompt_ids, max_tokens=submit.max_tokens,
                            sampling=sampling,
                            stop_ids=tuple(self.info.stop_ids), priority=submit.priority,
-                           client_id=self._client_of(channel, submit),
+                           tenant=self._tenant_of(channel, submit),
                            deadline=None if submit.timeout_s is None else now + submit.timeout_s,
                            prompt_logprobs=submit.prompt_logprobs, num_resumed=submit.num_resumed_ids)
             self.scheduler.add(seq)
@@ -185,7 +185,7 @@ class SchedulerServer(Server):
                     code, text)
 
     @staticmethod
-    def _client_of(channel: Channel, submit: P.Submit) -> str:
+    def _tenant_of(channel: Channel, submit: P.Submit) -> str:
         """Whose share a request counts against under "fair": the tenant the gateway names
         (the only peer trusted to name one), else the sending endpoint itself."""
         if channel.info.client_name == "gateway" and submit.tenant:
@@ -208,7 +208,7 @@ class SchedulerServer(Server):
                         channel.encode_message(MsgType.SCHED_SUBMIT, P.pack(finished), flags=FINAL, txid=cancel.txid))
         return b"" if message.header.txid else None
 
-    def on_peer_gone(self, event: C.PeerGone) -> None:
+    def on_peer_gone(self, event: C.PeerGoneEvent) -> None:
         super().on_peer_gone(event)
         self.lease.reset()  # someone left: the pool may have blocks again
         for runner, channel in list(self.runners.items()):

@@ -29,7 +29,7 @@ class SchedulerStats:
     step that includes it minus the number of steps planned before it arrived. Percentiles
     are nearest-rank over the most recent delays (0 when there are none). Queue lengths are
     now: "waiting" includes preempted and descheduled sequences; clients are keyed by
-    ``str(client_id)``, "" for sequences with none.
+    ``str(tenant)``, "" for sequences with none.
     """
 
     num_steps: int  # plans made
@@ -80,8 +80,8 @@ def percentile(values: Iterable[int], q: float) -> int:
     return ordered[min(max(rank, 1), len(ordered)) - 1]
 
 
-def client_label(client_id: Hashable) -> str:
-    return "" if client_id is None else str(client_id)
+def client_label(tenant: Hashable) -> str:
+    return "" if tenant is None else str(tenant)
 
 
 @dataclass(slots=True)
@@ -130,11 +130,11 @@ class Counters:
         num_steps_in_flight: int,
         waiting: Iterable[Sequence],
         running: Iterable[Sequence],
-        block_size: int,
+        block_tokens: int,
     ) -> SchedulerStats:
         waiting, running = list(waiting), list(running)
-        filled = _filled_slots([*running, *waiting], block_size)
-        slots = len(filled) * block_size
+        filled = _filled_slots([*running, *waiting], block_tokens)
+        slots = len(filled) * block_tokens
         return SchedulerStats(
             num_steps=num_steps,
             num_steps_in_flight=num_steps_in_flight,
@@ -163,8 +163,8 @@ class Counters:
             num_finished_by_priority=dict(sorted(self.num_finished_by_priority.items())),
             num_waiting_by_priority=_count(s.priority for s in waiting),
             num_running_by_priority=_count(s.priority for s in running),
-            num_waiting_by_client=_count(client_label(s.client_id) for s in waiting),
-            num_running_by_client=_count(client_label(s.client_id) for s in running),
+            num_waiting_by_client=_count(client_label(s.tenant) for s in waiting),
+            num_running_by_client=_count(client_label(s.tenant) for s in running),
             num_waiting_with_kv=sum(1 for s in waiting if s.block_table),
             num_kv_blocks_by_client=_blocks_by_client([*running, *waiting]),
             num_prefix_lookup_tokens=self.num_prefix_lookup_tokens,
@@ -177,12 +177,12 @@ class Counters:
         )
 
 
-def _filled_slots(seqs: Iterable[Sequence], block_size: int) -> dict[int, int]:
+def _filled_slots(seqs: Iterable[Sequence], block_tokens: int) -> dict[int, int]:
     """Block id -> token slots of it that hold computed KV, over the blocks ``seqs`` hold."""
     filled: dict[int, int] = {}
     for seq in seqs:
         for i, block_id in enumerate(seq.block_table):
-            used = max(0, min(block_size, seq.num_computed - i * block_size))
+            used = max(0, min(block_tokens, seq.num_computed - i * block_tokens))
             filled[block_id] = max(filled.get(block_id, 0), used)
     return filled
 
@@ -191,7 +191,7 @@ def _blocks_by_client(seqs: Iterable[Sequence]) -> dict[str, int]:
     blocks: dict[str, set[int]] = {}
     for seq in seqs:
         if seq.block_table:
-            blocks.setdefault(client_label(seq.client_id), set()).update(seq.block_table)
+            blocks.setdefault(client_label(seq.tenant), set()).update(seq.block_table)
     return {client: len(ids) for client, ids in sorted(blocks.items())}
 
 

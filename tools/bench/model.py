@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
             "weight_bytes": weight_bytes(model), "file_bytes": path.stat().st_size,
             "peak_rss_bytes": peak_rss_bytes(), "threads": ns.threads, "prompt": ns.prompt,
             "max_pos": ns.max_pos, "prefill": ns.prefill, "repeats": ns.repeats,
-            "block_size": model.block_size, "cpus": os.cpu_count(), "machine": platform.machine(),
+            "block_tokens": model.block_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "numpy": np.__version__, "simd": simd_level(),
             "same_greedy_text_as_numpy": same_text, "results": results,
         }, indent=2) + "\n")

@@ -110,7 +110,7 @@ def test_chunked_prefill_gives_the_same_bits(model: Model, ids: list[int]) -> No
 
 def test_every_simd_level_gives_the_same_bits(model_file: Path, ids: list[int]) -> None:
     # block size 13: the window starts mid-block, through the 8-, 4- and 1-slot loops
-    assert_same_bits(per_simd_level(lambda: forced(Model.load(model_file, block_size=13), ids)))
+    assert_same_bits(per_simd_level(lambda: forced(Model.load(model_file, block_tokens=13), ids)))
 
 
 def test_a_window_layer_reads_only_the_window(tmp_path: Path) -> None:
@@ -125,13 +125,13 @@ def test_a_window_layer_reads_only_the_window(tmp_path: Path) -> None:
 
     all_local = replace(c, swa_pattern=c.n_layers + 1)
     assert all(all_local.is_local(i) for i in range(c.n_layers))
-    local_model = Model(replace(loaded, config=all_local), block_size=model.block_size)
+    local_model = Model(replace(loaded, config=all_local), block_tokens=model.block_tokens)
     n = len(ids)
     kv = local_model.new_kv_pool(local_model.blocks_needed(n))
     table = list(range(kv.shape[0]))
     clean = local_model.step([SeqChunk(table, 0, ids)], kv).logits[0]
     window_start = n - c.sliding_window  # the last row reads positions window_start..n-1
-    stale_blocks = window_start // local_model.block_size
+    stale_blocks = window_start // local_model.block_tokens
     kv[:stale_blocks] = np.nan
     again = local_model.step([SeqChunk(table, n - 1, ids[-1:])], kv).logits[0]
     assert np.isfinite(again).all()

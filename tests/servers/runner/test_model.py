@@ -152,8 +152,8 @@ def test_chunked_prefill_is_bit_identical(model: Model, story: list[int]) -> Non
 
 def test_block_size_does_not_change_the_bits(story: list[int]) -> None:
     outs = []
-    for block_size in (16, 4, 7, 64):
-        m = Model.load(default_model_path(), block_size=block_size)
+    for block_tokens in (16, 4, 7, 64):
+        m = Model.load(default_model_path(), block_tokens=block_tokens)
         kv = m.new_kv_pool(m.blocks_needed(40))
         outs.append(bits(m.step([SeqChunk(list(range(kv.shape[0])), 0, story[:40])], kv).logits))
     for o in outs[1:]:
@@ -280,7 +280,7 @@ def test_quantised_load_shares_one_buffer(tmp_path: Path) -> None:
 
 def test_every_simd_level_gives_the_same_bits(model: Model, story: list[int]) -> None:
     # odd block sizes exercise the 8-, 4- and 1-slot score loops
-    odd = Model.load(default_model_path(), block_size=13)
+    odd = Model.load(default_model_path(), block_tokens=13)
     results = per_simd_level(lambda: teacher_forced_logits(model, story))
     if len(results) == 1:
         pytest.skip("this CPU has only the SSE path")

@@ -52,7 +52,7 @@ class Spec:
     sampling: Sampling = GREEDY
     deadline: float | None = None
     priority: int = 0
-    client_id: Hashable = None
+    tenant: Hashable = None
 
     def make(self, seq_id: int) -> Sequence:
         return Sequence(
@@ -63,7 +63,7 @@ class Spec:
             stop_ids=STOP_IDS,
             deadline=self.deadline,
             priority=self.priority,
-            client_id=self.client_id,
+            tenant=self.tenant,
         )
 
 
@@ -86,15 +86,15 @@ def alone(spec: Spec, max_context: int) -> tuple[list[int], FinishReason]:
 class FakeRunner:
     """Computes plans over a KV pool of token ids: ``kv[block][slot]``."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
-        self.kv = [[EMPTY] * block_size for _ in range(num_blocks)]
+    def __init__(self, num_blocks: int, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self.kv = [[EMPTY] * block_tokens for _ in range(num_blocks)]
 
     def slot(self, table: Seq[int], pos: int) -> tuple[int, int]:
-        return table[pos // self.block_size], pos % self.block_size
+        return table[pos // self.block_tokens], pos % self.block_tokens
 
     def write(self, chunk: ChunkPlan) -> None:
-        assert len(chunk.block_table) * self.block_size >= chunk.end_pos
+        assert len(chunk.block_table) * self.block_tokens >= chunk.end_pos
         for i, t in enumerate(chunk.token_ids):
             b, s = self.slot(chunk.block_table, chunk.start_pos + i)
             self.kv[b][s] = t
@@ -143,12 +143,12 @@ def check_invariants(sched: Scheduler, blocks: Blocks) -> None:
     assert blocks.num_used + blocks.num_free == blocks.num_total
     for s in sched.waiting:
         assert s.status is SeqStatus.WAITING and not s.is_in_flight
-        assert len(s.block_table) * sched.config.block_size >= s.num_computed
+        assert len(s.block_table) * sched.config.block_tokens >= s.num_computed
         assert s.block_table or s.num_computed == 0
         assert not s.block_table or s.num_yields > 0
     for s in sched.running:
         assert s.status is SeqStatus.RUNNING
-        assert len(s.block_table) * sched.config.block_size >= s.num_computed
+        assert len(s.block_table) * sched.config.block_tokens >= s.num_computed
     in_flight = [c.seq_id for p in sched.steps_in_flight for c in p.chunks]
     assert len(in_flight) == len(set(in_flight)), "a sequence is in two steps in flight"
     assert {s.seq_id for s in (*sched.running, *sched.waiting) if s.is_in_flight} == set(in_flight)
@@ -160,7 +160,7 @@ def check_plan(plan: StepPlan, config: SchedulerConfig) -> None:
     assert len(set(plan.seq_ids)) == len(plan.chunks), "a sequence planned twice in one step"
     for c in plan.chunks:
         assert c.num_tokens > 0
-        assert len(c.block_table) * config.block_size >= c.end_pos
+        assert len(c.block_table) * config.block_tokens >= c.end_pos
         assert c.end_pos <= config.max_context
 
 
@@ -185,13 +185,13 @@ class Outcome:
                 assert e.num_output_tokens == len(self.outputs.get(e.seq_id, []))
 
 
-def check_writes_own_blocks(plan: StepPlan, blocks: Blocks, block_size: int) -> None:
+def check_writes_own_blocks(plan: StepPlan, blocks: Blocks, block_tokens: int) -> None:
     """A step writes KV only into blocks its sequence holds alone (shared ones are read): its
     chunk's positions, and those a multi-step decode feeds its own tokens at."""
     if isinstance(blocks, CachedBlocks):
         for c in plan.chunks:
             last = c.end_pos - 1 + (c.num_steps - 1)
-            written = range(c.start_pos // block_size, last // block_size + 1)
+            written = range(c.start_pos // block_tokens, last // block_tokens + 1)
             assert all(blocks.refcount(c.block_table[i]) == 1 for i in written), "wrote a shared block"
 
 
@@ -216,7 +216,7 @@ def drive(
             if plan is None:
                 break
             check_plan(plan, sched.config)
-            check_writes_own_blocks(plan, blocks, sched.config.block_size)
+            check_writes_own_blocks(plan, blocks, sched.config.block_tokens)
             out.plans.append(plan)
             for c in plan.chunks:
                 out.chunks.setdefault(c.seq_id, []).append((c.start_pos, c.end_pos))
@@ -239,4 +239,4 @@ def make(
     one token per decode unless ``decode_steps`` says otherwise (the tests count steps)."""
     cfg = SchedulerConfig(**{"max_context": 128, "vocab_size": VOCAB, "decode_steps": 1, **config})  # type: ignore[arg-type]
     blocks: Blocks = CachedBlocks(range(num_blocks)) if cached else FreeListBlocks(range(num_blocks))
-    return Scheduler(cfg, blocks), blocks, FakeRunner(num_blocks, cfg.block_size)
+    return Scheduler(cfg, blocks), blocks, FakeRunner(num_blocks, cfg.block_tokens)

@@ -32,17 +32,17 @@ from llmos.servers.scheduler.settings import SchedulerSettings
         {"max_context": 0},
         {"max_context": 1},
         {"vocab_size": -1},
-        {"block_size": 0},
+        {"block_tokens": 0},
         {"max_batch_size": 0},
         {"token_budget": 0},
         {"max_running": 0},
         {"policy": "lifo"},
-        {"block_size": True},
+        {"block_tokens": True},
         {"aging_steps": 0},
         {"quantum": -1},
         {"default_weight": 0.0},
-        {"client_weights": {"a": float("nan")}},
-        {"client_weights": {"a": True}},
+        {"tenant_weights": {"a": float("nan")}},
+        {"tenant_weights": {"a": True}},
         {"max_blocks_per_client": 0},
         {"max_blocks_per_client": True},
     ],
@@ -54,15 +54,15 @@ def test_config_refuses_bad_limits(bad: dict[str, object]) -> None:
 
 def test_config_defaults() -> None:
     c = SchedulerConfig(max_context=64, vocab_size=32)
-    assert (c.block_size, c.max_batch_size, c.token_budget, c.policy) == (16, 64, 512, "fcfs")
+    assert (c.block_tokens, c.max_batch_size, c.token_budget, c.policy) == (16, 64, 512, "fcfs")
     assert c.max_running == c.num_running_limit == 64
     assert SchedulerConfig(max_context=64, vocab_size=32, max_running=3).num_running_limit == 3
     assert [c.blocks_needed(n) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
-    assert (c.aging_steps, c.quantum, dict(c.client_weights), c.default_weight) == (64, 16, {}, 1.0)
+    assert (c.aging_steps, c.quantum, dict(c.tenant_weights), c.default_weight) == (64, 16, {}, 1.0)
     # One set of defaults: what the instance config gives the scheduler process.
     settings = SchedulerSettings()
     assert (c.max_batch_size, c.token_budget, c.policy, c.decode_steps, c.aging_steps, c.quantum,
-            c.prefix_caching) == (settings.max_batch_size, settings.token_budget, settings.policy,
+            c.prefix_cache) == (settings.max_batch_size, settings.token_budget, settings.policy,
                                   settings.decode_steps, settings.aging_steps, settings.quantum, settings.prefix_cache)
     assert c.max_blocks_per_client is None and c.max_tokens_per_seq == 64
     assert SchedulerConfig(max_context=64, vocab_size=32, max_blocks_per_client=3).max_tokens_per_seq == 48
@@ -77,14 +77,14 @@ def test_make_policy_builds_the_configured_policy() -> None:
     assert isinstance(priority, Priority) and priority.aging_steps == 5
     rr = make_policy(config(policy="rr", quantum=3))
     assert isinstance(rr, RoundRobin) and rr.quantum == 3
-    fair = make_policy(config(policy="fair", client_weights={"a": 2}, default_weight=0.5))
+    fair = make_policy(config(policy="fair", tenant_weights={"a": 2}, default_weight=0.5))
     assert isinstance(fair, Fair) and (fair.weight("a"), fair.weight("b")) == (2, 0.5)
     weights = {"a": 1.0}
-    frozen = config(client_weights=weights)
+    frozen = config(tenant_weights=weights)
     weights["a"] = 5.0  # the config took a copy, read-only
-    assert frozen.client_weights["a"] == 1.0
+    assert frozen.tenant_weights["a"] == 1.0
     with pytest.raises(TypeError):
-        frozen.client_weights["a"] = 2.0  # type: ignore[index]
+        frozen.tenant_weights["a"] = 2.0  # type: ignore[index]
 
 
 @pytest.mark.parametrize(

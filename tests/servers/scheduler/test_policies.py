@@ -138,7 +138,7 @@ def test_priority_preemption_takes_the_lowest_priority_and_loses_nothing() -> No
         Spec(no_stop_spec(4, 6, salt=2).prompt_ids, 6, priority=1),
         Spec(no_stop_spec(4, 6, salt=3).prompt_ids, 6, priority=5),
     ]
-    sched, blocks, runner = make(num_blocks=6, block_size=2, policy="priority", aging_steps=1000)
+    sched, blocks, runner = make(num_blocks=6, block_tokens=2, policy="priority", aging_steps=1000)
     out = Outcome()
     sched.add(specs[0].make(0))
     sched.add(specs[1].make(1))
@@ -168,7 +168,7 @@ def test_round_robin_interleaves_by_quantum_and_keeps_the_kv(
     quantum = 3
     specs = [no_stop_spec(3, 10, salt=5 * i) for i in range(4)]
     sched, blocks, runner = make(
-        num_blocks=num_blocks, block_size=2, policy="rr", quantum=quantum, max_running=2,
+        num_blocks=num_blocks, block_tokens=2, policy="rr", quantum=quantum, max_running=2,
         max_batch_size=2,
     )
     for sid, spec in enumerate(specs):
@@ -231,7 +231,7 @@ def service_trace(
                 spec = Spec(
                     tuple(rng.randrange(1, 64) for _ in range(rng.randrange(2, 7))),
                     rng.randrange(4, 11),
-                    client_id=client,
+                    tenant=client,
                 )
                 max_charge = max(max_charge, len(spec.prompt_ids) + spec.max_tokens)
                 sid = len(client_of)
@@ -247,7 +247,7 @@ def service_trace(
         for e in sched.postprocess(plan, runner.step(plan)):
             if isinstance(e, TokenEvent):
                 served[client_of[e.seq_id]] += 1
-        waiting = {s.client_id for s in sched.waiting}
+        waiting = {s.tenant for s in sched.waiting}
         if not all(client in waiting for client in arrivals):
             break  # the joint backlog is over
         trace.append(dict(served))
@@ -273,8 +273,8 @@ def test_fair_share_bound_holds_whatever_the_request_rates(
         client: (6 * n, 2, n) for client, n in zip(weights, demand, strict=True)
     }  # 6n at step 0, then n every 2 steps: far beyond what 4 running can serve
     sched, _, runner = make(
-        policy="fair", client_weights=weights, max_running=max_running, max_batch_size=max_running,
-        block_size=4,
+        policy="fair", tenant_weights=weights, max_running=max_running, max_batch_size=max_running,
+        block_tokens=4,
     )
     trace, max_charge = service_trace(sched, runner, arrivals, 120, random.Random(7))
     assert len(trace) > 100  # a long joint backlog
@@ -285,7 +285,7 @@ def test_fair_share_bound_holds_whatever_the_request_rates(
     total = trace[-1]
     assert sum(total.values()) > 10 * bound  # the bound is small against what was served
     # The same demand under fcfs: the heavier sender takes the larger share, beyond D.
-    sched, _, runner = make(max_running=max_running, max_batch_size=max_running, block_size=4)
+    sched, _, runner = make(max_running=max_running, max_batch_size=max_running, block_tokens=4)
     trace, _ = service_trace(sched, runner, arrivals, 120, random.Random(7))
     if demand[0] != demand[1] or weights["a"] != weights["b"]:
         assert max(abs(g) for g in weighted_gaps(trace, weights)) > bound
@@ -293,7 +293,7 @@ def test_fair_share_bound_holds_whatever_the_request_rates(
 
 def test_fair_lifts_a_returning_client_and_prefers_the_least_served() -> None:
     fair = Fair({"b": 2.0})
-    a0, a1, b0 = (Sequence(i, [5] * 4, max_tokens=8, client_id=c) for i, c in enumerate("aab"))
+    a0, a1, b0 = (Sequence(i, [5] * 4, max_tokens=8, tenant=c) for i, c in enumerate("aab"))
     for order, seq in enumerate((a0, a1, b0)):
         seq.arrival_order = order
         fair.on_arrival(seq)
@@ -305,7 +305,7 @@ def test_fair_lifts_a_returning_client_and_prefers_the_least_served() -> None:
     fair.on_finish(a0)
     fair.on_finish(a1)  # a is idle; it banks nothing
     fair.on_tokens(b0, 10)
-    late = Sequence(3, [5], max_tokens=1, client_id="a")
+    late = Sequence(3, [5], max_tokens=1, tenant="a")
     late.arrival_order = 3
     fair.on_arrival(late)
     assert fair.counter("a") == fair.counter("b") == 10.0
@@ -321,11 +321,11 @@ def test_fair_preemption_takes_the_most_served_client() -> None:
     """Under memory pressure the victim is the latest request of the client with the most
     weighted service; its output is unchanged."""
     specs = [
-        Spec(no_stop_spec(4, 8, salt=11).prompt_ids, 8, client_id="heavy"),
-        Spec(no_stop_spec(4, 8, salt=12).prompt_ids, 8, client_id="heavy"),
-        Spec(no_stop_spec(4, 8, salt=13).prompt_ids, 8, client_id="light"),
+        Spec(no_stop_spec(4, 8, salt=11).prompt_ids, 8, tenant="heavy"),
+        Spec(no_stop_spec(4, 8, salt=12).prompt_ids, 8, tenant="heavy"),
+        Spec(no_stop_spec(4, 8, salt=13).prompt_ids, 8, tenant="light"),
     ]
-    sched, blocks, runner = make(num_blocks=7, block_size=2, policy="fair")
+    sched, blocks, runner = make(num_blocks=7, block_tokens=2, policy="fair")
     out = Outcome()
     sched.add(specs[0].make(0))
     step(sched, runner, out)  # heavy is charged 4 + 1
@@ -348,7 +348,7 @@ def test_fair_preemption_takes_the_most_served_client() -> None:
 def test_stats_count_queues_per_priority_and_client() -> None:
     sched, _, runner = make(policy="priority", max_running=1)
     for sid, (p, client) in enumerate([(1, "x"), (1, "y"), (0, "x"), (0, None)]):
-        sched.add(Spec((5, 6), 3, priority=p, client_id=client).make(sid))
+        sched.add(Spec((5, 6), 3, priority=p, tenant=client).make(sid))
     step(sched, runner, Outcome())
     st = sched.stats()
     assert st.num_running_by_priority == {1: 1} and st.num_waiting_by_priority == {0: 2, 1: 1}

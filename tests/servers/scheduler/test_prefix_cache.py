@@ -82,7 +82,7 @@ PROMPT = tuple(range(1, 42))  # 41 tokens: 10 full blocks of 4, the last token a
 
 
 def test_n_choices_of_one_prompt_compute_its_blocks_once() -> None:
-    sched, blocks, runner = make(cached=True, block_size=4, max_batch_size=8)
+    sched, blocks, runner = make(cached=True, block_tokens=4, max_batch_size=8)
     specs = [Spec(PROMPT, 6, Sampling(temperature=1.0, seed=s)) for s in range(4)]
     for sid, spec in enumerate(specs):
         sched.add(spec.make(sid))
@@ -100,7 +100,7 @@ def test_n_choices_of_one_prompt_compute_its_blocks_once() -> None:
 
 
 def test_a_later_request_reuses_a_finished_ones_blocks() -> None:
-    sched, blocks, runner = make(cached=True, block_size=4)
+    sched, blocks, runner = make(cached=True, block_tokens=4)
     system = Spec(PROMPT, 3)
     sched.add(system.make(0))
     drive(sched, blocks, runner)
@@ -112,7 +112,7 @@ def test_a_later_request_reuses_a_finished_ones_blocks() -> None:
 
 
 def test_without_prefix_caching_nothing_is_shared() -> None:
-    sched, blocks, runner = make(cached=True, block_size=4, prefix_caching=False)
+    sched, blocks, runner = make(cached=True, block_tokens=4, prefix_cache=False)
     for sid in range(3):
         sched.add(Spec(PROMPT, 2).make(sid))
     drive(sched, blocks, runner)
@@ -123,7 +123,7 @@ def test_without_prefix_caching_nothing_is_shared() -> None:
 def test_a_preempted_sequence_comes_back_on_its_cached_blocks() -> None:
     # 23 blocks of 4: both prompts fit (11 + 10 blocks), their outputs do not, so the later
     # one is preempted and recomputes, mostly from the blocks it had named.
-    sched, blocks, runner = make(23, cached=True, block_size=4, token_budget=128)
+    sched, blocks, runner = make(23, cached=True, block_tokens=4, token_budget=128)
     first = Spec(PROMPT, 20, Sampling(temperature=1.0, seed=0))  # makes all 20 (no stop id)
     second = Spec(tuple(range(63, 23, -1)), 20)
     sched.add(first.make(0))
@@ -138,7 +138,7 @@ def test_a_preempted_sequence_comes_back_on_its_cached_blocks() -> None:
 
 
 def test_a_cancelled_leader_does_not_hold_its_followers() -> None:
-    sched, blocks, runner = make(cached=True, block_size=4, token_budget=8)
+    sched, blocks, runner = make(cached=True, block_tokens=4, token_budget=8)
     for sid in range(3):
         sched.add(Spec(PROMPT, 4, Sampling(temperature=1.0, seed=sid)).make(sid))
     plan = sched.schedule(0.0)  # the leader's first 8 prompt positions; the others wait
@@ -153,12 +153,12 @@ def test_a_cancelled_leader_does_not_hold_its_followers() -> None:
 
 def test_the_real_model_gives_the_same_tokens_from_shared_blocks() -> None:
     model = Model.load()
-    bs = model.block_size
+    bs = model.block_tokens
     prefix = [1, *range(300, 300 + 3 * bs)]  # BOS + three full blocks of a "system prompt"
     prompts = [[*prefix, 400 + i, 401 + i] for i in range(3)] + [prefix[:-1]]
     samplings = [Sampling(temperature=0.9, seed=7 + i) for i in range(len(prompts))]
     config = SchedulerConfig(max_context=model.config.seq_len, vocab_size=model.config.vocab_size,
-                             block_size=bs, decode_steps=4)
+                             block_tokens=bs, decode_steps=4)
     num_blocks = 64
     blocks = CachedBlocks(range(num_blocks))
     sched = Scheduler(config, blocks)
@@ -173,7 +173,7 @@ def test_the_real_model_gives_the_same_tokens_from_shared_blocks() -> None:
 
 
 def test_paged_fragmentation_counts_a_shared_block_once() -> None:
-    sched, _, runner = make(cached=True, block_size=4, max_batch_size=8)
+    sched, _, runner = make(cached=True, block_tokens=4, max_batch_size=8)
     for sid in range(2):
         sched.add(Spec(PROMPT, 8, Sampling(temperature=1.0, seed=sid)).make(sid))
     for _ in range(2):  # the first computes the prompt; then it decodes while the second joins

@@ -51,8 +51,8 @@ def specs(draw: st.DrawFn, max_context: int) -> Spec:
         )
     )
     deadline = draw(st.floats(0, 300)) if draw(st.integers(0, 9)) == 0 else None
-    priority, client_id = draw(st.integers(-1, 2)), draw(st.sampled_from([None, "a", "b"]))
-    return Spec(prompt, draw(st.integers(1, 24)), sampling, deadline, priority, client_id)
+    priority, tenant = draw(st.integers(-1, 2)), draw(st.sampled_from([None, "a", "b"]))
+    return Spec(prompt, draw(st.integers(1, 24)), sampling, deadline, priority, tenant)
 
 
 POLICY = st.sampled_from(["fcfs", "priority", "rr", "fair"])
@@ -66,28 +66,28 @@ def positions_computed(spec: Spec, max_context: int) -> int:
 @given(data=st.data())
 def test_random_workloads(data: st.DataObject) -> None:
     max_context = data.draw(st.integers(4, 48), "max_context")
-    block_size = data.draw(st.sampled_from([1, 2, 3, 4, 16]), "block_size")
+    block_tokens = data.draw(st.sampled_from([1, 2, 3, 4, 16]), "block_tokens")
     workload = data.draw(st.lists(specs(max_context), min_size=1, max_size=12), "specs")
-    max_need = max(-(-positions_computed(s, max_context) // block_size) for s in workload)
+    max_need = max(-(-positions_computed(s, max_context) // block_tokens) for s in workload)
     num_blocks = data.draw(st.integers(max_need, 2 * max_need + 2), "num_blocks")
     config = SchedulerConfig(
         max_context=max_context,
         vocab_size=VOCAB,
         decode_steps=1,
-        block_size=block_size,
+        block_tokens=block_tokens,
         token_budget=data.draw(st.integers(1, 40), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 8), "max_batch_size"),
         max_running=data.draw(st.one_of(st.none(), st.integers(1, 10)), "max_running"),
         policy=data.draw(POLICY, "policy"),
         aging_steps=data.draw(st.integers(1, 8), "aging_steps"),
         quantum=data.draw(st.integers(1, 6), "quantum"),
-        client_weights={"a": 1.0, "b": 3.0},
+        tenant_weights={"a": 1.0, "b": 3.0},
     )
     num_runners = data.draw(st.integers(1, 3), "num_runners")
     rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
     blocks = pool(data.draw(st.booleans(), "cached"), num_blocks)
     sched = Scheduler(config, blocks)
-    runner = FakeRunner(num_blocks, block_size)
+    runner = FakeRunner(num_blocks, block_tokens)
     out = Outcome()
     cancelled: set[int] = set()
     now = 0.0
@@ -113,7 +113,7 @@ def test_random_workloads(data: st.DataObject) -> None:
             if plan is None:
                 break
             check_plan(plan, config)
-            check_writes_own_blocks(plan, blocks, block_size)
+            check_writes_own_blocks(plan, blocks, block_tokens)
         check_invariants(sched, blocks)
         flying = list(sched.steps_in_flight)
         if flying and rng.random() < 0.8:
@@ -153,18 +153,18 @@ def test_random_workloads(data: st.DataObject) -> None:
 @given(data=st.data())
 def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
     max_context = 48
-    block_size = data.draw(st.sampled_from([1, 2, 4]), "block_size")
+    block_tokens = data.draw(st.sampled_from([1, 2, 4]), "block_tokens")
     workload = data.draw(st.lists(specs(max_context), min_size=3, max_size=12), "specs")
     workload = [  # no deadlines
-        Spec(s.prompt_ids, s.max_tokens, s.sampling, None, s.priority, s.client_id) for s in workload
+        Spec(s.prompt_ids, s.max_tokens, s.sampling, None, s.priority, s.tenant) for s in workload
     ]
-    max_need = max(-(-positions_computed(s, max_context) // block_size) for s in workload)
+    max_need = max(-(-positions_computed(s, max_context) // block_tokens) for s in workload)
     num_blocks = data.draw(st.integers(max_need, max_need + 3), "num_blocks")
     config = SchedulerConfig(
         max_context=max_context,
         vocab_size=VOCAB,
         decode_steps=1,
-        block_size=block_size,
+        block_tokens=block_tokens,
         token_budget=data.draw(st.integers(1, 32), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 12), "max_batch_size"),
         max_running=data.draw(st.sampled_from([3, 12]), "max_running"),
@@ -177,7 +177,7 @@ def test_block_pressure_never_changes_an_output(data: st.DataObject) -> None:
         sched.add(spec.make(sid))
     rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
     num_runners = data.draw(st.integers(1, 3), "num_runners")
-    out = drive(sched, blocks, FakeRunner(num_blocks, block_size), num_runners=num_runners, rng=rng)
+    out = drive(sched, blocks, FakeRunner(num_blocks, block_tokens), num_runners=num_runners, rng=rng)
     for sid, spec in enumerate(workload):
         assert (out.outputs.get(sid, []), out.reasons[sid]) == alone(spec, max_context)
     assert blocks.num_free == num_blocks

@@ -68,16 +68,16 @@ def test_client_blocks_count_a_shared_block_once_per_client() -> None:
 
 
 def test_a_prompt_the_quota_cannot_hold_is_refused_and_changes_nothing() -> None:
-    sched, blocks, _ = make(64, block_size=4, max_blocks_per_client=2)
+    sched, blocks, _ = make(64, block_tokens=4, max_blocks_per_client=2)
     with pytest.raises(QuotaExceeded, match=r"does not fit the KV quota of client 'alice'.*at most 7 prompt tokens"):
-        sched.add(Spec(tuple(range(1, 9)), 4, client_id="alice").make(0))
+        sched.add(Spec(tuple(range(1, 9)), 4, tenant="alice").make(0))
     assert sched.num_unfinished == 0 and blocks.num_free == 64
-    sched.add(Spec(tuple(range(1, 8)), 4, client_id="alice").make(1))  # 7 tokens and one more: fits
+    sched.add(Spec(tuple(range(1, 8)), 4, tenant="alice").make(1))  # 7 tokens and one more: fits
 
 
 def test_a_sequence_its_quota_cannot_hold_longer_ends_with_length() -> None:
-    sched, blocks, runner = make(64, block_size=4, max_blocks_per_client=2)
-    spec = Spec((1, 2, 3), 50, client_id="alice")
+    sched, blocks, runner = make(64, block_tokens=4, max_blocks_per_client=2)
+    spec = Spec((1, 2, 3), 50, tenant="alice")
     sched.add(spec.make(0))
     out = drive(sched, blocks, runner)
     assert out.reasons[0] == "length" and len(out.outputs[0]) <= 8 - 3
@@ -90,12 +90,12 @@ def test_a_sequence_its_quota_cannot_hold_longer_ends_with_length() -> None:
 def test_a_client_at_its_quota_waits_while_others_are_served(policy: str, cached: bool) -> None:
     """Tenant a floods a roomy pool; b arrives later. a never holds more than its quota, b
     is admitted at once (a's waiting requests do not hold it up), every text is its own."""
-    sched, blocks, runner = make(256, cached=cached, block_size=4, max_blocks_per_client=6, policy=policy,
+    sched, blocks, runner = make(256, cached=cached, block_tokens=4, max_blocks_per_client=6, policy=policy,
                                  decode_steps=1)
-    flood = [Spec((1, 2, 3, i % 7 + 4), 12, client_id="a") for i in range(10)]
+    flood = [Spec((1, 2, 3, i % 7 + 4), 12, tenant="a") for i in range(10)]
     for sid, spec in enumerate(flood):
         sched.add(spec.make(sid))
-    late = Spec((9, 8, 7), 12, client_id="b")
+    late = Spec((9, 8, 7), 12, tenant="b")
     out = Outcome()
     admitted_b_at = None
     for step in range(10_000):
@@ -118,10 +118,10 @@ def test_a_client_at_its_quota_waits_while_others_are_served(policy: str, cached
 
 
 def test_stats_count_each_clients_blocks() -> None:
-    sched, _, _ = make(64, cached=True, block_size=2, max_blocks_per_client=8)
+    sched, _, _ = make(64, cached=True, block_tokens=2, max_blocks_per_client=8)
     for sid in range(3):  # three choices of one prompt share its full blocks
-        sched.add(Spec((1, 2, 3, 4, 5), 4, client_id="a").make(sid))
-    sched.add(Spec((6, 7, 8), 4, client_id="b").make(3))
+        sched.add(Spec((1, 2, 3, 4, 5), 4, tenant="a").make(sid))
+    sched.add(Spec((6, 7, 8), 4, tenant="b").make(3))
     plan = sched.schedule(0.0)
     assert plan is not None
     held = held_by_client(sched)
@@ -132,9 +132,9 @@ def test_stats_count_each_clients_blocks() -> None:
 @given(data=st.data())
 def test_quotas_hold_under_random_workloads_and_change_no_output(data: st.DataObject) -> None:
     max_context = data.draw(st.integers(4, 40), "max_context")
-    block_size = data.draw(st.sampled_from([1, 2, 4]), "block_size")
+    block_tokens = data.draw(st.sampled_from([1, 2, 4]), "block_tokens")
     quota = data.draw(st.integers(1, 12), "max_blocks_per_client")
-    cap = min(max_context, quota * block_size)
+    cap = min(max_context, quota * block_tokens)
     n_specs = data.draw(st.integers(1, 10), "n_specs")
     workload = []
     for _ in range(n_specs):
@@ -142,12 +142,12 @@ def test_quotas_hold_under_random_workloads_and_change_no_output(data: st.DataOb
         prompt = tuple(data.draw(st.lists(st.integers(1, VOCAB - 1), min_size=n, max_size=n)))
         client = data.draw(st.sampled_from([None, "a", "b"]))
         workload.append(Spec(prompt, data.draw(st.integers(1, 24)), priority=data.draw(st.integers(-1, 2)),
-                             client_id=client))
+                             tenant=client))
     num_blocks = data.draw(st.integers(quota, 3 * quota + 2), "num_blocks")
     cached = data.draw(st.booleans(), "cached")
     blocks = CachedBlocks(range(num_blocks)) if cached else FreeListBlocks(range(num_blocks))
     config = SchedulerConfig(
-        max_context=max_context, vocab_size=VOCAB, block_size=block_size, max_blocks_per_client=quota,
+        max_context=max_context, vocab_size=VOCAB, block_tokens=block_tokens, max_blocks_per_client=quota,
         token_budget=data.draw(st.integers(1, 32), "token_budget"),
         max_batch_size=data.draw(st.integers(1, 8), "max_batch_size"),
         policy=data.draw(st.sampled_from(["fcfs", "priority", "rr", "fair"]), "policy"),
@@ -163,7 +163,7 @@ def test_quotas_hold_under_random_workloads_and_change_no_output(data: st.DataOb
             sched.add(spec.make(sid))
             added.append(sid)
     rng = random.Random(data.draw(st.integers(0, 2**32), "rng_seed"))
-    runner = FakeRunner(num_blocks, block_size)
+    runner = FakeRunner(num_blocks, block_tokens)
     out = Outcome()
     for _ in range(20_000):  # drive, checking the quota after every schedule and reply
         while len(sched.steps_in_flight) < 2:

@@ -49,7 +49,7 @@ def add_all(sched: Scheduler, specs: list[Spec]) -> None:
 
 
 def test_one_sequence_matches_alone() -> None:
-    sched, blocks, runner = make(block_size=4)
+    sched, blocks, runner = make(block_tokens=4)
     spec = no_stop_spec(10, 20)
     add_all(sched, [spec])
     out = drive(sched, blocks, runner)
@@ -58,7 +58,7 @@ def test_one_sequence_matches_alone() -> None:
 
 
 def test_prefill_is_chunked_to_the_budget_and_covers_the_prompt_once_in_order() -> None:
-    sched, blocks, runner = make(block_size=4, token_budget=8)
+    sched, blocks, runner = make(block_tokens=4, token_budget=8)
     spec = no_stop_spec(21, 3)
     add_all(sched, [spec])
     out = drive(sched, blocks, runner)
@@ -68,7 +68,7 @@ def test_prefill_is_chunked_to_the_budget_and_covers_the_prompt_once_in_order() 
 
 
 def test_fcfs_admission_order_and_decodes_every_step() -> None:
-    sched, blocks, runner = make(block_size=4, token_budget=10, max_batch_size=8)
+    sched, blocks, runner = make(block_tokens=4, token_budget=10, max_batch_size=8)
     specs = [no_stop_spec(6, 8, salt=10 * i) for i in range(4)]
     add_all(sched, specs)
     out = drive(sched, blocks, runner)
@@ -85,7 +85,7 @@ def test_fcfs_admission_order_and_decodes_every_step() -> None:
 
 
 def test_decodes_go_before_a_long_prefill() -> None:
-    sched, _blocks, runner = make(block_size=4, token_budget=8)
+    sched, _blocks, runner = make(block_tokens=4, token_budget=8)
     short, long = no_stop_spec(2, 30), no_stop_spec(60, 2, salt=3)
     add_all(sched, [short])
     plan = sched.schedule(0.0)
@@ -101,7 +101,7 @@ def test_decodes_go_before_a_long_prefill() -> None:
 
 
 def test_batch_size_and_running_limits() -> None:
-    sched, blocks, runner = make(block_size=4, max_batch_size=3, max_running=4)
+    sched, blocks, runner = make(block_tokens=4, max_batch_size=3, max_running=4)
     add_all(sched, [no_stop_spec(3, 5, salt=i) for i in range(6)])
     plan = sched.schedule(0.0)
     assert plan is not None and plan.seq_ids == (0, 1, 2)
@@ -141,7 +141,7 @@ def test_length_and_context_finish() -> None:
 
 def test_preemption_under_block_pressure_keeps_every_token() -> None:
     specs = [no_stop_spec(5 + i, 12, salt=7 * i) for i in range(6)]
-    sched, blocks, runner = make(num_blocks=12, block_size=2, token_budget=6, max_batch_size=6)
+    sched, blocks, runner = make(num_blocks=12, block_tokens=2, token_budget=6, max_batch_size=6)
     add_all(sched, specs)
     out = drive(sched, blocks, runner)
     assert sched.stats().num_preemptions > 0
@@ -154,7 +154,7 @@ def test_preemption_under_block_pressure_keeps_every_token() -> None:
 
 
 def test_preemption_takes_the_latest_arrival_and_requeues_it_first() -> None:
-    sched, blocks, _runner = make(num_blocks=3, block_size=2, token_budget=16)
+    sched, blocks, _runner = make(num_blocks=3, block_tokens=2, token_budget=16)
     for i in range(3):
         sched.add(Sequence(i, [5, 6], max_tokens=10))
     plan = sched.schedule(0.0)  # each takes one block (2 prompt tokens)
@@ -169,7 +169,7 @@ def test_preemption_takes_the_latest_arrival_and_requeues_it_first() -> None:
 
 
 def test_a_sequence_in_flight_is_never_preempted() -> None:
-    sched, blocks, _runner = make(num_blocks=2, block_size=2, token_budget=16)
+    sched, blocks, _runner = make(num_blocks=2, block_tokens=2, token_budget=16)
     sched.add(Sequence(0, [5, 6], max_tokens=10))
     sched.add(Sequence(1, [5, 6], max_tokens=10))
     plan = sched.schedule(0.0)
@@ -184,7 +184,7 @@ def test_a_sequence_in_flight_is_never_preempted() -> None:
 
 
 def test_cancel_waiting_running_and_in_flight_frees_every_block() -> None:
-    sched, blocks, runner = make(block_size=2, max_running=2)
+    sched, blocks, runner = make(block_tokens=2, max_running=2)
     for i in range(4):
         sched.add(Sequence(i, [5, 6, 7], max_tokens=10))
     assert sched.cancel(3) and sched.pop_events() == [FinishEvent(3, "cancelled", 3, 0)]
@@ -219,7 +219,7 @@ def test_deadlines_expire_waiting_and_running_sequences() -> None:
 
 def test_requeue_reruns_a_lost_step_from_unchanged_progress() -> None:
     specs = [no_stop_spec(9, 6, salt=i) for i in range(3)]
-    sched, blocks, runner = make(block_size=4, token_budget=8)
+    sched, blocks, runner = make(block_tokens=4, token_budget=8)
     add_all(sched, specs)
     plan = sched.schedule(0.0)
     assert plan is not None
@@ -279,14 +279,14 @@ def test_add_refuses_what_cannot_run() -> None:
 def test_a_long_prompt_fits_a_small_pool_when_alone() -> None:
     """Chunks are cut to the blocks there are; the prompt is never refused for its length."""
     spec = no_stop_spec(40, 4)
-    sched, blocks, runner = make(num_blocks=12, block_size=4, token_budget=64)
+    sched, blocks, runner = make(num_blocks=12, block_tokens=4, token_budget=64)
     add_all(sched, [spec])
     out = drive(sched, blocks, runner)
     assert out.outputs[0] == alone(spec, MAX_CONTEXT)[0]
 
 
 def test_stalled_when_one_sequence_needs_more_blocks_than_the_pool() -> None:
-    sched, blocks, _runner = make(num_blocks=2, block_size=2)
+    sched, blocks, _runner = make(num_blocks=2, block_tokens=2)
     sched.add(Sequence(0, [5, 6, 7, 8], max_tokens=10))
     plan = sched.schedule(0.0)
     assert plan is not None
@@ -316,7 +316,7 @@ def test_paused_sequences_are_left_out_and_passed() -> None:
 
 
 def test_stats_count_tokens_steps_and_delays() -> None:
-    sched, blocks, runner = make(block_size=4, token_budget=8, max_batch_size=2)
+    sched, blocks, runner = make(block_tokens=4, token_budget=8, max_batch_size=2)
     specs = [no_stop_spec(6, 4, salt=i) for i in range(3)]
     add_all(sched, specs)
     out = drive(sched, blocks, runner)

@@ -88,7 +88,7 @@ def make_scheduler(
     config = SchedulerConfig(
         max_context=model.config.seq_len,
         vocab_size=model.config.vocab_size,
-        block_size=model.block_size,
+        block_tokens=model.block_tokens,
         **{"decode_steps": 1, **limits},  # type: ignore[arg-type]
     )
     blocks = FreeListBlocks(range(num_blocks))
@@ -152,7 +152,7 @@ def requests_and_outputs(model: Model, tokenizer: Tokenizer) -> list[tuple[Reque
 
 
 @pytest.mark.parametrize(
-    ("block_size", "num_blocks", "token_budget", "num_runners", "preempts", "decode_steps"),
+    ("block_tokens", "num_blocks", "token_budget", "num_runners", "preempts", "decode_steps"),
     [
         (16, 256, 512, 1, False, 1),  # room for everyone
         (16, 10, 48, 1, True, 1),  # a small pool: preemptions and recomputation
@@ -165,7 +165,7 @@ def test_concurrent_sequences_get_the_tokens_they_get_alone(
     model: Model,
     tokenizer: Tokenizer,
     requests_and_outputs: list[tuple[Request, list[int]]],
-    block_size: int,
+    block_tokens: int,
     num_blocks: int,
     token_budget: int,
     num_runners: int,
@@ -173,8 +173,8 @@ def test_concurrent_sequences_get_the_tokens_they_get_alone(
     decode_steps: int,
 ) -> None:
     assert tokenizer.stop_ids == STOP_IDS
-    if block_size != model.block_size:
-        model = Model(model.loaded, block_size=block_size)
+    if block_tokens != model.block_tokens:
+        model = Model(model.loaded, block_tokens=block_tokens)
     sched, blocks = make_scheduler(
         model, num_blocks, token_budget=token_budget, max_running=NUM_SEQS, max_batch_size=NUM_SEQS,
         decode_steps=decode_steps,
@@ -228,7 +228,7 @@ def test_policies_give_every_sequence_the_tokens_it_gets_alone(
                 sampling=r.sampling,
                 stop_ids=tokenizer.stop_ids,
                 priority=sid % 3,
-                client_id=f"client{sid % 2}",
+                tenant=f"client{sid % 2}",
             )
         )
     results = serve(model, sched, num_blocks)
