@@ -26,7 +26,14 @@ from llmos.libllm import chat
 from llmos.libllm import protocol as P
 from llmos.libllm.connection import Connection
 from llmos.libllm.connection import ServerGone as ServerGone
-from llmos.libllm.options import Options, check_options, options_of, seeds_of, submit_of, text
+from llmos.libllm.options import (
+    Options,
+    check_options,
+    options_of,
+    prompt_ids_of,
+    seeds_of,
+    submit_of,
+)
 from llmos.libllm.request import Completion as Completion
 from llmos.libllm.request import DeadlineExceeded as DeadlineExceeded
 from llmos.libllm.request import Pending, Request
@@ -36,7 +43,7 @@ from llmos.libllm.tensors import SharedTensor
 from llmos.libllm.tokenizer import Tokenizer, load_tokenizer
 from llmos.microkernel import instance as I
 from llmos.microkernel.endpoint import Endpoint
-from llmos.microkernel.errors import Closed, InvalidRequest, LlmosError
+from llmos.microkernel.errors import Closed, LlmosError
 from llmos.microkernel.messages import MsgType
 
 if TYPE_CHECKING:
@@ -257,28 +264,7 @@ class Session:
             raise Closed("this session is closed")
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """The prompt as token ids, checked (text is encoded with the model's tokenizer)."""
-        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Sequence, np.ndarray)):
-            raise InvalidRequest(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if isinstance(prompt, str):
-            text("prompt", prompt)
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = self._checked_ids(prompt)
-        if len(ids) >= self.info.context_length:
-            raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of "
-                                 f"{self.info.context_length} tokens")
-        return ids
-
-    def _checked_ids(self, prompt: Sequence[int]) -> list[int]:
-        """A copy as plain ints (what a failover resubmits stays as it was asked)."""
-        if len(prompt) == 0:
-            raise InvalidRequest("prompt must hold at least one token id")
-        vocab_size = self.info.vocab_size
-        for i, t in enumerate(prompt):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
-                raise InvalidRequest(f"prompt[{i}] must be a token id, an int in [0, {vocab_size}), got {t!r}")
-        return [int(t) for t in prompt]
+        return prompt_ids_of(self.tokenizer, self.info, prompt)
 
 
 def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "",

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import numpy as np
 
 from llmos.libllm import protocol as P
 from llmos.libllm.sampling import SamplingParams
 from llmos.microkernel.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from llmos.libllm.tokenizer import Tokenizer
 
 INT32_MAX = 2**31 - 1
 MAX_TENANT_CHARS = 256
@@ -179,3 +184,23 @@ def submit_of(o: Options, prompt_ids: list[int], seed: int, stream: bool) -> P.S
                     stream, o.timeout, o.tenant, -1 if o.logprobs is None else o.logprobs, o.prompt_logprobs,
                     presence_penalty=float(o.presence_penalty), frequency_penalty=float(o.frequency_penalty),
                     repetition_penalty=float(o.repetition_penalty))
+
+
+def prompt_ids_of(tokenizer: Tokenizer, info: P.ModelInfo, prompt: str | Sequence[int]) -> list[int]:
+    """The prompt as token ids, checked (text is encoded with the model's tokenizer; ids are
+    copied as plain ints, so what a failover resubmits stays as it was asked)."""
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Sequence, np.ndarray)):
+        raise InvalidRequest(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    if isinstance(prompt, str):
+        text("prompt", prompt)
+        ids = tokenizer.encode(prompt)
+    else:
+        if len(prompt) == 0:
+            raise InvalidRequest("prompt must hold at least one token id")
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < info.vocab_size:
+                raise InvalidRequest(f"prompt[{i}] must be a token id, an int in [0, {info.vocab_size}), got {t!r}")
+        ids = [int(t) for t in prompt]
+    if len(ids) >= info.context_length:
+        raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of {info.context_length} tokens")
+    return ids

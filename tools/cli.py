@@ -21,6 +21,7 @@ BENCHMARKS = {
     "memory": "llmos.bench.memory",
     "e2e": "llmos.bench.e2e",
     "serve": "llmos.bench.serve",
+    "cluster": "llmos.bench.cluster",
 }
 
 
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="measure which layout, KV dtype, batch size and decode steps serve a model fastest here",
         description="Short measured runs of real instances for a workload shape; prints the table and writes "
                     "the config it chose (llmos serve --config FILE)."))
+    from llmos.cluster import commands as cluster
+
+    cluster.add_arguments(commands.add_parser(
+        "cluster", help="an instance on every node of a Ray cluster: up (serve's flags), down, status",
+        description="Run llmos on an existing Ray cluster (pip install 'llmos[ray]'): one instance per node; "
+                    "clients use libllm.cluster.connect()."))
     up = commands.add_parser("up", help="start an instance: the kernel, then the configured servers")
     up.add_argument("--config", help="TOML config (defaults built in)")
     up.add_argument("--instance", help="instance name (default: $LLMOS_INSTANCE or 'default')")
@@ -118,6 +125,10 @@ def run(argv: list[str] | None = None) -> int:
         from llmos import serve
 
         return serve.main(ns)
+    if ns.command == "cluster":
+        from llmos.cluster import commands as cluster
+
+        return cluster.main(ns)
     if ns.command == "tune":
         from llmos import tune
 

@@ -42,9 +42,10 @@ def up(instance: str | None, config_path: str | None, detach: bool) -> int:
     return start(config, instance, detach, ["--config", config_path] if config_path else [])
 
 
-def start(config: Config, instance: str | None, detach: bool, config_argv: list[str]) -> int:
+def start(config: Config, instance: str | None, detach: bool, config_argv: list[str],
+          owner_pid: int | None = None) -> int:
     """Bring an instance up with `config` (the detached supervisor reads it again from
-    `config_argv`). Everything that can be checked before a process starts is, and a failure
+    `config_argv`; with `owner_pid`, it stops when that process ends). Everything that can be checked before a process starts is, and a failure
     is one line with its cause and exit status 2."""
     name = I.instance_name(instance)
     try:
@@ -56,6 +57,8 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
     if not detach:
         return supervisor.run(config, name, foreground=True)
     argv = [*supervisor.PYTHON, "-m", "llmos.supervisor", "--instance", name, *config_argv]
+    if owner_pid is not None:
+        argv += ["--owner-pid", str(owner_pid)]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
     # with the others' logs; until then its stderr comes to us, to show if it fails.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

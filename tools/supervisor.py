@@ -28,6 +28,7 @@ from llmos.cleanup import (
     STATE_FILE,
     clean_instance,
     failure_path,
+    is_same_process,
     lock_path,
     read_state,
     start_ticks,
@@ -261,10 +262,15 @@ class Supervisor:
     def stop(self) -> None:
         self._stopping = True
 
-    def monitor(self) -> None:
+    def monitor(self, owner: tuple[int, int | None] | None = None) -> None:
+        """Watch the children until stopped; with `owner` (pid, start ticks), also until that
+        process ends (a cluster node's actor: its instance does not outlive it)."""
         last_heartbeat_check = 0.0
         while not self._stopping:
             time.sleep(TICK_S)
+            if owner is not None and not is_same_process(*owner):
+                log.warning("the process that owns this instance (pid %d) is gone; stopping", owner[0])
+                return
             self._echo_logs()
             now = time.monotonic()
             for child in self.children:
@@ -487,8 +493,11 @@ def forward_to(ready: Any) -> Callable[[str, str, int, int], None]:
     return forward
 
 
-def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.stdout) -> int:
-    """Bring the instance up, print one ready line, watch it until a signal or a failure."""
+def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.stdout,
+        owner_pid: int | None = None) -> int:
+    """Bring the instance up, print one ready line, watch it until a signal or a failure (or
+    until `owner_pid` ends)."""
+    owner = None if owner_pid is None else (owner_pid, start_ticks(owner_pid))
     supervisor = Supervisor(config, instance, foreground=foreground)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -510,7 +519,7 @@ def run(config: Config, instance: str, *, foreground: bool, ready: Any = sys.std
         ready.write(f"llmos up: instance {supervisor.instance!r} ready; {serving}kernel socket "
                     f"{I.socket_path(supervisor.instance)}; {servers}\n")
         ready.flush()
-        supervisor.monitor()
+        supervisor.monitor(owner)
     except InstanceFailed as exc:
         log.error("%s", exc)
         failure = str(exc)
@@ -536,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--config-json", default=None, help="the whole config as JSON (llmos serve)")
     parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--owner-pid", type=int, default=None, help="stop the instance when this process ends")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s")
@@ -544,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmos error: {exc}", flush=True)
         return 2
-    return run(config, I.instance_name(ns.instance), foreground=ns.foreground)
+    return run(config, I.instance_name(ns.instance), foreground=ns.foreground, owner_pid=ns.owner_pid)
 
 
 if __name__ == "__main__":

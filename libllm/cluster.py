@@ -1,0 +1,307 @@
+"""A session on a Ray cluster of llmos instances: one front door, requests that survive a node.
+
+    with libllm.cluster.connect("auto") as session:        # after `llmos cluster up`
+        print(session.generate("Once upon a time", max_tokens=50).text)
+
+Runs in the client's process, as a Ray driver (needs the `ray` extra). The instances are
+the cluster's NodeInstance actors (llmos/cluster/node.py), found by name and used once they
+answer. Each request is tokenised here, routed by libllm.routing (prefix affinity under a
+load bound, each tenant spread evenly), and sent as one actor call whose tokens come back in
+batches. When its instance or its node dies, the request is resubmitted on another with
+the tokens it already has (libllm.request_table.resubmission): (seed, position) sampling and
+batch-invariant kernels make the text go on exactly as it would have; a stream sees a gap.
+The same keyword arguments and Request handles as `Session`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from llmos.libllm import protocol as P
+from llmos.libllm.connection import ServerGone
+from llmos.libllm.options import Options, check_options, options_of, prompt_ids_of, submit_of
+from llmos.libllm.request import Completion, Pending, Request
+from llmos.libllm.request_table import resubmission
+from llmos.libllm.routing import Router
+from llmos.libllm.tokenizer import load_tokenizer
+from llmos.microkernel import errors
+from llmos.microkernel.errors import Closed, KernelUnavailable, LlmosError, RemoteError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from llmos.libllm.options import RequestArgs
+
+NAMESPACE = "llmos"  # the Ray namespace `llmos cluster up` names its actors in
+ACTOR_PREFIX = "llmos.node."
+REFRESH_S = 1.0  # the instance list is looked at again this often (nodes join and leave)
+FAILOVER_TIMEOUT_S = 120.0  # how long a request waits for some instance to take it over
+CONNECT_TIMEOUT_S = 120.0
+MAX_FAILOVERS = 8  # a request that has failed over this many times ends with the last failure
+
+
+class ClusterSession:
+    """Requests routed over every instance of a Ray cluster. Use `libllm.cluster.connect()`."""
+
+    def __init__(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        import ray
+
+        self._ray = ray
+        self._lock = threading.Lock()
+        self._actors: dict[str, Any] = {}  # instance name (its actor's) -> handle, once it answered
+        self._probes: dict[str, tuple[Any, Any]] = {}  # name -> (handle, info ref) not answered yet
+        self._refreshed = 0.0
+        self.closed = False
+        self.num_failovers = 0
+        deadline = time.monotonic() + timeout
+        while not self._actors:
+            self._refresh(force=True)
+            if self._actors:
+                break
+            if time.monotonic() > deadline:
+                raise KernelUnavailable(f"no llmos instance answered on the Ray cluster within {timeout:g} s "
+                                        "(start them with `llmos cluster up`)")
+            time.sleep(0.2)
+        first = next(iter(self._actors.values()))
+        info = ray.get(first.info.remote(), timeout=timeout)
+        self.info: P.ModelInfo = msgspec.json.decode(info["model_info"], type=P.ModelInfo)
+        self.tokenizer = load_tokenizer(self.info.tokenizer_path)  # the same model file on every node
+        self.router = Router(self.info.block_tokens)
+        self.router.set_instances(self._actors)
+
+    # -- the instances ------------------------------------------------------------------
+
+    def _refresh(self, force: bool = False) -> None:
+        """Follow the cluster: new actors are probed, and used once they answer; gone ones are
+        dropped (lock held, or at creation)."""
+        now = time.monotonic()
+        if not force and now - self._refreshed < REFRESH_S:
+            return
+        self._refreshed = now
+        ray = self._ray
+        listed = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == NAMESPACE and a["name"].startswith(ACTOR_PREFIX)}
+        for name in set(self._actors) - listed:
+            del self._actors[name]
+        for name in listed - set(self._actors) - set(self._probes):
+            try:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                continue  # gone between the listing and now
+            self._probes[name] = (handle, handle.info.remote())
+        if self._probes:
+            refs = [ref for _, ref in self._probes.values()]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for name, (handle, ref) in list(self._probes.items()):
+                if ref in ready:
+                    del self._probes[name]
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError:
+                        continue  # it failed to start: probed again at the next refresh
+                    self._actors[name] = handle
+        if hasattr(self, "router"):
+            self.router.set_instances(self._actors)
+
+    def _mark_down(self, name: str) -> None:
+        """An instance failed a request: unused until it answers a probe again (lock held)."""
+        handle = self._actors.pop(name, None)
+        self.router.set_instances(self._actors)
+        if handle is not None:
+            self._probes[name] = (handle, handle.info.remote())
+
+    def instances(self) -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(self._actors)
+
+    def placements(self) -> dict[str, dict[str, int]]:
+        """Per instance: requests routed to it, of which by prefix affinity, and open now."""
+        with self._lock:
+            return {name: {"routed": load.routed, "affine": load.affine, "open": load.requests}
+                    for name, load in self.router.loads.items()}
+
+    def stats(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Each instance's scheduler figures (steps, tokens, prefix_hit_rate, ...)."""
+        with self._lock:
+            actors = dict(self._actors)
+        refs = {name: handle.stats.remote() for name, handle in actors.items()}
+        return {name: self._ray.get(ref, timeout=timeout) for name, ref in refs.items()}
+
+    # -- requests -----------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
+        """As `Session.generate`, on the instance the router chooses."""
+        return self.start(prompt, options_of(options), stream=False).result()
+
+    def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
+        return self.start(prompt, options_of(options), stream=False)
+
+    def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
+        return self.start(prompt, options_of(options), stream=True)
+
+    def start(self, prompt: str | Sequence[int], options: Options, *, stream: bool) -> Request:
+        if self.closed:
+            raise Closed("this session is closed")
+        check_options(options)
+        prompt_ids = prompt_ids_of(self.tokenizer, self.info, prompt)
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        # Always streamed between node and client (in batches): what a failover resubmits from.
+        submit = submit_of(options, prompt_ids, seed, True)
+        routed = RoutedRequest(self, Pending(0, submit), options.tenant)
+        routed.send()
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        return Request(routed, routed.pending, self.tokenizer.decoder(prompt_ids), list(options.stop or ()),
+                       deadline)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> ClusterSession:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RoutedRequest:
+    """One request's life on the cluster: the instance it runs on, its stream of token
+    batches, and the resubmission when that instance goes (a Request's RequestOwner)."""
+
+    def __init__(self, session: ClusterSession, pending: Pending, tenant: str) -> None:
+        self.session = session
+        self.pending = pending
+        self.tenant = tenant
+        self.key = uuid.uuid4().hex  # names it at its instance, for cancel
+        self.instance = ""
+        self.batches: Any = None
+        self.outstanding = 0  # tokens counted at its instance's load and not done yet
+        self.failed: set[str] = set()
+        self.resumed_from = 0
+        self.num_failovers = 0
+        self.last_failure: BaseException | None = None
+
+    def send(self) -> None:
+        """Choose an instance and start the request there (with the tokens it has, after a
+        failover); waits for some instance to be live, up to FAILOVER_TIMEOUT_S."""
+        session, pending = self.session, self.pending
+        submit = pending.submit if not pending.token_ids else resubmission(pending)
+        if submit is None:
+            return  # it had made every token: only its end was lost
+        cost = len(submit.prompt_ids) + submit.max_tokens
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        while True:
+            with session._lock:
+                session._refresh()
+                try:
+                    self.instance = session.router.choose(submit.prompt_ids, cost, self.tenant,
+                                                          exclude=frozenset(self.failed))
+                    handle = session._actors[self.instance]
+                    break
+                except LookupError:
+                    self.failed.clear()  # every instance failed it once: any that is back will do
+            if time.monotonic() > deadline:
+                raise ServerGone(f"no llmos instance took the request within {FAILOVER_TIMEOUT_S:g} s")
+            time.sleep(0.2)
+        self.outstanding = cost
+        self.resumed_from = len(pending.token_ids)
+        self.batches = handle.run.options(num_returns="streaming").remote(P.pack(submit), self.key)
+
+    def pump(self, request: Pending, deadline: float | None) -> None:
+        """Receive the next batch (or the end); fail over when the instance is gone."""
+        ray = self.session._ray
+        while request.finished is None and request.error is None:
+            try:
+                batch = ray.get(next(self.batches))
+            except StopIteration:
+                batch = None  # ended without its end: the instance went as it finished
+            except ray.exceptions.RayError as exc:
+                batch, self.last_failure = None, exc
+            if batch is None:
+                self._fail_over()
+                continue
+            offset, ids, finished, error = batch
+            if offset != len(request.token_ids) - self.resumed_from:  # never: batches are in order
+                request.error = RemoteError(f"instance {self.instance} sent tokens from {offset}, expected "
+                                            f"{len(request.token_ids) - self.resumed_from}")
+                self._ended()
+                return
+            self._done(len(ids))
+            request.token_ids.extend(ids)
+            request.fresh.extend(ids)
+            if error is not None:
+                request.error = _error_of(error)
+            elif finished is not None:
+                end = msgspec.msgpack.decode(finished, type=P.Finished)
+                request.finished = msgspec.structs.replace(end, num_prompt_tokens=len(request.submit.prompt_ids),
+                                                           num_output_tokens=len(request.token_ids))
+            if request.finished is not None or request.error is not None:
+                self._ended()
+            if ids or request.finished is not None or request.error is not None:
+                return
+
+    def cancel(self, request: Pending) -> None:
+        if request.finished is None and request.error is None and self.instance:
+            handle = self.session._actors.get(self.instance)
+            if handle is not None:
+                handle.cancel.remote(self.key)
+
+    def _fail_over(self) -> None:
+        session = self.session
+        with session._lock:
+            self.failed.add(self.instance)
+            session._mark_down(self.instance)
+            session.num_failovers += 1
+        self._ended()
+        self.num_failovers += 1
+        if self.num_failovers > MAX_FAILOVERS:  # not the instances: the request itself fails them
+            self.pending.error = ServerGone(f"the request failed on {MAX_FAILOVERS} instances; the last said: "
+                                            f"{self.last_failure}")
+            return
+        try:
+            self.send()  # (none when it had made every token: `pending` is finished then)
+        except LlmosError as exc:
+            self.pending.error = exc
+
+    def _done(self, tokens: int) -> None:
+        with self.session._lock:
+            self.session.router.progress(self.instance, self.tenant, tokens)
+        self.outstanding = max(0, self.outstanding - tokens)
+
+    def _ended(self) -> None:
+        with self.session._lock:
+            self.session.router.ended(self.instance, self.tenant, self.outstanding)
+        self.outstanding = 0
+
+
+def _error_of(what: str) -> LlmosError:
+    """The instance's error ("Type: message") as the same libllm exception."""
+    name, _, message = what.partition(": ")
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, LlmosError):
+        return kind(message)
+    return RemoteError(what)
+
+
+def connect(address: str = "auto", *, timeout: float = CONNECT_TIMEOUT_S) -> ClusterSession:
+    """A session over every llmos instance of the Ray cluster at `address` ("auto": the one
+    this machine is in; "ray://host:10001" through Ray Client), once one answers.
+
+    Raises:
+        KernelUnavailable: no instance answered within `timeout` (`llmos cluster up` starts them).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    return ClusterSession(timeout)
