@@ -45,8 +45,9 @@ def up(instance: str | None, config_path: str | None, detach: bool) -> int:
 def start(config: Config, instance: str | None, detach: bool, config_argv: list[str],
           owner_pid: int | None = None) -> int:
     """Bring an instance up with `config` (the detached supervisor reads it again from
-    `config_argv`; with `owner_pid`, it stops when that process ends). Everything that can be checked before a process starts is, and a failure
-    is one line with its cause and exit status 2."""
+    `config_argv`; with `owner_pid`, it stops when that process ends). Everything that can be
+    checked before a process starts is, and a failure is one line with its cause and exit
+    status 2."""
     name = I.instance_name(instance)
     try:
         check_before_start(config)
