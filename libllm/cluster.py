@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from llmos.libllm.options import RequestArgs
 
 NAMESPACE = "llmos"  # the Ray namespace `llmos cluster up` names its actors in
-ACTOR_PREFIX = "llmos.node."
+ACTOR_PREFIX = "llmos.node."  # a node's NodeInstance is named this plus its Ray node id
 REFRESH_S = 1.0  # the instance list is looked at again this often (nodes join and leave)
 FAILOVER_TIMEOUT_S = 120.0  # how long a request waits for some instance to take it over
 CONNECT_TIMEOUT_S = 120.0
@@ -60,6 +60,7 @@ class ClusterSession:
         self._actors: dict[str, Any] = {}  # instance name (its actor's) -> handle, once it answered
         self._probes: dict[str, tuple[Any, Any]] = {}  # name -> (handle, info ref) not answered yet
         self._refreshed = 0.0
+        self.router = Router(1)  # which instances are live; its block size is the model's, below
         self.closed = False
         self.num_failovers = 0
         deadline = time.monotonic() + timeout
@@ -75,14 +76,13 @@ class ClusterSession:
         info = ray.get(first.info.remote(), timeout=timeout)
         self.info: P.ModelInfo = msgspec.json.decode(info["model_info"], type=P.ModelInfo)
         self.tokenizer = load_tokenizer(self.info.tokenizer_path)  # the same model file on every node
-        self.router = Router(self.info.block_tokens)
-        self.router.set_instances(self._actors)
+        self.router.block_tokens = self.info.block_tokens
 
     # -- the instances ------------------------------------------------------------------
 
     def _refresh(self, force: bool = False) -> None:
         """Follow the cluster: new actors are probed, and used once they answer; gone ones are
-        dropped (lock held, or at creation)."""
+        dropped; the router follows (lock held, or at creation)."""
         now = time.monotonic()
         if not force and now - self._refreshed < REFRESH_S:
             return
@@ -109,8 +109,7 @@ class ClusterSession:
                     except ray.exceptions.RayError:
                         continue  # it failed to start: probed again at the next refresh
                     self._actors[name] = handle
-        if hasattr(self, "router"):
-            self.router.set_instances(self._actors)
+        self.router.set_instances(self._actors)
 
     def _mark_down(self, name: str) -> None:
         """An instance failed a request: unused until it answers a probe again (lock held)."""
@@ -186,7 +185,6 @@ class RoutedRequest:
         self.instance = ""
         self.batches: Any = None
         self.outstanding = 0  # tokens counted at its instance's load and not done yet
-        self.failed: set[str] = set()
         self.resumed_from = 0
         self.num_failovers = 0
         self.last_failure: BaseException | None = None
@@ -204,12 +202,11 @@ class RoutedRequest:
             with session._lock:
                 session._refresh()
                 try:
-                    self.instance = session.router.choose(submit.prompt_ids, cost, self.tenant,
-                                                          exclude=frozenset(self.failed))
+                    self.instance = session.router.choose(submit.prompt_ids, cost, self.tenant)
                     handle = session._actors[self.instance]
                     break
                 except LookupError:
-                    self.failed.clear()  # every instance failed it once: any that is back will do
+                    pass  # none is live now: wait for one to come (back)
             if time.monotonic() > deadline:
                 raise ServerGone(f"no llmos instance took the request within {FAILOVER_TIMEOUT_S:g} s")
             time.sleep(0.2)
@@ -242,7 +239,7 @@ class RoutedRequest:
             if error is not None:
                 request.error = _error_of(error)
             elif finished is not None:
-                end = msgspec.msgpack.decode(finished, type=P.Finished)
+                end = P.unpack(finished, P.Finished)
                 request.finished = msgspec.structs.replace(end, num_prompt_tokens=len(request.submit.prompt_ids),
                                                            num_output_tokens=len(request.token_ids))
             if request.finished is not None or request.error is not None:
@@ -259,7 +256,6 @@ class RoutedRequest:
     def _fail_over(self) -> None:
         session = self.session
         with session._lock:
-            self.failed.add(self.instance)
             session._mark_down(self.instance)
             session.num_failovers += 1
         self._ended()
@@ -300,8 +296,13 @@ def connect(address: str = "auto", *, timeout: float = CONNECT_TIMEOUT_S) -> Clu
     Raises:
         KernelUnavailable: no instance answered within `timeout` (`llmos cluster up` starts them).
     """
+    init_ray(address)
+    return ClusterSession(timeout)
+
+
+def init_ray(address: str) -> None:
+    """Join the Ray cluster at `address` as a driver in llmos's namespace (once per process)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
-    return ClusterSession(timeout)

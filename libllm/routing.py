@@ -6,8 +6,8 @@ Each request names a preferred instance by the hash of its prompt's first full K
 and an instance leaving moves only its own prefixes), so a shared system prompt is
 computed once per instance that serves it and then read from that instance's prefix cache.
 The preference holds while the preferred instance carries at most `load_factor` times the
-mean outstanding tokens (before this request) (bounded-load consistent hashing); past that, the request goes to
-the instance where its tenant has least outstanding, then the least loaded. Spreading
+mean outstanding tokens before this request (bounded-load consistent hashing); past that,
+the request goes to the instance where its tenant has least outstanding, then the least loaded. Spreading
 each tenant's overflow evenly is what makes the instances' own fair share add up to a
 fair share of the whole cluster: every instance sees every busy tenant.
 """
@@ -75,20 +75,19 @@ class Router:
         """The instance a prefix prefers: the highest rendezvous score among the live ones."""
         return max(self.loads, key=lambda name: _score(key, name))
 
-    def choose(self, prompt_ids: Sequence[int], cost: int, tenant: str = "",
-               exclude: frozenset[str] = frozenset()) -> str:
+    def choose(self, prompt_ids: Sequence[int], cost: int, tenant: str = "") -> str:
         """The instance for a request of `cost` tokens (prompt + max output), and count it there.
 
         Raises:
-            LookupError: no live instance (but those in `exclude`).
+            LookupError: no live instance.
         """
-        live = {n: load for n, load in self.loads.items() if n not in exclude}
+        live = self.loads
         if not live:
             raise LookupError("no live instance")
         key = prefix_key(prompt_ids, self.block_tokens)
         chosen, affine = None, False
         if key is not None:
-            best = max(live, key=lambda name: _score(key, name))
+            best = self.preferred(key)
             mean = sum(load.tokens for load in live.values()) / len(live)
             if live[best].tokens <= self.load_factor * mean:  # (an idle cluster: any instance is in bound)
                 chosen, affine = best, True

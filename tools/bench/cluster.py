@@ -22,7 +22,6 @@ from llmos.bench.report import ratio, table, write_json
 def run_load(session: Any, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
     """(generated tokens/s, median TTFT in s) of `clients` threads each streaming `requests`."""
     ttfts: list[float] = []
-    tokens = 0
 
     def client(c: int) -> int:
         made = 0

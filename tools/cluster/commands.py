@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import replace
@@ -20,6 +19,7 @@ import msgspec
 
 from llmos import serve
 from llmos.config import ConfigError
+from llmos.libllm.cluster import NAMESPACE, init_ray
 
 UP_TIMEOUT_S = 300.0
 DEFAULT_PREFIX = "ray"  # a node's instance is named ray-<its Ray node id>
@@ -31,25 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_argument("--address", default="auto", help="the Ray cluster (default: auto, the one this node is in)")
     up.add_argument("--timeout", type=float, default=UP_TIMEOUT_S, help="seconds to wait for every node")
     serve.add_arguments(up)  # (--instance: the prefix of each node's instance name)
-    for name, what in (("down", "stop every node's instance"), ("status", "each node's instance and figures")):
-        action = actions.add_parser(name, help=what)
-        action.add_argument("--address", default="auto")
-        action.add_argument("--json", action="store_true", help="machine-readable") if name == "status" else None
-
-
-def _connect(address: str) -> None:
-    import ray
-
-    from llmos.cluster.manager import NAMESPACE
-
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    down = actions.add_parser("down", help="stop every node's instance")
+    down.add_argument("--address", default="auto")
+    status = actions.add_parser("status", help="each node's instance and figures")
+    status.add_argument("--address", default="auto")
+    status.add_argument("--json", action="store_true", help="machine-readable")
 
 
 def _manager() -> Any:
     import ray
 
-    from llmos.cluster.manager import MANAGER_NAME, NAMESPACE
+    from llmos.cluster.manager import MANAGER_NAME
 
     try:
         return ray.get_actor(MANAGER_NAME, namespace=NAMESPACE)
@@ -67,9 +59,9 @@ def up(address: str, config: dict[str, Any], timeout: float = UP_TIMEOUT_S,
     """
     import ray
 
-    from llmos.cluster.manager import MANAGER_NAME, NAMESPACE, ClusterManager
+    from llmos.cluster.manager import MANAGER_NAME, ClusterManager
 
-    _connect(address)
+    init_ray(address)
     manager = _manager()
     if manager is None:
         manager = ray.remote(ClusterManager).options(name=MANAGER_NAME, namespace=NAMESPACE, lifetime="detached",
@@ -92,7 +84,7 @@ def down(address: str) -> int:
     """Stop every instance and the manager; how many instances stopped."""
     import ray
 
-    _connect(address)
+    init_ray(address)
     manager = _manager()
     if manager is None:
         return 0
@@ -104,7 +96,7 @@ def down(address: str) -> int:
 def status(address: str) -> list[dict[str, Any]]:
     import ray
 
-    _connect(address)
+    init_ray(address)
     manager = _manager()
     return [] if manager is None else list(ray.get(manager.status.remote()))
 

@@ -9,15 +9,14 @@ restarted by Ray on its node (max_restarts), so the manager only follows nodes.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from llmos.cluster.node import ACTOR_PREFIX, NodeInstance
+from llmos.cluster.node import NodeInstance
+from llmos.libllm.cluster import ACTOR_PREFIX, NAMESPACE
 
-NAMESPACE = "llmos"
 MANAGER_NAME = "llmos.manager"
 RECONCILE_S = 1.0
 MAX_CONCURRENT_REQUESTS = 1024  # per node actor: each open request holds one of its threads
@@ -38,11 +37,11 @@ class ClusterManager:
         while not self._stop.wait(RECONCILE_S):
             self.reconcile()
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self) -> None:
         """One pass: start an instance on each live node without one, drop those of dead nodes."""
         with self._lock:
             if self._stop.is_set():
-                return []
+                return
             live = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
             for node_id in set(self.nodes) - live:
                 ray.kill(self.nodes.pop(node_id), no_restart=True)
@@ -52,7 +51,6 @@ class ClusterManager:
                     max_restarts=-1, max_concurrency=MAX_CONCURRENT_REQUESTS,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
                 self.nodes[node_id] = actor.remote(node_id, self.config, self.prefix)
-            return sorted(self.nodes)
 
     def same_config(self, config: dict[str, Any], prefix: str) -> bool:
         return config == self.config and prefix == self.prefix
@@ -82,10 +80,3 @@ class ClusterManager:
             ray.kill(actor, no_restart=True)
         return len(ready)
 
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout:g} s")
-        time.sleep(0.2)

@@ -31,7 +31,6 @@ from llmos.libllm.request import Pending
 from llmos.microkernel.errors import LlmosError
 
 BATCH_S = 0.05  # tokens made within this of the last batch travel together
-ACTOR_PREFIX = "llmos.node."  # a node's actor is named this plus its Ray node id
 
 
 def instance_name(prefix: str, node_id: str) -> str:
@@ -96,16 +95,20 @@ class NodeInstance:
             if pending.error is not None:
                 yield sent, batch, None, f"{type(pending.error).__name__}: {pending.error}"
             else:
-                yield sent, batch, msgspec.msgpack.encode(pending.finished), None
+                yield sent, batch, P.pack(pending.finished), None
         finally:
             self.open.pop(key, None)
-            _cancel_if_open(self.session, pending)
+            self._cancel(pending)  # the caller went (its generator was closed): it stops here too
 
     def cancel(self, key: str) -> None:
         """Stop the request `run` was given `key` for (its end still comes, "cancelled")."""
         pending = self.open.get(key)
         if pending is not None:
-            _cancel_if_open(self.session, pending)
+            self._cancel(pending)
+
+    def _cancel(self, pending: Pending) -> None:
+        with contextlib.suppress(LlmosError):  # (an ended request is left alone by the connection)
+            self.session.connection.cancel(pending)
 
     def stop(self) -> int:
         """Take the instance down (`llmos cluster down`)."""
@@ -113,9 +116,3 @@ class NodeInstance:
         with contextlib.redirect_stdout(io.StringIO()):
             return lifecycle.down(self.instance, purge=True)
 
-
-def _cancel_if_open(session: Session, pending: Pending) -> None:
-    """The caller went (its generator was closed): the request stops here too."""
-    if pending.finished is None and pending.error is None:
-        with contextlib.suppress(LlmosError):
-            session.connection.cancel(pending)
