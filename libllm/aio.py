@@ -32,6 +32,7 @@ from llmos.libllm.connection import Wired
 from llmos.libllm.memory import INLINE_PROMPT_TOKENS
 from llmos.libllm.options import Options, options_of, seeds_of
 from llmos.libllm.request import Completion, DeadlineExceeded, Pending, Request
+from llmos.libllm.tokenizer import Tokenizer
 from llmos.microkernel.endpoint import Message, raise_for_status
 from llmos.microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock
 from llmos.microkernel.messages import MsgType
@@ -385,8 +386,17 @@ class AsyncSession:
         raise_for_status(replies[0])
         return replies[0]
 
-    def model_info(self) -> Any:
+    def model_info(self) -> P.ModelInfo:
         return self.session.model_info()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.session.tokenizer
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                 **template_kwargs: Any) -> list[int]:
+        """As `Session.chat_ids` (no waiting: the template runs here)."""
+        return self.session.chat_ids(messages, add_generation_prompt, **template_kwargs)
 
     async def close(self) -> None:
         self._stop.set()

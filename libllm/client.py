@@ -268,7 +268,7 @@ class Session:
 
 
 def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S, name: str = "",
-            window: int = 0) -> Session:
+            window: int = 0, key: str = "") -> Session:
     """Connect to the instance's scheduler (default instance: $LLMOS_INSTANCE or "default").
 
     Args:
@@ -276,11 +276,12 @@ def connect(instance: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIM
             scheduler believes the tenants it names); plain clients leave it empty.
         window: requests this session may have in flight at the scheduler at once (0: the
             instance's `window`); a larger one costs ring memory (~16 KiB per request).
+        key: the instance's server key, for a reserved `name` (microkernel/server_key.py).
     Raises:
         KernelUnavailable: no instance runs; the message says how to start one.
         Overloaded: the kernel has no ring space for a channel of that window.
     """
-    endpoint = Endpoint.connect(instance, name=name, timeout=timeout)
+    endpoint = Endpoint.connect(instance, name=name, key=key, timeout=timeout)
     try:
         channel = endpoint.open_channel("scheduler", wait=True, timeout=timeout, window=window)
         return Session(Connection(endpoint, channel, window))

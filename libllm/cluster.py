@@ -10,29 +10,33 @@ load bound, each tenant spread evenly), and sent as one actor call whose tokens 
 batches. When its instance or its node dies, the request is resubmitted on another with
 the tokens it already has (libllm.request_table.resubmission): (seed, position) sampling and
 batch-invariant kernels make the text go on exactly as it would have; a stream sees a gap.
-The same keyword arguments and Request handles as `Session`.
+The same keyword arguments and Request handles as `Session`; `libllm.cluster_aio` is its
+asyncio flavour (the cluster's HTTP front door runs on it). An instance whose model file is
+not the first one's (sha256) is never used: the nodes must serve one model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from llmos.libllm import chat
 from llmos.libllm import protocol as P
 from llmos.libllm.connection import ServerGone
 from llmos.libllm.options import Options, check_options, options_of, prompt_ids_of, submit_of
 from llmos.libllm.request import Completion, Pending, Request
 from llmos.libllm.request_table import resubmission
 from llmos.libllm.routing import Router
-from llmos.libllm.tokenizer import load_tokenizer
+from llmos.libllm.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
 from llmos.microkernel import errors
 from llmos.microkernel.errors import Closed, KernelUnavailable, LlmosError, RemoteError
 
@@ -47,6 +51,8 @@ REFRESH_S = 1.0  # the instance list is looked at again this often (nodes join a
 FAILOVER_TIMEOUT_S = 120.0  # how long a request waits for some instance to take it over
 CONNECT_TIMEOUT_S = 120.0
 MAX_FAILOVERS = 8  # a request that has failed over this many times ends with the last failure
+WAIT_S = 0.2  # while no instance is live, a request looks again this often
+log = logging.getLogger("llmos.cluster")
 
 
 class ClusterSession:
@@ -59,6 +65,8 @@ class ClusterSession:
         self._lock = threading.Lock()
         self._actors: dict[str, Any] = {}  # instance name (its actor's) -> handle, once it answered
         self._probes: dict[str, tuple[Any, Any]] = {}  # name -> (handle, info ref) not answered yet
+        self.refused: dict[str, str] = {}  # instances never used, and why (another model)
+        self._model: P.ModelInfo | None = None  # the first instance's: every other must serve the same file
         self._refreshed = 0.0
         self.router = Router(1)  # which instances are live; its block size is the model's, below
         self.closed = False
@@ -71,11 +79,9 @@ class ClusterSession:
             if time.monotonic() > deadline:
                 raise KernelUnavailable(f"no llmos instance answered on the Ray cluster within {timeout:g} s "
                                         "(start them with `llmos cluster up`)")
-            time.sleep(0.2)
-        first = next(iter(self._actors.values()))
-        info = ray.get(first.info.remote(), timeout=timeout)
-        self.info: P.ModelInfo = msgspec.json.decode(info["model_info"], type=P.ModelInfo)
-        self.tokenizer = load_tokenizer(self.info.tokenizer_path)  # the same model file on every node
+            time.sleep(WAIT_S)
+        self.info: P.ModelInfo = self._cluster_model()
+        self.tokenizer: Tokenizer = load_tokenizer(self.info.tokenizer_path)  # the same model file on every node
         self.router.block_tokens = self.info.block_tokens
 
     # -- the instances ------------------------------------------------------------------
@@ -92,7 +98,9 @@ class ClusterSession:
                   if a.get("namespace") == NAMESPACE and a["name"].startswith(ACTOR_PREFIX)}
         for name in set(self._actors) - listed:
             del self._actors[name]
-        for name in listed - set(self._actors) - set(self._probes):
+        for name in set(self.refused) - listed:
+            del self.refused[name]
+        for name in listed - set(self._actors) - set(self._probes) - set(self.refused):
             try:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
@@ -105,11 +113,27 @@ class ClusterSession:
                 if ref in ready:
                     del self._probes[name]
                     try:
-                        ray.get(ref)
+                        answer = ray.get(ref)
                     except ray.exceptions.RayError:
                         continue  # it failed to start: probed again at the next refresh
-                    self._actors[name] = handle
+                    if self._admits(name, msgspec.json.decode(answer["model_info"], type=P.ModelInfo)):
+                        self._actors[name] = handle
         self.router.set_instances(self._actors)
+
+    def _cluster_model(self) -> P.ModelInfo:
+        assert self._model is not None  # (an instance answered)
+        return self._model
+
+    def _admits(self, name: str, model: P.ModelInfo) -> bool:
+        """The first instance's model is the cluster's; one serving another file is refused."""
+        if self._model is None:
+            self._model = model
+        elif model.model_sha256 != self._model.model_sha256:
+            self.refused[name] = (f"serves {model.model_path} (sha256 {model.model_sha256[:12]}), not the "
+                                  f"cluster's {self._model.model_path} ({self._model.model_sha256[:12]})")
+            log.warning("instance %s is not used: it %s", name, self.refused[name])
+            return False
+        return True
 
     def _mark_down(self, name: str) -> None:
         """An instance failed a request: unused until it answers a probe again (lock held)."""
@@ -124,8 +148,9 @@ class ClusterSession:
             return sorted(self._actors)
 
     def placements(self) -> dict[str, dict[str, int]]:
-        """Per instance: requests routed to it, of which by prefix affinity, and open now."""
+        """Per live instance: requests routed to it, of which by prefix affinity, and open now."""
         with self._lock:
+            self._refresh()
             return {name: {"routed": load.routed, "affine": load.affine, "open": load.requests}
                     for name, load in self.router.loads.items()}
 
@@ -142,13 +167,31 @@ class ClusterSession:
         """As `Session.generate`, on the instance the router chooses."""
         return self.start(prompt, options_of(options), stream=False).result()
 
-    def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
+    def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> ClusterRequest:
         return self.start(prompt, options_of(options), stream=False)
 
-    def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
+    def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> ClusterRequest:
         return self.start(prompt, options_of(options), stream=True)
 
-    def start(self, prompt: str | Sequence[int], options: Options, *, stream: bool) -> Request:
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                 **template_kwargs: Any) -> list[int]:
+        """As `Session.chat_ids`: a conversation's prompt ids, through the model's chat template."""
+        return chat.prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               **template_kwargs)
+
+    def start(self, prompt: str | Sequence[int], options: Options, *, stream: bool) -> ClusterRequest:
+        request = self._request(prompt, options)
+        request.routed.send()
+        return request
+
+    async def start_async(self, prompt: str | Sequence[int], options: Options) -> ClusterRequest:
+        """As `start`, awaiting (never blocking) while no instance is live (libllm.cluster_aio)."""
+        request = self._request(prompt, options)
+        await request.routed.send_async()
+        return request
+
+    def _request(self, prompt: str | Sequence[int], options: Options) -> ClusterRequest:
+        """The checked request, not sent yet."""
         if self.closed:
             raise Closed("this session is closed")
         check_options(options)
@@ -157,10 +200,8 @@ class ClusterSession:
         # Always streamed between node and client (in batches): what a failover resubmits from.
         submit = submit_of(options, prompt_ids, seed, True)
         routed = RoutedRequest(self, Pending(0, submit), options.tenant)
-        routed.send()
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
-        return Request(routed, routed.pending, self.tokenizer.decoder(prompt_ids), list(options.stop or ()),
-                       deadline)
+        return ClusterRequest(routed, self.tokenizer.decoder(prompt_ids), list(options.stop or ()), deadline)
 
     def close(self) -> None:
         self.closed = True
@@ -173,9 +214,20 @@ class ClusterSession:
         self.close()
 
 
+class ClusterRequest(Request):
+    """A Request on the cluster; `routed` is its life there (what libllm.cluster_aio awaits)."""
+
+    def __init__(self, routed: RoutedRequest, decoder: IncrementalDecoder, stop: list[str],
+                 deadline: float | None) -> None:
+        super().__init__(routed, routed.pending, decoder, stop, deadline)
+        self.routed = routed
+
+
 class RoutedRequest:
     """One request's life on the cluster: the instance it runs on, its stream of token
-    batches, and the resubmission when that instance goes (a Request's RequestOwner)."""
+    batches, and the resubmission when that instance goes (a Request's RequestOwner).
+    Each step has a blocking flavour (`send`, `pump`) and an awaiting one (`send_async`,
+    `pump_async`); what they do between the waits is shared."""
 
     def __init__(self, session: ClusterSession, pending: Pending, tenant: str) -> None:
         self.session = session
@@ -189,30 +241,41 @@ class RoutedRequest:
         self.num_failovers = 0
         self.last_failure: BaseException | None = None
 
+    # -- sending ------------------------------------------------------------------------
+
     def send(self) -> None:
-        """Choose an instance and start the request there (with the tokens it has, after a
-        failover); waits for some instance to be live, up to FAILOVER_TIMEOUT_S."""
+        """Start the request on an instance; waits for one to be live, up to FAILOVER_TIMEOUT_S."""
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        while not self._try_send():
+            _check_wait(deadline)
+            time.sleep(WAIT_S)
+
+    async def send_async(self) -> None:
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        while not self._try_send():
+            _check_wait(deadline)
+            await asyncio.sleep(WAIT_S)
+
+    def _try_send(self) -> bool:
+        """Start it on the instance the router chooses, with the tokens it has after a
+        failover; False when no instance is live now."""
         session, pending = self.session, self.pending
         submit = pending.submit if not pending.token_ids else resubmission(pending)
         if submit is None:
-            return  # it had made every token: only its end was lost
+            return True  # it had made every token: only its end was lost (`pending` is finished)
         cost = len(submit.prompt_ids) + submit.max_tokens
-        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
-        while True:
-            with session._lock:
-                session._refresh()
-                try:
-                    self.instance = session.router.choose(submit.prompt_ids, cost, self.tenant)
-                    handle = session._actors[self.instance]
-                    break
-                except LookupError:
-                    pass  # none is live now: wait for one to come (back)
-            if time.monotonic() > deadline:
-                raise ServerGone(f"no llmos instance took the request within {FAILOVER_TIMEOUT_S:g} s")
-            time.sleep(0.2)
-        self.outstanding = cost
-        self.resumed_from = len(pending.token_ids)
+        with session._lock:
+            session._refresh()
+            try:
+                name = session.router.choose(submit.prompt_ids, cost, self.tenant)
+            except LookupError:
+                return False
+            handle = session._actors[name]
+        self.instance, self.outstanding, self.resumed_from = name, cost, len(pending.token_ids)
         self.batches = handle.run.options(num_returns="streaming").remote(P.pack(submit), self.key)
+        return True
+
+    # -- receiving ----------------------------------------------------------------------
 
     def pump(self, request: Pending, deadline: float | None) -> None:
         """Receive the next batch (or the end); fail over when the instance is gone."""
@@ -225,27 +288,54 @@ class RoutedRequest:
             except ray.exceptions.RayError as exc:
                 batch, self.last_failure = None, exc
             if batch is None:
-                self._fail_over()
-                continue
-            offset, ids, finished, error = batch
-            if offset != len(request.token_ids) - self.resumed_from:  # never: batches are in order
-                request.error = RemoteError(f"instance {self.instance} sent tokens from {offset}, expected "
-                                            f"{len(request.token_ids) - self.resumed_from}")
-                self._ended()
+                if self._failed():
+                    try:
+                        self.send()
+                    except LlmosError as exc:
+                        request.error = exc
+            elif self._take(batch):
                 return
-            self._done(len(ids))
-            request.token_ids.extend(ids)
-            request.fresh.extend(ids)
-            if error is not None:
-                request.error = _error_of(error)
-            elif finished is not None:
-                end = P.unpack(finished, P.Finished)
-                request.finished = msgspec.structs.replace(end, num_prompt_tokens=len(request.submit.prompt_ids),
-                                                           num_output_tokens=len(request.token_ids))
-            if request.finished is not None or request.error is not None:
-                self._ended()
-            if ids or request.finished is not None or request.error is not None:
+
+    async def pump_async(self, request: Pending) -> None:
+        ray = self.session._ray
+        while request.finished is None and request.error is None:
+            try:
+                batch = await (await self.batches.__anext__())
+            except StopAsyncIteration:
+                batch = None
+            except ray.exceptions.RayError as exc:
+                batch, self.last_failure = None, exc
+            if batch is None:
+                if self._failed():
+                    try:
+                        await self.send_async()
+                    except LlmosError as exc:
+                        request.error = exc
+            elif self._take(batch):
                 return
+
+    def _take(self, batch: tuple[int, list[int], bytes | None, str | None]) -> bool:
+        """File a batch in the request; True when it brought news (tokens or the end)."""
+        request = self.pending
+        offset, ids, finished, error = batch
+        if offset != len(request.token_ids) - self.resumed_from:  # never: batches are in order
+            request.error = RemoteError(f"instance {self.instance} sent tokens from {offset}, expected "
+                                        f"{len(request.token_ids) - self.resumed_from}")
+            self._ended()
+            return True
+        self._done(len(ids))
+        request.token_ids.extend(ids)
+        request.fresh.extend(ids)
+        if error is not None:
+            request.error = _error_of(error)
+        elif finished is not None:
+            end = P.unpack(finished, P.Finished)
+            request.finished = msgspec.structs.replace(end, num_prompt_tokens=len(request.submit.prompt_ids),
+                                                       num_output_tokens=len(request.token_ids))
+        ended = request.finished is not None or request.error is not None
+        if ended:
+            self._ended()
+        return bool(ids) or ended
 
     def cancel(self, request: Pending) -> None:
         if request.finished is None and request.error is None and self.instance:
@@ -253,7 +343,11 @@ class RoutedRequest:
             if handle is not None:
                 handle.cancel.remote(self.key)
 
-    def _fail_over(self) -> None:
+    # -- failing over -------------------------------------------------------------------
+
+    def _failed(self) -> bool:
+        """Its instance failed it: that one is out of the router until it answers again.
+        False when the request has failed over too often (its error is set then)."""
         session = self.session
         with session._lock:
             session._mark_down(self.instance)
@@ -263,11 +357,8 @@ class RoutedRequest:
         if self.num_failovers > MAX_FAILOVERS:  # not the instances: the request itself fails them
             self.pending.error = ServerGone(f"the request failed on {MAX_FAILOVERS} instances; the last said: "
                                             f"{self.last_failure}")
-            return
-        try:
-            self.send()  # (none when it had made every token: `pending` is finished then)
-        except LlmosError as exc:
-            self.pending.error = exc
+            return False
+        return True
 
     def _done(self, tokens: int) -> None:
         with self.session._lock:
@@ -278,6 +369,11 @@ class RoutedRequest:
         with self.session._lock:
             self.session.router.ended(self.instance, self.tenant, self.outstanding)
         self.outstanding = 0
+
+
+def _check_wait(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise ServerGone(f"no llmos instance took the request within {FAILOVER_TIMEOUT_S:g} s")
 
 
 def _error_of(what: str) -> LlmosError:

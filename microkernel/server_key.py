@@ -7,6 +7,8 @@ the names it reserves (`--reserved`: the configured servers' names and the built
 a HELLO that registers a reserved name without the key is refused and logged, so no other
 process can squat `gateway` (which the scheduler trusts to name tenants) or a server's name
 while its restart is pending. Names nobody reserved stay free for anyone's own servers.
+A process that starts a supervisor can hand it the key instead (lifecycle.start(key=...)):
+a cluster's node actor does, to register `cluster`, the other name trusted with tenants.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from functools import cache
 
 ENV = "LLMOS_SERVER_KEY_ON_STDIN"  # set by the supervisor: the key is the first line of stdin
 # Names the built-in servers use; reserved in every supervised instance, configured or not.
-BUILTIN_NAMES = ("memory", "scheduler", "runner.*", "gateway")
+BUILTIN_NAMES = ("memory", "scheduler", "runner.*", "gateway", "cluster")
+# The peers the scheduler lets name a request's tenant: the HTTP gateway (from its API keys)
+# and a cluster node's actor (for the cluster's front door, libllm.cluster).
+TENANT_NAMERS = frozenset({"gateway", "cluster"})
 
 
 @cache

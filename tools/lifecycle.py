@@ -3,6 +3,7 @@ instance's state file. Run in the user's shell."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -27,6 +28,7 @@ from llmos.config import Config, ConfigError, load_config
 from llmos.microkernel import instance as I
 from llmos.microkernel.endpoint import Endpoint
 from llmos.microkernel.errors import LlmosError
+from llmos.microkernel.server_key import ENV as SERVER_KEY_ENV
 from llmos.start_progress import StartProgress, parse_forwarded
 
 DOWN_TIMEOUT_S = 60.0
@@ -43,11 +45,12 @@ def up(instance: str | None, config_path: str | None, detach: bool) -> int:
 
 
 def start(config: Config, instance: str | None, detach: bool, config_argv: list[str],
-          owner_pid: int | None = None) -> int:
+          owner_pid: int | None = None, key: str = "") -> int:
     """Bring an instance up with `config` (the detached supervisor reads it again from
-    `config_argv`; with `owner_pid`, it stops when that process ends). Everything that can be
-    checked before a process starts is, and a failure is one line with its cause and exit
-    status 2."""
+    `config_argv`; with `owner_pid`, it stops when that process ends; with `key`, the
+    supervisor uses it for the reserved names, so the caller may register one: server_key.py).
+    Everything that can be checked before a process starts is, and a failure is one line
+    with its cause and exit status 2."""
     name = I.instance_name(instance)
     try:
         check_before_start(config)
@@ -62,9 +65,18 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
         argv += ["--owner-pid", str(owner_pid)]
     # We wait for the supervisor's ready (or error) line. Once up, it logs to supervisor.log
     # with the others' logs; until then its stderr comes to us, to show if it fails.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != SERVER_KEY_ENV}  # ours, not one we were handed
+    if key:
+        env[SERVER_KEY_ENV] = "1"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if key else subprocess.DEVNULL, text=True, start_new_session=True,
+                            env=env)
     assert proc.stdout is not None and proc.stderr is not None
+    if proc.stdin is not None:  # the key, on a pipe read once; a few bytes: never blocks
+        with contextlib.suppress(BrokenPipeError):  # it died at once: its error line comes below
+            proc.stdin.write(key + "\n")
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
     with StartProgress() as bars:
         while (progress := parse_forwarded(line := proc.stdout.readline())) is not None:
             bars.update(*progress)

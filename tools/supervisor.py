@@ -47,7 +47,7 @@ from llmos.microkernel.endpoint import Endpoint
 from llmos.microkernel.errors import LlmosError, Timeout
 from llmos.microkernel.kernel import parse_size
 from llmos.microkernel.lifeline import ENV as SUPERVISOR_ENV
-from llmos.microkernel.server_key import BUILTIN_NAMES
+from llmos.microkernel.server_key import BUILTIN_NAMES, server_key
 from llmos.microkernel.server_key import ENV as SERVER_KEY_ENV
 from llmos.servers.memory.tables import tables_size
 from llmos.servers.settings import encode_settings
@@ -98,7 +98,9 @@ class Supervisor:
         self.owns_instance = False  # set once we know no other supervisor runs it
         self._lock_fd = -1
         self._kernel_silent = 0  # stats calls in a row the kernel did not answer
-        self.key = secrets.token_hex(16)  # lets our children register the reserved names (server_key.py)
+        # Lets our children register the reserved names (server_key.py): the key whoever started
+        # us handed on stdin (lifecycle.start(key=...)), else a new one.
+        self.key = server_key() or secrets.token_hex(16)
         # (name, stage, done, total) of a starting process's progress lines; None: ignored.
         self.on_progress: Callable[[str, str, int, int], None] | None = None
 

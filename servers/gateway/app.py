@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP front door: /v1/completions, /v1/chat/completions (plain and
 SSE), /v1/models, /tokenize, /detokenize, /version, /health, /metrics. Runs inside the
-gateway process, itself a libllm client registered as "gateway" (the only peer whose tenant
-the scheduler believes), with one channel whose window is `max_in_flight`. Chat messages
+gateway process, itself a libllm client registered as "gateway" (a peer whose tenant the
+scheduler believes), with one channel whose window is `max_in_flight`; or inside a
+cluster's front door (llmos/cluster/front.py) on every instance of the cluster (backend.py
+is what either gives). Chat messages
 become prompt ids through the session's chat template (libllm/chat.py). Bodies, keys and
 limits are checked at the door (guard.py); errors use OpenAI's shape (errors.py).
 """
@@ -20,10 +22,10 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from llmos.libllm.aio import AsyncSession
 from llmos.libllm.chat import ChatTemplateError
 from llmos.libllm.request import Completion
 from llmos.microkernel.errors import InvalidRequest, LlmosError, Overloaded, QuotaExceeded, Timeout
+from llmos.servers.gateway.backend import Backend
 from llmos.servers.gateway.errors import ApiError, install_handlers
 from llmos.servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from llmos.servers.gateway.metrics import GatewayMetrics
@@ -55,12 +57,12 @@ class Job:
         return len(self.prompts) * self.n
 
 
-def make_app(session: AsyncSession, config: GatewaySettings) -> FastAPI:
+def make_app(session: Backend, config: GatewaySettings) -> FastAPI:
     app = FastAPI(title="llmos gateway", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
     info = session.model_info()
     model_id = Path(info.model_path).stem
-    tokenizer = session.session.tokenizer
+    tokenizer = session.tokenizer
     metrics = GatewayMetrics(model_id)
     app.state.metrics = metrics
     in_flight = [0]
@@ -207,7 +209,7 @@ def make_app(session: AsyncSession, config: GatewaySettings) -> FastAPI:
 
     def chat_prompt(messages: Sequence[Any]) -> list[int]:
         try:  # the tokenizer's own ids: the template's control tokens are special tokens, not text
-            return session.session.chat_ids([m.as_template_input() for m in messages])
+            return session.chat_ids([m.as_template_input() for m in messages])
         except (ChatTemplateError, InvalidRequest) as exc:
             raise ApiError(400, str(exc), param="messages") from None
 

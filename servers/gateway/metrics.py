@@ -4,7 +4,8 @@ Two kinds: what the gateway itself sees of its HTTP requests (end-to-end latency
 first token, inter-token latency, tokens in and out, finish reasons, its event loop's lag),
 named as vLLM names them so the dashboards and autoscalers written for vLLM read them as
 they are; and the instance's own figures from its stats (the seed's metrics: T_s, Q, U, F,
-H, L_s, L_r, B), under llmos_ names.
+H, L_s, L_r, B), under llmos_ names; or, at a cluster's front door, the cluster's (instances,
+requests routed to each, failovers).
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ class GatewayMetrics:
         self.e2e.observe(e2e_s)
 
     def text(self, stats: dict[str, Any] | None) -> str:
+        """`stats`: one instance's (Session.stats), or {"cluster": ...} at a front door, or None."""
         lines: list[str] = []
+        cluster = stats.get("cluster") if stats is not None else None
+        if cluster is not None:
+            stats = None
         if stats is not None:
             s, m = stats["scheduler"], stats["memory"]
             blocks = m["num_blocks"]
@@ -90,6 +95,8 @@ class GatewayMetrics:
             lines += hist.lines(name, self.labels)
         if stats is not None:
             lines += instance_metrics(stats)
+        if cluster is not None:
+            lines += cluster_metrics(cluster)
         return "\n".join(lines) + "\n"
 
 
@@ -152,4 +159,20 @@ def instance_metrics(stats: dict[str, Any]) -> list[str]:
             lines.append(f'{name}_bucket{{le="{2 ** (bucket + 1) / 1e6:g}"}} {total}')
         lines.append(f'{name}_bucket{{le="+Inf"}} {total}')
         lines.append(f"{name}_count {total}")
+    return lines
+
+
+def cluster_metrics(cluster: dict[str, Any]) -> list[str]:
+    """A front door's figures of the cluster (libllm.cluster_aio's stats)."""
+    lines = head_of("llmos_cluster_instances", "gauge", "Instances the front door routes to now (live, same model).")
+    lines.append(f"llmos_cluster_instances {cluster['instances']}")
+    lines += head_of("llmos_cluster_failovers_total", "counter",
+                     "Requests resubmitted on another instance after theirs failed (text unchanged).")
+    lines.append(f"llmos_cluster_failovers_total {cluster['failovers']}")
+    for name, key, doc in (("llmos_cluster_routed_total", "routed", "Requests routed to each live instance."),
+                           ("llmos_cluster_affine_total", "affine",
+                            "Of those, routed there as their prompt prefix's preferred instance.")):
+        lines += head_of(name, "counter", doc)
+        lines += [f'{name}{{instance="{instance}"}} {placed[key]}'
+                  for instance, placed in sorted(cluster["placements"].items())]
     return lines

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmos.libllm.aio import AsyncSession
 from llmos.libllm.request import Request
 from llmos.libllm.tokenizer import Tokenizer
 from llmos.microkernel.errors import LlmosError
+from llmos.servers.gateway.backend import Backend
 from llmos.servers.gateway.logprobs import chat_logprobs, completion_logprobs
 from llmos.servers.gateway.metrics import GatewayMetrics
 
@@ -38,7 +38,7 @@ def finish_reason(reason: str | None) -> str:
     return "length" if reason in ("length", "context") else "stop"
 
 
-async def sse_stream(session: AsyncSession, choices: list[Choice], kind: str, rid: str, model: str,
+async def sse_stream(session: Backend, choices: list[Choice], kind: str, rid: str, model: str,
                      include_usage: bool, metrics: GatewayMetrics, tokenizer: Tokenizer,
                      counted: Callable[[int], None] | None = None) -> AsyncIterator[str]:
     """The SSE events of `choices`; `counted` hears each finished choice's token count."""

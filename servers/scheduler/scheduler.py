@@ -29,7 +29,7 @@ from llmos.servers.scheduler.policy import Policy
 from llmos.servers.scheduler.prefix import PrefixSharing
 from llmos.servers.scheduler.quotas import ClientBlocks
 from llmos.servers.scheduler.sequence import FinishReason, SeqStatus, Sequence
-from llmos.servers.scheduler.stats import Counters, SchedulerStats
+from llmos.servers.scheduler.stats import Counters, SchedulerStats, client_label
 
 # A prompt whose every token's Logprob is wanted gets a logits row per token: its chunks are
 # at most this long, so a step's logits stay small (32 x Gemma's 262k vocabulary: 34 MB).
@@ -543,7 +543,7 @@ class Scheduler:
         seq.finish_reason = reason
         del self._seqs[seq.seq_id]
         self.policy.on_finish(seq)
-        self._counters.record_finish(seq.priority)
+        self._counters.record_finish(seq.priority, client_label(seq.tenant))
         return FinishEvent(seq.seq_id, reason, seq.num_prompt_tokens, seq.num_output_tokens)
 
     def _release(self, seq: Sequence) -> None:

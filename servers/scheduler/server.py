@@ -26,6 +26,7 @@ from llmos.microkernel import control as C
 from llmos.microkernel.endpoint import Channel, Message, raise_for_status
 from llmos.microkernel.errors import ErrorCode, InvalidRequest, LlmosError, RemoteError
 from llmos.microkernel.messages import Header, MsgType
+from llmos.microkernel.server_key import TENANT_NAMERS
 from llmos.servers.base import EndpointSource, Server
 from llmos.servers.scheduler.backpressure import Backpressure
 from llmos.servers.scheduler.block_cache import CachedBlocks
@@ -186,9 +187,10 @@ class SchedulerServer(Server):
 
     @staticmethod
     def _tenant_of(channel: Channel, submit: P.Submit) -> str:
-        """Whose share a request counts against under "fair": the tenant the gateway names
-        (the only peer trusted to name one), else the sending endpoint itself."""
-        if channel.info.client_name == "gateway" and submit.tenant:
+        """Whose share a request counts against under "fair": the tenant the gateway (or a
+        cluster node's actor) names, the only peers trusted to name one; else the sending
+        endpoint itself."""
+        if channel.info.client_name in TENANT_NAMERS and submit.tenant:
             return submit.tenant
         return f"endpoint-{channel.info.client_id}"
 

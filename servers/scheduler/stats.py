@@ -17,6 +17,7 @@ from llmos.servers.scheduler.sequence import Sequence
 DELAY_WINDOW = 4096  # scheduling delays kept for percentiles (the most recent ones)
 PRIORITY_WINDOW = 1024  # the same, per priority
 MAX_PRIORITIES = 64  # priorities with their own window (priorities are the clients' ints)
+MAX_CLIENTS = 1024  # clients (tenants) whose finished requests are counted each on its own
 
 K = TypeVar("K", int, str)
 
@@ -53,6 +54,7 @@ class SchedulerStats:
     delay_p50_steps_by_priority: dict[int, int]
     delay_p99_steps_by_priority: dict[int, int]
     num_finished_by_priority: dict[int, int]
+    num_finished_by_client: dict[str, int]  # since start, for the first MAX_CLIENTS clients
     num_waiting_by_priority: dict[int, int]
     num_running_by_priority: dict[int, int]
     num_waiting_by_client: dict[str, int]
@@ -102,6 +104,7 @@ class Counters:
     recent_delays: deque[int] = field(default_factory=lambda: deque(maxlen=DELAY_WINDOW))
     delays_by_priority: dict[int, deque[int]] = field(default_factory=dict)
     num_finished_by_priority: Counter[int] = field(default_factory=Counter)
+    num_finished_by_client: Counter[str] = field(default_factory=Counter)
     num_prefix_lookup_tokens: int = 0
     num_prefix_hit_tokens: int = 0
     num_reused_tokens: int = 0
@@ -117,11 +120,14 @@ class Counters:
         if window is not None:  # past MAX_PRIORITIES, only in the overall window
             window.append(delay)
 
-    def record_finish(self, priority: int) -> None:
+    def record_finish(self, priority: int, client: str = "") -> None:
         self.num_finished += 1
         by_priority = self.num_finished_by_priority
         if priority in by_priority or len(by_priority) < MAX_PRIORITIES:
             by_priority[priority] += 1
+        by_client = self.num_finished_by_client
+        if client in by_client or len(by_client) < MAX_CLIENTS:
+            by_client[client] += 1
 
     def snapshot(
         self,
@@ -161,6 +167,7 @@ class Counters:
                 p: percentile(d, 0.99) for p, d in sorted(self.delays_by_priority.items())
             },
             num_finished_by_priority=dict(sorted(self.num_finished_by_priority.items())),
+            num_finished_by_client=dict(sorted(self.num_finished_by_client.items())),
             num_waiting_by_priority=_count(s.priority for s in waiting),
             num_running_by_priority=_count(s.priority for s in running),
             num_waiting_by_client=_count(client_label(s.tenant) for s in waiting),

@@ -176,7 +176,7 @@ def test_cluster_status_shows_every_nodes_instance(running: Running) -> None:
     out = subprocess.run([sys.executable, "-m", "llmos", "cluster", "status", "--address",
                           running.ray_cluster.address, "--json"], capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)
+    rows = json.loads(out.stdout)["instances"]
     assert {row["instance"] for row in rows} == {row["instance"] for row in running.rows}
     assert all(row["ready"] and row["stats"]["num_finished"] > 0 for row in rows)
 

@@ -1,18 +1,21 @@
-"""`llmos cluster up|down|status`: one llmos instance per node of an existing Ray cluster.
+"""`llmos cluster up|down|status`: one llmos instance per node of an existing Ray cluster,
+and one HTTP front door for all of them.
 
 Runs in the user's shell as a Ray driver. `up` takes `llmos serve`'s flags (the model, the
 policy, ...): every node's instance gets the same config (the model must lie at the same
-path on every node). It returns once every live node's instance is ready; the manager goes
-on placing instances on nodes that join.
+path on every node; an instance serving another file is not used), and the front door
+(front.py) the gateway's part of it (--host, --port, the API keys). It returns once every
+live node's instance is ready and the front door serves; the manager goes on placing
+instances on nodes that join.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -22,6 +25,8 @@ from llmos.config import ConfigError
 from llmos.libllm.cluster import NAMESPACE, init_ray
 
 UP_TIMEOUT_S = 300.0
+STATUS_TIMEOUT_S = 30.0
+FRONT_NAME = "llmos.front"  # (front.FrontDoor's actor: named here, so status needs no FastAPI import)
 DEFAULT_PREFIX = "ray"  # a node's instance is named ray-<its Ray node id>
 
 
@@ -38,46 +43,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable")
 
 
-def _manager() -> Any:
+def _actor(name: str) -> Any:
     import ray
 
-    from llmos.cluster.manager import MANAGER_NAME
-
     try:
-        return ray.get_actor(MANAGER_NAME, namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
 
 
+def _manager() -> Any:
+    from llmos.cluster.manager import MANAGER_NAME
+
+    return _actor(MANAGER_NAME)
+
+
 def up(address: str, config: dict[str, Any], timeout: float = UP_TIMEOUT_S,
        prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
-    """Start (or join) the cluster's instances; each live node's row once all are ready.
+    """Start (or join) the cluster's instances and its front door (`config`'s gateway
+    section); each live node's row once all are ready and the front door serves.
 
     Raises:
         ConfigError: a cluster is already up with another config.  TimeoutError: a node's
-        instance was not ready within `timeout` (the rows say why).
+        instance was not ready within `timeout` (the rows say why).  RuntimeError: the
+        front door could not serve (its port is taken, ...).
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from llmos.cluster.front import FrontDoor
     from llmos.cluster.manager import MANAGER_NAME, ClusterManager
 
     init_ray(address)
+    # Each node's own gateway listens on a free port (nodes may share a machine); the front door on the one asked.
+    nodes = {**config, "gateway": {**config["gateway"], "port": 0}}
     manager = _manager()
     if manager is None:
         manager = ray.remote(ClusterManager).options(name=MANAGER_NAME, namespace=NAMESPACE, lifetime="detached",
                                                      num_cpus=0, max_concurrency=8,
-                                                     get_if_exists=True).remote(config, prefix)
-    if not ray.get(manager.same_config.remote(config, prefix)):
+                                                     get_if_exists=True).remote(nodes, prefix)
+    front = _actor(FRONT_NAME)
+    if not ray.get(manager.same_config.remote(nodes, prefix)) or (
+            front is not None and not ray.get(front.same_config.remote(config["gateway"]))):
         raise ConfigError("a cluster is already up with another config: `llmos cluster down` first")
     deadline = time.monotonic() + timeout
     while True:
         rows: list[dict[str, Any]] = ray.get(manager.status.remote())
         if rows and all(row["ready"] for row in rows):
-            return rows
+            break
         if time.monotonic() > deadline:
             why = "; ".join(f"{row['node_id'][:12]}: {row.get('why')}" for row in rows if not row["ready"])
             raise TimeoutError(f"not every node's instance was ready within {timeout:g} s ({why})")
         time.sleep(0.5)
+    if front is None:  # on this node (softly: Ray moves it if the node goes)
+        here = ray.get_runtime_context().get_node_id()
+        front = ray.remote(FrontDoor).options(
+            name=FRONT_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=-1,
+            max_concurrency=4, get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(config["gateway"])
+    try:
+        ray.get(front.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+    except ray.exceptions.RayActorError as exc:  # its constructor failed: say why, leave nothing
+        ray.kill(front, no_restart=True)
+        raise RuntimeError(str(exc.error_msg if hasattr(exc, "error_msg") else exc).strip().splitlines()[-1]) \
+            from None
+    return rows
 
 
 def down(address: str) -> int:
@@ -85,6 +115,11 @@ def down(address: str) -> int:
     import ray
 
     init_ray(address)
+    front = _actor(FRONT_NAME)
+    if front is not None:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(front.stop.remote(), timeout=STATUS_TIMEOUT_S)
+        ray.kill(front, no_restart=True)
     manager = _manager()
     if manager is None:
         return 0
@@ -99,6 +134,15 @@ def status(address: str) -> list[dict[str, Any]]:
     init_ray(address)
     manager = _manager()
     return [] if manager is None else list(ray.get(manager.status.remote()))
+
+
+def front_door(address: str) -> dict[str, Any] | None:
+    """The front door's URL, node and instances; None when it is not up."""
+    import ray
+
+    init_ray(address)
+    front = _actor(FRONT_NAME)
+    return None if front is None else dict(ray.get(front.info.remote(), timeout=STATUS_TIMEOUT_S))
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -124,18 +168,25 @@ def main(ns: argparse.Namespace) -> int:
     try:
         if ns.action == "up":
             config = serve.config_for(ns)
-            if ns.port is None:  # one gateway per node: several nodes may share a machine
-                config = replace(config, gateway=replace(config.gateway, port=0))
             rows = up(ns.address, msgspec.to_builtins(config), ns.timeout, ns.instance or DEFAULT_PREFIX)
             print(_table(rows))
-            print(f"llmos cluster: {len(rows)} instance(s) ready; libllm.cluster.connect({ns.address!r})")
+            url = (front_door(ns.address) or {}).get("url")
+            print(f"llmos cluster: {len(rows)} instance(s) ready; front door {url} "
+                  f"(or libllm.cluster.connect({ns.address!r}))")
             return 0
         if ns.action == "down":
             print(f"llmos cluster: {down(ns.address)} instance(s) stopped")
             return 0
         rows = status(ns.address)
-        print(json.dumps(rows, indent=2) if ns.json else _table(rows) if rows else "llmos cluster: not up")
+        front = front_door(ns.address)
+        if ns.json:
+            print(json.dumps({"front_door": front, "instances": rows}, indent=2))
+        elif rows:
+            print(_table(rows))
+            print(f"front door: {front['url'] if front else 'not up'}")
+        else:
+            print("llmos cluster: not up")
         return 0
-    except (ConfigError, ValueError, TimeoutError, ConnectionError) as exc:
+    except (ConfigError, ValueError, TimeoutError, ConnectionError, RuntimeError) as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 2

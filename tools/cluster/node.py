@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from llmos.libllm.request import Pending
 from llmos.microkernel.errors import LlmosError
 
 BATCH_S = 0.05  # tokens made within this of the last batch travel together
+CLIENT_NAME = "cluster"  # (server_key.TENANT_NAMERS)
 
 
 def instance_name(prefix: str, node_id: str) -> str:
@@ -46,13 +48,15 @@ class NodeInstance:
         self.instance = instance_name(prefix, node_id)
         self.config = config_from_dict(config, "llmos cluster")
         quiet = io.StringIO()
+        key = secrets.token_hex(16)  # the instance's server key: so we may register as "cluster"
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             lifecycle.down(self.instance)  # a previous actor's instance (it crashed, or was killed)
             code = lifecycle.start(self.config, self.instance, True, ["--config-json", msgspec.json.encode(
-                msgspec.to_builtins(self.config)).decode()], owner_pid=os.getpid())
+                msgspec.to_builtins(self.config)).decode()], owner_pid=os.getpid(), key=key)
         if code != 0:
             raise RuntimeError(f"instance {self.instance!r} did not start on node {node_id}: {quiet.getvalue().strip()}")
-        self.session: Session = connect_session(self.instance)
+        # As "cluster", the name the scheduler lets name tenants: the front door's tenants hold here.
+        self.session: Session = connect_session(self.instance, name=CLIENT_NAME, key=key)
         self.open: dict[str, Pending] = {}  # requests running here, by the key their caller gave
 
     def info(self) -> dict[str, Any]:

@@ -340,6 +340,7 @@ def test_fair_preemption_takes_the_most_served_client() -> None:
     drive(sched, blocks, runner, outcome=out)
     for sid, spec in enumerate(specs):
         assert (out.outputs[sid], out.reasons[sid]) == alone(spec, MAX_CONTEXT)
+    assert sched.stats().num_finished_by_client == {"heavy": 2, "light": 1}  # a tenant's count, preempted or not
 
 
 # ---------------------------------------------------------------------------- stats

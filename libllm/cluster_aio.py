@@ -1,0 +1,199 @@
+"""The asyncio flavour of libllm.cluster: a cluster's every instance behind one awaitable session.
+
+    async with libllm.cluster_aio.connect("auto") as session:
+        print((await session.generate("Once upon a time")).text)
+
+The cluster's HTTP front door (llmos/cluster/front.py) serves the gateway's routes on it:
+it has the surface of `libllm.aio.AsyncSession` the gateway uses. Nothing blocks the loop
+for long: a request's token batches are awaited as Ray object refs, and a request waiting
+for some instance to be live (or, after a failover, to come back) awaits too. What the
+session does between the waits (routing, bookkeeping) is libllm.cluster's, shared with the
+blocking flavour: the same router, the same failover with identical text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from llmos.libllm import protocol as P
+from llmos.libllm.cluster import (
+    CONNECT_TIMEOUT_S,
+    ClusterRequest,
+    ClusterSession,
+    RoutedRequest,
+    init_ray,
+)
+from llmos.libllm.connection import ServerGone
+from llmos.libllm.options import options_of, seeds_of
+from llmos.libllm.request import Completion, Request
+from llmos.libllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from llmos.libllm.options import RequestArgs
+
+
+class AsyncClusterSession:
+    """Wraps a `ClusterSession` for asyncio. Use `libllm.cluster_aio.connect()`."""
+
+    def __init__(self, session: ClusterSession) -> None:
+        self.session = session
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.session.tokenizer
+
+    @property
+    def failing_over(self) -> bool:
+        """(Requests fail over one by one, each on its own: the session as a whole never does.)"""
+        return False
+
+    def model_info(self) -> P.ModelInfo:
+        return self.session.info
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                 **template_kwargs: Any) -> list[int]:
+        return self.session.chat_ids(messages, add_generation_prompt, **template_kwargs)
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
+        """As `ClusterSession.submit`: the request's handle once an instance has it."""
+        return await self.session.start_async(prompt, options_of(options))
+
+    async def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
+        return await self._result(await self.submit(prompt, **options))
+
+    async def submit_n(self, prompt: str | Sequence[int], n: int, *, stream: bool = False,
+                       **options: Unpack[RequestArgs]) -> list[Request]:
+        """n requests of one prompt (seeds seed, seed+1, ...), each routed on its own; all
+        started, or none. (Every request streams between node and front door: `stream` is
+        the gateway's to decide what it sends on.)"""
+        first = options_of(options)
+        started: list[Request] = []
+        try:
+            for seed in seeds_of(n, first.seed):
+                started.append(await self.session.start_async(prompt, dataclasses.replace(first, seed=seed)))
+        except BaseException:
+            for request in started:
+                self.cancel(request)
+            raise
+        return started
+
+    async def generate_n(self, prompt: str | Sequence[int], n: int,
+                         **options: Unpack[RequestArgs]) -> list[Completion]:
+        requests = await self.submit_n(prompt, n, **options)
+        return [await self._result(r) for r in requests]
+
+    async def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> AsyncIterator[str]:
+        """Text pieces as tokens arrive; leaving early cancels."""
+        async for piece in self.pieces(await self.submit(prompt, **options)):
+            yield piece
+
+    async def pieces(self, request: Request) -> AsyncIterator[str]:
+        """The text pieces of a request started here; leaving early cancels it."""
+        done = False
+        try:
+            while True:
+                finished = await self._settle(request)
+                for piece in request.ready_pieces(final=finished):
+                    yield piece
+                if finished or request.stopped_by_string:
+                    done = True
+                    break
+        finally:
+            if not done:
+                self.cancel(request)
+        while not finished:  # a stop string cancelled it: its end comes (so completion() waits not)
+            finished = await self._settle(request)
+            request.pending.fresh.clear()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request started here, without waiting for its end."""
+        _routed(request).cancel(request.pending)
+
+    async def _settle(self, request: Request) -> bool:
+        """Until `request` has news; True when it has ended."""
+        pending = request.pending
+        if not pending.fresh and pending.finished is None and pending.error is None:
+            await _routed(request).pump_async(pending)
+        return pending.finished is not None or pending.error is not None
+
+    async def _result(self, request: Request) -> Completion:
+        while not await self._settle(request):
+            for _ in request.ready_pieces(final=False):
+                pass
+        return request.result()
+
+    # -- the cluster --------------------------------------------------------------------
+
+    async def ping(self, timeout: float) -> None:
+        """Some instance is live (the front door's /health asks).
+
+        Raises:
+            ServerGone: none is (every node's instance is down or starting).
+        """
+        if not await asyncio.get_running_loop().run_in_executor(None, self.session.instances):
+            raise ServerGone("no instance of the cluster is live (`llmos cluster status` says why)")
+
+    async def stats(self, timeout: float = 30.0) -> dict[str, Any] | None:
+        """{"cluster": the instances routed to now, failovers, each's placements} (the front
+        door's /metrics; `llmos cluster status` has each instance's own figures)."""
+        placements = await asyncio.get_running_loop().run_in_executor(None, self.session.placements)
+        return {"cluster": {"instances": len(placements), "failovers": self.session.num_failovers,
+                            "placements": placements}}
+
+    async def close(self) -> None:
+        self.session.close()
+
+    async def __aenter__(self) -> AsyncClusterSession:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def _routed(request: Request) -> RoutedRequest:
+    if not isinstance(request, ClusterRequest):
+        raise TypeError("not a request of a cluster session")
+    return request.routed
+
+
+class _Connecting:
+    """`await connect()` or `async with connect() as session:`."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._session: AsyncClusterSession | None = None
+
+    async def _open(self) -> AsyncClusterSession:
+        def connect() -> ClusterSession:  # joining Ray and the first probes block: off the loop
+            init_ray(self._address)
+            return ClusterSession(self._timeout)
+
+        return AsyncClusterSession(await asyncio.get_running_loop().run_in_executor(None, connect))
+
+    def __await__(self) -> Generator[Any, None, AsyncClusterSession]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncClusterSession:
+        self._session = await self._open()
+        return self._session
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def connect(address: str = "auto", *, timeout: float = CONNECT_TIMEOUT_S) -> _Connecting:
+    """An asyncio session over every llmos instance of the Ray cluster at `address` (as
+    `libllm.cluster.connect`); awaitable, or an async context manager."""
+    return _Connecting(address, timeout)
