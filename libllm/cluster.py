@@ -147,6 +147,11 @@ class ClusterSession:
             self._refresh()
             return sorted(self._actors)
 
+    def refused_instances(self) -> dict[str, str]:
+        """Instances listed but never used, and why (another model file)."""
+        with self._lock:
+            return dict(self.refused)
+
     def placements(self) -> dict[str, dict[str, int]]:
         """Per live instance: requests routed to it, of which by prefix affinity, and open now."""
         with self._lock:

@@ -189,3 +189,4 @@ def test_a_second_up_with_another_config_is_refused_and_changes_nothing(running:
         commands.up(running.ray_cluster.address, msgspec.to_builtins(other), WAIT, running.prefix)
     assert {row["instance"] for row in commands.status(running.ray_cluster.address)} == \
         {row["instance"] for row in running.rows}
+

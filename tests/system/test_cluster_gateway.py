@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -181,3 +182,39 @@ def test_health_and_status_name_the_front_door(front: Front) -> None:
     assert status["front_door"]["url"] == front.url
     assert len(status["front_door"]["instances"]) == 2
     assert {row["instance"] for row in status["instances"]} == {row["instance"] for row in front.rows}
+
+
+def test_an_instance_serving_another_model_file_is_never_used(front: Front, tmp_path: Path) -> None:
+    """A node whose file differs (here: one weight's byte, as a fine-tune would) is refused by
+    its sha256: the front door would otherwise mix two models' texts under one name."""
+    from llmos.cluster.node import NodeInstance
+    from llmos.servers.runner.loaders import default_model_path, default_tokenizer_path
+
+    other = tmp_path / "stories260K-tuned.bin"
+    weights = bytearray(default_model_path().read_bytes())
+    weights[4096] ^= 0x01
+    other.write_bytes(bytes(weights))
+    (tmp_path / "tokenizer.bin").write_bytes(default_tokenizer_path().read_bytes())  # (where llama2.c keeps it)
+    config = load_config(None)
+    config = replace(config, model=replace(config.model, path=str(other)), gateway=replace(config.gateway, port=0))
+    name = cluster.ACTOR_PREFIX + "other"
+    actor = ray.remote(NodeInstance).options(name=name, namespace=cluster.NAMESPACE, num_cpus=0).remote(
+        "f" * 40, msgspec.to_builtins(config), unique_instance("other"))
+    try:
+        assert ray.get(actor.info.remote(), timeout=WAIT)["instance"]  # up, and listed by Ray like the others
+        address = front.ray_cluster.address
+
+        def refused() -> dict[str, str]:
+            door = commands.front_door(address)
+            return door["refused"] if door else {}
+
+        wait_until(lambda: name in refused(), "the other model refused", timeout=WAIT)
+        assert "sha256" in refused()[name]
+        api = client(front)
+        for prompt in PROMPTS[:4]:
+            api.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+        assert metric(front, "llmos_cluster_instances") == {"": 2.0}
+        assert not any(name in labels for labels in metric(front, "llmos_cluster_routed_total"))
+    finally:
+        ray.get(actor.stop.remote(), timeout=WAIT)
+        ray.kill(actor, no_restart=True)

@@ -1,6 +1,7 @@
 """`llmos bench cluster`: what the front door costs. The same workload through libllm.cluster
 (router, Ray actor call per request, token batches as Ray objects) and through libllm
-straight to the same instance, interleaved, on a Ray test cluster of one or more nodes on
+straight to the same instance; and over HTTP, through the cluster's front door and through
+that instance's own gateway; interleaved, on a Ray test cluster of one or more nodes on
 this machine (ray.cluster_utils.Cluster). Aggregate tokens/s and median TTFT, as ratios
 median [min-max] over the repetitions. Needs the `ray` extra.
 """
@@ -8,10 +9,13 @@ median [min-max] over the repetitions. Needs the `ray` extra.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -35,6 +39,39 @@ def run_load(session: Any, clients: int, requests: int, max_tokens: int) -> tupl
                     ttfts.append(time.perf_counter() - start)
                     first = False
             made += len(request.completion().token_ids)
+        return made
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(client, range(clients)))
+    return tokens / (time.perf_counter() - start), statistics.median(ttfts)
+
+
+def run_http_load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
+    """As `run_load`, each client streaming completions over HTTP (SSE) from `url`."""
+    import httpx
+
+    ttfts: list[float] = []
+
+    def client(c: int) -> int:
+        made = 0
+        with httpx.Client(base_url=url, timeout=600.0) as http:
+            for r in range(requests):
+                start = time.perf_counter()
+                body = {"model": model, "prompt": f"Client {c} asks story {r}: once", "max_tokens": max_tokens,
+                        "temperature": 0.8, "seed": c * 1000 + r, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                first = True
+                with http.stream("POST", "/v1/completions", json=body) as response:
+                    for line in response.iter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if first and event["choices"] and event["choices"][0]["text"]:
+                            ttfts.append(time.perf_counter() - start)
+                            first = False
+                        if event.get("usage"):
+                            made += event["usage"]["completion_tokens"]
         return made
 
     start = time.perf_counter()
@@ -74,24 +111,34 @@ def main(argv: list[str] | None = None) -> int:
         rows = commands.up(ray_cluster.address, msgspec.to_builtins(config), 600.0, "bench")
         front = cluster.connect(ray_cluster.address)
         direct = libllm.connect(rows[0]["instance"])
-        results: dict[str, list[tuple[float, float]]] = {"front door": [], "direct": []}
-        run_load(front, ns.clients, 1, 8)  # warm both paths
-        run_load(direct, ns.clients, 1, 8)
+        door = commands.front_door(ray_cluster.address)
+        assert door is not None
+        model = Path(front.info.model_path).stem
+        paths: dict[str, Callable[[int, int], tuple[float, float]]] = {
+            "libllm.cluster": lambda n, t: run_load(front, ns.clients, n, t),
+            "libllm direct": lambda n, t: run_load(direct, ns.clients, n, t),
+            "HTTP front door": lambda n, t: run_http_load(door["url"], model, ns.clients, n, t),
+            "HTTP node gateway": lambda n, t: run_http_load(rows[0]["url"], model, ns.clients, n, t)}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for run in paths.values():
+            run(1, 8)  # warm every path
         for _ in range(ns.repeat):
-            results["front door"].append(run_load(front, ns.clients, ns.requests, ns.max_tokens))
-            results["direct"].append(run_load(direct, ns.clients, ns.requests, ns.max_tokens))
+            for name, run in paths.items():
+                results[name].append(run(ns.requests, ns.max_tokens))
         direct.close()
     finally:
         commands.down(ray_cluster.address)
         ray.shutdown()
         ray_cluster.shutdown()  # type: ignore[no-untyped-call]
-    f, d = results["front door"], results["direct"]
-    tps = ratio([x[0] for x in f], [x[0] for x in d])
-    ttft = ratio([x[1] for x in f], [x[1] for x in d])
     print(table(["path", "tokens/s (median)", "TTFT ms (median)"],
                 [[name, f"{statistics.median(x[0] for x in runs):.0f}",
                   f"{1000 * statistics.median(x[1] for x in runs):.1f}"] for name, runs in results.items()]))
-    print(f"front door / direct ({ns.nodes} node(s), {ns.clients} clients): tokens/s {tps}, TTFT {ttft}")
-    write_json(ns.json, {"nodes": ns.nodes, "clients": ns.clients, "results": results,
-                         "tokens_per_s_ratio": str(tps), "ttft_ratio": str(ttft)})
+    ratios = {}
+    for label, over, under in (("libllm", "libllm.cluster", "libllm direct"),
+                               ("HTTP", "HTTP front door", "HTTP node gateway")):
+        tps = ratio([x[0] for x in results[over]], [x[0] for x in results[under]])
+        ttft = ratio([x[1] for x in results[over]], [x[1] for x in results[under]])
+        ratios[label] = {"tokens_per_s_ratio": str(tps), "ttft_ratio": str(ttft)}
+        print(f"{over} / {under} ({ns.nodes} node(s), {ns.clients} clients): tokens/s {tps}, TTFT {ttft}")
+    write_json(ns.json, {"nodes": ns.nodes, "clients": ns.clients, "results": results, "ratios": ratios})
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import socket
 import sys
 import time
 from typing import Any
@@ -77,37 +78,61 @@ def up(address: str, config: dict[str, Any], timeout: float = UP_TIMEOUT_S,
     init_ray(address)
     # Each node's own gateway listens on a free port (nodes may share a machine); the front door on the one asked.
     nodes = {**config, "gateway": {**config["gateway"], "port": 0}}
-    manager = _manager()
-    if manager is None:
+    manager, front = _manager(), _actor(FRONT_NAME)
+    started = manager is None
+    if manager is not None:
+        if not ray.get(manager.same_config.remote(nodes, prefix)) or (
+                front is not None and not ray.get(front.same_config.remote(config["gateway"]))):
+            raise ConfigError("a cluster is already up with another config: `llmos cluster down` first")
+    else:
+        if front is None:
+            _check_port(config["gateway"])  # before anything starts: the front door listens on this node
         manager = ray.remote(ClusterManager).options(name=MANAGER_NAME, namespace=NAMESPACE, lifetime="detached",
                                                      num_cpus=0, max_concurrency=8,
                                                      get_if_exists=True).remote(nodes, prefix)
-    front = _actor(FRONT_NAME)
-    if not ray.get(manager.same_config.remote(nodes, prefix)) or (
-            front is not None and not ray.get(front.same_config.remote(config["gateway"]))):
-        raise ConfigError("a cluster is already up with another config: `llmos cluster down` first")
-    deadline = time.monotonic() + timeout
-    while True:
-        rows: list[dict[str, Any]] = ray.get(manager.status.remote())
-        if rows and all(row["ready"] for row in rows):
-            break
-        if time.monotonic() > deadline:
-            why = "; ".join(f"{row['node_id'][:12]}: {row.get('why')}" for row in rows if not row["ready"])
-            raise TimeoutError(f"not every node's instance was ready within {timeout:g} s ({why})")
-        time.sleep(0.5)
-    if front is None:  # on this node (softly: Ray moves it if the node goes)
-        here = ray.get_runtime_context().get_node_id()
-        front = ray.remote(FrontDoor).options(
-            name=FRONT_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=-1,
-            max_concurrency=4, get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(config["gateway"])
     try:
-        ray.get(front.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
-    except ray.exceptions.RayActorError as exc:  # its constructor failed: say why, leave nothing
-        ray.kill(front, no_restart=True)
-        raise RuntimeError(str(exc.error_msg if hasattr(exc, "error_msg") else exc).strip().splitlines()[-1]) \
-            from None
+        deadline = time.monotonic() + timeout
+        while True:
+            rows: list[dict[str, Any]] = ray.get(manager.status.remote())
+            if rows and all(row["ready"] for row in rows):
+                break
+            if time.monotonic() > deadline:
+                why = "; ".join(f"{row['node_id'][:12]}: {row.get('why')}" for row in rows if not row["ready"])
+                raise TimeoutError(f"not every node's instance was ready within {timeout:g} s ({why})")
+            time.sleep(0.5)
+        if front is None:  # on this node (softly: Ray moves it if the node goes)
+            here = ray.get_runtime_context().get_node_id()
+            front = ray.remote(FrontDoor).options(
+                name=FRONT_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=-1,
+                max_concurrency=4, get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(config["gateway"])
+        try:
+            ray.get(front.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError as exc:  # its constructor failed: say why
+            raise RuntimeError(_cause(exc)) from None
+    except BaseException:
+        if started:  # what this call started, it takes down: a failed up leaves nothing
+            down(address)
+        raise
     return rows
+
+
+def _check_port(gateway: dict[str, Any]) -> None:
+    host, port = gateway.get("host", "127.0.0.1"), gateway.get("port", 0)
+    if port:
+        try:
+            socket.create_server((host, port)).close()
+        except OSError as exc:
+            raise ConfigError(f"the front door cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _cause(exc: BaseException) -> str:
+    """The error an actor's constructor raised, from Ray's report of it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("RuntimeError: "):
+            return line.removeprefix("RuntimeError: ")
+    return lines[-1] if lines else type(exc).__name__
 
 
 def down(address: str) -> int:
@@ -184,6 +209,8 @@ def main(ns: argparse.Namespace) -> int:
         elif rows:
             print(_table(rows))
             print(f"front door: {front['url'] if front else 'not up'}")
+            for name, why in (front or {}).get("refused", {}).items():
+                print(f"not used: {name}: it {why}")
         else:
             print("llmos cluster: not up")
         return 0

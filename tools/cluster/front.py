@@ -78,9 +78,11 @@ class FrontDoor:
         await session.close()
 
     def info(self) -> dict[str, Any]:
-        """Its URL, where it runs, and the instances it routes to now."""
+        """Its URL, where it runs, the instances it routes to now and those it never uses (why)."""
+        session = self._session
         return {"url": self.url, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "instances": self._session.instances() if self._session is not None else []}
+                "instances": session.instances() if session is not None else [],
+                "refused": session.refused_instances() if session is not None else {}}
 
     def same_config(self, gateway: dict[str, Any]) -> bool:
         return gateway == self.requested
