@@ -2,7 +2,9 @@
 `openai` package on a two-node Ray test cluster: the OpenAI API served from both nodes with
 the text one instance alone gives, each tenant spread over the nodes and counted as itself
 on each (the front door's tenants reach the nodes' schedulers), and SSE streams that go on,
-text unchanged, when a node's actor and instance are killed -9 mid-stream."""
+text unchanged, when a node's actor and instance are killed -9 mid-stream; a node serving
+another model file never used; the front door itself killed and back. On the package's Ray
+test cluster (conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -28,121 +29,91 @@ from llmos import libllm
 from llmos.config import load_config
 from tests.conftest import unique_instance
 from tests.microkernel.procs import wait_until
+from tests.system.cluster.conftest import KEYS, WAIT, Running
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from llmos.cluster import commands  # noqa: E402
 from llmos.libllm import cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
-WAIT = 120.0
 MODEL = "stories260K"
-KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
 PROMPTS = [f"The {who} {verb} to the" for who in ("dog", "girl", "bird", "king") for verb in ("ran", "went", "came")]
 LONG = 400  # tokens: a stream still running when its node is killed
 
 
-class Front:
-    def __init__(self, ray_cluster: Any, rows: list[dict[str, Any]], url: str) -> None:
-        self.ray_cluster = ray_cluster
-        self.rows = rows
-        self.url = url
+def client(running: Running, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=running.url + "/v1", api_key=key, timeout=WAIT, max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def front() -> Iterator[Front]:
-    ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    ray_cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=ray_cluster.address, namespace=cluster.NAMESPACE, log_to_driver=False)
-        config = load_config(None)
-        config = replace(config, gateway=replace(config.gateway, port=0, api_keys=KEYS),
-                         scheduler=replace(config.scheduler, decode_steps=2))
-        rows = commands.up(ray_cluster.address, msgspec.to_builtins(config), WAIT, unique_instance("front"))
-        door = commands.front_door(ray_cluster.address)
-        assert door is not None
-        yield Front(ray_cluster, rows, door["url"])
-    finally:
-        try:
-            commands.down(ray_cluster.address)
-        finally:
-            ray.shutdown()
-            ray_cluster.shutdown()
-
-
-def client(front: Front, key: str = "key-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=front.url + "/v1", api_key=key, timeout=WAIT, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def expected(front: Front) -> dict[str, str]:
+def expected(running: Running) -> dict[str, str]:
     """Each prompt's greedy text from one node's instance alone, directly (no front door)."""
-    with libllm.connect(front.rows[0]["instance"]) as direct:
+    with libllm.connect(running.rows[0]["instance"]) as direct:
         return {p: direct.generate(p, max_tokens=LONG, temperature=0.0).text for p in PROMPTS}
 
 
-def metric(front: Front, name: str) -> dict[str, float]:
+def metric(running: Running, name: str) -> dict[str, float]:
     """A metric's samples at the front door, by label set."""
-    text = httpx.get(front.url + "/metrics", headers={"authorization": "Bearer key-a"}, timeout=WAIT).text
+    text = httpx.get(running.url + "/metrics", headers={"authorization": "Bearer key-a"}, timeout=WAIT).text
     return {labels: float(value) for labels, value in re.findall(rf"^{re.escape(name)}(\{{.*?\}}|) (\S+)$", text,
                                                                    re.MULTILINE)}
 
 
-def node_stats(front: Front) -> dict[str, dict[str, Any]]:
-    return {row["instance"]: row["stats"] for row in commands.status(front.ray_cluster.address)}
+def node_stats(running: Running) -> dict[str, dict[str, Any]]:
+    return {row["instance"]: row["stats"] for row in commands.status(running.ray_cluster.address)}
 
 
-def test_the_front_door_serves_the_openai_api_from_every_node(front: Front, expected: dict[str, str]) -> None:
-    api = client(front)
+def test_the_front_door_serves_the_openai_api_from_every_node(running: Running, expected: dict[str, str]) -> None:
+    api = client(running)
     assert [m.id for m in api.models.list().data] == [MODEL]
-    routed_before = metric(front, "llmos_cluster_routed_total")
+    routed_before = metric(running, "llmos_cluster_routed_total")
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         done = list(pool.map(lambda p: api.completions.create(model=MODEL, prompt=p, max_tokens=LONG, temperature=0),
                              PROMPTS))
     assert {p: d.choices[0].text for p, d in zip(PROMPTS, done, strict=True)} == expected
-    routed = metric(front, "llmos_cluster_routed_total")
+    routed = metric(running, "llmos_cluster_routed_total")
     assert len(routed) == 2 and all(routed[k] > routed_before.get(k, 0) for k in routed), routed
-    assert metric(front, "llmos_cluster_instances") == {"": 2.0}
+    assert metric(running, "llmos_cluster_instances") == {"": 2.0}
     # Chat, streamed and whole: the same text.
     messages: Any = [{"role": "user", "content": "Tell me a story."}]
     whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0)
     pieces = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole.choices[0].message.content
     # Refused at the door, nothing sent on: a bad key, a model it does not serve, a bad token id.
-    routed = metric(front, "llmos_cluster_routed_total")
+    routed = metric(running, "llmos_cluster_routed_total")
     with pytest.raises(openai.AuthenticationError):
-        client(front, "nobody").completions.create(model=MODEL, prompt="x", max_tokens=1)
+        client(running, "nobody").completions.create(model=MODEL, prompt="x", max_tokens=1)
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="gpt-4", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="token id"):
         api.completions.create(model=MODEL, prompt=[10**9], max_tokens=1)
-    assert metric(front, "llmos_cluster_routed_total") == routed
+    assert metric(running, "llmos_cluster_routed_total") == routed
 
 
-def test_a_tenant_is_spread_over_the_nodes_and_counted_as_itself_on_each(front: Front) -> None:
-    before = node_stats(front)
+def test_a_tenant_is_spread_over_the_nodes_and_counted_as_itself_on_each(running: Running) -> None:
+    before = node_stats(running)
     flood = ThreadPoolExecutor(4)
-    heavy = [flood.submit(client(front, "key-a").completions.create, model=MODEL, prompt=p, max_tokens=200,
+    heavy = [flood.submit(client(running, "key-a").completions.create, model=MODEL, prompt=p, max_tokens=200,
                           temperature=0) for p in PROMPTS[:4]]
     # Two choices of one short prompt (no prefix to prefer a node): one per node, beside the flood.
-    light = client(front, "key-b").completions.create(model=MODEL, prompt="Zoo", max_tokens=50, n=2, seed=7)
+    light = client(running, "key-b").completions.create(model=MODEL, prompt="Zoo", max_tokens=50, n=2, seed=7)
     assert len(light.choices) == 2
     for f in heavy:
         f.result(WAIT)
     flood.shutdown()
-    after = node_stats(front)
+    after = node_stats(running)
     finished = {name: {t: after[name]["num_finished_by_client"].get(t, 0)
                        - before[name]["num_finished_by_client"].get(t, 0) for t in KEYS.values()} for name in after}
     assert sorted(f["tenant-b"] for f in finished.values()) == [1, 1], finished  # one each: spread, and named
     assert sum(f["tenant-a"] for f in finished.values()) == 4, finished
 
 
-def test_streams_through_the_front_door_go_on_unchanged_when_a_node_is_killed(front: Front,
+def test_streams_through_the_front_door_go_on_unchanged_when_a_node_is_killed(running: Running,
                                                                              expected: dict[str, str]) -> None:
-    api = client(front)
-    failovers = metric(front, "llmos_cluster_failovers_total")[""]
-    victim = front.rows[1]
+    api = client(running)
+    failovers = metric(running, "llmos_cluster_failovers_total")[""]
+    victim = running.rows[1]
     got: dict[str, str] = {}
     first_pieces = threading.Barrier(len(PROMPTS) + 1, timeout=WAIT)
 
@@ -166,25 +137,47 @@ def test_streams_through_the_front_door_go_on_unchanged_when_a_node_is_killed(fr
     for thread in threads:
         thread.join(WAIT)
     assert got == expected
-    assert metric(front, "llmos_cluster_failovers_total")[""] > failovers
+    assert metric(running, "llmos_cluster_failovers_total")[""] > failovers
     # Ray restarts the actor on its node; the front door uses it again once it answers.
-    wait_until(lambda: metric(front, "llmos_cluster_instances") == {"": 2.0}, "the killed node's instance back",
+    wait_until(lambda: metric(running, "llmos_cluster_instances") == {"": 2.0}, "the killed node's instance back",
                timeout=WAIT)
-    front.rows = commands.status(front.ray_cluster.address)
+    running.rows = commands.status(running.ray_cluster.address)
 
 
-def test_health_and_status_name_the_front_door(front: Front) -> None:
-    assert httpx.get(front.url + "/health", timeout=WAIT).json() == {"status": "ok", "model": MODEL}
+def test_a_front_door_killed_comes_back_and_serves(running: Running, expected: dict[str, str]) -> None:
+    """Ray restarts it (on a new port here: the tests ask for port 0; a configured port is kept)."""
+    address = running.ray_cluster.address
+    door = commands.front_door(address)
+    assert door is not None
+    os.kill(door["pid"], signal.SIGKILL)
+
+    def back() -> bool:
+        try:
+            again = commands.front_door(address)
+        except ray.exceptions.RayError:
+            return False  # restarting
+        if again is None or again["pid"] == door["pid"] or len(again["instances"]) < 2:
+            return False
+        running.url = again["url"]
+        return True
+
+    wait_until(back, "the front door back", timeout=WAIT)
+    done = client(running).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=LONG, temperature=0)
+    assert done.choices[0].text == expected[PROMPTS[0]]
+
+
+def test_health_and_status_name_the_front_door(running: Running) -> None:
+    assert httpx.get(running.url + "/health", timeout=WAIT).json() == {"status": "ok", "model": MODEL}
     out = subprocess.run([sys.executable, "-m", "llmos", "cluster", "status", "--address",
-                          front.ray_cluster.address, "--json"], capture_output=True, text=True, timeout=WAIT)
+                          running.ray_cluster.address, "--json"], capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
-    assert status["front_door"]["url"] == front.url
+    assert status["front_door"]["url"] == running.url
     assert len(status["front_door"]["instances"]) == 2
-    assert {row["instance"] for row in status["instances"]} == {row["instance"] for row in front.rows}
+    assert {row["instance"] for row in status["instances"]} == {row["instance"] for row in running.rows}
 
 
-def test_an_instance_serving_another_model_file_is_never_used(front: Front, tmp_path: Path) -> None:
+def test_an_instance_serving_another_model_file_is_never_used(running: Running, tmp_path: Path) -> None:
     """A node whose file differs (here: one weight's byte, as a fine-tune would) is refused by
     its sha256: the front door would otherwise mix two models' texts under one name."""
     from llmos.cluster.node import NodeInstance
@@ -202,7 +195,7 @@ def test_an_instance_serving_another_model_file_is_never_used(front: Front, tmp_
         "f" * 40, msgspec.to_builtins(config), unique_instance("other"))
     try:
         assert ray.get(actor.info.remote(), timeout=WAIT)["instance"]  # up, and listed by Ray like the others
-        address = front.ray_cluster.address
+        address = running.ray_cluster.address
 
         def refused() -> dict[str, str]:
             door = commands.front_door(address)
@@ -210,11 +203,11 @@ def test_an_instance_serving_another_model_file_is_never_used(front: Front, tmp_
 
         wait_until(lambda: name in refused(), "the other model refused", timeout=WAIT)
         assert "sha256" in refused()[name]
-        api = client(front)
+        api = client(running)
         for prompt in PROMPTS[:4]:
             api.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
-        assert metric(front, "llmos_cluster_instances") == {"": 2.0}
-        assert not any(name in labels for labels in metric(front, "llmos_cluster_routed_total"))
+        assert metric(running, "llmos_cluster_instances") == {"": 2.0}
+        assert not any(name in labels for labels in metric(running, "llmos_cluster_routed_total"))
     finally:
         ray.get(actor.stop.remote(), timeout=WAIT)
         ray.kill(actor, no_restart=True)
