@@ -242,6 +242,7 @@ class RoutedRequest:
         self.instance = ""
         self.batches: Any = None
         self.outstanding = 0  # tokens counted at its instance's load and not done yet
+        self.counted = False  # it is counted at its instance's load (from routing to its end or cancel)
         self.resumed_from = 0
         self.num_failovers = 0
         self.last_failure: BaseException | None = None
@@ -277,6 +278,7 @@ class RoutedRequest:
                 return False
             handle = session._actors[name]
         self.instance, self.outstanding, self.resumed_from = name, cost, len(pending.token_ids)
+        self.counted = True
         self.batches = handle.run.options(num_returns="streaming").remote(P.pack(submit), self.key)
         return True
 
@@ -343,10 +345,13 @@ class RoutedRequest:
         return bool(ids) or ended
 
     def cancel(self, request: Pending) -> None:
+        """Stop it at its instance; it counts no more at that instance's load from now (whether
+        or not anyone reads its end: a client that went away reads nothing)."""
         if request.finished is None and request.error is None and self.instance:
             handle = self.session._actors.get(self.instance)
             if handle is not None:
                 handle.cancel.remote(self.key)
+            self._ended()
 
     # -- failing over -------------------------------------------------------------------
 
@@ -366,13 +371,18 @@ class RoutedRequest:
         return True
 
     def _done(self, tokens: int) -> None:
-        with self.session._lock:
-            self.session.router.progress(self.instance, self.tenant, tokens)
-        self.outstanding = max(0, self.outstanding - tokens)
+        done = min(tokens, self.outstanding) if self.counted else 0
+        if done:
+            with self.session._lock:
+                self.session.router.progress(self.instance, self.tenant, done)
+            self.outstanding -= done
 
     def _ended(self) -> None:
-        with self.session._lock:
-            self.session.router.ended(self.instance, self.tenant, self.outstanding)
+        """It counts no more at its instance's load (once, however many ways it ends)."""
+        if self.counted:
+            self.counted = False
+            with self.session._lock:
+                self.session.router.ended(self.instance, self.tenant, self.outstanding)
         self.outstanding = 0
 
 

@@ -169,10 +169,12 @@ def cluster_metrics(cluster: dict[str, Any]) -> list[str]:
     lines += head_of("llmos_cluster_failovers_total", "counter",
                      "Requests resubmitted on another instance after theirs failed (text unchanged).")
     lines.append(f"llmos_cluster_failovers_total {cluster['failovers']}")
-    for name, key, doc in (("llmos_cluster_routed_total", "routed", "Requests routed to each live instance."),
-                           ("llmos_cluster_affine_total", "affine",
-                            "Of those, routed there as their prompt prefix's preferred instance.")):
-        lines += head_of(name, "counter", doc)
+    for name, key, kind, doc in (
+            ("llmos_cluster_routed_total", "routed", "counter", "Requests routed to each live instance."),
+            ("llmos_cluster_affine_total", "affine", "counter",
+             "Of those, routed there as their prompt prefix's preferred instance."),
+            ("llmos_cluster_open_requests", "open", "gauge", "Requests open at each live instance now.")):
+        lines += head_of(name, kind, doc)
         lines += [f'{name}{{instance="{instance}"}} {placed[key]}'
                   for instance, placed in sorted(cluster["placements"].items())]
     return lines

@@ -78,6 +78,18 @@ def test_a_shared_prefix_goes_to_one_instance_and_hits_its_cache(running: Runnin
     assert all(hits[n] == 0 for n in hits if n != home), hits
 
 
+def test_a_request_left_early_counts_no_more_at_its_instance(running: Running) -> None:
+    """A client that stops reading (an HTTP client gone, a loop left) cancels its request, and
+    the router stops counting it at once: nobody may ever read its end."""
+    session = running.session
+    before = sum(p["open"] for p in session.placements().values())
+    request = session.stream(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)
+    assert sum(p["open"] for p in session.placements().values()) == before + 1
+    for _ in request:
+        break  # one piece, then gone: the request is cancelled at its instance
+    assert sum(p["open"] for p in session.placements().values()) == before
+
+
 def test_a_node_killed_mid_load_loses_no_request_and_changes_no_text(running: Running,
                                                                      expected: dict[str, list[int]]) -> None:
     session = running.session
@@ -125,13 +137,15 @@ def test_a_node_added_under_load_is_used_and_one_removed_leaves_nothing(running:
             for prompt in PROMPTS[:4]:
                 assert greedy(session, prompt) == expected[prompt]
 
-    with ThreadPoolExecutor(2) as pool:
-        loaders = [pool.submit(load) for _ in range(2)]
-        node = running.ray_cluster.add_node(num_cpus=1)
-        wait_until(lambda: len(session.instances()) == 3, "the new node's instance", timeout=WAIT)
-        new = next(n for n in session.instances() if not any(n.endswith(r["node_id"]) for r in running.rows))
-        wait_until(lambda: session.placements()[new]["routed"] > 0, "a request on the new node", timeout=WAIT)
-        stop.set()
+    with ThreadPoolExecutor(4) as pool:  # more requests than instances: the new one must take some
+        loaders = [pool.submit(load) for _ in range(4)]
+        try:
+            node = running.ray_cluster.add_node(num_cpus=1)
+            wait_until(lambda: len(session.instances()) == 3, "the new node's instance", timeout=WAIT)
+            new = next(n for n in session.instances() if not any(n.endswith(r["node_id"]) for r in running.rows))
+            wait_until(lambda: session.placements()[new]["routed"] > 0, "a request on the new node", timeout=WAIT)
+        finally:
+            stop.set()  # (a failure above must not leave the loaders running: the pool's exit waits for them)
         for loader in loaders:
             loader.result(WAIT)
     # The node leaves (its raylet and workers end): its instance stops with its actor.
