@@ -92,7 +92,9 @@ class Router:
             if live[best].tokens <= self.load_factor * mean:  # (an idle cluster: any instance is in bound)
                 chosen, affine = best, True
         if chosen is None:
-            chosen = min(live, key=lambda n: (live[n].by_tenant.get(tenant, 0), live[n].tokens, n))
+            # Ties (an idle cluster) go to the least used so far: every instance takes its turn,
+            # and one just added is used first, not only once the others are busy.
+            chosen = min(live, key=lambda n: (live[n].by_tenant.get(tenant, 0), live[n].tokens, live[n].routed, n))
         load = live[chosen]
         load.tokens += cost
         load.requests += 1

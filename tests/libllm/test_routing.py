@@ -95,3 +95,17 @@ def test_no_live_instance_is_a_lookup_error() -> None:
     except LookupError:
         return
     raise AssertionError("choose() found an instance among none")
+
+
+def test_an_idle_cluster_gives_every_instance_its_turn() -> None:
+    """One request at a time (each ends before the next): no instance is left idle for ever,
+    a new one included."""
+    r = Router(BLOCK)
+    r.set_instances(["a", "b", "c"])
+    for i in range(6):
+        name = r.choose([i], 10, "t")
+        r.ended(name, "t", 10)
+    assert {n: load.routed for n, load in r.loads.items()} == {"a": 2, "b": 2, "c": 2}
+    r.set_instances(["a", "b", "c", "z"])
+    name = r.choose([9], 10, "t")
+    assert name == "z"
