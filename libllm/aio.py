@@ -181,12 +181,24 @@ class AsyncSession:
     # -- requests -----------------------------------------------------------------------
 
     async def _start(self, prompt: str | Sequence[int], stream: bool, options: Options) -> Request:
-        session, connection = self.session, self.session.connection
+        session = self.session
         if isinstance(prompt, (str, Sequence)) and len(prompt) > _INLINE_PREPARE:
             submit = await self._off_loop(lambda: session.prepare(prompt, options, stream=stream))
         else:
             submit = session.prepare(prompt, options, stream=stream)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        return session.handle(await self._send(submit, deadline), options.stop, deadline, self._cancel)
+
+    async def submit_prepared(self, submit: P.Submit) -> Request:
+        """Send a request already made (`Session.prepare`, or a cluster's node given one by
+        the front door: libllm.cluster): its handle once it is at the scheduler."""
+        deadline = None if submit.timeout_s is None else time.monotonic() + submit.timeout_s
+        # (No deadline on the handle: the scheduler ends the request at its timeout, "deadline".)
+        return self.session.handle(await self._send(submit, deadline), None, None, self._cancel)
+
+    async def _send(self, submit: P.Submit, deadline: float | None) -> Pending:
+        """Wire `submit` and send it once the window has room (awaited, never blocking)."""
+        connection = self.session.connection
         wired = await self._wire(submit)
         try:
             while True:
@@ -202,7 +214,7 @@ class AsyncSession:
         except BaseException:
             connection.unwire(wired)
             raise
-        return session.handle(pending, options.stop, deadline, self._cancel)
+        return pending
 
     async def _wire(self, submit: P.Submit) -> Wired:
         connection = self.session.connection
@@ -220,6 +232,10 @@ class AsyncSession:
         except PeerGone:  # an idle session learns of a restart here
             self._fail_over()
             return None
+
+    async def news(self, request: Request) -> bool:
+        """Until `request` has news (tokens, its end or an error); True when it has ended."""
+        return await self._settle(request)
 
     async def _settle(self, request: Request) -> bool:
         """Until `request` has news; True when it is done."""

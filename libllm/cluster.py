@@ -69,6 +69,9 @@ class ClusterSession:
         self._model: P.ModelInfo | None = None  # the first instance's: every other must serve the same file
         self._refreshed = 0.0
         self.router = Router(1)  # which instances are live; its block size is the model's, below
+        # Requests look at the instance list as they are sent (at most every REFRESH_S); the
+        # asyncio session turns this off and refreshes from a worker thread (a GCS call).
+        self.refresh_on_send = True
         self.closed = False
         self.num_failovers = 0
         deadline = time.monotonic() + timeout
@@ -271,7 +274,8 @@ class RoutedRequest:
             return True  # it had made every token: only its end was lost (`pending` is finished)
         cost = len(submit.prompt_ids) + submit.max_tokens
         with session._lock:
-            session._refresh()
+            if session.refresh_on_send:
+                session._refresh()
             try:
                 name = session.router.choose(submit.prompt_ids, cost, self.tenant)
             except LookupError:

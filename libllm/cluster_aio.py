@@ -6,7 +6,8 @@
 The cluster's HTTP front door (llmos/cluster/front.py) serves the gateway's routes on it:
 it has the surface of `libllm.aio.AsyncSession` the gateway uses. Nothing blocks the loop
 for long: a request's token batches are awaited as Ray object refs, and a request waiting
-for some instance to be live (or, after a failover, to come back) awaits too. What the
+for some instance to be live (or, after a failover, to come back) awaits too, and the list
+of instances is followed from a worker thread. What the
 session does between the waits (routing, bookkeeping) is libllm.cluster's, shared with the
 blocking flavour: the same router, the same failover with identical text.
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from llmos.libllm import protocol as P
 from llmos.libllm.cluster import (
     CONNECT_TIMEOUT_S,
+    REFRESH_S,
     ClusterRequest,
     ClusterSession,
     RoutedRequest,
@@ -43,6 +45,19 @@ class AsyncClusterSession:
 
     def __init__(self, session: ClusterSession) -> None:
         self.session = session
+        session.refresh_on_send = False  # the list of instances is followed off the loop (_follow)
+        self._follower: asyncio.Task[None] | None = None
+
+    def _follow_cluster(self) -> None:
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        """Look at the cluster's instances every REFRESH_S, on a worker thread (Ray's calls block)."""
+        loop = asyncio.get_running_loop()
+        while not self.session.closed:
+            await loop.run_in_executor(None, self.session.instances)
+            await asyncio.sleep(REFRESH_S)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -64,6 +79,7 @@ class AsyncClusterSession:
 
     async def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
         """As `ClusterSession.submit`: the request's handle once an instance has it."""
+        self._follow_cluster()
         return await self.session.start_async(prompt, options_of(options))
 
     async def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
@@ -74,6 +90,7 @@ class AsyncClusterSession:
         """n requests of one prompt (seeds seed, seed+1, ...), each routed on its own; all
         started, or none. (Every request streams between node and front door: `stream` is
         the gateway's to decide what it sends on.)"""
+        self._follow_cluster()
         first = options_of(options)
         started: list[Request] = []
         try:
@@ -150,6 +167,8 @@ class AsyncClusterSession:
 
     async def close(self) -> None:
         self.session.close()
+        if self._follower is not None:
+            self._follower.cancel()
 
     async def __aenter__(self) -> AsyncClusterSession:
         return self

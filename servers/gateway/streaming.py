@@ -1,7 +1,8 @@
 """Server-sent events for streamed completions: every choice of a request in one stream,
 each chunk naming its index, in the order tokens arrive; chat's first delta carries the
 role, the last chunk of each choice its finish reason, and a usage chunk closes the stream
-when asked (`stream_options.include_usage`). A client that goes away cancels every choice.
+when asked (`stream_options.include_usage`). What arrives together (a burst of tokens) goes
+out in one write, not a write per token. A client that goes away cancels every choice.
 Runs in the gateway process."""
 
 from __future__ import annotations
@@ -93,28 +94,33 @@ async def sse_stream(session: Backend, choices: list[Choice], kind: str, rid: st
                 yield event({"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None})
         remaining = len(choices)
         while remaining:
-            choice, item = await arrivals.get()
+            arrived = [await arrivals.get()]
+            while not arrivals.empty():  # what came with it (a burst of tokens): one write for all
+                arrived.append(arrivals.get_nowait())
             now = time.monotonic()
-            if isinstance(item, str):
-                before = last_piece.get(choice.index)
-                if before is None:
-                    metrics.ttft.observe(now - started)
-                else:
-                    metrics.itl.observe(now - before)
-                last_piece[choice.index] = now
-                yield event(chunk(choice, item, None))
-                continue
-            remaining -= 1
-            if isinstance(item, LlmosError):
-                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
-                continue
-            done = choice.request.completion()
-            reason = finish_reason(done.finish_reason)
-            completion_tokens += done.usage.completion_tokens
-            if counted is not None:
-                counted(done.usage.completion_tokens)
-            metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
-            yield event(chunk(choice, None, reason))
+            out: list[str] = []
+            for choice, item in arrived:
+                if isinstance(item, str):
+                    before = last_piece.get(choice.index)
+                    if before is None:
+                        metrics.ttft.observe(now - started)
+                    else:
+                        metrics.itl.observe(now - before)
+                    last_piece[choice.index] = now
+                    out.append(event(chunk(choice, item, None)))
+                    continue
+                remaining -= 1
+                if isinstance(item, LlmosError):
+                    out.append(f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n")
+                    continue
+                done = choice.request.completion()
+                reason = finish_reason(done.finish_reason)
+                completion_tokens += done.usage.completion_tokens
+                if counted is not None:
+                    counted(done.usage.completion_tokens)
+                metrics.request_done(done.usage.prompt_tokens, done.usage.completion_tokens, reason, now - started)
+                out.append(event(chunk(choice, None, reason)))
+            yield "".join(out)
         if include_usage:
             yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                "total_tokens": prompt_tokens + completion_tokens})

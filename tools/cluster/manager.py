@@ -19,7 +19,7 @@ from llmos.libllm.cluster import ACTOR_PREFIX, NAMESPACE
 
 MANAGER_NAME = "llmos.manager"
 RECONCILE_S = 1.0
-MAX_CONCURRENT_REQUESTS = 1024  # per node actor: each open request holds one of its threads
+MAX_CONCURRENT_REQUESTS = 1024  # per node actor (an async actor: each open request is one coroutine)
 
 
 class ClusterManager:

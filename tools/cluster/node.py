@@ -3,7 +3,8 @@
 Runs on its node, in a Ray worker process. It brings the instance up the way `llmos up
 --detach` does, owned by the actor (the supervisor stops the instance when the actor's
 process ends, however it ends; the actor's restart waits for the old one to be down), then
-holds one libllm connection to it.
+holds one libllm connection to it (libllm.aio: an async actor, whose every request is a
+coroutine woken when its replies are routed, as the gateway's are).
 `run` takes a submit as bytes and streams the tokens back in batches (what came within
 BATCH_S of the previous batch, the first token alone): one actor call per request and one
 object per batch cross the network, never one per token. Arena, rings and runners stay on
@@ -12,12 +13,13 @@ the node; only token ids travel.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -26,9 +28,10 @@ from llmos import lifecycle
 from llmos.cleanup import read_state
 from llmos.config import config_from_dict
 from llmos.libllm import protocol as P
+from llmos.libllm.aio import AsyncSession
 from llmos.libllm.client import Session
 from llmos.libllm.client import connect as connect_session
-from llmos.libllm.request import Pending
+from llmos.libllm.request import Request
 from llmos.microkernel.errors import LlmosError
 
 BATCH_S = 0.05  # tokens made within this of the last batch travel together
@@ -57,40 +60,47 @@ class NodeInstance:
             raise RuntimeError(f"instance {self.instance!r} did not start on node {node_id}: {quiet.getvalue().strip()}")
         # As "cluster", the name the scheduler lets name tenants: the front door's tenants hold here.
         self.session: Session = connect_session(self.instance, name=CLIENT_NAME, key=key)
-        self.open: dict[str, Pending] = {}  # requests running here, by the key their caller gave
+        self._aio: AsyncSession | None = None
+        self.open: dict[str, Request] = {}  # requests running here, by the key their caller gave
 
-    def info(self) -> dict[str, Any]:
+    def _async(self) -> AsyncSession:
+        """The connection for asyncio, made on the actor's event loop at its first use there."""
+        if self._aio is None:
+            self._aio = AsyncSession(self.session, asyncio.get_running_loop())
+        return self._aio
+
+    async def info(self) -> dict[str, Any]:
         """Who this is: node, instance, pid (of this actor), the model, the gateway's URL."""
         state = read_state(self.instance)
         return {"node_id": self.node_id, "instance": self.instance, "pid": os.getpid(),
                 "model_info": msgspec.json.encode(self.session.info).decode(), "url": state.get("url"),
                 "supervisor_pid": state.get("supervisor_pid")}
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """The scheduler's figures (steps, tokens, prefix cache hits), as `Session.stats`."""
-        stats: dict[str, Any] = self.session.stats()["scheduler"]
+        stats: dict[str, Any] = (await self._async().stats())["scheduler"]
         return stats
 
-    def run(self, submit: bytes, key: str) -> Iterator[tuple[int, list[int], bytes | None, str | None]]:
+    async def run(self, submit: bytes, key: str) -> AsyncIterator[tuple[int, list[int], bytes | None, str | None]]:
         """Generate for one submit (msgpack of P.Submit), named `key` for `cancel`: yields
         (offset of the first, token ids, Finished as msgpack or None, error or None) batches; the last has
-        Finished or an error "Type: message"."""
-        connection = self.session.connection
+        Finished or an error "Type: message". (The scheduler ends it at its timeout, if it has one.)"""
+        aio = self._async()
         try:
-            pending = connection.submit(P.unpack(submit, P.Submit), None)
+            request = await aio.submit_prepared(P.unpack(submit, P.Submit))
         except (LlmosError, msgspec.ValidationError) as exc:
             yield 0, [], None, f"{type(exc).__name__}: {exc}"
             return
-        self.open[key] = pending
+        pending = request.pending
+        self.open[key] = request
         sent, last = 0, 0.0
         try:
             while pending.finished is None and pending.error is None:
                 wait = last + BATCH_S - time.monotonic()
                 if sent and wait > 0:
-                    time.sleep(wait)  # let a batch gather: one object per batch, not per token
-                connection.pump(pending, None)
+                    await asyncio.sleep(wait)  # let a batch gather: one object per batch, not per token
+                await aio.news(request)
                 pending.fresh.clear()
-                # Other threads' pumps file this request's tokens too: take the batch, then yield it.
                 batch = pending.token_ids[sent:]
                 if batch and pending.finished is None and pending.error is None:
                     yield sent, batch, None, None
@@ -102,21 +112,23 @@ class NodeInstance:
                 yield sent, batch, P.pack(pending.finished), None
         finally:
             self.open.pop(key, None)
-            self._cancel(pending)  # the caller went (its generator was closed): it stops here too
+            aio.cancel(request)  # the caller went (its generator was closed): it stops here too
 
-    def cancel(self, key: str) -> None:
+    async def cancel(self, key: str) -> None:
         """Stop the request `run` was given `key` for (its end still comes, "cancelled")."""
-        pending = self.open.get(key)
-        if pending is not None:
-            self._cancel(pending)
+        request = self.open.get(key)
+        if request is not None:
+            self._async().cancel(request)
 
-    def _cancel(self, pending: Pending) -> None:
-        with contextlib.suppress(LlmosError):  # (an ended request is left alone by the connection)
-            self.session.connection.cancel(pending)
-
-    def stop(self) -> int:
+    async def stop(self) -> int:
         """Take the instance down (`llmos cluster down`)."""
-        self.session.close()
-        with contextlib.redirect_stdout(io.StringIO()):
-            return lifecycle.down(self.instance, purge=True)
+        if self._aio is not None:
+            await self._aio.close()
+        else:
+            self.session.close()
 
+        def down() -> int:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return lifecycle.down(self.instance, purge=True)
+
+        return await asyncio.get_running_loop().run_in_executor(None, down)
