@@ -61,11 +61,13 @@ class FrontDoor:
             self._session = await loop.run_in_executor(None, ClusterSession)
             session = AsyncClusterSession(self._session)
         except Exception as exc:
+            listener.close()
             self._error = f"the front door found no instance: {exc}"
             self._ready.set()
             return
         http = HttpServer(make_app(session, config), config, listener)
         if not await http.start():
+            listener.close()
             self._error = "the front door's HTTP server ended as it started"
             self._ready.set()
             return
