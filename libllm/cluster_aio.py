@@ -28,6 +28,7 @@ from llmos.libllm.cluster import (
     ClusterSession,
     RoutedRequest,
     init_ray,
+    log,
 )
 from llmos.libllm.connection import ServerGone
 from llmos.libllm.options import options_of, seeds_of
@@ -56,7 +57,10 @@ class AsyncClusterSession:
         """Look at the cluster's instances every REFRESH_S, on a worker thread (Ray's calls block)."""
         loop = asyncio.get_running_loop()
         while not self.session.closed:
-            await loop.run_in_executor(None, self.session.instances)
+            try:
+                await loop.run_in_executor(None, self.session.instances)
+            except Exception:  # Ray's control store did not answer: the next look may
+                log.warning("could not list the cluster's instances", exc_info=True)
             await asyncio.sleep(REFRESH_S)
 
     @property
