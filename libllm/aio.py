@@ -15,32 +15,31 @@ worker threads. The session lock is only ever tried from the loop, never waited 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from llmos.libllm import protocol as P
+from llmos.libllm.aio_requests import AwaitedRequests
 from llmos.libllm.client import DEFAULT_CONNECT_TIMEOUT_S, Session
 from llmos.libllm.client import connect as _connect
 from llmos.libllm.connection import Wired
 from llmos.libllm.memory import INLINE_PROMPT_TOKENS
-from llmos.libllm.options import Options, options_of, seeds_of
-from llmos.libllm.request import Completion, DeadlineExceeded, Pending, Request
+from llmos.libllm.options import Options
+from llmos.libllm.request import DeadlineExceeded, Pending, Request
 from llmos.libllm.tokenizer import Tokenizer
 from llmos.microkernel.endpoint import Message, raise_for_status
 from llmos.microkernel.errors import Closed, LlmosError, PeerGone, WouldBlock
 from llmos.microkernel.messages import MsgType
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
-    from llmos.libllm.options import RequestArgs
+    pass
 
 _WAIT_SLICE_S = 1.0  # a waiter looks at its deadline and the kernel at least this often
 _LOCK_RETRY_S = 0.002  # the lock is held by a worker thread (a sync call): look again this soon
@@ -49,8 +48,9 @@ _INLINE_PREPARE = 2048
 T = TypeVar("T")
 
 
-class AsyncSession:
-    """Wraps a `Session` for asyncio. Use `libllm.aio.connect()`."""
+class AsyncSession(AwaitedRequests):
+    """Wraps a `Session` for asyncio. Use `libllm.aio.connect()`. (The request methods,
+    submit ... pieces, are AwaitedRequests' on this class's `_start`, `news` and `cancel`.)"""
 
     def __init__(self, session: Session, loop: asyncio.AbstractEventLoop) -> None:
         self.session = session
@@ -235,10 +235,6 @@ class AsyncSession:
 
     async def news(self, request: Request) -> bool:
         """Until `request` has news (tokens, its end or an error); True when it has ended."""
-        return await self._settle(request)
-
-    async def _settle(self, request: Request) -> bool:
-        """Until `request` has news; True when it is done."""
         pending = request.pending
         while not _has_news(pending):
             deadline = request.deadline
@@ -282,83 +278,25 @@ class AsyncSession:
         except LlmosError:
             pass
 
-    async def _result(self, request: Request) -> Completion:
-        while not await self._settle(request):
-            for _ in request.ready_pieces(final=False):
-                pass
-        return request.result()
-
     # -- public -------------------------------------------------------------------------
-
-    async def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
-        """As `Session.submit`: the request's handle once it is at the scheduler."""
-        return await self._start(prompt, False, options_of(options))
-
-    async def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
-        """As `Session.generate` (text or token ids); the loop runs other tasks while it waits."""
-        return await self._result(await self.submit(prompt, **options))
-
-    async def chat(self, messages: Sequence[Mapping[str, Any]], **options: Unpack[RequestArgs]) -> Completion:
-        """As `Session.chat`: the reply to a conversation, through the model's chat template."""
-        return await self.generate(self.session.chat_ids(messages), **options)
-
-    async def generate_n(self, prompt: str | Sequence[int], n: int,
-                         **options: Unpack[RequestArgs]) -> list[Completion]:
-        """As `Session.generate_n`: n completions of one prompt (seeds seed, seed+1, ...)."""
-        requests = await self.submit_n(prompt, n, **options)
-        return [await self._result(r) for r in requests]
-
-    async def submit_n(self, prompt: str | Sequence[int], n: int, *, stream: bool = False,
-                       **options: Unpack[RequestArgs]) -> list[Request]:
-        """As `Session.submit_n`: all n started, or none."""
-        first = options_of(options)
-        seeds = seeds_of(n, first.seed)
-        started: list[Request] = []
-        try:
-            for seed in seeds:
-                started.append(await self._start(prompt, stream, dataclasses.replace(first, seed=seed)))
-        except BaseException:
-            for request in started:
-                self._cancel(request.pending)
-            raise
-        return started
-
-    async def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> AsyncIterator[str]:
-        """As `Session.stream`: text pieces as tokens arrive; leaving early cancels."""
-        async for piece in self.pieces(await self._start(prompt, True, options_of(options))):
-            yield piece
 
     def cancel(self, request: Request) -> None:
         """Stop a request started here, without waiting for its end."""
         self._cancel(request.pending)
 
-    async def pieces(self, request: Request) -> AsyncIterator[str]:
-        """The text pieces of a request started here (e.g. by `submit_n(..., stream=True)`);
-        leaving early cancels it."""
-        done = False
-        try:
-            while True:
-                finished = await self._settle(request)
-                for piece in request.ready_pieces(final=finished):
-                    yield piece
-                if finished or request.stopped_by_string:
-                    done = True
-                    break
-        finally:
-            if not done:
-                self._cancel(request.pending)
-        while not finished:  # a stop string cancelled it: its end frees its blocks (and completion() waits not)
-            finished = await self._settle(request)
-            request.pending.fresh.clear()
-
     async def stats(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
         """As `Session.stats`."""
         connection = self.session.connection
-        scheduler = msgspec.msgpack.decode((await self._call(MsgType.SCHED_STATS, b"", timeout)).payload)
+        scheduler = await self.scheduler_stats(timeout)
         memory = await self._off_loop(lambda: connection.memory.call(MsgType.MEM_STATS, b"", timeout))
         kernel = await self._off_loop(lambda: connection.endpoint.kernel_stats(timeout))
         return {"kernel": msgspec.to_builtins(kernel), "scheduler": scheduler,
                 "memory": msgspec.to_builtins(P.unpack(memory.payload, P.MemoryStatsReply))}
+
+    async def scheduler_stats(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
+        """The scheduler's part of `stats` alone (one call, not three)."""
+        stats: dict[str, Any] = msgspec.msgpack.decode((await self._call(MsgType.SCHED_STATS, b"", timeout)).payload)
+        return stats
 
     async def ping(self, timeout: float) -> None:
         """The scheduler answers within `timeout` (the gateway's /health asks).

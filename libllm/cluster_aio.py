@@ -15,12 +15,12 @@ blocking flavour: the same router, the same failover with identical text.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from llmos.libllm import protocol as P
+from llmos.libllm.aio_requests import AwaitedRequests
 from llmos.libllm.cluster import (
     CONNECT_TIMEOUT_S,
     REFRESH_S,
@@ -31,17 +31,16 @@ from llmos.libllm.cluster import (
     log,
 )
 from llmos.libllm.connection import ServerGone
-from llmos.libllm.options import options_of, seeds_of
-from llmos.libllm.request import Completion, Request
+from llmos.libllm.options import Options
+from llmos.libllm.request import Request
 from llmos.libllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
-    from llmos.libllm.options import RequestArgs
+    pass
 
 
-class AsyncClusterSession:
+class AsyncClusterSession(AwaitedRequests):
     """Wraps a `ClusterSession` for asyncio. Use `libllm.cluster_aio.connect()`."""
 
     def __init__(self, session: ClusterSession) -> None:
@@ -79,77 +78,22 @@ class AsyncClusterSession:
                  **template_kwargs: Any) -> list[int]:
         return self.session.chat_ids(messages, add_generation_prompt, **template_kwargs)
 
-    # -- requests -----------------------------------------------------------------------
+    # -- requests (the rest are AwaitedRequests') ----------------------------------------
 
-    async def submit(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Request:
-        """As `ClusterSession.submit`: the request's handle once an instance has it."""
+    async def _start(self, prompt: str | Sequence[int], stream: bool, options: Options) -> Request:
+        """(Every request streams between node and front door: `stream` is the caller's to
+        decide what it sends on.)"""
         self._follow_cluster()
-        return await self.session.start_async(prompt, options_of(options))
+        return await self.session.start_async(prompt, options)
 
-    async def generate(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> Completion:
-        return await self._result(await self.submit(prompt, **options))
-
-    async def submit_n(self, prompt: str | Sequence[int], n: int, *, stream: bool = False,
-                       **options: Unpack[RequestArgs]) -> list[Request]:
-        """n requests of one prompt (seeds seed, seed+1, ...), each routed on its own; all
-        started, or none. (Every request streams between node and front door: `stream` is
-        the gateway's to decide what it sends on.)"""
-        self._follow_cluster()
-        first = options_of(options)
-        started: list[Request] = []
-        try:
-            for seed in seeds_of(n, first.seed):
-                started.append(await self.session.start_async(prompt, dataclasses.replace(first, seed=seed)))
-        except BaseException:
-            for request in started:
-                self.cancel(request)
-            raise
-        return started
-
-    async def generate_n(self, prompt: str | Sequence[int], n: int,
-                         **options: Unpack[RequestArgs]) -> list[Completion]:
-        requests = await self.submit_n(prompt, n, **options)
-        return [await self._result(r) for r in requests]
-
-    async def stream(self, prompt: str | Sequence[int], **options: Unpack[RequestArgs]) -> AsyncIterator[str]:
-        """Text pieces as tokens arrive; leaving early cancels."""
-        async for piece in self.pieces(await self.submit(prompt, **options)):
-            yield piece
-
-    async def pieces(self, request: Request) -> AsyncIterator[str]:
-        """The text pieces of a request started here; leaving early cancels it."""
-        done = False
-        try:
-            while True:
-                finished = await self._settle(request)
-                for piece in request.ready_pieces(final=finished):
-                    yield piece
-                if finished or request.stopped_by_string:
-                    done = True
-                    break
-        finally:
-            if not done:
-                self.cancel(request)
-        while not finished:  # a stop string cancelled it: its end comes (so completion() waits not)
-            finished = await self._settle(request)
-            request.pending.fresh.clear()
-
-    def cancel(self, request: Request) -> None:
-        """Stop a request started here, without waiting for its end."""
-        _routed(request).cancel(request.pending)
-
-    async def _settle(self, request: Request) -> bool:
-        """Until `request` has news; True when it has ended."""
+    async def news(self, request: Request) -> bool:
         pending = request.pending
         if not pending.fresh and pending.finished is None and pending.error is None:
             await _routed(request).pump_async(pending)
         return pending.finished is not None or pending.error is not None
 
-    async def _result(self, request: Request) -> Completion:
-        while not await self._settle(request):
-            for _ in request.ready_pieces(final=False):
-                pass
-        return request.result()
+    def cancel(self, request: Request) -> None:
+        _routed(request).cancel(request.pending)
 
     # -- the cluster --------------------------------------------------------------------
 

@@ -13,10 +13,12 @@ a cluster's node actor does, to register `cluster`, the other name trusted with 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import sys
 from functools import cache
+from typing import IO, Any
 
 ENV = "LLMOS_SERVER_KEY_ON_STDIN"  # set by the supervisor: the key is the first line of stdin
 # Names the built-in servers use; reserved in every supervised instance, configured or not.
@@ -39,3 +41,13 @@ def server_key() -> str:
 
 def is_reserved(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def hand_key(stdin: IO[Any], key: str) -> None:
+    """Give the key to a process started with ENV=1, on its stdin: a pipe it reads once (a few
+    bytes: never blocks). One that died at once is left to say why itself."""
+    line = f"{key}\n"
+    with contextlib.suppress(BrokenPipeError):
+        stdin.write(line if hasattr(stdin, "encoding") else line.encode())  # a text pipe, or a binary one
+    with contextlib.suppress(BrokenPipeError):
+        stdin.close()

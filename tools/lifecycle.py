@@ -3,7 +3,6 @@ instance's state file. Run in the user's shell."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -29,6 +28,7 @@ from llmos.microkernel import instance as I
 from llmos.microkernel.endpoint import Endpoint
 from llmos.microkernel.errors import LlmosError
 from llmos.microkernel.server_key import ENV as SERVER_KEY_ENV
+from llmos.microkernel.server_key import hand_key
 from llmos.start_progress import StartProgress, parse_forwarded
 
 DOWN_TIMEOUT_S = 60.0
@@ -72,11 +72,8 @@ def start(config: Config, instance: str | None, detach: bool, config_argv: list[
                             stdin=subprocess.PIPE if key else subprocess.DEVNULL, text=True, start_new_session=True,
                             env=env)
     assert proc.stdout is not None and proc.stderr is not None
-    if proc.stdin is not None:  # the key, on a pipe read once; a few bytes: never blocks
-        with contextlib.suppress(BrokenPipeError):  # it died at once: its error line comes below
-            proc.stdin.write(key + "\n")
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
+    if proc.stdin is not None:
+        hand_key(proc.stdin, key)  # (if it died at once, its error line comes below)
     with StartProgress() as bars:
         while (progress := parse_forwarded(line := proc.stdout.readline())) is not None:
             bars.update(*progress)

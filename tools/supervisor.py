@@ -47,7 +47,7 @@ from llmos.microkernel.endpoint import Endpoint
 from llmos.microkernel.errors import LlmosError, Timeout
 from llmos.microkernel.kernel import parse_size
 from llmos.microkernel.lifeline import ENV as SUPERVISOR_ENV
-from llmos.microkernel.server_key import BUILTIN_NAMES, server_key
+from llmos.microkernel.server_key import BUILTIN_NAMES, hand_key, server_key
 from llmos.microkernel.server_key import ENV as SERVER_KEY_ENV
 from llmos.servers.memory.tables import tables_size
 from llmos.servers.settings import encode_settings
@@ -236,11 +236,7 @@ class Supervisor:
             proc = subprocess.Popen([*PYTHON, *child.argv], stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.PIPE, env=self._env(), start_new_session=True)
         assert proc.stdout is not None and proc.stdin is not None
-        try:  # the key, on a pipe read once (server_key.py); a few bytes: never blocks
-            proc.stdin.write(f"{self.key}\n".encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once: the ready line will not come, and we say why below
+        hand_key(proc.stdin, self.key)  # (if it died at once, the ready line will not come: we say why below)
         lines = LineReader(proc.stdout.fileno(), time.monotonic() + self.config.start_timeout_s)
         while (line := lines.readline()) and not line.startswith("llmos"):
             # Progress lines are shown; anything else a server prints before its ready line is not ours.

@@ -23,61 +23,67 @@ import msgspec
 from llmos.bench.report import ratio, table, write_json
 
 
-def run_load(session: Any, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
-    """(generated tokens/s, median TTFT in s) of `clients` threads each streaming `requests`."""
+def closed_loop(clients: int, requests: int, one: Callable[[int, int, list[float]], int]) -> tuple[float, float]:
+    """(generated tokens/s, median TTFT in s) of `clients` threads each making `requests`
+    streams one after the other: `one(client, request, ttfts)` streams one, appends its TTFT
+    and returns its tokens."""
     ttfts: list[float] = []
-
-    def client(c: int) -> int:
-        made = 0
-        for r in range(requests):
-            start = time.perf_counter()
-            request = session.stream(f"Client {c} asks story {r}: once", max_tokens=max_tokens, temperature=0.8,
-                                     seed=c * 1000 + r)
-            first = True
-            for _ in request:
-                if first:
-                    ttfts.append(time.perf_counter() - start)
-                    first = False
-            made += len(request.completion().token_ids)
-        return made
-
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(client, range(clients)))
+        tokens = sum(pool.map(lambda c: sum(one(c, r, ttfts) for r in range(requests)), range(clients)))
     return tokens / (time.perf_counter() - start), statistics.median(ttfts)
+
+
+def prompt_of(c: int, r: int) -> str:
+    return f"Client {c} asks story {r}: once"
+
+
+def run_load(session: Any, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
+    """`closed_loop` through a libllm session (or a libllm.cluster one)."""
+    def one(c: int, r: int, ttfts: list[float]) -> int:
+        start = time.perf_counter()
+        request = session.stream(prompt_of(c, r), max_tokens=max_tokens, temperature=0.8, seed=c * 1000 + r)
+        first = True
+        for _ in request:
+            if first:
+                ttfts.append(time.perf_counter() - start)
+                first = False
+        return len(request.completion().token_ids)
+
+    return closed_loop(clients, requests, one)
 
 
 def run_http_load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
-    """As `run_load`, each client streaming completions over HTTP (SSE) from `url`."""
+    """`closed_loop` of streamed completions over HTTP (SSE) from `url`, the same requests."""
     import httpx
 
-    ttfts: list[float] = []
+    connections: dict[int, httpx.Client] = {}  # one per client, kept alive across its requests
 
-    def client(c: int) -> int:
-        made = 0
-        with httpx.Client(base_url=url, timeout=600.0) as http:
-            for r in range(requests):
-                start = time.perf_counter()
-                body = {"model": model, "prompt": f"Client {c} asks story {r}: once", "max_tokens": max_tokens,
-                        "temperature": 0.8, "seed": c * 1000 + r, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                first = True
-                with http.stream("POST", "/v1/completions", json=body) as response:
-                    for line in response.iter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        event = json.loads(line[6:])
-                        if first and event["choices"] and event["choices"][0]["text"]:
-                            ttfts.append(time.perf_counter() - start)
-                            first = False
-                        if event.get("usage"):
-                            made += event["usage"]["completion_tokens"]
+    def one(c: int, r: int, ttfts: list[float]) -> int:
+        http = connections.get(c)
+        if http is None:  # (each client is one thread: no race)
+            http = connections[c] = httpx.Client(base_url=url, timeout=600.0)
+        start = time.perf_counter()
+        body = {"model": model, "prompt": prompt_of(c, r), "max_tokens": max_tokens, "temperature": 0.8,
+                "seed": c * 1000 + r, "stream": True, "stream_options": {"include_usage": True}}
+        made, first = 0, True
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if first and event["choices"] and event["choices"][0]["text"]:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
+                if event.get("usage"):
+                    made = event["usage"]["completion_tokens"]
         return made
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(client, range(clients)))
-    return tokens / (time.perf_counter() - start), statistics.median(ttfts)
+    try:
+        return closed_loop(clients, requests, one)
+    finally:
+        for http in connections.values():
+            http.close()
 
 
 def main(argv: list[str] | None = None) -> int:

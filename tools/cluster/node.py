@@ -78,8 +78,7 @@ class NodeInstance:
 
     async def stats(self) -> dict[str, Any]:
         """The scheduler's figures (steps, tokens, prefix cache hits), as `Session.stats`."""
-        stats: dict[str, Any] = (await self._async().stats())["scheduler"]
-        return stats
+        return await self._async().scheduler_stats()
 
     async def run(self, submit: bytes, key: str) -> AsyncIterator[tuple[int, list[int], bytes | None, str | None]]:
         """Generate for one submit (msgpack of P.Submit), named `key` for `cancel`: yields
